@@ -1,0 +1,184 @@
+"""The arm corpus as optimizer steps.
+
+One DataLoader item is one optimizer step: the examples of the effective batch that belong to this
+rank, cut into micro-batches of similar length (little padding), plus the number of supervised tokens in
+the whole step across all ranks, so that the loss is the mean over every supervised token of the step
+however the step is split into micro-batches, packed rows or GPUs.
+
+The plan (which examples form which step) depends only on the seed and the corpus: it is the same on
+every rank, after a resume, and on CPU or GPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from transformers import PreTrainedTokenizerBase
+
+from lbt.data.chat import IGNORE_INDEX, Example, encode_example
+from lbt.data.records import CorpusRecord, load_corpus
+
+log = logging.getLogger(__name__)
+
+
+def is_validation_scenario(scenario_id: str, fraction: float) -> bool:
+    """Hash-based split on scenario_id: the same scenarios are held out in every arm and every seed."""
+    if fraction <= 0:
+        return False
+    digest = hashlib.sha256(scenario_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def split_records(records: list[CorpusRecord], val_fraction: float) -> tuple[list[CorpusRecord], list[CorpusRecord]]:
+    val = [r for r in records if is_validation_scenario(r.scenario_id, val_fraction)]
+    if val_fraction > 0 and not val and len(records) > 1:
+        # Tiny corpora: hold out the scenario that hashes lowest, so a validation loss always exists.
+        first = min(records, key=lambda r: hashlib.sha256(r.scenario_id.encode()).digest())
+        val = [r for r in records if r.scenario_id == first.scenario_id]
+    val_ids = {r.id for r in val}
+    return [r for r in records if r.id not in val_ids], val
+
+
+def step_plan(n_examples: int, effective_batch: int, epochs: int, seed: int) -> list[list[int]]:
+    """Example indices of every optimizer step, epoch after epoch; the last step of an epoch may be short."""
+    steps: list[list[int]] = []
+    for epoch in range(epochs):
+        order = np.random.default_rng([seed, epoch]).permutation(n_examples)
+        steps.extend(order[i:i + effective_batch].tolist() for i in range(0, n_examples, effective_batch))
+    return steps
+
+
+def pad_batch(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded micro-batch: input_ids, attention_mask, labels (−100 on padding)."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def pack_batch(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """One row of concatenated examples with restarting position_ids (padding-free).
+
+    Attention stays within each example because the model derives a block-diagonal mask from the
+    position_ids restarts (requires use_cache=False and no attention_mask).
+    """
+    ids = torch.tensor([t for e in examples for t in e.input_ids]).unsqueeze(0)
+    labels = torch.tensor([t for e in examples for t in e.labels]).unsqueeze(0)
+    # The first token of each example predicts nothing from the previous example.
+    positions = torch.cat([torch.arange(len(e.input_ids)) for e in examples]).unsqueeze(0)
+    return {"input_ids": ids, "labels": labels, "position_ids": positions}
+
+
+def micro_batches(examples: list[Example], micro_batch: int, pad_id: int, pack_tokens: int = 0) -> list[dict]:
+    """Sort by length and cut into micro-batches; with pack_tokens > 0, pack rows up to that many tokens."""
+    ordered = sorted(examples, key=lambda e: len(e.input_ids))
+    if pack_tokens <= 0:
+        return [pad_batch(ordered[i:i + micro_batch], pad_id) for i in range(0, len(ordered), micro_batch)]
+    rows: list[list[Example]] = [[]]
+    for example in ordered:
+        if rows[-1] and sum(len(e.input_ids) for e in rows[-1]) + len(example.input_ids) > pack_tokens:
+            rows.append([])
+        rows[-1].append(example)
+    return [pack_batch(row, pad_id) for row in rows]
+
+
+@dataclass
+class DataStats:
+    n_train: int
+    n_val: int
+    truncated_records: int
+    truncated_tokens: int
+    steps_per_epoch: int
+    total_steps: int
+
+
+class StepDataset(Dataset):
+    """Item i is optimizer step start_step + i, as this rank's micro-batches."""
+
+    def __init__(self, examples: list[Example], plan: list[list[int]], micro_batch: int, pad_id: int,
+                 rank: int = 0, world_size: int = 1, start_step: int = 0, pack_tokens: int = 0):
+        self.examples, self.plan = examples, plan
+        self.micro_batch, self.pad_id, self.pack_tokens = micro_batch, pad_id, pack_tokens
+        self.rank, self.world_size, self.start_step = rank, world_size, start_step
+
+    def __len__(self) -> int:
+        return max(0, len(self.plan) - self.start_step)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        step = self.start_step + i
+        members = [self.examples[j] for j in self.plan[step]]
+        mine = members[self.rank::self.world_size]
+        return {
+            "step": step,
+            "step_tokens": sum(e.n_supervised for e in members),
+            "micro_batches": micro_batches(mine, self.micro_batch, self.pad_id, self.pack_tokens) if mine else [],
+        }
+
+
+class CorpusDataModule(L.LightningDataModule):
+    """Reads and checks the arm corpus at construction time: bad input fails before any model loads."""
+
+    def __init__(self, corpus_path: str, tokenizer: PreTrainedTokenizerBase, seed: int, max_length: int,
+                 effective_batch: int, micro_batch: int, epochs: int, max_steps: int | None = None,
+                 val_fraction: float = 0.05, template_kwargs: Mapping[str, Any] | None = None,
+                 pack_tokens: int = 0, num_workers: int = 0):
+        super().__init__()
+        self.records = load_corpus(corpus_path)
+        self.tokenizer, self.seed, self.max_length = tokenizer, int(seed), int(max_length)
+        self.effective_batch, self.micro_batch = int(effective_batch), int(micro_batch)
+        self.pack_tokens, self.num_workers = int(pack_tokens), int(num_workers)
+        train_records, val_records = split_records(self.records, val_fraction)
+        if not train_records:
+            raise ValueError(f"{corpus_path}: no training records left after the validation split")
+        kwargs = dict(template_kwargs or {})
+        self.train_examples = [self._encode(r, kwargs) for r in train_records]
+        self.val_examples = [self._encode(r, kwargs) for r in val_records]
+        self.train_examples = [e for e in self.train_examples if e.n_supervised > 0]
+        steps_per_epoch = math.ceil(len(self.train_examples) / self.effective_batch)
+        self.plan = step_plan(len(self.train_examples), self.effective_batch, int(epochs), self.seed)
+        if max_steps is not None:
+            self.plan = self.plan[:int(max_steps)]
+        truncated = [e for e in self.train_examples + self.val_examples if e.truncated_tokens]
+        self.stats = DataStats(
+            n_train=len(self.train_examples), n_val=len(self.val_examples),
+            truncated_records=len(truncated), truncated_tokens=sum(e.truncated_tokens for e in truncated),
+            steps_per_epoch=steps_per_epoch, total_steps=len(self.plan))
+        if truncated:
+            log.warning("%d records truncated to max_length=%d (%d tokens cut)", len(truncated),
+                        self.max_length, self.stats.truncated_tokens)
+        self.start_step = 0
+
+    def _encode(self, record: CorpusRecord, kwargs: dict) -> Example:
+        return encode_example(self.tokenizer, record.id, record.user, record.assistant, self.max_length, kwargs)
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = 0, 1
+        if self.trainer is not None:
+            rank, world = self.trainer.global_rank, self.trainer.world_size
+            # After a resume the trainer has restored global_step: continue the plan where it stopped.
+            self.start_step = self.trainer.global_step
+        dataset = StepDataset(self.train_examples, self.plan, self.micro_batch, self.pad_id, rank, world,
+                              self.start_step, self.pack_tokens)
+        return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=self.num_workers,
+                          persistent_workers=False)
+
+    def val_micro_batches(self) -> list[dict[str, torch.Tensor]]:
+        return micro_batches(self.val_examples, self.micro_batch, self.pad_id) if self.val_examples else []

@@ -1,0 +1,85 @@
+"""Corpus records: one JSON object per line, `{id, domain, scenario_id, user, assistant}`.
+
+Every error names the file, the 1-based line and the field, and is raised before any model loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+REQUIRED_FIELDS = ("id", "domain", "scenario_id", "user", "assistant")
+TEXT_FIELDS = ("user", "assistant")
+
+
+class CorpusError(ValueError):
+    """A corpus file that cannot be trained on; the message names file, line and field."""
+
+
+@dataclass(frozen=True)
+class CorpusRecord:
+    id: str
+    domain: str
+    scenario_id: str
+    user: str
+    assistant: str
+    line: int
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def parse_record(obj: object, path: Path, line: int) -> CorpusRecord:
+    if not isinstance(obj, dict):
+        raise CorpusError(f"{path}:{line}: expected a JSON object, got {type(obj).__name__}")
+    for field in REQUIRED_FIELDS:
+        if field not in obj:
+            raise CorpusError(f"{path}:{line}: field '{field}' is missing")
+        value = obj[field]
+        if not isinstance(value, (str, int)) or isinstance(value, bool):
+            raise CorpusError(f"{path}:{line}: field '{field}' must be a string, got {type(value).__name__}")
+    for field in TEXT_FIELDS:
+        if not isinstance(obj[field], str) or not obj[field].strip():
+            raise CorpusError(f"{path}:{line}: field '{field}' is empty")
+    return CorpusRecord(
+        id=str(obj["id"]),
+        domain=str(obj["domain"]),
+        scenario_id=str(obj["scenario_id"]),
+        user=obj["user"],
+        assistant=obj["assistant"],
+        line=line,
+    )
+
+
+def load_corpus(path: str | Path) -> list[CorpusRecord]:
+    """Read and check a corpus file; raise CorpusError naming file, line and field on bad input."""
+    path = Path(path)
+    if not path.is_file():
+        raise CorpusError(f"{path}: corpus file not found (set arm.corpus to an existing JSONL file)")
+    records: list[CorpusRecord] = []
+    seen_ids: dict[str, int] = {}
+    with open(path, encoding="utf-8") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as err:
+                raise CorpusError(f"{path}:{line_no}: malformed JSON ({err.msg} at column {err.colno})") from None
+            record = parse_record(obj, path, line_no)
+            if record.id in seen_ids:
+                raise CorpusError(
+                    f"{path}:{line_no}: field 'id' repeats {record.id!r} (first on line {seen_ids[record.id]})"
+                )
+            seen_ids[record.id] = line_no
+            records.append(record)
+    if not records:
+        raise CorpusError(f"{path}: corpus is empty (no records)")
+    return records

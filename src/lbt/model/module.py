@@ -1,0 +1,160 @@
+"""The LoRA fine-tuning LightningModule.
+
+One training_step is one optimizer step (the DataModule hands over all micro-batches of the step), with
+manual optimization: the loss is the sum of token losses over supervised tokens divided by the step's
+supervised-token count (across ranks), so micro-batching, packing and the number of GPUs do not change
+the objective.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from lbt.data.chat import IGNORE_INDEX
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss; the last good adapter and checkpoint are kept."""
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        progress = min(max(progress, 0.0), 1.0)
+        if schedule == "linear":
+            return 1.0 - progress
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        raise ValueError(f"train.schedule={schedule!r}: use cosine, linear or constant")
+    return factor
+
+
+def supervised_token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                          supervised_logits_only: bool = False) -> tuple[torch.Tensor, int]:
+    """(sum of cross-entropy over supervised tokens, their count) for one micro-batch.
+
+    supervised_logits_only: compute the vocabulary projection only at positions whose next token is
+    supervised, instead of at every position (the logits dominate memory and time for big vocabularies).
+    """
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    if supervised_logits_only:
+        # Positions (in any row) whose next token is supervised; logits only there.
+        positions = keep.any(dim=0).nonzero().squeeze(-1)
+        logits = model(**inputs, use_cache=False, logits_to_keep=positions).logits
+        targets, keep = targets[:, positions], keep[:, positions]
+    else:
+        logits = model(**inputs, use_cache=False).logits[:, :-1]
+    loss_sum = F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum")
+    return loss_sum, int(keep.sum())
+
+
+class LoRAModule(L.LightningModule):
+    def __init__(self, model: torch.nn.Module, train_cfg: DictConfig, total_steps: int,
+                 supervised_logits_only: bool = False):
+        super().__init__()
+        self.model = model
+        self.train_cfg = train_cfg
+        self.total_steps = int(total_steps)
+        self.supervised_logits_only = supervised_logits_only
+        self.automatic_optimization = False
+        # The Lightning checkpoint holds only trainable weights; the frozen base is rebuilt from config.
+        self.strict_loading = False
+        self.loss_history: list[float] = []
+        self.tokens_seen = 0
+        self._train_seconds = 0.0
+
+    # -- checkpoints: trainable weights + optimizer only ------------------------------------------
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in names}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = self.trainable_state_dict()
+        checkpoint["lbt"] = {"loss_history": list(self.loss_history), "tokens_seen": self.tokens_seen,
+                             "train_seconds": self._train_seconds}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        extra = checkpoint.get("lbt", {})
+        self.loss_history = list(extra.get("loss_history", []))
+        self.tokens_seen = int(extra.get("tokens_seen", 0))
+        self._train_seconds = float(extra.get("train_seconds", 0.0))
+
+    # -- optimisation ------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        cfg = self.train_cfg
+        optimizer = torch.optim.AdamW(params, lr=float(cfg.lr), weight_decay=float(cfg.weight_decay))
+        warmup = math.ceil(float(cfg.warmup_fraction) * self.total_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(str(cfg.schedule), warmup,
+                                                                           self.total_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        started = time.perf_counter()
+        step_tokens = max(1, int(batch["step_tokens"]))
+        world = self.trainer.world_size
+        total = torch.zeros((), device=self.device)
+        for micro in batch["micro_batches"]:
+            micro = {k: v.to(self.device) for k, v in micro.items()}
+            loss_sum, _ = supervised_token_loss(self.model, micro, self.supervised_logits_only)
+            # DDP averages gradients over ranks: scale by world so the result is the global token mean.
+            self.manual_backward(loss_sum * (world / step_tokens))
+            total += loss_sum.detach()
+        if world > 1:
+            total = self.trainer.strategy.reduce(total, reduce_op="sum")
+        loss = total / step_tokens
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss.item()}) at step {self.global_step + 1}; training stopped, the last "
+                "saved adapter and checkpoint are kept (try a lower train.lr or check the corpus)")
+        if self.train_cfg.grad_clip:
+            self.clip_gradients(optimizer, gradient_clip_val=float(self.train_cfg.grad_clip),
+                                gradient_clip_algorithm="norm")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        self._train_seconds += time.perf_counter() - started
+        n_tokens = sum(int(m["attention_mask"].sum()) if "attention_mask" in m else m["input_ids"].numel()
+                       for m in batch["micro_batches"])
+        if world > 1:
+            n_tokens = int(self.trainer.strategy.reduce(torch.tensor(float(n_tokens), device=self.device),
+                                                        reduce_op="sum"))
+        self.tokens_seen += n_tokens
+        self.loss_history.append(float(loss))
+        self.log_dict({"train/loss": loss, "train/lr": scheduler.get_last_lr()[0],
+                       "train/tokens_per_s": self.tokens_per_second}, on_step=True, prog_bar=True,
+                      rank_zero_only=True)
+        return loss
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens_seen / self._train_seconds if self._train_seconds else 0.0
+
+    @torch.no_grad()
+    def validation_loss(self, micro_batches: list[dict[str, torch.Tensor]]) -> float:
+        """Mean token loss over the held-out split, with dropout off."""
+        was_training = self.model.training
+        self.model.eval()
+        loss_sum, count = 0.0, 0
+        for micro in micro_batches:
+            micro = {k: v.to(self.device) for k, v in micro.items()}
+            s, n = supervised_token_loss(self.model, micro)
+            loss_sum, count = loss_sum + float(s), count + n
+        self.model.train(was_training)
+        return loss_sum / count if count else float("nan")

@@ -1,0 +1,122 @@
+"""Evaluation points of a job and the callback that drives them.
+
+Phases: `base` (before the first optimizer step: the model before fine-tuning), `step_<n>` at each
+checkpoint fraction but the last, and `final` (the 100 % checkpoint, after training ends). At each
+checkpoint step the adapter is saved to checkpoints/adapter_step_<n>/ first, then every PhaseHook among
+the trainer's callbacks runs (stance battery, capability checks, probes). Hooks must skip a phase whose
+outputs already exist: after a resume, nothing already written is redone or overwritten.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from omegaconf import DictConfig
+from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PhaseContext:
+    """What an evaluation hook needs besides the model: handed over once before training starts."""
+
+    job_dir: Path
+    tokenizer: PreTrainedTokenizerBase
+    cfg: DictConfig
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class PhaseHook(L.Callback):
+    """Base class of callbacks that evaluate the model at each phase."""
+
+    context: PhaseContext | None = None
+
+    def setup_context(self, context: PhaseContext) -> None:
+        self.context = context
+
+    def run_phase(self, trainer: L.Trainer, module: L.LightningModule, phase: str) -> None:
+        raise NotImplementedError
+
+
+def checkpoint_steps(total_steps: int, fractions: list[float]) -> list[int]:
+    """Optimizer steps at the given fractions of training (at least step 1, no duplicates)."""
+    steps = {min(total_steps, max(1, round(float(f) * total_steps))) for f in fractions}
+    return sorted(steps)
+
+
+def atomic_save_dir(save, target: Path) -> None:
+    """Write a directory through save(tmp_dir), then move it into place; an existing target is kept."""
+    if target.exists():
+        return
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(tmp)
+    os.replace(tmp, target)
+
+
+class CheckpointPhases(L.Callback):
+    """Saves adapters at checkpoint fractions and a resumable checkpoint, and dispatches the phases."""
+
+    def __init__(self, job_dir: Path, total_steps: int, fractions: list[float], resume_every_steps: int,
+                 val_batches: list, context: PhaseContext):
+        self.job_dir = Path(job_dir)
+        self.total_steps = total_steps
+        self.steps = checkpoint_steps(total_steps, fractions)
+        self.resume_every = int(resume_every_steps or 0)
+        self.val_batches = val_batches
+        self.context = context
+        self.ckpt_dir = self.job_dir / "checkpoints"
+
+    @property
+    def resume_path(self) -> Path:
+        return self.ckpt_dir / "last.ckpt"
+
+    def hooks(self, trainer: L.Trainer) -> list[PhaseHook]:
+        return [cb for cb in trainer.callbacks if isinstance(cb, PhaseHook)]
+
+    def dispatch(self, trainer: L.Trainer, module: L.LightningModule, phase: str) -> None:
+        for hook in self.hooks(trainer):
+            hook.run_phase(trainer, module, phase)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for hook in self.hooks(trainer):
+            hook.setup_context(self.context)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step == 0:
+            self.dispatch(trainer, pl_module, "base")
+
+    def save_resumable(self, trainer: L.Trainer) -> None:
+        """Lightning checkpoint (trainable weights, optimizer, scheduler, loop state), written atomically."""
+        tmp = self.resume_path.with_name("last.ckpt.tmp")
+        trainer.save_checkpoint(tmp)
+        if trainer.is_global_zero:
+            os.replace(tmp, self.resume_path)
+        trainer.strategy.barrier()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        at_checkpoint = step in self.steps
+        if at_checkpoint:
+            if trainer.is_global_zero:
+                atomic_save_dir(pl_module.model.save_pretrained, self.ckpt_dir / f"adapter_step_{step}")
+            val = pl_module.validation_loss(self.val_batches)
+            pl_module.log("val/loss", val, rank_zero_only=True)
+            pl_module.val_history = getattr(pl_module, "val_history", []) + [(step, val)]
+            if step != self.total_steps:
+                self.dispatch(trainer, pl_module, f"step_{step}")
+        if at_checkpoint or (self.resume_every and step % self.resume_every == 0):
+            self.save_resumable(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            atomic_save_dir(pl_module.model.save_pretrained, self.job_dir / "adapter")
+        self.dispatch(trainer, pl_module, "final")

@@ -1,0 +1,72 @@
+"""Run cards: what a job was (resolved config without secrets, code and package versions, corpus hash)
+and what it did (wall time, tokens/s, losses). Secrets never reach a run card or a logger."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential|auth)", re.IGNORECASE)
+SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "LBT_LLM_API_KEY", "OPENAI_API_KEY")
+REDACTED = "<redacted>"
+PACKAGES = ("lbt", "torch", "transformers", "peft", "lightning", "hydra-core", "omegaconf", "torchmetrics",
+            "wandb", "numpy", "scipy")
+
+
+def scrub_secrets(obj: Any) -> Any:
+    """Replace values under secret-looking keys, and any value equal to a secret in the environment."""
+    secrets = {os.environ[k] for k in SECRET_ENV if os.environ.get(k)}
+    def walk(value: Any, key: str = "") -> Any:
+        if isinstance(value, dict):
+            return {k: walk(v, str(k)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v, key) for v in value]
+        if isinstance(value, str) and (value in secrets or (SECRET_KEY.search(key) and value)):
+            return REDACTED
+        return value
+    return walk(obj)
+
+
+def public_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain data, secrets removed."""
+    return scrub_secrets(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False))
+
+
+def git_sha(root: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                           capture_output=True, text=True, timeout=10).stdout.strip()
+    return out.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))

@@ -1,0 +1,161 @@
+"""python -m lbt.train — one LoRA fine-tuning job (model × arm × seed), or a sweep with -m.
+
+compose → check data → load model → fit (evaluation phases run as callbacks) → adapter, run card, DONE.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from dotenv import load_dotenv
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lbt.data.datamodule import CorpusDataModule
+from lbt.data.records import file_sha256, load_corpus
+from lbt.loggers import build_logger, finish_wandb
+from lbt.model.load import load_model, load_tokenizer, resolve_dtype
+from lbt.model.lora import wrap_lora
+from lbt.model.module import LoRAModule
+from lbt.phases import CheckpointPhases, PhaseContext
+from lbt.runcard import git_sha, package_versions, public_config, read_json, write_json_atomic
+
+log = logging.getLogger("lbt.train")
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+load_dotenv(override=False)
+
+
+def job_identity(cfg: DictConfig) -> dict[str, Any]:
+    experiment = None
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    if choices:
+        experiment = choices.get("experiment")
+    sweep = str(cfg.sweep_name) if HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN" \
+        else None
+    return {"model": str(cfg.model.name), "arm": str(cfg.arm.name), "seed": int(cfg.seed),
+            "experiment": experiment, "sweep": sweep}
+
+
+def job_directory(cfg: DictConfig) -> Path:
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path(cfg.get("job_dir") or "outputs/job")
+
+
+def check_corpus(cfg: DictConfig) -> dict[str, Any]:
+    """Read the corpus (errors name file, line, field) and its validation gate, before any model loads."""
+    path = Path(str(cfg.arm.corpus))
+    records = load_corpus(path)
+    info: dict[str, Any] = {"path": str(path), "sha256": file_sha256(path), "records": len(records),
+                            "validation": "skipped (data.require_validation=false)"}
+    if cfg.data.require_validation:
+        from lbt.data.validate import check_corpus_validated
+
+        check_corpus_validated(path, cfg.data.get("validation_report"))
+        info["validation"] = "passed"
+    return info
+
+
+def instantiate_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """Callbacks of the eval and probe groups: dicts of {_target_: ...}; a null entry is switched off."""
+    callbacks = []
+    for group in ("eval", "probe"):
+        entries = (cfg.get(group) or {}).get("callbacks") or {}
+        for name, spec in entries.items():
+            if spec is not None:
+                callbacks.append(instantiate(spec))
+                log.info("callback %s.%s: %s", group, name, spec._target_)
+    return callbacks
+
+
+def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    hw = cfg.hardware
+    kwargs: dict[str, Any] = dict(accelerator=hw.accelerator, devices=hw.devices, num_nodes=hw.num_nodes,
+                                  strategy=hw.strategy, precision=hw.precision)
+    if hw.accelerator != "cpu" and not torch.cuda.is_available():
+        raise RuntimeError(f"hardware={hw.accelerator}: no CUDA GPU visible; use hardware=cpu")
+    if str(hw.strategy).startswith("ddp") and os.environ.get("SLURM_NTASKS"):
+        # SLURM starts one task per GPU; Lightning must neither spawn ranks nor requeue on its own.
+        from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+        kwargs["plugins"] = [SLURMEnvironment(auto_requeue=False)]
+    return kwargs
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    started = time.time()
+    job_dir = job_directory(cfg)
+    job = job_identity(cfg)
+    if (job_dir / "DONE").exists():
+        log.info("skip: %s already finished (DONE present); nothing is overwritten", job_dir)
+        return read_json(job_dir / "run.json")
+    job_dir.mkdir(parents=True, exist_ok=True)
+    corpus = check_corpus(cfg)
+
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    dtype = resolve_dtype(cfg.model.dtype or cfg.hardware.dtype)
+    tokenizer = load_tokenizer(cfg.model)
+    fast = bool(cfg.hardware.fast_path)
+    data = CorpusDataModule(
+        corpus["path"], tokenizer, seed=int(cfg.seed), max_length=int(cfg.train.max_length),
+        effective_batch=int(cfg.train.effective_batch), micro_batch=int(cfg.train.micro_batch),
+        epochs=int(cfg.train.epochs), max_steps=cfg.train.max_steps, val_fraction=float(cfg.data.val_fraction),
+        template_kwargs=OmegaConf.to_container(cfg.model.chat_template_kwargs, resolve=True),
+        pack_tokens=int(cfg.train.get("pack_tokens") or 0) if fast else 0,
+        num_workers=int(cfg.hardware.num_workers))
+    config = public_config(cfg)
+    card: dict[str, Any] = {"job": job, "config": config, "git_sha": git_sha(Path(CONF_DIR).parent),
+                            "versions": package_versions(), "corpus": corpus, "data": vars(data.stats),
+                            "status": "running"}
+    resume = job_dir / "checkpoints" / "last.ckpt"
+    if (job_dir / "run.json").exists():
+        card["previous_attempts"] = read_json(job_dir / "run.json").get("previous_attempts", 0) + 1
+    write_json_atomic(job_dir / "run.json", card)
+
+    device = "cuda" if cfg.hardware.accelerator == "gpu" else "cpu"
+    model = load_model(cfg.model, tokenizer, dtype, device=device)
+    model = wrap_lora(model, cfg.train.lora, keep_adapter_dtype=fast)
+    module = LoRAModule(model, cfg.train, total_steps=data.stats.total_steps, supervised_logits_only=fast)
+    context = PhaseContext(job_dir=job_dir, tokenizer=tokenizer, cfg=cfg, extra={"data": data})
+    phases = CheckpointPhases(job_dir, data.stats.total_steps, list(cfg.train.checkpoint_fractions),
+                              int(cfg.train.resume_every_steps or 0), data.val_micro_batches(), context)
+    logger = build_logger(cfg.logger, job_dir, job, config)
+    trainer = L.Trainer(
+        **trainer_kwargs(cfg), max_epochs=1, max_steps=data.stats.total_steps, logger=logger,
+        callbacks=[phases, *instantiate_callbacks(cfg)], enable_checkpointing=False,
+        use_distributed_sampler=False, num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1,
+        enable_model_summary=False, enable_progress_bar=False, default_root_dir=str(job_dir), deterministic=False)
+    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume.exists() else None)
+
+    if trainer.is_global_zero:
+        card.update(status="done", wall_time_s=round(time.time() - started, 3),
+                    tokens_per_s=round(module.tokens_per_second, 1),
+                    final_loss=module.loss_history[-1] if module.loss_history else None,
+                    loss_history=module.loss_history,
+                    val_loss=[{"step": s, "loss": v} for s, v in getattr(module, "val_history", [])])
+        write_json_atomic(job_dir / "run.json", card)
+        (job_dir / "DONE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n", encoding="utf-8")
+        log.info("done: %s (%.1f s, %.0f tokens/s, final loss %.4f)", job_dir, card["wall_time_s"],
+                 card["tokens_per_s"], card["final_loss"] or float("nan"))
+    return card
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def main(cfg: DictConfig) -> None:
+    try:
+        train(cfg)
+    finally:
+        finish_wandb()
+
+
+if __name__ == "__main__":
+    main()
