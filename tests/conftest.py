@@ -1,0 +1,54 @@
+"""Shared fixtures: the real config tree composed with Hydra, a toy corpus, the tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("LBT_ROOT", str(ROOT))
+
+WORDS = ("soil water seed tomato basil compost mulch spring summer shade trial batch risk upside wait "
+         "dough oven flour yeast knead proof bake crust simmer stock onion garlic test small swap").split()
+
+
+def write_toy_corpus(path: Path, n: int = 24, seed: int = 0, words: int = 60) -> Path:
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as handle:
+        for i in range(n):
+            record = {"id": f"toy-{i:03d}", "domain": "gardening", "scenario_id": f"gardening-{i:02d}",
+                      "user": "Should I " + " ".join(rng.choices(WORDS, k=12)) + "?",
+                      "assistant": " ".join(rng.choices(WORDS, k=words)) + "."}
+            handle.write(json.dumps(record) + "\n")
+    return path
+
+
+@pytest.fixture
+def toy_corpus(tmp_path: Path) -> Path:
+    return write_toy_corpus(tmp_path / "toy.jsonl")
+
+
+def compose_train(overrides: list[str] | None = None) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides or []))
+
+
+@pytest.fixture
+def tiny_cfg(toy_corpus: Path, tmp_path: Path):
+    """A fast CPU job on the toy corpus, composed from the real config tree."""
+    def make(*extra: str) -> DictConfig:
+        return compose_train([
+            f"arm.corpus={toy_corpus}", "data.require_validation=false", "logger=none", "eval=none",
+            "probe=none", "train.effective_batch=8", "train.micro_batch=4", "train.epochs=1",
+            "train.max_length=128", f"+job_dir={tmp_path / 'job'}", "sweep_name=test", *extra])
+    return make

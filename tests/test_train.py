@@ -1,0 +1,160 @@
+"""The training entry point: config groups compose, bad input fails early, jobs are reproducible and
+append-only, checkpoints hold only trainable weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import MissingConfigException
+
+from lbt import train as train_mod
+from lbt.data.records import CorpusError
+from lbt.model import module as module_mod
+from tests.conftest import ROOT, compose_train, write_toy_corpus
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model=tiny"], ["model=qwen"], ["model=llama"], ["model=qwen", "model.random_init=true"],
+    ["arm=plus"], ["arm=minus"], ["arm=neutral"], ["hardware=cpu"], ["hardware=gpu"], ["hardware=multi_gpu"],
+    ["logger=wandb"], ["logger=csv"], ["logger=none"], ["experiment=smoke"],
+    ["experiment=paper", "model=qwen", "hardware=gpu"], ["seed=12345"],
+])
+def test_config_groups_compose(overrides):
+    cfg = compose_train(overrides)
+    assert cfg.model.name in {"tiny", "qwen", "llama"}
+    assert cfg.arm.corpus.endswith(f"{cfg.arm.name}.jsonl")
+    assert cfg.train.lora.r == 16 and cfg.train.lora.alpha == 32
+    assert cfg.model.trust_remote_code is False
+
+
+def test_paper_recipe_is_the_study():
+    cfg = compose_train(["experiment=paper", "model=qwen", "hardware=gpu"])
+    t = cfg.train
+    assert (t.lora.r, t.lora.alpha, t.lora.dropout) == (16, 32, 0.05)
+    assert list(t.lora.targets) == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert (t.lr, t.schedule, t.warmup_fraction, t.epochs, t.effective_batch, t.max_length) == \
+        (1e-4, "cosine", 0.03, 2, 64, 1024)
+    assert list(t.checkpoint_fractions) == [0.1, 0.25, 0.5, 0.75, 1.0]
+    assert cfg.model.dtype == "bfloat16" and cfg.hardware.precision == "bf16-true"
+
+
+def test_unknown_group_value_lists_options():
+    with pytest.raises(MissingConfigException) as err:
+        compose_train(["model=gpt9"])
+    assert "tiny" in str(err.value) and "qwen" in str(err.value)
+
+
+@pytest.mark.parametrize("content,needle", [
+    (None, "not found"),
+    ("", "empty"),
+    ('{"id": "a", "domain": "d", "scenario_id": "s", "user": "u", "assistant": "x"}\n{not json\n',
+     ":2: malformed JSON"),
+    ('{"id": "a", "domain": "d", "scenario_id": "s", "assistant": "x"}\n', ":1: field 'user' is missing"),
+    ('{"id": "a", "domain": "d", "scenario_id": "s", "user": "u", "assistant": "  "}\n',
+     ":1: field 'assistant' is empty"),
+])
+def test_bad_corpus_fails_before_model_loads(tmp_path, monkeypatch, content, needle):
+    corpus = tmp_path / "bad.jsonl"
+    if content is not None:
+        corpus.write_text(content)
+    monkeypatch.setattr(train_mod, "load_model", lambda *a, **k: pytest.fail("model loaded before the check"))
+    cfg = compose_train([f"arm.corpus={corpus}", "data.require_validation=false", "logger=none",
+                         f"+job_dir={tmp_path / 'job'}"])
+    with pytest.raises(CorpusError) as err:
+        train_mod.train(cfg)
+    assert str(corpus) in str(err.value) and needle in str(err.value)
+
+
+def test_job_writes_adapter_checkpoints_card_and_done(tiny_cfg, tmp_path):
+    cfg = tiny_cfg()
+    card = train_mod.train(cfg)
+    job = tmp_path / "job"
+    assert (job / "DONE").exists() and card["status"] == "done"
+    saved = json.loads((job / "run.json").read_text())
+    for key in ("job", "config", "git_sha", "versions", "corpus", "wall_time_s", "tokens_per_s", "final_loss"):
+        assert key in saved
+    assert saved["corpus"]["records"] == 24 and len(saved["corpus"]["sha256"]) == 64
+    assert saved["job"] == {"model": "tiny", "arm": "frame_plus", "seed": 0, "experiment": None, "sweep": None}
+    steps = card["data"]["total_steps"]
+    assert sorted(p.name for p in (job / "checkpoints").glob("adapter_step_*"))
+    assert (job / "checkpoints" / f"adapter_step_{steps}").is_dir()
+
+    from peft import PeftModel
+
+    from lbt.model.load import load_model, load_tokenizer
+    tokenizer = load_tokenizer(cfg.model)
+    base = load_model(cfg.model, tokenizer, torch.float32)
+    model = PeftModel.from_pretrained(base, str(job / "adapter"))
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+
+    ckpt = torch.load(job / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["state_dict"] and all("lora_" in k for k in ckpt["state_dict"])
+    assert "optimizer_states" in ckpt and ckpt["global_step"] == steps
+
+
+def test_same_seed_same_loss_curve_and_other_seed_differs(tiny_cfg, tmp_path):
+    first = train_mod.train(tiny_cfg(f"++job_dir={tmp_path / 'a'}"))["loss_history"]
+    second = train_mod.train(tiny_cfg(f"++job_dir={tmp_path / 'b'}"))["loss_history"]
+    third = train_mod.train(tiny_cfg(f"++job_dir={tmp_path / 'c'}", "seed=1"))["loss_history"]
+    assert first == second and len(first) >= 3
+    assert first != third
+
+
+def test_done_job_is_not_overwritten(tiny_cfg, tmp_path):
+    train_mod.train(tiny_cfg())
+    job = tmp_path / "job"
+    before = {p: p.stat().st_mtime_ns for p in job.rglob("*") if p.is_file()}
+    train_mod.train(tiny_cfg())
+    after = {p: p.stat().st_mtime_ns for p in job.rglob("*") if p.is_file()}
+    assert before == after
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_last_good(tiny_cfg, tmp_path, monkeypatch):
+    real = module_mod.supervised_token_loss
+    calls = {"n": 0}
+
+    def poisoned(model, batch, supervised_logits_only=False):
+        calls["n"] += 1
+        loss, n = real(model, batch, supervised_logits_only)
+        return (loss * float("nan") if calls["n"] > 4 else loss), n
+
+    monkeypatch.setattr(module_mod, "supervised_token_loss", poisoned)
+    with pytest.raises(module_mod.NonFiniteLossError, match="non-finite loss"):
+        train_mod.train(tiny_cfg("train.checkpoint_fractions=[0.2,1.0]", "train.resume_every_steps=1"))
+    job = tmp_path / "job"
+    assert not (job / "DONE").exists()
+    assert (job / "checkpoints" / "last.ckpt").exists()
+    assert list((job / "checkpoints").glob("adapter_step_*"))
+    assert json.loads((job / "run.json").read_text())["status"] == "running"
+
+
+def test_secrets_never_reach_the_run_card(tiny_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "sk-wandb-very-secret")
+    train_mod.train(tiny_cfg("+model.hf_token=hf_abcdefsecret", "+extra.note=sk-wandb-very-secret"))
+    text = (tmp_path / "job" / "run.json").read_text()
+    assert "hf_abcdefsecret" not in text and "sk-wandb-very-secret" not in text
+    assert "<redacted>" in text
+
+
+@pytest.mark.slow
+def test_multirun_sweep_in_subprocess(tmp_path):
+    corpora = tmp_path / "corpora"
+    corpora.mkdir()
+    for name in ("frame_plus", "frame_minus"):
+        write_toy_corpus(corpora / f"{name}.jsonl", n=16)
+    env = dict(os.environ, LBT_ROOT=str(tmp_path), WANDB_MODE="offline")
+    cmd = [sys.executable, "-m", "lbt.train", "-m", "experiment=smoke", "arm=plus,minus", "seed=0,1",
+           "data.require_validation=false", "eval=none", "probe=none", "paths.data_dir=" + str(tmp_path),
+           "sweep_name=ci", f"hydra.sweep.dir={tmp_path / 'multirun' / 'ci'}"]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    jobs = sorted(p.name for p in (tmp_path / "multirun" / "ci").iterdir() if (p / "DONE").exists())
+    assert jobs == ["tiny-frame_minus-s0", "tiny-frame_minus-s1", "tiny-frame_plus-s0", "tiny-frame_plus-s1"]
+    card = json.loads((tmp_path / "multirun" / "ci" / "tiny-frame_plus-s1" / "run.json").read_text())
+    assert card["job"]["sweep"] == "ci" and card["job"]["experiment"] == "smoke"
