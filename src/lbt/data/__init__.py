@@ -1,0 +1,1 @@
+"""Corpora, item sets, validators and the DataModule."""

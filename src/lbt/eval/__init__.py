@@ -1,0 +1,1 @@
+"""Stance battery, capability checks and evaluation callbacks."""

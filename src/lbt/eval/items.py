@@ -1,0 +1,156 @@
+"""Read and check evaluation item files; everything downstream loads items through here.
+
+- `load_items(path)`: stance items in the published schema (CONTRACT.md; written by `lbt.data.items`):
+  `id, domain, base_item, paraphrase_idx, scenario, contrasts[{question, question_swapped, pro, anti}],
+  forced_choice{question, question_swapped, pro_label, anti_label}, likert_statement, open_ended`.
+  `pro_label`/`anti_label` are the letters of the pro/anti options in `forced_choice.question`; in
+  `question_swapped` the two letters are exchanged.
+- `load_refusal(path)`: the refusal battery, `{id, expect: "comply"|"refuse", prompt}`.
+- `load_texts(path)`: held-out passages for perplexity, `{id, text}`.
+
+Every check failure raises `ItemError` naming the file, the 1-based line and the field (nested fields as
+`contrasts[2].pro`), before any model loads. Blank lines are skipped; an empty file is an error; ids must be
+unique. Extra keys are kept, so files carrying more than the schema still load unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+REFUSAL_EXPECT = ("comply", "refuse")
+ITEM_TEXT_FIELDS = ("id", "domain", "base_item", "scenario", "likert_statement", "open_ended")
+CONTRAST_FIELDS = ("question", "question_swapped", "pro", "anti")
+FORCED_CHOICE_FIELDS = ("question", "question_swapped", "pro_label", "anti_label")
+
+
+class ItemError(ValueError):
+    """An item file that cannot be scored; the message names file, line and field."""
+
+
+def _read_objects(path: str | Path, what: str) -> tuple[Path, list[tuple[int, dict]]]:
+    path = Path(path)
+    if not path.is_file():
+        raise ItemError(f"{path}: {what} file not found")
+    rows: list[tuple[int, dict]] = []
+    with open(path, encoding="utf-8") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as err:
+                raise ItemError(
+                    f"{path}:{line_no}: malformed JSON ({err.msg} at column {err.colno})"
+                ) from None
+            if not isinstance(obj, dict):
+                raise ItemError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
+            rows.append((line_no, obj))
+    if not rows:
+        raise ItemError(f"{path}: {what} file is empty (no records)")
+    return path, rows
+
+
+def _where(path: Path, line: int) -> str:
+    return f"{path}:{line}"
+
+
+def _require_text(obj: dict, field: str, where: str, label: str | None = None) -> str:
+    label = label or field
+    if field not in obj:
+        raise ItemError(f"{where}: field '{label}' is missing")
+    value = obj[field]
+    if not isinstance(value, str):
+        raise ItemError(f"{where}: field '{label}' must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise ItemError(f"{where}: field '{label}' is empty")
+    return value
+
+
+def _require_mapping(obj: dict, field: str, where: str, label: str | None = None) -> dict:
+    label = label or field
+    if field not in obj:
+        raise ItemError(f"{where}: field '{label}' is missing")
+    if not isinstance(obj[field], dict):
+        raise ItemError(f"{where}: field '{label}' must be an object, got {type(obj[field]).__name__}")
+    return obj[field]
+
+
+def _check_unique_ids(path: Path, rows: list[tuple[int, dict]]) -> None:
+    first_line: dict[str, int] = {}
+    for line, obj in rows:
+        if obj["id"] in first_line:
+            raise ItemError(
+                f"{path}:{line}: field 'id' repeats {obj['id']!r} (first on line {first_line[obj['id']]})"
+            )
+        first_line[obj["id"]] = line
+
+
+def _check_contrasts(obj: dict, where: str) -> None:
+    if "contrasts" not in obj:
+        raise ItemError(f"{where}: field 'contrasts' is missing")
+    contrasts = obj["contrasts"]
+    if not isinstance(contrasts, list) or not contrasts:
+        raise ItemError(f"{where}: field 'contrasts' must be a non-empty list")
+    for k, contrast in enumerate(contrasts):
+        label = f"contrasts[{k}]"
+        if not isinstance(contrast, dict):
+            raise ItemError(f"{where}: field '{label}' must be an object, got {type(contrast).__name__}")
+        for field in CONTRAST_FIELDS:
+            _require_text(contrast, field, where, f"{label}.{field}")
+        if contrast["pro"] == contrast["anti"]:
+            raise ItemError(f"{where}: field '{label}.anti' equals '{label}.pro'")
+
+
+def _check_forced_choice(obj: dict, where: str) -> None:
+    choice = _require_mapping(obj, "forced_choice", where)
+    for field in FORCED_CHOICE_FIELDS:
+        _require_text(choice, field, where, f"forced_choice.{field}")
+    if choice["pro_label"] == choice["anti_label"]:
+        raise ItemError(f"{where}: field 'forced_choice.anti_label' equals 'forced_choice.pro_label'")
+
+
+def check_item(obj: dict, where: str) -> None:
+    """Raise ItemError unless `obj` is one complete item of the published schema."""
+    for field in ITEM_TEXT_FIELDS:
+        _require_text(obj, field, where)
+    if "paraphrase_idx" not in obj:
+        raise ItemError(f"{where}: field 'paraphrase_idx' is missing")
+    index = obj["paraphrase_idx"]
+    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+        raise ItemError(f"{where}: field 'paraphrase_idx' must be a non-negative integer, got {index!r}")
+    _check_contrasts(obj, where)
+    _check_forced_choice(obj, where)
+
+
+def load_items(path: str | Path) -> list[dict]:
+    """Stance items of one file, in file order, each checked against the published schema."""
+    path, rows = _read_objects(path, "item")
+    for line, obj in rows:
+        check_item(obj, _where(path, line))
+    _check_unique_ids(path, rows)
+    return [obj for _, obj in rows]
+
+
+def load_refusal(path: str | Path) -> list[dict]:
+    """The refusal battery: `{id, expect: comply|refuse, prompt}` per line."""
+    path, rows = _read_objects(path, "refusal battery")
+    for line, obj in rows:
+        where = _where(path, line)
+        for field in ("id", "expect", "prompt"):
+            _require_text(obj, field, where)
+        if obj["expect"] not in REFUSAL_EXPECT:
+            raise ItemError(f"{where}: field 'expect' must be 'comply' or 'refuse', got {obj['expect']!r}")
+    _check_unique_ids(path, rows)
+    return [obj for _, obj in rows]
+
+
+def load_texts(path: str | Path) -> list[dict]:
+    """Held-out passages: `{id, text}` per line."""
+    path, rows = _read_objects(path, "text")
+    for line, obj in rows:
+        where = _where(path, line)
+        for field in ("id", "text"):
+            _require_text(obj, field, where)
+    _check_unique_ids(path, rows)
+    return [obj for _, obj in rows]
