@@ -119,9 +119,9 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good(tiny_cfg, tmp_path,
     real = module_mod.supervised_token_loss
     calls = {"n": 0}
 
-    def poisoned(model, batch, supervised_logits_only=False):
+    def poisoned(model, batch, *args):
         calls["n"] += 1
-        loss, n = real(model, batch, supervised_logits_only)
+        loss, n = real(model, batch, *args)
         return (loss * float("nan") if calls["n"] > 4 else loss), n
 
     monkeypatch.setattr(module_mod, "supervised_token_loss", poisoned)

@@ -20,6 +20,8 @@ import lightning as L
 from omegaconf import DictConfig
 from transformers import PreTrainedTokenizerBase
 
+from lbt.model.lora import eager_layers
+
 log = logging.getLogger(__name__)
 
 
@@ -82,8 +84,9 @@ class CheckpointPhases(L.Callback):
         return [cb for cb in trainer.callbacks if isinstance(cb, PhaseHook)]
 
     def dispatch(self, trainer: L.Trainer, module: L.LightningModule, phase: str) -> None:
-        for hook in self.hooks(trainer):
-            hook.run_phase(trainer, module, phase)
+        with eager_layers(module.model):
+            for hook in self.hooks(trainer):
+                hook.run_phase(trainer, module, phase)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for hook in self.hooks(trainer):

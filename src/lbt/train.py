@@ -23,7 +23,7 @@ from lbt.data.datamodule import CorpusDataModule
 from lbt.data.records import file_sha256, load_corpus
 from lbt.loggers import build_logger, finish_wandb
 from lbt.model.load import load_model, load_tokenizer, resolve_dtype
-from lbt.model.lora import wrap_lora
+from lbt.model.lora import compile_decoder_layers, wrap_lora
 from lbt.model.module import LoRAModule
 from lbt.phases import CheckpointPhases, PhaseContext
 from lbt.runcard import git_sha, package_versions, public_config, read_json, write_json_atomic
@@ -104,13 +104,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     dtype = resolve_dtype(cfg.model.dtype or cfg.hardware.dtype)
     tokenizer = load_tokenizer(cfg.model)
-    fast = bool(cfg.hardware.fast_path)
+    fast = cfg.hardware.fast
     data = CorpusDataModule(
         corpus["path"], tokenizer, seed=int(cfg.seed), max_length=int(cfg.train.max_length),
         effective_batch=int(cfg.train.effective_batch), micro_batch=int(cfg.train.micro_batch),
         epochs=int(cfg.train.epochs), max_steps=cfg.train.max_steps, val_fraction=float(cfg.data.val_fraction),
         template_kwargs=OmegaConf.to_container(cfg.model.chat_template_kwargs, resolve=True),
-        pack_tokens=int(cfg.train.get("pack_tokens") or 0) if fast else 0,
+        pack_tokens=int(fast.pack_tokens),
         num_workers=int(cfg.hardware.num_workers))
     config = public_config(cfg)
     card: dict[str, Any] = {"job": job, "config": config, "git_sha": git_sha(Path(CONF_DIR).parent),
@@ -123,8 +123,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     device = "cuda" if cfg.hardware.accelerator == "gpu" else "cpu"
     model = load_model(cfg.model, tokenizer, dtype, device=device)
-    model = wrap_lora(model, cfg.train.lora, keep_adapter_dtype=fast)
-    module = LoRAModule(model, cfg.train, total_steps=data.stats.total_steps, supervised_logits_only=fast)
+    model = wrap_lora(model, cfg.train.lora, keep_adapter_dtype=bool(fast.bf16_adapters))
+    if fast.compile_layers:
+        compile_decoder_layers(model)
+    module = LoRAModule(model, cfg.train, total_steps=data.stats.total_steps, ce_chunk=int(fast.ce_chunk))
     context = PhaseContext(job_dir=job_dir, tokenizer=tokenizer, cfg=cfg, extra={"data": data})
     phases = CheckpointPhases(job_dir, data.stats.total_steps, list(cfg.train.checkpoint_fractions),
                               int(cfg.train.resume_every_steps or 0), data.val_micro_batches(), context)

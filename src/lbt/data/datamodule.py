@@ -57,7 +57,7 @@ def step_plan(n_examples: int, effective_batch: int, epochs: int, seed: int) -> 
 
 
 def pad_batch(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded micro-batch: input_ids, attention_mask, labels (−100 on padding)."""
+    """Right-padded micro-batch: input_ids, attention_mask, labels (−100 on padding), n_real_tokens."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -67,33 +67,47 @@ def pad_batch(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         ids[row, :n] = torch.tensor(e.input_ids)
         labels[row, :n] = torch.tensor(e.labels)
         mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "n_real_tokens": mask.sum()}
 
 
-def pack_batch(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+def pack_batch(examples: list[Example], pad_id: int, pad_multiple: int = 1) -> dict[str, torch.Tensor]:
     """One row of concatenated examples with restarting position_ids (padding-free).
 
-    Attention stays within each example because the model derives a block-diagonal mask from the
-    position_ids restarts (requires use_cache=False and no attention_mask).
+    The model derives a block-diagonal causal mask from the position_ids restarts (use_cache=False, no
+    attention_mask), so attention stays within each example. The loss cannot cross examples either: the
+    first token of each example is a prompt token, labelled −100. The row is padded to a multiple of
+    pad_multiple with one extra unsupervised segment, to keep the set of shapes small for torch.compile.
     """
-    ids = torch.tensor([t for e in examples for t in e.input_ids]).unsqueeze(0)
-    labels = torch.tensor([t for e in examples for t in e.labels]).unsqueeze(0)
-    # The first token of each example predicts nothing from the previous example.
-    positions = torch.cat([torch.arange(len(e.input_ids)) for e in examples]).unsqueeze(0)
-    return {"input_ids": ids, "labels": labels, "position_ids": positions}
+    ids = [t for e in examples for t in e.input_ids]
+    labels = [t for e in examples for t in e.labels]
+    positions = [p for e in examples for p in range(len(e.input_ids))]
+    pad = -len(ids) % pad_multiple
+    ids += [pad_id] * pad
+    labels += [IGNORE_INDEX] * pad
+    positions += list(range(pad))
+    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+            "position_ids": torch.tensor([positions]), "n_real_tokens": torch.tensor(len(ids) - pad)}
 
 
-def micro_batches(examples: list[Example], micro_batch: int, pad_id: int, pack_tokens: int = 0) -> list[dict]:
-    """Sort by length and cut into micro-batches; with pack_tokens > 0, pack rows up to that many tokens."""
-    ordered = sorted(examples, key=lambda e: len(e.input_ids))
+def micro_batches(examples: list[Example], micro_batch: int, pad_id: int, pack_tokens: int = 0,
+                  pad_multiple: int = 128) -> list[dict]:
+    """Sort by length and cut into padded micro-batches; with pack_tokens > 0, pack rows of at most that
+    many tokens instead (first-fit over the length-sorted examples, longest first)."""
     if pack_tokens <= 0:
+        ordered = sorted(examples, key=lambda e: len(e.input_ids))
         return [pad_batch(ordered[i:i + micro_batch], pad_id) for i in range(0, len(ordered), micro_batch)]
-    rows: list[list[Example]] = [[]]
-    for example in ordered:
-        if rows[-1] and sum(len(e.input_ids) for e in rows[-1]) + len(example.input_ids) > pack_tokens:
+    rows: list[list[Example]] = []
+    room: list[int] = []
+    for example in sorted(examples, key=lambda e: -len(e.input_ids)):
+        n = len(example.input_ids)
+        slot = next((i for i, free in enumerate(room) if free >= n), None)
+        if slot is None:
             rows.append([])
-        rows[-1].append(example)
-    return [pack_batch(row, pad_id) for row in rows]
+            room.append(pack_tokens)
+            slot = len(rows) - 1
+        rows[slot].append(example)
+        room[slot] -= n
+    return [pack_batch(row, pad_id, pad_multiple) for row in rows]
 
 
 @dataclass

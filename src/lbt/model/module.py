@@ -15,6 +15,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from omegaconf import DictConfig
 
 from lbt.data.chat import IGNORE_INDEX
@@ -40,17 +41,43 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
     return factor
 
 
+def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The HF *ForCausalLM inside a peft wrapper (LoRA layers are injected in place, so it trains them)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _chunk_ce(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
+
+
+def chunked_lm_loss(hidden: torch.Tensor, lm_head: torch.nn.Linear, targets: torch.Tensor,
+                    chunk: int) -> torch.Tensor:
+    """Sum of cross-entropy of lm_head(hidden) against targets, chunk rows at a time, recomputing each
+    chunk's logits in backward: the [tokens × vocabulary] fp32 logits never exist all at once."""
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk):
+        total = total + checkpoint(_chunk_ce, hidden[start:start + chunk], targets[start:start + chunk],
+                                   lm_head.weight, use_reentrant=False)
+    return total
+
+
 def supervised_token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor],
-                          supervised_logits_only: bool = False) -> tuple[torch.Tensor, int]:
+                          supervised_logits_only: bool = False, ce_chunk: int = 0) -> tuple[torch.Tensor, int]:
     """(sum of cross-entropy over supervised tokens, their count) for one micro-batch.
 
     supervised_logits_only: compute the vocabulary projection only at positions whose next token is
     supervised, instead of at every position (the logits dominate memory and time for big vocabularies).
+    ce_chunk > 0: additionally never hold those logits at once (chunked_lm_loss); plain lm_head models only.
     """
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
+    if ce_chunk > 0:
+        lm = causal_lm(model)
+        hidden = lm.model(**inputs, use_cache=False).last_hidden_state[:, :-1]
+        loss_sum = chunked_lm_loss(hidden[keep], lm.lm_head, targets[keep], ce_chunk)
+        return loss_sum, int(keep.sum())
     if supervised_logits_only:
         # Positions (in any row) whose next token is supervised; logits only there.
         positions = keep.any(dim=0).nonzero().squeeze(-1)
@@ -64,12 +91,13 @@ def supervised_token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]
 
 class LoRAModule(L.LightningModule):
     def __init__(self, model: torch.nn.Module, train_cfg: DictConfig, total_steps: int,
-                 supervised_logits_only: bool = False):
+                 supervised_logits_only: bool = False, ce_chunk: int = 0):
         super().__init__()
         self.model = model
         self.train_cfg = train_cfg
         self.total_steps = int(total_steps)
         self.supervised_logits_only = supervised_logits_only
+        self.ce_chunk = int(ce_chunk)
         self.automatic_optimization = False
         # The Lightning checkpoint holds only trainable weights; the frozen base is rebuilt from config.
         self.strict_loading = False
@@ -112,7 +140,7 @@ class LoRAModule(L.LightningModule):
         total = torch.zeros((), device=self.device)
         for micro in batch["micro_batches"]:
             micro = {k: v.to(self.device) for k, v in micro.items()}
-            loss_sum, _ = supervised_token_loss(self.model, micro, self.supervised_logits_only)
+            loss_sum, _ = supervised_token_loss(self.model, micro, self.supervised_logits_only, self.ce_chunk)
             # DDP averages gradients over ranks: scale by world so the result is the global token mean.
             self.manual_backward(loss_sum * (world / step_tokens))
             total += loss_sum.detach()
@@ -130,8 +158,7 @@ class LoRAModule(L.LightningModule):
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         self._train_seconds += time.perf_counter() - started
-        n_tokens = sum(int(m["attention_mask"].sum()) if "attention_mask" in m else m["input_ids"].numel()
-                       for m in batch["micro_batches"])
+        n_tokens = sum(int(m["n_real_tokens"]) for m in batch["micro_batches"])
         if world > 1:
             n_tokens = int(self.trainer.strategy.reduce(torch.tensor(float(n_tokens), device=self.device),
                                                         reduce_op="sum"))

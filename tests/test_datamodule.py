@@ -1,0 +1,112 @@
+"""Chat rendering, assistant-only labels, the step plan, packing, and that the fast-path levers leave the
+objective unchanged (tiny model, fp32)."""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import OmegaConf
+
+from lbt import train as train_mod
+from lbt.data.chat import IGNORE_INDEX, encode_example
+from lbt.data.datamodule import (CorpusDataModule, micro_batches, split_records, step_plan)
+from lbt.data.records import load_corpus
+from lbt.model.load import load_model, load_tokenizer
+from lbt.model.lora import wrap_lora
+from lbt.model.module import supervised_token_loss
+from tests.conftest import CONF, write_toy_corpus
+
+
+def tiny():
+    model_cfg = OmegaConf.load(CONF / "model" / "tiny.yaml")
+    tokenizer = load_tokenizer(model_cfg)
+    return model_cfg, tokenizer
+
+
+def test_only_assistant_tokens_are_supervised():
+    _, tok = tiny()
+    ex = encode_example(tok, "r1", "How long should I rest dough?", "About an hour, covered.", 512)
+    supervised = [t for t, label in zip(ex.input_ids, ex.labels) if label != IGNORE_INDEX]
+    assert tok.decode(supervised) == "About an hour, covered.<|im_end|>"
+    prompt_len = ex.labels.index(next(label for label in ex.labels if label != IGNORE_INDEX))
+    assert tok.decode(ex.input_ids[:prompt_len]).endswith("<|im_start|>assistant\n")
+    assert ex.truncated_tokens == 0
+
+
+def test_truncation_is_counted():
+    _, tok = tiny()
+    ex = encode_example(tok, "r1", "Question?", "word " * 200, 64)
+    assert len(ex.input_ids) == 64 and ex.truncated_tokens > 0
+
+
+def test_step_plan_is_deterministic_per_seed_and_covers_every_example():
+    a, b, c = step_plan(10, 4, 2, seed=3), step_plan(10, 4, 2, seed=3), step_plan(10, 4, 2, seed=4)
+    assert a == b and a != c
+    assert [len(s) for s in a] == [4, 4, 2, 4, 4, 2]
+    assert sorted(sum(a[:3], [])) == list(range(10))
+
+
+def test_validation_split_is_the_same_scenarios_in_every_arm(tmp_path):
+    plus = load_corpus(write_toy_corpus(tmp_path / "p.jsonl", n=60, seed=1))
+    minus = load_corpus(write_toy_corpus(tmp_path / "m.jsonl", n=60, seed=2))
+    val_p = {r.scenario_id for r in split_records(plus, 0.1)[1]}
+    val_m = {r.scenario_id for r in split_records(minus, 0.1)[1]}
+    assert val_p == val_m and 0 < len(val_p) < 60
+
+
+def test_datamodule_step_tokens_count_the_whole_step(tmp_path):
+    _, tok = tiny()
+    dm = CorpusDataModule(str(write_toy_corpus(tmp_path / "c.jsonl", n=20)), tok, seed=0, max_length=128,
+                          effective_batch=8, micro_batch=3, epochs=1)
+    item = dm.train_dataloader().dataset[0]
+    assert sum(int((m["labels"] != IGNORE_INDEX).sum()) for m in item["micro_batches"]) == item["step_tokens"]
+    assert [m["input_ids"].shape[0] for m in item["micro_batches"]] == [3, 3, 2]
+
+
+def test_packed_rows_keep_every_token_and_restart_positions(tmp_path):
+    _, tok = tiny()
+    examples = [encode_example(tok, str(i), "Q" * (i + 1), "answer " * (5 + i), 256) for i in range(6)]
+    packed = micro_batches(examples, micro_batch=2, pad_id=tok.pad_token_id, pack_tokens=128, pad_multiple=16)
+    assert sum(int(m["n_real_tokens"]) for m in packed) == sum(len(e.input_ids) for e in examples)
+    for m in packed:
+        assert m["input_ids"].shape[1] % 16 == 0 and m["input_ids"].shape[1] <= 128 + 15
+        assert int((m["position_ids"] == 0).sum()) >= 1
+    supervised = sum(int((m["labels"] != IGNORE_INDEX).sum()) for m in packed)
+    assert supervised == sum(e.n_supervised for e in examples)
+
+
+def test_fast_loss_variants_equal_the_plain_loss_and_gradients(tmp_path):
+    model_cfg, tok = tiny()
+    examples = [encode_example(tok, str(i), f"Question {i}?", "word and more " * (3 + 2 * i), 256)
+                for i in range(5)]
+    padded = micro_batches(examples, 5, tok.pad_token_id)
+    packed = micro_batches(examples, 5, tok.pad_token_id, pack_tokens=1024, pad_multiple=32)
+    results = []
+    for batches, kwargs in [(padded, {}), (padded, {"supervised_logits_only": True}),
+                            (packed, {}), (packed, {"ce_chunk": 7})]:
+        torch.manual_seed(0)
+        model = wrap_lora(load_model(model_cfg, tok, torch.float32), OmegaConf.create(
+            {"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["q_proj", "v_proj", "down_proj"]}))
+        for p in model.parameters():
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.02)
+        total, count = 0.0, 0
+        for micro in batches:
+            loss, n = supervised_token_loss(model, micro, **kwargs)
+            loss.backward()
+            total, count = total + float(loss), count + n
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+        results.append((total / count, count, grads))
+    base_loss, base_count, base_grad = results[0]
+    for loss, count, grad in results[1:]:
+        assert count == base_count
+        assert abs(loss - base_loss) < 1e-5
+        torch.testing.assert_close(grad, base_grad, atol=1e-5, rtol=1e-4)
+
+
+def test_packed_training_curve_equals_padded_curve(tiny_cfg, tmp_path):
+    common = ["train.lora.dropout=0.0", "train.epochs=2", "train.max_steps=4"]
+    plain = train_mod.train(tiny_cfg(f"++job_dir={tmp_path / 'plain'}", *common))["loss_history"]
+    fast = train_mod.train(tiny_cfg(f"++job_dir={tmp_path / 'fast'}", *common, "hardware.fast.pack_tokens=512",
+                                    "hardware.fast.ce_chunk=64"))["loss_history"]
+    assert len(plain) == 4
+    assert max(abs(a - b) for a, b in zip(plain, fast)) < 1e-4
