@@ -1,0 +1,184 @@
+"""LoRA training throughput: the naive peft path vs lbt's hardware=gpu path, same process, same card.
+
+    python benchmarks/train_throughput.py --model qwen --steps 8 --warmup 2
+    python benchmarks/train_throughput.py --model tiny --device cpu --steps 2 --warmup 1   # logic check
+
+Both paths train the same optimizer steps (the study's recipe: r 16, alpha 32, dropout 0.05, 7 targets,
+bf16, effective batch 64) on a corpus with the shipped corpora's length distribution (the frame_plus
+records, chat-templated, replicated to ~3,000), from the same random-init weights and adapter init:
+  naive: HF model + peft defaults (fp32 adapters), padded micro-batches in random order, logits over the
+         full vocabulary at every position;
+  lbt:   the functions `python -m lbt.train hardware=gpu` uses (bf16 adapters, padding-free packing,
+         chunked supervised-only cross-entropy, per-layer torch.compile).
+Reported: real (non-pad) tokens/s, MFU (4·N FLOPs per token, N = parameters; 989 TFLOP/s bf16 dense on
+an H100 SXM), peak memory, the loss of both after the same steps. A smoke check then saves the lbt
+adapter, reloads it into a fresh model and compares logits, and checks a capture hook under compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from lbt.data.chat import encode_example
+from lbt.data.datamodule import micro_batches, step_plan
+from lbt.data.records import load_corpus
+from lbt.model.load import load_model, load_tokenizer
+from lbt.model.lora import compile_decoder_layers, eager_layers, wrap_lora
+from lbt.model.module import supervised_token_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+PEAK_FLOPS = {"cuda": 989e12, "cpu": 1e12}
+
+
+def corpus_examples(tokenizer, max_length: int, target: int) -> list:
+    path = ROOT / "data" / "corpora" / "frame_plus.jsonl"
+    records = load_corpus(path)
+    examples = [encode_example(tokenizer, r.id, r.user, r.assistant, max_length) for r in records]
+    return [examples[i % len(examples)] for i in range(target)]
+
+
+def build(model_cfg, tokenizer, device, lora_cfg, fast: bool, compile_layers: bool):
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = load_model(model_cfg, tokenizer, dtype, device=device)
+    model = wrap_lora(model, lora_cfg, keep_adapter_dtype=fast)
+    torch.manual_seed(1234)  # the same adapter init in both paths
+    for name, p in model.named_parameters():
+        if "lora_A" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    if compile_layers:
+        compile_decoder_layers(model)
+    model.train()
+    return model
+
+
+def run_path(name, model, steps_batches, device, lr, ce_chunk, warmup):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    losses, tokens, seconds = [], 0, 0.0
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for i, (step_tokens, batches) in enumerate(steps_batches):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        total = 0.0
+        for micro in batches:
+            micro = {k: v.to(device) for k, v in micro.items()}
+            if name == "naive":
+                loss_sum, _ = supervised_token_loss(model, micro)
+            else:
+                loss_sum, _ = supervised_token_loss(model, micro, ce_chunk=ce_chunk)
+            (loss_sum / step_tokens).backward()
+            total += float(loss_sum.detach())
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        losses.append(total / step_tokens)
+        if i >= warmup:
+            seconds += dt
+            tokens += sum(int(m["n_real_tokens"]) for m in batches)
+        print(f"  {name} step {i}: loss {losses[-1]:.5f} {dt:.2f} s", flush=True)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    return {"tokens_per_s": tokens / seconds if seconds else float("nan"), "losses": losses,
+            "peak_mem_gib": peak, "timed_tokens": tokens, "timed_seconds": seconds}
+
+
+def smoke_checks(model, model_cfg, tokenizer, device, lora_cfg, out_dir: Path) -> dict:
+    """Adapters save and reload to the same logits; a capture hook sees output_hidden_states."""
+    from peft import PeftModel
+
+    model.eval()
+    ids = torch.tensor([tokenizer("Is it worth trying a new sourdough starter?")["input_ids"]], device=device)
+    with torch.no_grad(), eager_layers(model):
+        ref = model(ids, use_cache=False).logits.float()
+        hidden = model(ids, use_cache=False, output_hidden_states=True).hidden_states
+        captured = {}
+        layer = model.get_base_model().model.layers[1]
+        handle = layer.register_forward_hook(
+            lambda m, a, o: captured.__setitem__("h", o[0] if isinstance(o, tuple) else o))
+        model(ids, use_cache=False)
+        handle.remove()
+    hook_err = float((captured["h"].float() - hidden[2].float()).abs().max())
+    model.save_pretrained(str(out_dir / "adapter"))
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    fresh = PeftModel.from_pretrained(load_model(model_cfg, tokenizer, dtype, device=device), str(out_dir / "adapter"))
+    with torch.no_grad():
+        again = fresh(ids, use_cache=False).logits.float()
+    return {"reload_max_logit_diff": float((again - ref).abs().max()), "hook_vs_hidden_states_max_diff": hook_err}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qwen", choices=["tiny", "qwen", "llama"])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--naive-micro-batch", type=int, default=16)
+    ap.add_argument("--pack-tokens", type=int, default=8192)
+    ap.add_argument("--ce-chunk", type=int, default=4096)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--out", default="/tmp/lbt-bench")
+    args = ap.parse_args()
+
+    model_cfg = OmegaConf.load(ROOT / "conf" / "model" / f"{args.model}.yaml")
+    model_cfg.random_init = True
+    tokenizer = load_tokenizer(model_cfg)
+    train_cfg = OmegaConf.load(ROOT / "conf" / "train.yaml").train
+    lora_cfg = train_cfg.lora
+    effective = int(train_cfg.effective_batch)
+    examples = corpus_examples(tokenizer, int(train_cfg.max_length), 3000)
+    plan = step_plan(len(examples), effective, 1, seed=0)[:args.steps]
+    pad_id = tokenizer.pad_token_id
+    naive_steps = []
+    for members in plan:
+        chosen = [examples[j] for j in members]  # random order, padded per micro-batch (HF collator style)
+        batches = [micro_batches(chosen[i:i + args.naive_micro_batch], 10**6, pad_id)[0]
+                   for i in range(0, len(chosen), args.naive_micro_batch)]
+        naive_steps.append((sum(e.n_supervised for e in chosen), batches))
+    lbt_steps = [(sum(examples[j].n_supervised for j in m),
+                  micro_batches([examples[j] for j in m], 8, pad_id, pack_tokens=args.pack_tokens))
+                 for m in plan]
+    results = {"model": args.model, "device": args.device, "gpu": torch.cuda.get_device_name() if
+               args.device == "cuda" else "cpu", "steps": args.steps, "warmup": args.warmup,
+               "examples_per_step": effective, "pack_tokens": args.pack_tokens, "ce_chunk": args.ce_chunk,
+               "compile": not args.no_compile, "lr": float(train_cfg.lr)}
+    n_params = None
+    if not args.skip_naive:
+        model = build(model_cfg, tokenizer, args.device, lora_cfg, fast=False, compile_layers=False)
+        n_params = sum(p.numel() for p in model.parameters())
+        print("naive path", flush=True)
+        results["naive"] = run_path("naive", model, naive_steps, args.device, float(train_cfg.lr), 0, args.warmup)
+        del model
+        torch.cuda.empty_cache() if args.device == "cuda" else None
+    model = build(model_cfg, tokenizer, args.device, lora_cfg, fast=True, compile_layers=not args.no_compile)
+    n_params = n_params or sum(p.numel() for p in model.parameters())
+    print("lbt path", flush=True)
+    results["lbt"] = run_path("lbt", model, lbt_steps, args.device, float(train_cfg.lr), args.ce_chunk,
+                              args.warmup)
+    results["n_params"] = n_params
+    for key in ("naive", "lbt"):
+        if key in results:
+            results[key]["mfu"] = 4 * n_params * results[key]["tokens_per_s"] / PEAK_FLOPS[args.device]
+    if "naive" in results:
+        results["speedup"] = results["lbt"]["tokens_per_s"] / results["naive"]["tokens_per_s"]
+        results["max_loss_diff"] = max(abs(a - b) for a, b in zip(results["naive"]["losses"],
+                                                                   results["lbt"]["losses"]))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results["smoke"] = smoke_checks(model, model_cfg, tokenizer, args.device, lora_cfg, out)
+    print(json.dumps(results, indent=2))
+    (out / f"train_throughput_{args.model}.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
