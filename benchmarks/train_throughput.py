@@ -43,10 +43,10 @@ def corpus_examples(tokenizer, max_length: int, target: int) -> list:
     return [examples[i % len(examples)] for i in range(target)]
 
 
-def build(model_cfg, tokenizer, device, lora_cfg, fast: bool, compile_layers: bool):
+def build(model_cfg, tokenizer, device, lora_cfg, adapters: str, compile_layers: bool):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = load_model(model_cfg, tokenizer, dtype, device=device)
-    model = wrap_lora(model, lora_cfg, keep_adapter_dtype=fast)
+    model = wrap_lora(model, lora_cfg, adapters=adapters)
     torch.manual_seed(1234)  # the same adapter init in both paths
     for name, p in model.named_parameters():
         if "lora_A" in name:
@@ -57,7 +57,7 @@ def build(model_cfg, tokenizer, device, lora_cfg, fast: bool, compile_layers: bo
     return model
 
 
-def run_path(name, model, steps_batches, device, lr, ce_chunk, warmup):
+def run_path(name, model, steps_batches, device, lr, ce_chunk, warmup, autocast=False, profile=False):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     losses, tokens, seconds = [], 0, 0.0
@@ -68,12 +68,18 @@ def run_path(name, model, steps_batches, device, lr, ce_chunk, warmup):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         total = 0.0
+        prof = None
+        if profile and i == len(steps_batches) - 1:
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+            prof.__enter__()
         for micro in batches:
             micro = {k: v.to(device) for k, v in micro.items()}
-            if name == "naive":
-                loss_sum, _ = supervised_token_loss(model, micro)
-            else:
-                loss_sum, _ = supervised_token_loss(model, micro, ce_chunk=ce_chunk)
+            with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):
+                if name == "naive":
+                    loss_sum, _ = supervised_token_loss(model, micro)
+                else:
+                    loss_sum, _ = supervised_token_loss(model, micro, supervised_logits_only=True,
+                                                        ce_chunk=ce_chunk)
             (loss_sum / step_tokens).backward()
             total += float(loss_sum.detach())
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -82,6 +88,9 @@ def run_path(name, model, steps_batches, device, lr, ce_chunk, warmup):
         if device == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
+        if prof is not None:
+            prof.__exit__(None, None, None)
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
         losses.append(total / step_tokens)
         if i >= warmup:
             seconds += dt
@@ -97,6 +106,8 @@ def smoke_checks(model, model_cfg, tokenizer, device, lora_cfg, out_dir: Path) -
     from peft import PeftModel
 
     model.eval()
+    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda")
+    autocast.__enter__()
     ids = torch.tensor([tokenizer("Is it worth trying a new sourdough starter?")["input_ids"]], device=device)
     with torch.no_grad(), eager_layers(model):
         ref = model(ids, use_cache=False).logits.float()
@@ -113,6 +124,7 @@ def smoke_checks(model, model_cfg, tokenizer, device, lora_cfg, out_dir: Path) -
     fresh = PeftModel.from_pretrained(load_model(model_cfg, tokenizer, dtype, device=device), str(out_dir / "adapter"))
     with torch.no_grad():
         again = fresh(ids, use_cache=False).logits.float()
+    autocast.__exit__(None, None, None)
     return {"reload_max_logit_diff": float((again - ref).abs().max()), "hook_vs_hidden_states_max_diff": hook_err}
 
 
@@ -123,9 +135,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--naive-micro-batch", type=int, default=16)
-    ap.add_argument("--pack-tokens", type=int, default=8192)
+    ap.add_argument("--variants", default="mb16",
+                    help="lbt variants, comma-separated: mb<N> = length-sorted padded micro-batches of N, "
+                         "pack<N> = packed rows of N tokens; suffixes: -bf16 or -fp32 adapters (default autocast), "
+                         "-eager (no compile), -fullce (supervised-only logits, no chunking)")
     ap.add_argument("--ce-chunk", type=int, default=4096)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="CUDA kernel profile of the last variant's last step")
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--out", default="/tmp/lbt-bench")
     args = ap.parse_args()
@@ -145,34 +161,47 @@ def main() -> None:
         batches = [micro_batches(chosen[i:i + args.naive_micro_batch], 10**6, pad_id)[0]
                    for i in range(0, len(chosen), args.naive_micro_batch)]
         naive_steps.append((sum(e.n_supervised for e in chosen), batches))
-    lbt_steps = [(sum(examples[j].n_supervised for j in m),
-                  micro_batches([examples[j] for j in m], 8, pad_id, pack_tokens=args.pack_tokens))
-                 for m in plan]
     results = {"model": args.model, "device": args.device, "gpu": torch.cuda.get_device_name() if
                args.device == "cuda" else "cpu", "steps": args.steps, "warmup": args.warmup,
-               "examples_per_step": effective, "pack_tokens": args.pack_tokens, "ce_chunk": args.ce_chunk,
+               "examples_per_step": effective, "ce_chunk": args.ce_chunk,
                "compile": not args.no_compile, "lr": float(train_cfg.lr)}
     n_params = None
     if not args.skip_naive:
-        model = build(model_cfg, tokenizer, args.device, lora_cfg, fast=False, compile_layers=False)
+        model = build(model_cfg, tokenizer, args.device, lora_cfg, adapters="fp32", compile_layers=False)
         n_params = sum(p.numel() for p in model.parameters())
         print("naive path", flush=True)
         results["naive"] = run_path("naive", model, naive_steps, args.device, float(train_cfg.lr), 0, args.warmup)
         del model
         torch.cuda.empty_cache() if args.device == "cuda" else None
-    model = build(model_cfg, tokenizer, args.device, lora_cfg, fast=True, compile_layers=not args.no_compile)
-    n_params = n_params or sum(p.numel() for p in model.parameters())
-    print("lbt path", flush=True)
-    results["lbt"] = run_path("lbt", model, lbt_steps, args.device, float(train_cfg.lr), args.ce_chunk,
-                              args.warmup)
+    model = None
+    for variant in args.variants.split(","):
+        layout, *flags = variant.split("-")
+        adapters = "bf16" if "bf16" in flags else "fp32" if "fp32" in flags else "autocast"
+        compile_layers = not args.no_compile and "eager" not in flags
+        ce_chunk = 0 if "fullce" in flags else args.ce_chunk
+        size = int(layout.removeprefix("mb").removeprefix("pack"))
+        packed = layout.startswith("pack")
+        steps = [(sum(examples[j].n_supervised for j in m),
+                  micro_batches([examples[j] for j in m], size, pad_id, pack_tokens=size if packed else 0))
+                 for m in plan]
+        del model
+        torch.cuda.empty_cache() if args.device == "cuda" else None
+        torch._dynamo.reset()
+        model = build(model_cfg, tokenizer, args.device, lora_cfg, adapters=adapters,
+                      compile_layers=compile_layers)
+        n_params = n_params or sum(p.numel() for p in model.parameters())
+        print(f"lbt path {variant}", flush=True)
+        results[f"lbt_{variant}"] = run_path("lbt", model, steps, args.device, float(train_cfg.lr),
+                                             ce_chunk, args.warmup, autocast=adapters == "autocast",
+                                             profile=args.profile and variant == args.variants.split(",")[-1])
     results["n_params"] = n_params
-    for key in ("naive", "lbt"):
-        if key in results:
-            results[key]["mfu"] = 4 * n_params * results[key]["tokens_per_s"] / PEAK_FLOPS[args.device]
-    if "naive" in results:
-        results["speedup"] = results["lbt"]["tokens_per_s"] / results["naive"]["tokens_per_s"]
-        results["max_loss_diff"] = max(abs(a - b) for a, b in zip(results["naive"]["losses"],
-                                                                   results["lbt"]["losses"]))
+    for key, res in list(results.items()):
+        if isinstance(res, dict) and "tokens_per_s" in res:
+            res["mfu"] = 4 * n_params * res["tokens_per_s"] / PEAK_FLOPS[args.device]
+            if "naive" in results and key != "naive":
+                res["speedup_vs_naive"] = res["tokens_per_s"] / results["naive"]["tokens_per_s"]
+                res["max_loss_diff_vs_naive"] = max(abs(a - b) for a, b in zip(results["naive"]["losses"],
+                                                                               res["losses"]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results["smoke"] = smoke_checks(model, model_cfg, tokenizer, args.device, lora_cfg, out)

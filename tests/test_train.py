@@ -41,7 +41,7 @@ def test_paper_recipe_is_the_study():
     assert (t.lr, t.schedule, t.warmup_fraction, t.epochs, t.effective_batch, t.max_length) == \
         (1e-4, "cosine", 0.03, 2, 64, 1024)
     assert list(t.checkpoint_fractions) == [0.1, 0.25, 0.5, 0.75, 1.0]
-    assert cfg.model.dtype == "bfloat16" and cfg.hardware.precision == "bf16-true"
+    assert cfg.model.dtype == "bfloat16" and cfg.hardware.precision == "bf16-mixed"
 
 
 def test_unknown_group_value_lists_options():

@@ -84,7 +84,8 @@ class CheckpointPhases(L.Callback):
         return [cb for cb in trainer.callbacks if isinstance(cb, PhaseHook)]
 
     def dispatch(self, trainer: L.Trainer, module: L.LightningModule, phase: str) -> None:
-        with eager_layers(module.model):
+        # The training forward's precision context (autocast under bf16-mixed) applies to evaluation too.
+        with eager_layers(module.model), trainer.precision_plugin.forward_context():
             for hook in self.hooks(trainer):
                 hook.run_phase(trainer, module, phase)
 
@@ -119,7 +120,18 @@ class CheckpointPhases(L.Callback):
         if at_checkpoint or (self.resume_every and step % self.resume_every == 0):
             self.save_resumable(trainer)
 
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        checkpoint["lbt_val_history"] = list(getattr(pl_module, "val_history", []))
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        # A resumed job's run card keeps the validation losses of the steps before the interruption.
+        pl_module.val_history = [tuple(v) for v in checkpoint.get("lbt_val_history", [])]
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step < self.total_steps:
+            return  # stopped early (preemption): no final adapter, no final phase; resume finishes them
         if trainer.is_global_zero:
             atomic_save_dir(pl_module.model.save_pretrained, self.job_dir / "adapter")
         self.dispatch(trainer, pl_module, "final")

@@ -7,6 +7,7 @@ import contextlib
 import torch
 from omegaconf import DictConfig, OmegaConf
 from peft import LoraConfig, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 
 def lora_config(lora_cfg: DictConfig) -> LoraConfig:
@@ -20,16 +21,29 @@ def lora_config(lora_cfg: DictConfig) -> LoraConfig:
     )
 
 
-def wrap_lora(model: torch.nn.Module, lora_cfg: DictConfig, keep_adapter_dtype: bool = False) -> torch.nn.Module:
+ADAPTER_MODES = ("fp32", "autocast", "bf16")
+
+
+def wrap_lora(model: torch.nn.Module, lora_cfg: DictConfig, adapters: str = "fp32") -> torch.nn.Module:
     """peft LoRA on the configured targets.
 
-    keep_adapter_dtype: leave the adapters in the base model's dtype (bf16 on GPU) instead of peft's
-    default fp32 adapters, which upcast every input of every adapted layer.
+    adapters:
+      fp32     peft's default: fp32 adapter weights, every adapted layer's input upcast to fp32.
+      autocast fp32 adapter weights (the optimizer updates full-precision values, as in fp32) but no input
+               upcast: run forwards under torch.autocast(bf16), which casts the small adapter weights instead.
+      bf16     adapter weights in the model dtype; fastest, but small AdamW updates round away in bf16.
     """
+    if adapters not in ADAPTER_MODES:
+        raise ValueError(f"adapters={adapters!r}: use one of {ADAPTER_MODES}")
     missing = [t for t in lora_cfg.targets if not any(n.endswith("." + t) for n, _ in model.named_modules())]
     if missing:
         raise ValueError(f"train.lora.targets: {missing} match no module of this model")
-    return get_peft_model(model, lora_config(lora_cfg), autocast_adapter_dtype=not keep_adapter_dtype)
+    wrapped = get_peft_model(model, lora_config(lora_cfg), autocast_adapter_dtype=adapters != "bf16")
+    if adapters == "autocast":
+        for module in wrapped.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.cast_input_dtype_enabled = False
+    return wrapped
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
