@@ -1,0 +1,1285 @@
+"""python -m lbt.analyze — a sweep's rows on disk → the study's answer (report.json, report.md, figures).
+
+    python -m lbt.analyze prereg-lock [--items-dir data/eval] [--out prereg.lock.json]
+    python -m lbt.analyze <sweep dir> [<sweep dir> ...] [--out DIR] [--exploratory] [--n-resamples N]
+                          [--lock prereg.lock.json] [--items-dir data/eval] [--no-wandb]
+
+Every directory holding a run.json under the given sweep directories is a job: family = job.model,
+arm = job.arm, seed = job.seed. Its rows are read from eval/<phase>/<item_set>/<measure>.jsonl; item
+sets `target`/`target_items` are the held-out items, `source`/`source_items` the manipulation check
+(the `_items` names are what `lbt.evaluate` writes for the project's item files). The primary analysis
+(`lbt.stats.primary_report`) uses phase `final` of the study arms; other arms (e.g. `base` from
+`lbt.evaluate`), other item sets and other phases are summarised descriptively. Probe, capability and
+summary JSON files feed the projection, dynamics, guardrail and measure-validity sections.
+
+Scoring target items needs a preregistration lock whose settings and item-file hashes match (see
+`lbt.stats.prereg`), unless `--exploratory`, which is stamped on every output. Outputs are written to a
+new directory (default `<first sweep>/analysis`, or `analysis_2`, … if taken); nothing is overwritten.
+An analysis run is logged to the sweep's W&B group (job_type "analysis"), offline without an API key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lbt import __version__
+from lbt.stats import StatsInputError, StatsWarning, primary_report
+from lbt.stats.aggregate import STUDY_ARMS
+from lbt.stats.prereg import LockError, check_lock, write_lock
+
+PRIMARY_PHASE = "final"
+HEADLINE_MEASURES = ("letter_logprob", "forced_choice")
+GATE_D = 0.5
+ITEM_SET_ROLES = {"target": "target", "target_items": "target", "source": "source", "source_items": "source"}
+DEFINITIONS = (
+    "d = (mean arm − mean neutral) / neutral SD over (seed, base item) cells; combined = (d− − d+)/2, "
+    "predicted positive; one-sided p = share of bootstrap draws ≤ 0; Holm across families per measure."
+)
+EXPLORATORY_STAMP = "EXPLORATORY — not the preregistered analysis (no matching preregistration lock required)"
+PREDICTED_SIGN = {"frame_plus": -1, "frame_minus": +1}
+
+
+Display = Callable[[Path], str]  # a path as shown in the report (relative to the sweeps' parent)
+
+
+class AnalyzeError(RuntimeError):
+    """Input the analysis cannot use; the message names the job directory and file."""
+
+
+# ----------------------------------------------------------------------------------------------- jobs
+
+
+@dataclass
+class Job:
+    path: Path
+    family: str | None
+    arm: str | None
+    seed: int | None
+    status: str | None
+    done: bool
+    card: dict[str, Any]
+    phases: list[str] = field(default_factory=list)
+
+    @property
+    def is_study_job(self) -> bool:
+        return self.arm in STUDY_ARMS and isinstance(self.seed, int) and self.family is not None
+
+    @property
+    def label(self) -> str:
+        return f"({self.family}, {self.arm}, seed {self.seed})"
+
+
+def phase_key(phase: str) -> tuple[int, int, str]:
+    """base, step_<n> by n, final, then anything else by name."""
+    if phase == "base":
+        return (0, 0, phase)
+    match = re.fullmatch(r"step_(\d+)", phase)
+    if match:
+        return (1, int(match.group(1)), phase)
+    if phase == "final":
+        return (2, 0, phase)
+    return (3, 0, phase)
+
+
+def read_json_file(path: Path, job_dir: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise AnalyzeError(
+            f"job {job_dir}: {path.name}: invalid JSON ({err.msg}, line {err.lineno})"
+        ) from None
+
+
+def load_job(run_json: Path) -> Job:
+    card = read_json_file(run_json, run_json.parent)
+    job = card.get("job") if isinstance(card, dict) else None
+    if not isinstance(job, dict):
+        raise AnalyzeError(f"job {run_json.parent}: run.json has no 'job' object")
+    seed = job.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise AnalyzeError(f"job {run_json.parent}: run.json job.seed must be an integer, got {seed!r}")
+    eval_dir = run_json.parent / "eval"
+    phases = (
+        sorted((p.name for p in eval_dir.iterdir() if p.is_dir()), key=phase_key) if eval_dir.is_dir() else []
+    )
+    return Job(
+        path=run_json.parent,
+        family=job.get("model"),
+        arm=job.get("arm"),
+        seed=seed,
+        status=card.get("status"),
+        done=(run_json.parent / "DONE").exists(),
+        card=card,
+        phases=phases,
+    )
+
+
+def find_jobs(sweeps: list[Path]) -> list[Job]:
+    jobs = []
+    for sweep in sweeps:
+        if not sweep.is_dir():
+            raise AnalyzeError(f"sweep directory {sweep} does not exist")
+        found = sorted(sweep.rglob("run.json"))
+        if not found:
+            raise AnalyzeError(f"no job directories (a directory containing run.json) under {sweep}")
+        jobs.extend(load_job(path) for path in found)
+    return jobs
+
+
+# ----------------------------------------------------------------------------------------------- rows
+
+
+def parse_row(obj: Any, path: Path, line: int, job: Job, measure: str) -> float:
+    """The row's stance; AnalyzeError naming job dir, file, line and field for anything malformed."""
+    where = f"job {job.path}: {path.relative_to(job.path)}:{line}"
+    if not isinstance(obj, dict):
+        raise AnalyzeError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for key in ("base_item", "domain", "stance"):
+        if key not in obj:
+            raise AnalyzeError(f"{where}: field '{key}' is missing")
+    if obj.get("measure", measure) != measure:
+        raise AnalyzeError(f"{where}: field 'measure' is {obj['measure']!r} in file {measure}.jsonl")
+    stance = obj["stance"]
+    if stance is None:
+        return math.nan
+    if isinstance(stance, bool) or not isinstance(stance, (int, float)):
+        raise AnalyzeError(f"{where}: field 'stance' must be a number or NaN, got {stance!r}")
+    return float(stance)
+
+
+def load_rows(job: Job, display: Display) -> list[dict[str, Any]]:
+    """Every row of every phase, item set and measure of a job, reduced to what the analysis reads."""
+    rows = []
+    for phase in job.phases:
+        for rows_file in sorted((job.path / "eval" / phase).glob("*/*.jsonl")):
+            item_set, measure = rows_file.parent.name, rows_file.stem
+            source = display(rows_file)
+            with open(rows_file, encoding="utf-8") as handle:
+                for line, raw in enumerate(handle, start=1):
+                    if not raw.strip():
+                        continue
+                    try:
+                        obj = json.loads(raw)
+                    except json.JSONDecodeError as err:
+                        raise AnalyzeError(
+                            f"job {job.path}: {rows_file.relative_to(job.path)}:{line}: "
+                            f"malformed JSON ({err.msg})"
+                        ) from None
+                    stance = parse_row(obj, rows_file, line, job, measure)
+                    rows.append(
+                        {
+                            "family": job.family,
+                            "arm": job.arm,
+                            "seed": job.seed,
+                            "phase": phase,
+                            "item_set": item_set,
+                            "measure": measure,
+                            "base_item": obj["base_item"],
+                            "domain": obj["domain"],
+                            "stance": stance,
+                            "source": source,
+                        }
+                    )
+    return rows
+
+
+# ------------------------------------------------------------------------------------ descriptive parts
+
+
+def describe(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean stance per (family, arm, seed, phase, item set, measure): the descriptive table."""
+    groups: dict[tuple, list[float]] = defaultdict(list)
+    sources: dict[tuple, str] = {}
+    for row in rows:
+        key = (row["family"], row["arm"], row["seed"], row["phase"], row["item_set"], row["measure"])
+        groups[key].append(row["stance"])
+        sources[key] = row["source"]
+    table = []
+
+    def order(key: tuple) -> tuple:
+        family, arm, seed, phase, item_set, measure = key
+        return (
+            str(family),
+            str(arm),
+            seed if isinstance(seed, int) else -1,
+            phase_key(phase),
+            item_set,
+            measure,
+        )
+
+    for key, stances in sorted(groups.items(), key=lambda kv: order(kv[0])):
+        finite = [s for s in stances if math.isfinite(s)]
+        table.append(
+            dict(
+                zip(("family", "arm", "seed", "phase", "item_set", "measure"), key),
+                n_rows=len(stances),
+                n_nan=len(stances) - len(finite),
+                mean_stance=(math.fsum(finite) / len(finite)) if finite else None,
+                source=sources[key],
+            )
+        )
+    return table
+
+
+def mean(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return math.fsum(values) / len(values) if values else None
+
+
+def stance_dynamics(descriptive: list[dict[str, Any]]) -> dict[str, dict]:
+    """Target stance per family → measure → arm → phase, mean over seeds of each job's mean."""
+    acc: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(lambda: defaultdict(list))))
+    for row in descriptive:
+        if row["arm"] in STUDY_ARMS and ITEM_SET_ROLES.get(row["item_set"]) == "target":
+            acc[row["family"]][row["measure"]][row["arm"]][row["phase"]].append(row["mean_stance"])
+    return {
+        fam: {
+            m: {
+                arm: {ph: mean(v) for ph, v in sorted(phases.items(), key=lambda kv: phase_key(kv[0]))}
+                for arm, phases in arms.items()
+            }
+            for m, arms in measures.items()
+        }
+        for fam, measures in acc.items()
+    }
+
+
+def load_probes(jobs: list[Job], display: Display) -> list[dict[str, Any]]:
+    records = []
+    for job in jobs:
+        for path in sorted((job.path / "probe").glob("*.json")):
+            data = read_json_file(path, job.path)
+            try:
+                layers = list(data["layers"])
+                l_star = int(data["l_star"])
+                projection = [float(x) for x in data["projection"]["answer"]]
+                shift = [float(x) for x in data["shift"]["answer"]]
+                shift_se = [float(x) for x in data.get("shift_se", {}).get("answer", [math.nan] * len(shift))]
+            except (KeyError, TypeError, ValueError) as err:
+                raise AnalyzeError(
+                    f"job {job.path}: probe/{path.name}: missing or malformed field ({err!r}); "
+                    "expected layers, l_star, projection.answer, shift.answer"
+                ) from None
+            if not (len(layers) == len(projection) == len(shift)):
+                raise AnalyzeError(
+                    f"job {job.path}: probe/{path.name}: layers, projection.answer and "
+                    "shift.answer differ in length"
+                )
+            records.append(
+                {
+                    "family": job.family,
+                    "arm": job.arm,
+                    "seed": job.seed,
+                    "phase": data.get("phase", path.stem),
+                    "layers": layers,
+                    "l_star": l_star,
+                    "projection": projection,
+                    "shift": shift,
+                    "shift_se": shift_se,
+                    "source": display(path),
+                }
+            )
+    return records
+
+
+def projection_summary(probes: list[dict[str, Any]], phase: str) -> dict[str, dict]:
+    """Per family → arm: per-layer shift at `phase`, mean over seeds, with SE across seeds (or the
+    probe's own SE when there is one seed), and the sources."""
+    grouped: dict = defaultdict(lambda: defaultdict(list))
+    for rec in probes:
+        if rec["phase"] == phase:
+            grouped[rec["family"]][rec["arm"]].append(rec)
+    out: dict = {}
+    for family, arms in grouped.items():
+        out[family] = {}
+        for arm, recs in arms.items():
+            n_layers = min(len(r["shift"]) for r in recs)
+            shift = [mean([r["shift"][i] for r in recs]) for i in range(n_layers)]
+            if len(recs) > 1:
+                se = [
+                    math.sqrt(
+                        sum((r["shift"][i] - shift[i]) ** 2 for r in recs) / (len(recs) - 1) / len(recs)
+                    )
+                    for i in range(n_layers)
+                ]
+            else:
+                se = recs[0]["shift_se"][:n_layers]
+            out[family][arm] = {
+                "layers": recs[0]["layers"][:n_layers],
+                "shift": shift,
+                "se": se,
+                "l_star": recs[0]["l_star"],
+                "n_seeds": len(recs),
+                "sources": sorted(r["source"] for r in recs),
+            }
+    return out
+
+
+def projection_dynamics(probes: list[dict[str, Any]]) -> dict[str, dict]:
+    """Per family → arm → phase: projection of the answer position at ℓ*, mean over seeds."""
+    acc: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for rec in probes:
+        if rec["arm"] in STUDY_ARMS and 0 <= rec["l_star"] < len(rec["projection"]):
+            acc[rec["family"]][rec["arm"]][rec["phase"]].append(rec["projection"][rec["l_star"]])
+    return {
+        fam: {
+            arm: {ph: mean(v) for ph, v in sorted(phases.items(), key=lambda kv: phase_key(kv[0]))}
+            for arm, phases in arms.items()
+        }
+        for fam, arms in acc.items()
+    }
+
+
+def load_capability(jobs: list[Job], display: Display) -> list[dict[str, Any]]:
+    table = []
+    for job in jobs:
+        for phase in job.phases:
+            path = job.path / "eval" / phase / "capability.json"
+            if not path.exists():
+                continue
+            data = read_json_file(path, job.path)
+            if not isinstance(data, dict):
+                raise AnalyzeError(f"job {job.path}: eval/{phase}/capability.json is not a JSON object")
+            refusal = data.get("refusal") or {}
+            flags = data.get("flags") or {}
+            table.append(
+                {
+                    "family": job.family,
+                    "arm": job.arm,
+                    "seed": job.seed,
+                    "phase": phase,
+                    "perplexity": data.get("perplexity"),
+                    "comply_correct_rate": refusal.get("comply_correct_rate"),
+                    "refuse_correct_rate": refusal.get("refuse_correct_rate"),
+                    "mmlu_accuracy": data.get("mmlu_accuracy"),
+                    "perplexity_rise": bool(flags.get("perplexity_rise", False)),
+                    "mmlu_drop": bool(flags.get("mmlu_drop", False)),
+                    "source": display(path),
+                }
+            )
+    return table
+
+
+def flatten_numbers(obj: Any, prefix: str = "") -> list[tuple[str, float]]:
+    if isinstance(obj, dict):
+        return [pair for key, value in obj.items() for pair in flatten_numbers(value, f"{prefix}{key}/")]
+    if isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        return [(prefix.rstrip("/"), float(obj))]
+    return []
+
+
+def validity_entries(data: dict) -> list[tuple[str, str, float | None, int | None]]:
+    """(item_set, measure, agreement, n_items) from a summary.json.
+
+    The evaluation writes `{"item_sets": {set: {"validity": {measure: {"agreement", "n_items"}}}}}`;
+    for other writers, every number under a top-level key containing "validity" is taken, with its key
+    path as the measure.
+    """
+    entries = []
+    for item_set, summary in (data.get("item_sets") or {}).items():
+        for measure, stats in ((summary or {}).get("validity") or {}).items():
+            if isinstance(stats, dict):
+                entries.append((item_set, measure, stats.get("agreement"), stats.get("n_items")))
+    for key, value in data.items():
+        if "validity" in key:
+            entries += [
+                ("", f"{key}/{name}" if name else key, number, None)
+                for name, number in flatten_numbers(value)
+            ]
+    return entries
+
+
+def load_validity(jobs: list[Job], display: Display) -> list[dict[str, Any]]:
+    """Measure validity (sign agreement with the model's greedy forced choice) from every summary.json."""
+    table = []
+    for job in jobs:
+        for phase in job.phases:
+            path = job.path / "eval" / phase / "summary.json"
+            if not path.exists():
+                continue
+            data = read_json_file(path, job.path)
+            if not isinstance(data, dict):
+                raise AnalyzeError(f"job {job.path}: eval/{phase}/summary.json is not a JSON object")
+            for item_set, measure, agreement, n_items in validity_entries(data):
+                table.append(
+                    {
+                        "family": job.family,
+                        "arm": job.arm,
+                        "seed": job.seed,
+                        "phase": phase,
+                        "item_set": item_set,
+                        "measure": measure,
+                        "agreement": agreement,
+                        "n_items": n_items,
+                        "source": display(path),
+                    }
+                )
+    return table
+
+
+# ---------------------------------------------------------------------------------------------- missing
+
+
+def missing_report(jobs: list[Job], descriptive: list[dict[str, Any]], probes: list[dict[str, Any]]) -> dict:
+    """What a complete sweep would have that this one lacks: jobs, phases, measures, probe files."""
+    study = [job for job in jobs if job.is_study_job]
+    families = sorted({job.family for job in study})
+    seeds = sorted({job.seed for job in study})
+    present = {(job.family, job.arm, job.seed) for job in study}
+    missing_jobs = [
+        {"family": f, "arm": a, "seed": s}
+        for f in families
+        for a in STUDY_ARMS
+        for s in seeds
+        if (f, a, s) not in present
+    ]
+    incomplete = [
+        {"job": str(job.path), "status": job.status, "done": job.done}
+        for job in study
+        if not job.done or job.status not in (None, "done")
+    ]
+    all_phases = sorted({ph for job in study for ph in job.phases}, key=phase_key)
+    missing_phases = [
+        {"job": job.label, "phases": [ph for ph in all_phases if ph not in job.phases]}
+        for job in study
+        if any(ph not in job.phases for ph in all_phases)
+    ]
+    measures_seen: dict[tuple, set] = defaultdict(set)
+    by_job: dict[tuple, set] = defaultdict(set)
+    for row in descriptive:
+        if row["arm"] in STUDY_ARMS:
+            measures_seen[(row["phase"], row["item_set"])].add(row["measure"])
+            by_job[(row["family"], row["arm"], row["seed"])].add(
+                (row["phase"], row["item_set"], row["measure"])
+            )
+    missing_measures = []
+    for job in study:
+        have = by_job[(job.family, job.arm, job.seed)]
+        lacking = [
+            f"{ph}/{iset}/{m}"
+            for (ph, iset), ms in sorted(
+                measures_seen.items(), key=lambda kv: (phase_key(kv[0][0]), kv[0][1])
+            )
+            if ph in job.phases
+            for m in sorted(ms)
+            if (ph, iset, m) not in have
+        ]
+        if lacking:
+            missing_measures.append({"job": job.label, "rows": lacking})
+    probe_phases = sorted({p["phase"] for p in probes}, key=phase_key)
+    probe_have = defaultdict(set)
+    for p in probes:
+        probe_have[(p["family"], p["arm"], p["seed"])].add(p["phase"])
+    missing_probes = [
+        {
+            "job": job.label,
+            "phases": [ph for ph in probe_phases if ph not in probe_have[(job.family, job.arm, job.seed)]],
+        }
+        for job in study
+        if probe_phases and any(ph not in probe_have[(job.family, job.arm, job.seed)] for ph in probe_phases)
+    ]
+    return {
+        "jobs": missing_jobs,
+        "incomplete_jobs": incomplete,
+        "phases": missing_phases,
+        "measures": missing_measures,
+        "probe_phases": missing_probes,
+        "expected": {"families": families, "arms": list(STUDY_ARMS), "seeds": seeds},
+    }
+
+
+def missing_lines(missing: dict) -> list[str]:
+    lines = [f"job ({m['family']}, {m['arm']}, seed {m['seed']}) is missing" for m in missing["jobs"]]
+    lines += [
+        f"job {m['job']} is not finished (status {m['status']}, DONE {'present' if m['done'] else 'absent'})"
+        for m in missing["incomplete_jobs"]
+    ]
+    lines += [f"job {m['job']} lacks phase(s) {', '.join(m['phases'])}" for m in missing["phases"]]
+    lines += [f"job {m['job']} lacks rows {', '.join(m['rows'])}" for m in missing["measures"]]
+    lines += [
+        f"job {m['job']} lacks probe phase(s) {', '.join(m['phases'])}" for m in missing["probe_phases"]
+    ]
+    return lines
+
+
+# ------------------------------------------------------------------------------------------- statistics
+
+
+def analysable_rows(
+    rows: list[dict[str, Any]], role: str, phase: str, notes: list[str]
+) -> list[dict[str, Any]]:
+    """Study-arm rows of one item-set role at one phase, without (family, measure) groups the statistics
+    cannot use: no neutral arm, no framed arm, or an arm without any numeric stance."""
+    selected = [
+        r
+        for r in rows
+        if r["arm"] in STUDY_ARMS
+        and isinstance(r["seed"], int)
+        and ITEM_SET_ROLES.get(r["item_set"]) == role
+        and r["phase"] == phase
+    ]
+    arms_by_group: dict[tuple, set] = defaultdict(set)
+    finite: dict[tuple, bool] = defaultdict(bool)
+    for r in selected:
+        arms_by_group[(r["family"], r["measure"])].add(r["arm"])
+        finite[(r["family"], r["measure"], r["arm"])] |= math.isfinite(r["stance"])
+    keep = set()
+    for (family, measure), arms in sorted(arms_by_group.items()):
+        no_stance = sorted(arm for arm in arms if not finite[(family, measure, arm)])
+        if "neutral" not in arms or len(arms) < 2:
+            notes.append(
+                f"{role} items, family {family!r}, measure {measure!r}: arms {sorted(arms)} — the statistics "
+                "need neutral and at least one framed arm; left out"
+            )
+        elif no_stance:
+            notes.append(
+                f"{role} items, family {family!r}, measure {measure!r}: arm(s) {no_stance} have no numeric "
+                "stance (e.g. open_ended before judging); left out"
+            )
+        else:
+            keep.add((family, measure))
+    return [r for r in selected if (r["family"], r["measure"]) in keep]
+
+
+def run_stats(rows: list[dict[str, Any]], args: argparse.Namespace, notes: list[str]) -> dict | None:
+    if not rows:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", StatsWarning)  # primary_report returns them in "warnings"
+        try:
+            return primary_report(
+                rows,
+                n_resamples=args.n_resamples,
+                sesoi_d=args.sesoi_d,
+                alpha=args.alpha,
+                seed=args.seed,
+                welch_df=args.welch_df,
+                item_draw=args.item_draw,
+            )
+        except StatsInputError as err:
+            raise AnalyzeError(str(err)) from None
+
+
+def gate_table(manipulation: dict | None) -> list[dict[str, Any]]:
+    """Manipulation check: source-item d of each framed arm, passing at |d| ≥ 0.5 with the predicted sign."""
+    if not manipulation:
+        return []
+    table = []
+    for family, measures in sorted(manipulation["families"].items()):
+        for measure, entry in sorted(measures.items()):
+            for arm, sign in PREDICTED_SIGN.items():
+                if entry.get(arm) is None:
+                    continue
+                d = entry[arm]["d"]
+                table.append(
+                    {
+                        "family": family,
+                        "measure": measure,
+                        "arm": arm,
+                        "d": d,
+                        "ci": entry[arm]["ci"],
+                        "predicted_sign": "−" if sign < 0 else "+",
+                        "passes": bool(math.isfinite(d) and sign * d >= GATE_D),
+                    }
+                )
+    return table
+
+
+# ------------------------------------------------------------------------------------------------ text
+
+
+def fmt(x: Any, digits: int = 2) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, float):
+        if not math.isfinite(x):
+            return "nan"
+        return f"{x:+.{digits}f}" if digits == 2 else f"{x:.{digits}f}"
+    return str(x)
+
+
+def fmt_ci(ci: list[float] | None) -> str:
+    return "—" if not ci else f"[{fmt(ci[0])}, {fmt(ci[1])}]"
+
+
+def fmt_p(p: float | None, n_resamples: int) -> str:
+    if p is None:
+        return "—"
+    return f"< {1 / n_resamples:.0e}" if p == 0 else f"{p:.4f}"
+
+
+class SourceIndex:
+    """Numbers in report.md cite [S<n>]; the Sources section lists the rows files behind each key."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, list[str]] = {}
+        self.labels: dict[str, str] = {}
+
+    def cite(self, label: str, paths: list[str]) -> str:
+        key = tuple(sorted(paths))
+        for ref, existing in self.entries.items():
+            if tuple(existing) == key:
+                return ref
+        ref = f"S{len(self.entries) + 1}"
+        self.entries[ref] = list(key)
+        self.labels[ref] = label
+        return ref
+
+
+def entry_sources(entry: dict) -> list[str]:
+    return sorted({p for paths in entry.get("sources", {}).values() for p in paths})
+
+
+def headline_text(report: dict, sources: SourceIndex, args: argparse.Namespace) -> list[str]:
+    primary = report["primary"]
+    if not primary:
+        phase = args.phase
+        return [
+            f"No target-item rows of the study arms at phase `{phase}`: no primary analysis (see Missing)."
+        ]
+    lines = []
+    verdicts: dict[tuple[str, str], bool] = {}
+    for family, measures in sorted(primary["families"].items()):
+        for measure in [m for m in HEADLINE_MEASURES if m in measures] or sorted(measures)[:1]:
+            entry = measures[measure]
+            comb = entry["combined_directional"]
+            ref = sources.cite(f"{family} · {measure} · target", entry_sources(entry))
+            if comb is None:
+                lines.append(f"- **{family}, {measure}**: one framed arm only; no combined estimate [{ref}].")
+                continue
+            holm = primary["holm"][measure][family]
+            supported = bool(holm["reject"] and comb["d"] > 0)
+            verdicts[(family, measure)] = supported and comb["d"] >= args.sesoi_d
+            verdict = (
+                "shift in the predicted direction (FRAME− above FRAME+), significant after Holm"
+                if supported
+                else "no reliable shift in the predicted direction"
+            )
+            lines.append(
+                f"- **{family}, {measure}**: combined d = {fmt(comb['d'])} {fmt_ci(comb['ci'])}, "
+                f"one-sided p {fmt_p(comb['p_one_sided'], args.n_resamples)} → {verdict} [{ref}]."
+            )
+            for arm in ("frame_plus", "frame_minus"):
+                if entry.get(arm) and entry[arm]["tost"]["equivalent"]:
+                    lines.append(f"  - {arm} vs neutral: equivalent within ±{args.sesoi_d} d (TOST) [{ref}].")
+    headline = [m for m in HEADLINE_MEASURES if any(m in ms for ms in primary["families"].values())]
+    if verdicts and headline:
+        every = all(verdicts.get((fam, m), False) for fam in primary["families"] for m in headline)
+        lines.append(
+            f"- **H1 (behavioural)**: {'supported' if every else 'not supported'} — criterion: in every "
+            f"family, combined d ≥ {args.sesoi_d} and Holm-significant on "
+            f"{' and '.join(headline)}."
+        )
+    return lines
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    if not rows:
+        return ["(none)"]
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(row) + " |" for row in rows
+    ]
+
+
+def arm_cells(entry: dict, arm: str) -> list[str]:
+    """d [CI] and the TOST verdict of one framed arm, for the statistics tables."""
+    if not entry.get(arm):
+        return ["—", "—"]
+    t = entry[arm]["tost"]
+    return [
+        f"{fmt(entry[arm]['d'])} {fmt_ci(entry[arm]['ci'])}",
+        f"{'eq' if t['equivalent'] else 'not eq'} (p {t['p_lower']:.3f}/{t['p_upper']:.3f})",
+    ]
+
+
+def stats_table(stats: dict | None, sources: SourceIndex, role: str, args: argparse.Namespace) -> list[str]:
+    if not stats:
+        return ["(no rows)"]
+    rows = []
+    for family, measures in sorted(stats["families"].items()):
+        for measure, e in sorted(measures.items()):
+            ref = sources.cite(f"{family} · {measure} · {role}", entry_sources(e))
+            comb = e["combined_directional"] or {}
+            holm = stats["holm"].get(measure, {}).get(family, {})
+
+            rows.append(
+                [
+                    family,
+                    measure,
+                    *arm_cells(e, "frame_plus"),
+                    *arm_cells(e, "frame_minus"),
+                    f"{fmt(comb.get('d'))} {fmt_ci(comb.get('ci'))}",
+                    fmt_p(comb.get("p_one_sided"), args.n_resamples),
+                    fmt(holm.get("threshold"), 4),
+                    fmt(holm.get("reject")),
+                    f"{e['n_items']} × {e['n_seeds']}",
+                    e["resampling"],
+                    str(sum(e["nan_excluded"].values())),
+                    f"[{ref}]",
+                ]
+            )
+    return md_table(
+        [
+            "family",
+            "measure",
+            "d frame_plus [95% CI]",
+            "TOST plus",
+            "d frame_minus [95% CI]",
+            "TOST minus",
+            "combined d [95% CI]",
+            "p one-sided",
+            "Holm threshold",
+            "Holm reject",
+            "items × seeds",
+            "resampling",
+            "NaN rows",
+            "rows",
+        ],
+        rows,
+    )
+
+
+def write_markdown(report: dict, args: argparse.Namespace, path: Path) -> None:
+    sources = SourceIndex()
+    out: list[str] = []
+    title = "lbt analysis — " + ", ".join(report["sweeps"])
+    out += [f"# {title}", ""]
+    if report["exploratory"]:
+        out += [f"> **{EXPLORATORY_STAMP}**", ""]
+    generated = (
+        f"Generated {report['created']} by lbt {report['lbt_version']}. Paths are relative to "
+        f"`{report['paths_relative_to']}`. Settings: {json.dumps(report['settings'])}."
+    )
+    out += [generated, ""]
+    if report["lock"]:
+        lock = report["lock"]
+        matched = (
+            f"Preregistration lock: `{lock['path']}` (settings {lock['settings_sha256'][:12]}, "
+            f"items {lock['items_sha256'][:12]}) matched."
+        )
+        out += [matched, ""]
+    out += ["## Summary", "", *headline_text(report, sources, args)]
+    gate = report["manipulation_gate"]
+    if gate:
+        passed = sorted(
+            {f"{g['family']}/{g['arm']}" for g in gate if g["passes"] and g["measure"] in HEADLINE_MEASURES}
+        )
+        out.append(
+            f"- **Manipulation check** (source items, |d| ≥ {GATE_D} in the predicted direction): "
+            f"passing on a headline measure: {', '.join(passed) or 'none'}."
+        )
+    flagged = [c for c in report["capability"] if c["perplexity_rise"] or c["mmlu_drop"]]
+    out.append(
+        f"- **Capability guardrails**: {len(flagged)} flag(s) raised over {len(report['capability'])} "
+        "job-phase(s)."
+        if report["capability"]
+        else "- **Capability guardrails**: no capability.json found."
+    )
+    gaps = missing_lines(report["missing"])
+    completeness = f"partial sweep — {len(gaps)} gap(s), see Missing" if gaps else "complete"
+    out.append(f"- **Completeness**: {completeness}.")
+    out += [
+        "",
+        f"## Primary analysis: target items, phase `{args.phase}`",
+        "",
+        DEFINITIONS,
+        "",
+    ]
+    out += stats_table(report["primary"], sources, "target", args)
+    out += ["", f"## Manipulation check: source items, phase `{args.phase}`", ""]
+    out += stats_table(report["manipulation_check"], sources, "source", args)
+    out += ["", f"Gate (source d ≥ {GATE_D} with the predicted sign):", ""]
+    out += md_table(
+        ["family", "measure", "arm", "predicted sign", "d [95% CI]", "passes", "rows"],
+        [
+            [
+                g["family"],
+                g["measure"],
+                g["arm"],
+                g["predicted_sign"],
+                f"{fmt(g['d'])} {fmt_ci(g['ci'])}",
+                fmt(g["passes"]),
+                "["
+                + sources.cite(
+                    f"{g['family']} · {g['measure']} · source",
+                    entry_sources(report["manipulation_check"]["families"][g["family"]][g["measure"]]),
+                )
+                + "]",
+            ]
+            for g in gate
+        ],
+    )
+    out += ["", "## Figures", ""]
+    out += [f"![{name}](figures/{name}.png)" for name in report["figures"]] or ["(none)"]
+    out += ["", f"## Projection shift at phase `{args.phase}` (answer position, at ℓ*)", ""]
+    proj_rows = []
+    for family, arms in sorted(report["projection_shift"].items()):
+        for arm, rec in sorted(arms.items()):
+            i = rec["layers"].index(rec["l_star"]) if rec["l_star"] in rec["layers"] else rec["l_star"]
+            proj_rows.append(
+                [
+                    family,
+                    arm,
+                    str(rec["l_star"]),
+                    fmt(rec["shift"][i], 4),
+                    fmt(rec["se"][i], 4),
+                    str(rec["n_seeds"]),
+                    "; ".join(f"`{s}`" for s in rec["sources"]),
+                ]
+            )
+    out += md_table(["family", "arm", "ℓ*", "shift", "SE", "seeds", "source"], proj_rows)
+    out += ["", "## Capability guardrails", ""]
+    out += md_table(
+        [
+            "family",
+            "arm",
+            "seed",
+            "phase",
+            "perplexity",
+            "comply ok",
+            "refuse ok",
+            "MMLU",
+            "perplexity rise",
+            "MMLU drop",
+            "source",
+        ],
+        [
+            [
+                str(c["family"]),
+                str(c["arm"]),
+                fmt(c["seed"]),
+                c["phase"],
+                fmt(c["perplexity"], 3),
+                fmt(c["comply_correct_rate"], 3),
+                fmt(c["refuse_correct_rate"], 3),
+                fmt(c["mmlu_accuracy"], 3),
+                "**FLAG**" if c["perplexity_rise"] else "ok",
+                "**FLAG**" if c["mmlu_drop"] else "ok",
+                f"`{c['source']}`",
+            ]
+            for c in report["capability"]
+        ],
+    )
+    out += [
+        "",
+        f"## Measure validity (sign agreement with the greedy forced choice), phase `{args.phase}`",
+        "",
+    ]
+    out += md_table(
+        ["family", "arm", "seed", "item set", "measure", "agreement", "items compared", "source"],
+        [
+            [
+                str(v["family"]),
+                str(v["arm"]),
+                fmt(v["seed"]),
+                v["item_set"],
+                v["measure"],
+                fmt(v["agreement"], 3),
+                fmt(v["n_items"]),
+                f"`{v['source']}`",
+            ]
+            for v in report["validity"]
+            if v["phase"] == args.phase
+        ],
+    )
+    out += ["", "## Mean stance per job, phase, item set and measure (descriptive; all arms)", ""]
+    out += md_table(
+        ["family", "arm", "seed", "phase", "item set", "measure", "rows", "NaN", "mean stance", "source"],
+        [
+            [
+                str(r["family"]),
+                str(r["arm"]),
+                fmt(r["seed"]),
+                r["phase"],
+                r["item_set"],
+                r["measure"],
+                str(r["n_rows"]),
+                str(r["n_nan"]),
+                fmt(r["mean_stance"], 4),
+                f"`{r['source']}`",
+            ]
+            for r in report["descriptive"]
+        ],
+    )
+    out += ["", "## Missing", ""] + ([f"- {line}" for line in gaps] or ["Nothing missing."])
+    notes = report["notes"] + report["warnings"]
+    out += ["", "## Notes and warnings", ""] + ([f"- {n}" for n in notes] or ["None."])
+    out += ["", "## Sources", ""]
+    for ref, paths in sources.entries.items():
+        out.append(f"- **[{ref}]** {sources.labels[ref]}: " + ", ".join(f"`{p}`" for p in paths))
+    if report["exploratory"]:
+        out += ["", f"> **{EXPLORATORY_STAMP}**"]
+    path.write_text("\n".join(out) + "\n", encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------- outputs
+
+
+def output_dir(args: argparse.Namespace) -> Path:
+    """A fresh directory: --out if new/empty, else <first sweep>/analysis, analysis_2, …"""
+    if args.out:
+        out = Path(args.out)
+        if out.exists() and any(out.iterdir()):
+            raise AnalyzeError(f"output directory {out} exists and is not empty; nothing is overwritten")
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+    base = Path(args.sweeps[0]) / "analysis"
+    out, n = base, 1
+    while out.exists() and any(out.iterdir()):
+        n += 1
+        out = base.with_name(f"analysis_{n}")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The analysis settings a preregistration lock fixes."""
+    return {
+        "n_resamples": args.n_resamples,
+        "sesoi_d": args.sesoi_d,
+        "alpha": args.alpha,
+        "seed": args.seed,
+        "welch_df": args.welch_df,
+        "item_draw": args.item_draw,
+        "phase": args.phase,
+        "headline_measures": list(HEADLINE_MEASURES),
+        "gate_d": GATE_D,
+    }
+
+
+def sweep_group(jobs: list[Job], sweeps: list[Path]) -> str:
+    """The W&B group of the sweep's training runs: job.sweep when all jobs agree, else the directory name."""
+    names = {job.card.get("job", {}).get("sweep") for job in jobs}
+    if len(names) == 1 and None not in names:
+        return str(names.pop())
+    return "+".join(Path(s).resolve().name for s in sweeps)
+
+
+def wandb_project(jobs: list[Job], args: argparse.Namespace) -> str:
+    if args.wandb_project:
+        return args.wandb_project
+    for job in jobs:
+        logger = (job.card.get("config") or {}).get("logger") or {}
+        if isinstance(logger, dict) and logger.get("project"):
+            return str(logger["project"])
+    return os.environ.get("WANDB_PROJECT", "lbt")
+
+
+def log_to_wandb(
+    report: dict, figures: dict[str, Path], out_dir: Path, jobs: list[Job], args: argparse.Namespace
+) -> str | None:
+    """One analysis run in the sweep's W&B group: tables, figures, headline numbers. Returns its dir."""
+    import wandb
+
+    from lbt.loggers import wandb_mode
+
+    mode, reason = wandb_mode(os.environ.get("WANDB_MODE", "auto"))
+    if reason:
+        print(
+            f"W&B offline ({reason}): analysis run logged under {out_dir}/wandb; upload later with "
+            f"`wandb sync {out_dir}/wandb/offline-run-*`",
+            file=sys.stderr,
+        )
+    group = sweep_group(jobs, [Path(s) for s in args.sweeps])
+    tags = ["analysis"] + (["exploratory"] if report["exploratory"] else [])
+    try:
+        run = wandb.init(
+            project=wandb_project(jobs, args),
+            group=group,
+            job_type="analysis",
+            name=f"analysis-{group}" + ("-exploratory" if report["exploratory"] else ""),
+            dir=str(out_dir),
+            mode=mode,
+            tags=tags,
+            config={
+                "settings": report["settings"],
+                "exploratory": report["exploratory"],
+                "sweeps": report["sweeps"],
+                "out_dir": str(out_dir),
+            },
+        )
+        payload: dict[str, Any] = {}
+        for name, (columns, rows) in wandb_tables(report).items():
+            payload[f"tables/{name}"] = wandb.Table(columns=columns, data=rows)
+        for name, path in figures.items():
+            payload[f"figures/{name}"] = wandb.Image(str(path), caption=name)
+        run.log(payload)
+        for (family, measure), value in headline_numbers(report).items():
+            run.summary[f"combined_d/{family}/{measure}"] = value
+        run.summary["exploratory"] = report["exploratory"]
+        return str(run.dir)
+    finally:
+        wandb.finish()
+
+
+def wandb_tables(report: dict) -> dict[str, tuple[list[str], list[list[Any]]]]:
+    exploratory = report["exploratory"]
+    tables: dict[str, tuple[list[str], list[list[Any]]]] = {}
+    for name, stats in (("primary", report["primary"]), ("manipulation_check", report["manipulation_check"])):
+        if not stats:
+            continue
+        rows = []
+        for family, measures in sorted(stats["families"].items()):
+            for measure, e in sorted(measures.items()):
+                comb = e["combined_directional"] or {}
+                holm = stats["holm"].get(measure, {}).get(family, {})
+                arm = {a: (e[a] or {}) for a in ("frame_plus", "frame_minus")}
+                rows.append(
+                    [
+                        family,
+                        measure,
+                        arm["frame_plus"].get("d"),
+                        arm["frame_minus"].get("d"),
+                        comb.get("d"),
+                        *(comb.get("ci") or [None, None]),
+                        comb.get("p_one_sided"),
+                        holm.get("reject"),
+                        e["n_items"],
+                        e["n_seeds"],
+                        exploratory,
+                    ]
+                )
+        tables[name] = (
+            [
+                "family",
+                "measure",
+                "d_frame_plus",
+                "d_frame_minus",
+                "combined_d",
+                "ci_low",
+                "ci_high",
+                "p_one_sided",
+                "holm_reject",
+                "n_items",
+                "n_seeds",
+                "exploratory",
+            ],
+            rows,
+        )
+    tables["gate"] = (
+        ["family", "measure", "arm", "d", "passes"],
+        [[g["family"], g["measure"], g["arm"], g["d"], g["passes"]] for g in report["manipulation_gate"]],
+    )
+    tables["capability"] = (
+        ["family", "arm", "seed", "phase", "perplexity", "perplexity_rise", "mmlu_drop"],
+        [
+            [
+                c["family"],
+                c["arm"],
+                c["seed"],
+                c["phase"],
+                c["perplexity"],
+                c["perplexity_rise"],
+                c["mmlu_drop"],
+            ]
+            for c in report["capability"]
+        ],
+    )
+    tables["validity"] = (
+        ["family", "arm", "seed", "phase", "item_set", "measure", "agreement", "n_items"],
+        [
+            [
+                v["family"],
+                v["arm"],
+                v["seed"],
+                v["phase"],
+                v["item_set"],
+                v["measure"],
+                v["agreement"],
+                v["n_items"],
+            ]
+            for v in report["validity"]
+        ],
+    )
+    return tables
+
+
+def headline_numbers(report: dict) -> dict[tuple[str, str], float]:
+    out = {}
+    for family, measures in (report["primary"] or {}).get("families", {}).items():
+        for measure, e in measures.items():
+            if e["combined_directional"]:
+                out[(family, measure)] = e["combined_directional"]["d"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--n-resamples", type=int, default=10000, help="bootstrap resamples (default 10000)")
+    parser.add_argument(
+        "--sesoi-d", type=float, default=0.2, help="smallest effect size of interest in d units"
+    )
+    parser.add_argument("--alpha", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap random seed")
+    parser.add_argument(
+        "--welch-df", action="store_true", help="Welch df in TOST (default: n_arm + n_neutral − 2)"
+    )
+    parser.add_argument(
+        "--item-draw",
+        choices=["per_seed", "shared"],
+        default="per_seed",
+        help="bootstrap item draw: afresh within each seed (pre-registered) or shared by all seeds",
+    )
+    parser.add_argument(
+        "--phase", default=PRIMARY_PHASE, help="phase of the primary analysis (default final)"
+    )
+    parser.add_argument(
+        "--items-dir", default="data/eval", help="frozen item files (*.jsonl) the lock hashes"
+    )
+
+
+def lock_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lbt.analyze prereg-lock",
+        description="Lock the analysis settings and the frozen item files.",
+    )
+    add_settings_arguments(parser)
+    parser.add_argument("--out", default="prereg.lock.json")
+    args = parser.parse_args(argv)
+    try:
+        lock = write_lock(Path(args.out), settings_from_args(args), Path(args.items_dir))
+    except LockError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {args.out}: settings {lock['settings_sha256'][:12]}, {len(lock['items'])} item file(s) "
+        f"{lock['items_sha256'][:12]}"
+    )
+    return 0
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m lbt.analyze", description=__doc__.split("\n")[0])
+    parser.add_argument("sweeps", nargs="+", help="sweep directories (or job directories)")
+    parser.add_argument("--out", help="output directory (new or empty; default <first sweep>/analysis)")
+    parser.add_argument(
+        "--exploratory",
+        action="store_true",
+        help="allow scoring target items without a matching lock; stamped on every output",
+    )
+    parser.add_argument("--lock", default="prereg.lock.json", help="preregistration lock file")
+    parser.add_argument("--no-wandb", action="store_true", help="do not log an analysis run to W&B")
+    parser.add_argument("--wandb-project", help="W&B project (default: the jobs' logger.project, else lbt)")
+    add_settings_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def analyse(args: argparse.Namespace) -> tuple[dict, list[Job]]:
+    sweeps = [Path(s) for s in args.sweeps]
+    base = Path(os.path.commonpath([s.resolve().parent for s in sweeps]))
+
+    def display(path: Path) -> str:
+        return os.path.relpath(Path(path).resolve(), base)
+
+    jobs = find_jobs(sweeps)
+    rows = [row for job in jobs for row in load_rows(job, display)]
+    lock_info = None
+    settings = settings_from_args(args)
+    if any(ITEM_SET_ROLES.get(r["item_set"]) == "target" for r in rows) and not args.exploratory:
+        try:
+            lock = check_lock(Path(args.lock), settings, Path(args.items_dir))
+        except LockError as err:
+            raise LockError(
+                f"refusing to score target items: {err}. Run `python -m lbt.analyze prereg-lock` "
+                "before scoring target items, or pass --exploratory (stamped on every output)."
+            ) from None
+        lock_info = {
+            "path": str(args.lock),
+            "settings_sha256": lock["settings_sha256"],
+            "items_sha256": lock["items_sha256"],
+            "created": lock.get("created"),
+        }
+    notes: list[str] = []
+    primary = run_stats(analysable_rows(rows, "target", args.phase, notes), args, notes)
+    manipulation = run_stats(analysable_rows(rows, "source", args.phase, notes), args, notes)
+    descriptive = describe(rows)
+    probes = load_probes(jobs, display)
+    report = {
+        "lbt_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "exploratory": bool(args.exploratory),
+        "exploratory_note": EXPLORATORY_STAMP if args.exploratory else None,
+        "sweeps": [str(s) for s in args.sweeps],
+        "paths_relative_to": str(base),
+        "settings": settings,
+        "lock": lock_info,
+        "jobs": [
+            {
+                "path": display(j.path),
+                "family": j.family,
+                "arm": j.arm,
+                "seed": j.seed,
+                "status": j.status,
+                "done": j.done,
+                "phases": j.phases,
+            }
+            for j in jobs
+        ],
+        "primary": primary,
+        "manipulation_check": manipulation,
+        "manipulation_gate": gate_table(manipulation),
+        "projection_shift": projection_summary(probes, args.phase),
+        "dynamics": {
+            "stance": stance_dynamics(descriptive),
+            "projection_at_l_star": projection_dynamics(probes),
+        },
+        "capability": load_capability(jobs, display),
+        "validity": load_validity(jobs, display),
+        "descriptive": descriptive,
+        "missing": missing_report(jobs, descriptive, probes),
+        "notes": notes,
+        "warnings": [f"target items: {w}" for w in (primary or {}).get("warnings", [])]
+        + [f"source items: {w}" for w in (manipulation or {}).get("warnings", [])],
+        "figures": [],
+    }
+    return report, jobs
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "prereg-lock":
+        return lock_main(argv[1:])
+    args = parse_args(argv)
+    try:
+        report, jobs = analyse(args)
+        out_dir = output_dir(args)
+    except (AnalyzeError, LockError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from lbt.report_figures import make_figures
+
+    figures = make_figures(report, out_dir / "figures", args)
+    report["figures"] = sorted(figures)
+    write_markdown(report, args, out_dir / "report.md")
+    with open(out_dir / "report.json", "x", encoding="utf-8") as handle:
+        json.dump(report, handle, indent=2, default=str)
+        handle.write("\n")
+    for line in missing_lines(report["missing"]):
+        print(f"missing: {line}", file=sys.stderr)
+    print(
+        f"wrote {out_dir}/report.json, report.md and {len(figures)} figure(s)"
+        + (" [EXPLORATORY]" if report["exploratory"] else "")
+    )
+    if not args.no_wandb:  # after the report is written: a W&B failure cannot lose it
+        log_to_wandb(report, figures, out_dir, jobs, args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,335 @@
+"""python -m lbt.analyze on a tiny fake sweep written in tmp_path: report, figures, numbers equal to
+primary_report, partial sweeps, malformed rows, the preregistration lock and the exploratory stamp."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lbt.analyze import main
+from lbt.stats import primary_report
+
+ARMS = {"frame_plus": -1.0, "frame_minus": 1.0, "neutral": 0.0}
+SEEDS = (0, 1)
+PHASES = {"base": 0.0, "step_2": 0.5, "final": 1.0}
+BASE_ITEMS = ("t1", "t2", "t3", "t4")
+N_RESAMPLES = 200
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def stance_rows(rng, arm: str, phase: str, item_set: str, measure: str) -> list[dict]:
+    """4 base items × 2 paraphrases × 2 orders; framed arms move by ±1 (source) or ±0.6 (target) at final."""
+    size = (1.0 if item_set == "source" else 0.6) * ARMS.get(arm, 0.0) * PHASES[phase]
+    rows = []
+    for item in BASE_ITEMS:
+        difficulty = {"t1": -0.5, "t2": 0.0, "t3": 0.4, "t4": 1.0}[item]
+        for para in range(2):
+            for order in ("original", "swapped"):
+                value = difficulty + size + rng.normal(0, 0.3)
+                if measure == "forced_choice":
+                    value = 1.0 if value > 0.2 else -1.0
+                stance = float("nan") if measure == "open_ended" else value
+                rows.append(
+                    {
+                        "measure": measure,
+                        "phase": phase,
+                        "item_set": item_set,
+                        "item_id": f"{item}-p{para}",
+                        "base_item": item,
+                        "domain": "urban_transit",
+                        "order": order,
+                        "stance": stance,
+                    }
+                )
+    return rows
+
+
+def write_job(
+    job_dir: Path,
+    family: str,
+    arm: str,
+    seed: int | None,
+    sweep: str,
+    phases=PHASES,
+    item_sets=("target", "source"),
+    measures=("letter_logprob", "forced_choice", "open_ended"),
+    rng_seed: int = 0,
+) -> None:
+    rng = np.random.default_rng(rng_seed)
+    job_dir.mkdir(parents=True)
+    card = {
+        "job": {"model": family, "arm": arm, "seed": seed, "experiment": None, "sweep": sweep},
+        "config": {"logger": {"project": "lbt-test"}},
+        "status": "done",
+    }
+    (job_dir / "run.json").write_text(json.dumps(card), encoding="utf-8")
+    (job_dir / "DONE").write_text("done\n")
+    for phase in phases:
+        for item_set in item_sets:
+            for measure in measures:
+                write_jsonl(
+                    job_dir / "eval" / phase / item_set / f"{measure}.jsonl",
+                    stance_rows(rng, arm, phase, item_set, measure),
+                )
+        shift = [0.0, 0.01, 0.05, 0.1] if phase == "base" else [0.0, 0.02, 0.1 * ARMS.get(arm, 0), 0.2]
+        probe = {
+            "phase": phase,
+            "layers": [0, 1, 2, 3],
+            "l_star": 2,
+            "direction_key": "assistant",
+            "projection": {
+                "answer": [0.1 * x + PHASES[phase] * s for x, s in zip(range(4), shift)],
+                "prompt_mean": [0, 0, 0, 0],
+            },
+            "shift": {"answer": shift if phase != "base" else [0, 0, 0, 0], "prompt_mean": [0, 0, 0, 0]},
+            "shift_se": {"answer": [0.01] * 4, "prompt_mean": [0.01] * 4},
+            "n_prompts": 16,
+        }
+        (job_dir / "probe").mkdir(exist_ok=True)
+        (job_dir / "probe" / f"{phase}.json").write_text(json.dumps(probe))
+        capability = {
+            "perplexity": 12.5 + (arm == "frame_plus"),
+            "mmlu_accuracy": None,
+            "refusal": {"comply_correct_rate": 1.0, "refuse_correct_rate": 0.9, "n_comply": 5, "n_refuse": 5},
+            "flags": {"perplexity_rise": arm == "frame_plus" and phase == "final", "mmlu_drop": False},
+        }
+        (job_dir / "eval" / phase / "capability.json").write_text(json.dumps(capability))
+        summary = {  # the layout lbt.eval.summary writes
+            "phase": phase,
+            "item_sets": {
+                "target": {"n_items": 8, "validity": {"letter_logprob": {"agreement": 0.875, "n_items": 8}}},
+                "source": {"n_items": 8, "validity": {"letter_logprob": {"agreement": 1.0, "n_items": 6}}},
+            },
+        }
+        (job_dir / "eval" / phase / "summary.json").write_text(json.dumps(summary))
+
+
+def make_sweep(root: Path, name: str = "sweepA") -> Path:
+    sweep = root / name
+    for k, (arm, seed) in enumerate((a, s) for a in ARMS for s in SEEDS):
+        write_job(sweep / f"tiny-{arm}-s{seed}", "tiny", arm, seed, name, rng_seed=k)
+    # a directory written by lbt.evaluate on the base model: summarised, not in the primary statistics
+    write_job(
+        sweep / "evaluate-base",
+        "tiny",
+        "base",
+        None,
+        name,
+        phases={"final": 0.0},
+        item_sets=("target_items",),
+        measures=("letter_logprob",),
+        rng_seed=99,
+    )
+    return sweep
+
+
+def make_items(root: Path) -> Path:
+    items = root / "items"
+    write_jsonl(items / "target_items.jsonl", [{"id": "t1-p0", "base_item": "t1"}])
+    write_jsonl(items / "source_items.jsonl", [{"id": "s1-p0", "base_item": "s1"}])
+    return items
+
+
+def read_rows(sweep: Path, item_set: str = "target", phase: str = "final") -> list[dict]:
+    """The rows the primary analysis should use, read independently of lbt.analyze."""
+    rows = []
+    for run_json in sorted(sweep.glob("*/run.json")):
+        job = json.loads(run_json.read_text())["job"]
+        if job["arm"] not in ARMS:
+            continue
+        for path in sorted((run_json.parent / "eval" / phase / item_set).glob("*.jsonl")):
+            for line in path.read_text().splitlines():
+                row = json.loads(line)
+                rows.append({**row, "family": job["model"], "arm": job["arm"], "seed": job["seed"]})
+    return [r for r in rows if r["measure"] != "open_ended"]
+
+
+@pytest.fixture
+def sweep_setup(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    sweep = make_sweep(tmp_path)
+    items = make_items(tmp_path)
+    lock = tmp_path / "prereg.lock.json"
+    assert (
+        main(
+            ["prereg-lock", "--items-dir", str(items), "--out", str(lock), "--n-resamples", str(N_RESAMPLES)]
+        )
+        == 0
+    )
+    common = ["--lock", str(lock), "--items-dir", str(items), "--n-resamples", str(N_RESAMPLES)]
+    return sweep, items, lock, common
+
+
+def test_report_figures_and_numbers_match_primary_report(sweep_setup, tmp_path):
+    sweep, _, _, common = sweep_setup
+    out = tmp_path / "analysis"
+    assert main([str(sweep), "--out", str(out), "--no-wandb", *common]) == 0
+    report = json.loads((out / "report.json").read_text())
+    for name in ("forest", "asymmetry", "projection_shift", "dynamics"):
+        assert (out / "figures" / f"{name}.png").stat().st_size > 1000
+    assert report["exploratory"] is False and report["lock"]["settings_sha256"]
+
+    expected = primary_report(read_rows(sweep), n_resamples=N_RESAMPLES)
+    for measure in ("letter_logprob", "forced_choice"):
+        got, want = report["primary"]["families"]["tiny"][measure], expected["families"]["tiny"][measure]
+        for arm in ("frame_plus", "frame_minus"):
+            assert got[arm]["d"] == want[arm]["d"]
+            assert got[arm]["ci"] == want[arm]["ci"]
+            assert got[arm]["tost"] == want[arm]["tost"]
+        assert got["combined_directional"] == want["combined_directional"]
+        assert report["primary"]["holm"][measure] == expected["holm"][measure]
+        assert got["n_items"] == 4 and got["n_seeds"] == 2
+    assert "open_ended" not in report["primary"]["families"]["tiny"]
+    assert any("open_ended" in note for note in report["notes"])
+
+    manipulation = primary_report(read_rows(sweep, "source"), n_resamples=N_RESAMPLES)
+    gate = {(g["measure"], g["arm"]): g for g in report["manipulation_gate"]}
+    d_plus = manipulation["families"]["tiny"]["letter_logprob"]["frame_plus"]["d"]
+    assert gate[("letter_logprob", "frame_plus")]["d"] == d_plus
+    assert gate[("letter_logprob", "frame_plus")]["passes"] == (d_plus <= -0.5)
+
+    # the evaluate dir (arm "base") is summarised but not in the statistics
+    assert any(r["arm"] == "base" and r["item_set"] == "target_items" for r in report["descriptive"])
+    assert report["missing"]["jobs"] == []
+    shift = report["projection_shift"]["tiny"]
+    assert shift["frame_plus"]["shift"][2] == pytest.approx(-0.1) and shift["frame_minus"]["shift"][
+        2
+    ] == pytest.approx(0.1)
+    assert list(report["dynamics"]["stance"]["tiny"]["letter_logprob"]["neutral"]) == [
+        "base",
+        "step_2",
+        "final",
+    ]
+    flagged = [c for c in report["capability"] if c["perplexity_rise"]]
+    assert {(c["arm"], c["phase"]) for c in flagged} == {("frame_plus", "final")}
+    target_validity = [
+        v for v in report["validity"] if (v["item_set"], v["measure"]) == ("target", "letter_logprob")
+    ]
+    assert {(v["agreement"], v["n_items"]) for v in target_validity} == {(0.875, 8)}
+    assert len(target_validity) == 19  # 6 jobs × 3 phases + the evaluate dir
+
+    md = (out / "report.md").read_text()
+    comb = report["primary"]["families"]["tiny"]["letter_logprob"]["combined_directional"]
+    assert f"combined d = {comb['d']:+.2f}" in md
+    assert "sweepA/tiny-neutral-s0/eval/final/target/letter_logprob.jsonl" in md
+    assert "sweepA/tiny-frame_plus-s0/eval/final/capability.json" in md
+    assert "EXPLORATORY" not in md
+
+
+def test_partial_sweep_says_what_is_missing(sweep_setup, tmp_path, capsys):
+    sweep, _, _, common = sweep_setup
+    shutil.rmtree(sweep / "tiny-frame_minus-s1")
+    shutil.rmtree(sweep / "tiny-neutral-s1" / "eval" / "step_2")
+    (sweep / "tiny-frame_plus-s0" / "eval" / "final" / "source" / "forced_choice.jsonl").unlink()
+    (sweep / "tiny-frame_plus-s1" / "DONE").unlink()
+    for framed in sweep.glob("tiny-frame_*"):  # target forced_choice left for neutral only
+        (framed / "eval" / "final" / "target" / "forced_choice.jsonl").unlink()
+    out = tmp_path / "partial"
+    assert main([str(sweep), "--out", str(out), "--no-wandb", *common]) == 0
+    md = (out / "report.md").read_text()
+    assert "job (tiny, frame_minus, seed 1) is missing" in md
+    assert "job (tiny, neutral, seed 1) lacks phase(s) step_2" in md
+    assert "job (tiny, frame_plus, seed 0) lacks rows final/source/forced_choice" in md
+    assert "DONE absent" in md
+    assert "job (tiny, frame_minus, seed 1) is missing" in capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert (
+        report["primary"]["families"]["tiny"]["letter_logprob"]["n_seeds"] == 2
+    )  # union of seeds; frame_minus has seed 0 only
+    assert any("seeds missing from some arms" in w for w in report["warnings"])
+    assert "forced_choice" not in report["primary"]["families"]["tiny"]
+    assert any("'forced_choice': arms ['neutral']" in note for note in report["notes"])
+
+
+def test_malformed_rows_name_the_job_directory(sweep_setup, tmp_path, capsys):
+    sweep, _, _, common = sweep_setup
+    rows_file = sweep / "tiny-neutral-s0" / "eval" / "final" / "target" / "letter_logprob.jsonl"
+    lines = rows_file.read_text().splitlines()
+    bad = json.loads(lines[2])
+    bad["stance"] = "A"
+    lines[2] = json.dumps(bad)
+    rows_file.write_text("\n".join(lines) + "\n")
+    assert main([str(sweep), "--out", str(tmp_path / "x"), "--no-wandb", *common]) == 2
+    err = capsys.readouterr().err
+    assert str(sweep / "tiny-neutral-s0") in err
+    assert "eval/final/target/letter_logprob.jsonl:3" in err and "'stance'" in err
+    del bad["base_item"]
+    lines[2] = json.dumps(bad)
+    rows_file.write_text("\n".join(lines) + "\n")
+    assert main([str(sweep), "--out", str(tmp_path / "y"), "--no-wandb", *common]) == 2
+    assert "field 'base_item' is missing" in capsys.readouterr().err
+
+
+def test_prereg_lock_refusal_and_exploratory_stamp(sweep_setup, tmp_path, capsys):
+    sweep, items, lock, _ = sweep_setup
+    base = ["--items-dir", str(items), "--no-wandb", "--n-resamples", str(N_RESAMPLES)]
+    assert main([str(sweep), "--out", str(tmp_path / "a"), "--lock", str(tmp_path / "none.json"), *base]) == 2
+    assert "refusing to score target items" in capsys.readouterr().err
+    # other settings than the locked ones
+    assert (
+        main(
+            [
+                str(sweep),
+                "--out",
+                str(tmp_path / "b"),
+                "--lock",
+                str(lock),
+                "--items-dir",
+                str(items),
+                "--no-wandb",
+                "--n-resamples",
+                "300",
+            ]
+        )
+        == 2
+    )
+    assert "n_resamples" in capsys.readouterr().err
+    # an item file edited after the lock
+    with open(items / "target_items.jsonl", "a") as handle:
+        handle.write(json.dumps({"id": "t9-p0", "base_item": "t9"}) + "\n")
+    assert main([str(sweep), "--out", str(tmp_path / "c"), "--lock", str(lock), *base]) == 2
+    assert "target_items.jsonl" in capsys.readouterr().err
+    assert not (tmp_path / "c" / "report.json").exists()
+    # the lock is never overwritten
+    assert main(["prereg-lock", "--items-dir", str(items), "--out", str(lock)]) == 2
+    # exploratory: runs, and says so everywhere it writes
+    out = tmp_path / "d"
+    assert main([str(sweep), "--out", str(out), "--lock", str(lock), "--exploratory", *base]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["exploratory"] is True and "EXPLORATORY" in report["exploratory_note"]
+    assert (out / "report.md").read_text().count("EXPLORATORY") >= 2
+    assert "[EXPLORATORY]" in capsys.readouterr().out
+    # source-only sweeps score no target items: no lock needed
+    source_only = tmp_path / "source_only"
+    shutil.copytree(sweep, source_only)
+    for target in source_only.glob("*/eval/*/target*"):
+        shutil.rmtree(target)
+    assert (
+        main([str(source_only), "--out", str(tmp_path / "e"), "--lock", str(tmp_path / "none.json"), *base])
+        == 0
+    )
+
+
+def test_default_output_directory_is_new_and_wandb_run_is_offline(sweep_setup, tmp_path):
+    sweep, _, _, common = sweep_setup
+    assert main([str(sweep), *common]) == 0
+    first = sweep / "analysis"
+    runs = list((first / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    run_file = next(runs[0].glob("*.wandb")).read_bytes()
+    assert b"analysis" in run_file and b"sweepA" in run_file  # job_type and group
+    assert main([str(sweep), "--no-wandb", *common]) == 0
+    assert (sweep / "analysis_2" / "report.json").exists()  # the first analysis is not overwritten
+    second = json.loads((sweep / "analysis_2" / "report.json").read_text())
+    assert not any(j["path"].startswith("sweepA/analysis") for j in second["jobs"])
+    assert math.isfinite(second["primary"]["families"]["tiny"]["letter_logprob"]["combined_directional"]["d"])
