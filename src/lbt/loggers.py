@@ -9,17 +9,36 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import netrc
 import os
 import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
 
-def wandb_host_reachable(host: str = "api.wandb.ai", port: int = 443, timeout: float = 2.0) -> bool:
+def wandb_host() -> str:
+    """The W&B server's host name: WANDB_BASE_URL (self-hosted servers), else api.wandb.ai."""
+    return urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+
+
+def wandb_key_in_netrc(host: str | None = None) -> bool:
+    """True when the netrc file wandb reads (NETRC, else ~/.netrc under HOME) has a login for the W&B host."""
+    path = Path(os.environ.get("NETRC") or Path(os.path.expanduser("~")) / ".netrc")
+    if not path.is_file():
+        return False
+    try:
+        return netrc.netrc(str(path)).authenticators(host or wandb_host()) is not None
+    except (netrc.NetrcParseError, OSError):
+        return False
+
+
+def wandb_host_reachable(host: str | None = None, port: int = 443, timeout: float = 2.0) -> bool:
+    host = host or wandb_host()
     try:
         with socket.create_connection((host, port), timeout=timeout):
             return True
@@ -32,8 +51,8 @@ def wandb_mode(requested: str) -> tuple[str, str | None]:
     requested = str(requested or "auto")
     if requested in ("offline", "disabled", "dryrun"):
         return ("offline" if requested == "dryrun" else requested), None
-    if not os.environ.get("WANDB_API_KEY") and not Path.home().joinpath(".netrc").exists():
-        return "offline", "no WANDB_API_KEY"
+    if not os.environ.get("WANDB_API_KEY") and not wandb_key_in_netrc():
+        return "offline", "no WANDB_API_KEY and no W&B login in ~/.netrc"
     if not wandb_host_reachable():
         return "offline", "W&B is not reachable (no network)"
     return "online", None
@@ -41,6 +60,12 @@ def wandb_mode(requested: str) -> tuple[str, str | None]:
 
 def run_id(sweep_name: str, job_name: str) -> str:
     return hashlib.sha1(f"{sweep_name}/{job_name}".encode()).hexdigest()[:16]
+
+
+def job_run_id(job: dict[str, Any], job_dir: Path, name: str) -> str:
+    """Per (sweep, job) in a sweep, so a requeued or re-launched job continues its W&B run; outside a sweep,
+    per job directory, so two separate single runs of the same model/arm/seed never share a run."""
+    return run_id(str(job["sweep"]), name) if job.get("sweep") else run_id(str(Path(job_dir).resolve()), name)
 
 
 def build_logger(logger_cfg: DictConfig, job_dir: Path, job: dict[str, Any], config: dict[str, Any],
@@ -65,11 +90,21 @@ def build_logger(logger_cfg: DictConfig, job_dir: Path, job: dict[str, Any], con
     name = f"{job['model']}-{job['arm']}-s{job['seed']}"
     return WandbLogger(
         project=str(logger_cfg.project), entity=logger_cfg.get("entity"), group=job.get("sweep"),
-        job_type=job["arm"], name=name, id=run_id(str(job.get("sweep")), name), resume="allow",
+        job_type=job["arm"], name=name, id=job_run_id(job, job_dir, name), resume="allow",
         tags=[f"model:{job['model']}", f"arm:{job['arm']}", f"seed:{job['seed']}",
               f"experiment:{job.get('experiment') or 'none'}"],
         save_dir=str(wandb_dir), mode=mode, config=config, log_model=False,
     )
+
+
+def mark_wandb_preempting() -> None:
+    """Tell W&B this run stops to be requeued (shown as preempted, not crashed); it resumes with the same id."""
+    try:
+        import wandb
+    except ImportError:
+        return
+    if wandb.run is not None:
+        wandb.run.mark_preempting()
 
 
 def finish_wandb() -> None:

@@ -6,7 +6,6 @@ compose → check data → load model → fit (evaluation phases run as callback
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -17,11 +16,13 @@ import torch
 from dotenv import load_dotenv
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from lbt.cluster import GracefulStop, RNGState, env_local_rank, env_rank, lock_local_gpus, slurm_plugins
 from lbt.data.datamodule import CorpusDataModule
 from lbt.data.records import file_sha256, load_corpus
-from lbt.loggers import build_logger, finish_wandb
+from lbt.loggers import build_logger, finish_wandb, mark_wandb_preempting
 from lbt.model.load import load_model, load_tokenizer, resolve_dtype
 from lbt.model.lora import compile_decoder_layers, wrap_lora
 from lbt.model.module import LoRAModule
@@ -79,15 +80,15 @@ def instantiate_callbacks(cfg: DictConfig) -> list[L.Callback]:
 
 def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     hw = cfg.hardware
-    kwargs: dict[str, Any] = dict(accelerator=hw.accelerator, devices=hw.devices, num_nodes=hw.num_nodes,
-                                  strategy=hw.strategy, precision=hw.precision)
+    kwargs: dict[str, Any] = {"accelerator": hw.accelerator, "devices": hw.devices, "num_nodes": hw.num_nodes,
+                              "strategy": hw.strategy, "precision": hw.precision}
     if hw.accelerator != "cpu" and not torch.cuda.is_available():
         raise RuntimeError(f"hardware={hw.accelerator}: no CUDA GPU visible; use hardware=cpu")
-    if str(hw.strategy).startswith("ddp") and os.environ.get("SLURM_NTASKS"):
-        # SLURM starts one task per GPU; Lightning must neither spawn ranks nor requeue on its own.
-        from lightning.pytorch.plugins.environments import SLURMEnvironment
-
-        kwargs["plugins"] = [SLURMEnvironment(auto_requeue=False)]
+    # Under SLURM (one GPU or several) SLURM starts the ranks, and GracefulStop/submitit requeue: Lightning's
+    # own auto-requeue is switched off so that the two do not fight.
+    plugins = slurm_plugins()
+    if plugins:
+        kwargs["plugins"] = plugins
     return kwargs
 
 
@@ -100,8 +101,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return read_json(job_dir / "run.json")
     job_dir.mkdir(parents=True, exist_ok=True)
     corpus = check_corpus(cfg)
+    rank_zero = env_rank() == 0  # in a multi-process job only rank 0 writes the run card
 
+    if cfg.hardware.get("cpu_threads"):
+        torch.set_num_threads(int(cfg.hardware.cpu_threads))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    # Callbacks read and check their item files now, so bad eval input also fails before the model loads.
+    callbacks = instantiate_callbacks(cfg)
     dtype = resolve_dtype(cfg.model.dtype or cfg.hardware.dtype)
     tokenizer = load_tokenizer(cfg.model)
     fast = cfg.hardware.fast
@@ -117,26 +123,42 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                             "versions": package_versions(), "corpus": corpus, "data": vars(data.stats),
                             "status": "running"}
     resume = job_dir / "checkpoints" / "last.ckpt"
-    if (job_dir / "run.json").exists():
-        card["previous_attempts"] = read_json(job_dir / "run.json").get("previous_attempts", 0) + 1
-    write_json_atomic(job_dir / "run.json", card)
+    if rank_zero:
+        if (job_dir / "run.json").exists():
+            card["previous_attempts"] = read_json(job_dir / "run.json").get("previous_attempts", 0) + 1
+        write_json_atomic(job_dir / "run.json", card)
 
-    device = "cuda" if cfg.hardware.accelerator == "gpu" else "cpu"
+    # Each rank of a multi-GPU job builds its model on its own GPU (not all on cuda:0).
+    device = f"cuda:{env_local_rank()}" if cfg.hardware.accelerator == "gpu" else "cpu"
     model = load_model(cfg.model, tokenizer, dtype, device=device)
-    model = wrap_lora(model, cfg.train.lora, keep_adapter_dtype=bool(fast.bf16_adapters))
+    model = wrap_lora(model, cfg.train.lora, adapters=str(fast.adapters))
     if fast.compile_layers:
         compile_decoder_layers(model)
     module = LoRAModule(model, cfg.train, total_steps=data.stats.total_steps, ce_chunk=int(fast.ce_chunk))
     context = PhaseContext(job_dir=job_dir, tokenizer=tokenizer, cfg=cfg, extra={"data": data})
     phases = CheckpointPhases(job_dir, data.stats.total_steps, list(cfg.train.checkpoint_fractions),
                               int(cfg.train.resume_every_steps or 0), data.val_micro_batches(), context)
-    logger = build_logger(cfg.logger, job_dir, job, config)
+    logger = build_logger(cfg.logger, job_dir, job, config, rank_zero=rank_zero)
+    # GracefulStop last: its preemption checkpoint is taken after every other callback's step-end work.
+    stop = GracefulStop(phases.save_resumable)
     trainer = L.Trainer(
         **trainer_kwargs(cfg), max_epochs=1, max_steps=data.stats.total_steps, logger=logger,
-        callbacks=[phases, *instantiate_callbacks(cfg)], enable_checkpointing=False,
+        callbacks=[phases, *callbacks, RNGState(), stop], enable_checkpointing=False,
         use_distributed_sampler=False, num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1,
         enable_model_summary=False, enable_progress_bar=False, default_root_dir=str(job_dir), deterministic=False)
-    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume.exists() else None)
+    if resume.exists():
+        log.info("resume: %s", resume)
+    stop.install()
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume.exists() else None)
+    except SIGTERMException:
+        # A SIGTERM that reached Lightning's handler too (before training started): ours saw it as well.
+        if not stop.requested:
+            raise
+    finally:
+        stop.uninstall()
+    if stop.requested and trainer.global_step < data.stats.total_steps:
+        return interrupted(card, job_dir, trainer, stop)
 
     if trainer.is_global_zero:
         card.update(status="done", wall_time_s=round(time.time() - started, 3),
@@ -151,8 +173,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return card
 
 
+def interrupted(card: dict[str, Any], job_dir: Path, trainer: L.Trainer, stop: GracefulStop) -> dict[str, Any]:
+    """A stop signal ended training early: record it, then requeue or exit (never returns)."""
+    if trainer.is_global_zero:
+        card.update(status="interrupted", interrupted_at_step=trainer.global_step)
+        write_json_atomic(job_dir / "run.json", card)
+    log.warning("interrupted at step %d of %d; re-launch the same command to resume from %s",
+                trainer.global_step, trainer.max_steps, job_dir / "checkpoints" / "last.ckpt")
+    mark_wandb_preempting()
+    stop.exit_for_requeue()
+    return card
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
+    lock_local_gpus(cfg.hardware)  # hydra/launcher=local_gpus: no other sweep's job on this job's GPU
     try:
         train(cfg)
     finally:

@@ -15,8 +15,8 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from omegaconf import DictConfig
+from torch.utils.checkpoint import checkpoint
 
 from lbt.data.chat import IGNORE_INDEX
 

@@ -1,0 +1,192 @@
+"""Stance battery speed: the project's batched battery against the plain one-at-a-time reference, same
+model, same items, one process.
+
+    # tiny model, CPU, the project's data/eval/target_items.jsonl
+    python benchmarks/eval_battery.py --threads 1
+    # the 54 published items of the original study
+    python benchmarks/eval_battery.py --items ../shared/reference/seed-eval/target_items.jsonl
+    # the issue's goal: Qwen2.5-3B architecture, random init, one H100 (bf16)
+    python benchmarks/eval_battery.py --model qwen --random-init --device cuda \\
+        --items ../shared/reference/seed-eval/target_items.jsonl --json eval_battery_h100.json
+    # exactness on the GPU (fp32: log-probs within 1e-4, identical decisions and texts)
+    python benchmarks/eval_battery.py --model qwen --random-init --device cuda --dtype float32
+
+The battery is the 4 measures letter_logprob, forced_choice, logprob and likert by default (--measures adds
+open_ended). The reference (tests/eval_reference.py) scores one prompt at a time with a full forward of
+prompt + option and runs Hugging Face `generate` for one item at a time, as the original implementation
+did. Printed: both wall times (CUDA synchronised; the battery timed --repeats times after a warm-up, median
+and min), the ratio reference / battery (median), per-measure battery seconds, and the largest score
+difference between the two (log-probs, stances) plus the count of differing decisions, ratings and texts.
+In bf16 the two paths round differently, so differences of ~1e-2 in log-probs are expected there; use
+--dtype float32 to check exactness (≤ 1e-4).
+
+A random-init model never writes a parsable answer, so generation runs to max_new_tokens for every row on
+both sides (the battery's early stop cannot help it); --max-new-tokens sets both generation lengths.
+--json writes the numbers to a file (for benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "src"))
+
+from lbt.eval.battery import BatterySettings, evaluation_mode, load_item_set, score_item_set
+from lbt.model.load import load_model, load_tokenizer, resolve_dtype
+from tests.eval_reference import reference_rows
+
+FOUR = ["letter_logprob", "forced_choice", "logprob", "likert"]
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def load(args: argparse.Namespace):
+    cfg = OmegaConf.load(ROOT / "conf" / "model" / f"{args.model}.yaml")
+    if args.random_init:
+        cfg.random_init = True
+    if args.path:
+        cfg.path = args.path
+    dtype = resolve_dtype(args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    tokenizer = load_tokenizer(cfg)
+    model = load_model(cfg, tokenizer, dtype, device=args.device).eval()
+    template_kwargs = OmegaConf.to_container(cfg.chat_template_kwargs, resolve=True) or {}
+    return model, tokenizer, dtype, template_kwargs
+
+
+def key(row: dict) -> tuple:
+    return row["item_id"], row["order"], row.get("template")
+
+
+def differences(battery: dict[str, list[dict]], reference: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per measure: largest |difference| of numeric fields, and counts of differing texts/decisions."""
+    out = {}
+    for measure, rows in battery.items():
+        ref = {key(r): r for r in reference[measure]}
+        numeric, differing = 0.0, 0
+        for row in rows:
+            twin = ref[key(row)]
+            for field in ("logp_pro", "logp_anti", "stance"):
+                a, b = row.get(field), twin.get(field)
+                if isinstance(a, float) and isinstance(b, float) and not (math.isnan(a) or math.isnan(b)):
+                    numeric = max(numeric, abs(a - b))
+            for field in ("raw", "response", "rating", "choice"):
+                if field in twin and row.get(field) != twin.get(field):
+                    differing += 1
+                    break
+        out[measure] = {"max_abs_diff": numeric, "rows_differing": differing, "rows": len(rows)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", choices=["tiny", "qwen", "llama"], default="tiny")
+    parser.add_argument("--random-init", action="store_true", help="the architecture with random weights")
+    parser.add_argument("--path", default=None, help="override model.path (hub id or local directory)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--items", default=str(ROOT / "data" / "eval" / "target_items.jsonl"))
+    parser.add_argument("--max-items", type=int, default=None)
+    parser.add_argument("--measures", nargs="+", default=FOUR)
+    parser.add_argument("--option-form", default="bare")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="forced-choice and Likert lengths")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    model, tokenizer, dtype, template_kwargs = load(args)
+    items = load_item_set(args.items, max_items=args.max_items)
+    settings = BatterySettings(
+        option_form=args.option_form, batch_size=args.batch_size, template_kwargs=template_kwargs
+    )
+    if args.max_new_tokens:
+        settings.forced_choice_max_new_tokens = settings.likert_max_new_tokens = args.max_new_tokens
+    device_name = (
+        torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    )
+    print(
+        f"model={args.model} random_init={bool(args.random_init or args.model == 'tiny')} dtype={dtype} "
+        f"device={device_name} "
+        f"items={len(items)} ({args.items}) measures={args.measures} batch_size={args.batch_size}"
+    )
+
+    with evaluation_mode(model):
+        score_item_set(
+            model, tokenizer, load_item_set(args.items, max_items=4), args.measures, settings
+        )  # warm-up
+        times, timings, rows = [], {}, {}
+        for _ in range(max(1, args.repeats)):
+            synchronize(args.device)
+            started = time.perf_counter()
+            timings = {}
+            rows = score_item_set(model, tokenizer, items, args.measures, settings, timings=timings)
+            synchronize(args.device)
+            times.append(time.perf_counter() - started)
+        battery_s = statistics.median(times)
+        print(
+            f"battery:   {battery_s:8.3f} s (median of {len(times)}; min {min(times):.3f} s) "
+            f"per measure: { {k: round(v, 3) for k, v in timings.items()} }"
+        )
+        result = {
+            "model": args.model,
+            "random_init": args.random_init,
+            "dtype": str(dtype),
+            "device": device_name,
+            "items": args.items,
+            "n_items": len(items),
+            "measures": args.measures,
+            "battery_s": battery_s,
+            "battery_min_s": min(times),
+            "battery_per_measure_s": timings,
+            "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d"),
+        }
+        if not args.skip_reference:
+            reference_rows(model, tokenizer, items.items[:1], "letter_logprob", settings)  # warm-up
+            synchronize(args.device)
+            started = time.perf_counter()
+            reference = {m: reference_rows(model, tokenizer, items.items, m, settings) for m in args.measures}
+            synchronize(args.device)
+            reference_s = time.perf_counter() - started
+            diff = differences(rows, reference)
+            print(f"reference: {reference_s:8.3f} s (one prompt at a time)")
+            print(f"ratio:     {reference_s / battery_s:8.1f}x")
+            for measure, d in diff.items():
+                print(
+                    f"  {measure:15s} max |diff| {d['max_abs_diff']:.2e}; rows with a different "
+                    f"text/decision/rating: {d['rows_differing']}/{d['rows']}"
+                )
+            result.update(
+                reference_s=reference_s,
+                ratio=reference_s / battery_s,
+                differences=diff,
+                max_abs_diff=max(d["max_abs_diff"] for d in diff.values()),
+            )
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""Hydra submitit launchers that never launch a finished job, and a one-GPU-per-job local launcher.
+
+- `SlurmLauncher` (hydra/launcher=slurm): hydra-submitit-launcher's SLURM launcher, one array job per
+  sweep; jobs whose directory holds DONE are not submitted.
+- `LocalGPULauncher` (hydra/launcher=local_gpus): runs a sweep's jobs as local submitit jobs in parallel,
+  one GPU each, as many at a time as there are GPUs.
+
+Both keep submitit's requeue protocol: the job function is the launcher itself, whose `checkpoint()`
+re-submits the same Hydra job (same overrides, hence the same job directory), which resumes from
+checkpoints/last.ckpt.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from hydra_plugins.hydra_submitit_launcher import submitit_launcher
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def job_dir_of(config: DictConfig, hydra_context: Any, overrides: Sequence[str]) -> Path | None:
+    """The directory a sweep job will write to, resolved as Hydra resolves it; None if it can't be."""
+    saved = HydraConfig.instance().cfg
+    try:
+        sweep_config = hydra_context.config_loader.load_sweep_config(config, list(overrides))
+        HydraConfig.instance().set_config(sweep_config)
+        folder = Path(str(OmegaConf.select(sweep_config, "hydra.sweep.dir")))
+        return folder / str(OmegaConf.select(sweep_config, "hydra.sweep.subdir"))
+    except Exception as err:  # noqa: BLE001 -- unresolvable subdir: launch the job; train.py checks DONE
+        log.debug("cannot resolve the job directory of %s: %s", overrides, err)
+        return None
+    finally:
+        if saved is not None:
+            HydraConfig.instance().cfg = saved
+
+
+def finished_job(job_dir: Path, overrides: Sequence[str]) -> JobReturn:
+    card = None
+    if (job_dir / "run.json").exists():
+        card = json.loads((job_dir / "run.json").read_text(encoding="utf-8"))
+    return JobReturn(overrides=list(overrides), working_dir=str(job_dir), task_name="train",
+                     status=JobStatus.COMPLETED, _return_value=card)
+
+
+class SkipFinishedJobs:
+    """Hydra launcher mixin: a job whose directory holds DONE is not launched (one log line each), so
+    re-running a finished sweep writes nothing into its job directories."""
+
+    config: DictConfig
+    hydra_context: Any
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        returns: dict[int, JobReturn] = {}
+        pending: list[tuple[int, Sequence[str]]] = []
+        for i, overrides in enumerate(job_overrides):
+            job_dir = job_dir_of(self.config, self.hydra_context, overrides)
+            if job_dir is not None and (job_dir / "DONE").exists():
+                log.info("skip: %s already finished (DONE present); not launched", job_dir)
+                returns[i] = finished_job(job_dir, overrides)
+            else:
+                pending.append((i, overrides))
+        if pending:
+            launched = self.launch_pending([o for _, o in pending], initial_job_idx)
+            returns.update({i: ret for (i, _), ret in zip(pending, launched)})
+        return [returns[i] for i in range(len(job_overrides))]
+
+    def launch_pending(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        return super().launch(job_overrides, initial_job_idx)  # type: ignore[misc]
+
+
+class SlurmLauncher(SkipFinishedJobs, submitit_launcher.SlurmLauncher):
+    """hydra-submitit-launcher's SLURM launcher (one array job per sweep) that skips finished jobs."""
+
+
+class LocalGPULauncher(SkipFinishedJobs, submitit_launcher.LocalLauncher):
+    """A sweep's jobs as local submitit jobs, at most `max_parallel` at a time (default: one per GPU of the
+    pool, 1 on CPU), each on its own GPU.
+
+    submitit_local alone would give every job the same GPUs; here the launcher keeps the list of free GPUs
+    and submits each job with `visible_gpus=[its GPU]`, so submitit sets CUDA_VISIBLE_DEVICES when it
+    creates the job's process (before anything in it can start CUDA); a finished job's GPU goes to the
+    next job. Inside, lbt.cluster.lock_local_gpus also locks it, so that two sweeps on one machine wait
+    for each other. A job that gets the requeue signal checkpoints, exits with submitit's requeue code and
+    is restarted by submitit's local controller, on the same GPU.
+    """
+
+    def __init__(self, max_parallel: int | None = None, **params: Any) -> None:
+        self.max_parallel = max_parallel
+        super().__init__(**params)
+
+    def _executor(self) -> Any:
+        import submitit
+
+        params = self.params
+        executor = submitit.LocalExecutor(folder=params["submitit_folder"],
+                                          max_num_timeout=int(params.get("max_num_timeout") or 0))
+        executor.update_parameters(timeout_min=params.get("timeout_min", 10080), tasks_per_node=1, nodes=1,
+                                   name=params.get("name", "train"),
+                                   stderr_to_stdout=bool(params.get("stderr_to_stdout", False)))
+        return executor
+
+    def gpu_pool(self) -> list[int]:
+        if str(OmegaConf.select(self.config, "hardware.accelerator")) != "gpu":
+            return []
+        devices = int(OmegaConf.select(self.config, "hardware.devices") or 1)
+        if devices != 1:
+            raise ValueError(f"hydra/launcher=local_gpus runs one GPU per job, but hardware.devices={devices}: "
+                             "start multi-GPU jobs with torchrun or SLURM (docs/cluster.md)")
+        from lbt.cluster import gpu_pool  # torch: imported only when a GPU sweep is launched
+
+        pool = gpu_pool()
+        if not pool or not all(g.isdigit() for g in pool):
+            raise ValueError(f"hydra/launcher=local_gpus: no GPU ids to hand out ({pool}); set LBT_GPUS=0,1,...")
+        return [int(g) for g in pool]
+
+    def launch_pending(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        free = self.gpu_pool()
+        limit = min(int(self.max_parallel or len(free) or 1), len(free) or len(job_overrides))
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        log.info("local_gpus: %d jobs, at most %d at a time%s; sweep dir %s", len(job_overrides), limit,
+                 f" on GPUs {','.join(map(str, free))}" if free else "", self.config.hydra.sweep.dir)
+        executor = self._executor()
+        queue = list(enumerate(job_overrides, start=initial_job_idx))
+        running: list[tuple[int, Sequence[str], Any, int | None]] = []
+        returns: dict[int, JobReturn] = {}
+        while queue or running:
+            while queue and len(running) < limit:
+                idx, overrides = queue.pop(0)
+                gpu = free.pop(0) if free else None
+                executor.update_parameters(gpus_per_node=0 if gpu is None else 1,
+                                           visible_gpus=() if gpu is None else (gpu,))
+                log.info("\t#%d : %s%s", idx, " ".join(filter_overrides(overrides)),
+                         "" if gpu is None else f" (GPU {gpu})")
+                # The same call hydra-submitit-launcher makes: the launcher itself is the job function.
+                job = executor.submit(self, list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}",
+                                      Singleton.get_state())
+                running.append((idx, overrides, job, gpu))
+            for item in [r for r in running if r[2].done()]:
+                running.remove(item)
+                idx, overrides, job, gpu = item
+                returns[idx] = self._result(job, overrides)
+                if gpu is not None:
+                    free.append(gpu)
+            if running:
+                time.sleep(0.5)
+        return [returns[i] for i in sorted(returns)]
+
+    @staticmethod
+    def _result(job: Any, overrides: Sequence[str]) -> JobReturn:
+        try:
+            return job.results()[0]
+        except Exception as err:  # noqa: BLE001 -- its process died (killed, not requeued): keep the others
+            return JobReturn(overrides=list(overrides), status=JobStatus.FAILED, _return_value=err)

@@ -1,0 +1,311 @@
+"""python -m lbt.interp <sweep dir> — the causal suite (H3) over a finished sweep, per model family.
+
+    python -m lbt.interp multirun/<sweep> [--family qwen] [--parts steer,ablate,patch,lens,delta_w] [--out DIR]
+
+Jobs are the directories under the sweep holding run.json, DONE and adapter/. Per family (run.json's
+job.model) the base model is loaded from the jobs' own resolved config, every job's adapter is loaded
+onto it, and the base model's direction set comes from the shared cache (computed if absent). Parts:
+
+1. steer    — base model, α·d̂ added at response positions (the answer position and every generated
+              token), α = c × class-mean-difference norm, at ℓ* and split over ℓ*±window; stance
+              (letter_logprob, forced_choice) and fluency (perplexity, KL on neutral text) per c; operating
+              points at the KL budget; ≥ 8 isotropic and covariance-matched random directions.
+2. ablate   — each job (and base), ℓ* direction removed from every residual write (and each layer's own
+              direction at that layer alone); fraction of the framed-vs-neutral gap removed; random
+              directions; perplexity; equivalence with orthogonalised merged weights.
+3. patch    — base model, one layer's answer-position residual replaced by a framed model's: recovery.
+4. lens     — pro−anti log-prob gap read through the final norm and head at every layer.
+5. delta_w  — LoRA ΔW effective rank and amplification of the direction; cosine of the mean activation
+              delta (fine-tuned − base) with the direction.
+
+(6, the preventative variant, runs during training: `probe.train_intervention=ablate|ablate_random`.)
+
+Writes <out>/<family>/<part>.json and .png figures (every figure with its random-control band) and
+<out>/summary-<time>-<pid>.json (wall time per part); logs figures and headline numbers to W&B (offline without a key;
+--no-wandb to skip). A part whose JSON exists is skipped (--force recomputes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lbt.eval.battery import spread_subset
+from lbt.eval.items import load_items, load_texts
+from lbt.model.load import load_model, load_tokenizer, resolve_dtype
+from lbt.probe import causal, figures
+from lbt.probe.causal import Family, Job, Settings
+from lbt.probe.directions import DirectionSettings, get_directions
+from lbt.probe.measure import forced_choice_prompts, neutral_set
+from lbt.runcard import read_json, write_json_atomic
+
+log = logging.getLogger("lbt.interp")
+PARTS = ("steer", "ablate", "patch", "lens", "delta_w")
+RUNNERS = {"steer": causal.steer, "ablate": causal.ablate, "patch": causal.patch, "lens": causal.lens,
+           "delta_w": causal.delta_w}
+
+
+# -- the sweep ---------------------------------------------------------------------------------------------
+
+def discover(sweep: Path, out: Path) -> dict[str, list[tuple[Job, dict[str, Any]]]]:
+    """{family: [(job, run card)]} of the finished jobs under the sweep directory."""
+    families: dict[str, list[tuple[Job, dict[str, Any]]]] = {}
+    for card_path in sorted(sweep.rglob("run.json")):
+        folder = card_path.parent
+        if out in folder.parents or folder == out:
+            continue
+        if not (folder / "DONE").exists() or not (folder / "adapter").is_dir():
+            log.warning("interp: %s is not finished (no DONE or adapter/): skipped", folder)
+            continue
+        card = read_json(card_path)
+        job = card["job"]
+        name = re.sub(r"\W", "_", folder.name)
+        families.setdefault(job["model"], []).append(
+            (Job(name=name, path=str(folder), arm=job["arm"], seed=int(job["seed"]), adapter=str(folder / "adapter")),
+             card))
+    return families
+
+
+def check_same_base(family: str, cards: list[dict[str, Any]]) -> None:
+    keys = ("name", "path", "random_init", "init_seed", "arch")
+    first = {k: cards[0]["config"]["model"].get(k) for k in keys}
+    for card in cards[1:]:
+        other = {k: card["config"]["model"].get(k) for k in keys}
+        if other != first:
+            raise ValueError(f"interp: family {family} mixes base models ({first} vs {other}); run one sweep per base")
+
+
+def _select(cfg: DictConfig, key: str, default: Any) -> Any:
+    value = OmegaConf.select(cfg, key, default=None)
+    return default if value is None else value
+
+
+def parse_layers(text: str | None, n_layers: int) -> list[int] | None:
+    """all | 0,3,5 | stride:4 (every 4th layer, and the last)."""
+    if text is None or text == "all":
+        return None
+    if text.startswith("stride:"):
+        step = int(text.split(":", 1)[1])
+        return sorted(set(range(0, n_layers, step)) | {n_layers - 1})
+    layers = [int(x) for x in text.split(",") if x.strip()]
+    bad = [x for x in layers if not 0 <= x < n_layers]
+    if bad:
+        raise ValueError(f"--layers: {bad} out of range 0..{n_layers - 1}")
+    return layers
+
+
+# -- one family ------------------------------------------------------------------------------------------
+
+def load_family(name: str, entries: list[tuple[Job, dict[str, Any]]], args: argparse.Namespace) -> Family:
+    cards = [card for _, card in entries]
+    check_same_base(name, cards)
+    cfg = OmegaConf.create(cards[0]["config"])
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype_name = args.dtype or (str(_select(cfg, "model.dtype", None) or _select(cfg, "hardware.dtype", "bfloat16"))
+                                if device != "cpu" else "float32")
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, tokenizer, resolve_dtype(dtype_name), device=device).eval()
+    data_dir = Path(str(_select(cfg, "paths.data_dir", "data")))
+    template = OmegaConf.to_container(cfg.model.chat_template_kwargs, resolve=True) \
+        if cfg.model.get("chat_template_kwargs") is not None else {}
+    corpora = _select(cfg, "probe.callbacks.probe.corpora", None)
+    corpora = dict(corpora) if corpora is not None else {
+        "frame_plus": str(data_dir / "corpora" / "frame_plus.jsonl"),
+        "frame_minus": str(data_dir / "corpora" / "frame_minus.jsonl")}
+    settings = DirectionSettings(
+        variant=str(args.variant or _select(cfg, "probe.variant", "assistant_mean")),
+        max_length=int(_select(cfg, "probe.callbacks.probe.direction_max_length", _select(cfg, "train.max_length", 1024))),
+        batch_size=int(_select(cfg, "probe.callbacks.probe.direction_batch_size", 8)), template_kwargs=template)
+    cache_dir = args.cache_dir or str(_select(cfg, "paths.cache_dir", "outputs/cache"))
+    directions = get_directions(model, tokenizer, cfg.model, corpora, cache_dir, settings)
+
+    items = load_items(args.items or str(_select(cfg, "probe.items", data_dir / "eval" / "target_items.jsonl")))
+    items = spread_subset(items, args.max_items)
+    prompts = forced_choice_prompts(items, tokenizer, template, option_form=args.option_form)
+    texts = [row["text"] for row in load_texts(args.neutral or data_dir / "eval" / "heldout_neutral.jsonl")]
+    neutral = neutral_set(tokenizer, texts[: args.max_neutral] if args.max_neutral else texts, template,
+                          args.neutral_tokens)
+
+    jobs = [job for job, _ in entries]
+    if jobs:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, jobs[0].adapter, adapter_name=jobs[0].name)
+        for job in jobs[1:]:
+            model.load_adapter(job.adapter, adapter_name=job.name)
+        model.eval()
+    run_settings = Settings(
+        coefs=[float(c) for c in args.coefs.split(",")], window=args.window, n_random=args.n_random,
+        n_random_layer=args.n_random_layer, kl_budget=args.kl_budget, batch_size=args.batch_size,
+        fc_tokens=args.fc_tokens, layers=parse_layers(args.layers, directions.n_layers), seed=args.seed,
+        lens_pairs=args.lens_pairs)
+    return Family(name=name, model=model, tokenizer=tokenizer, directions=directions, prompts=prompts,
+                  neutral=neutral, jobs=jobs, settings=run_settings)
+
+
+def headlines(part: str, result: dict[str, Any]) -> dict[str, float]:
+    """A few numbers per part for the logger and summary.json."""
+    out: dict[str, float] = {}
+    if part == "steer":
+        for placement, data in result["placements"].items():
+            ctrl = data["control"]
+            out[f"{placement}/real_effect_at_budget"] = ctrl["real_effect_at_budget"]
+            out[f"{placement}/real_slope"] = ctrl["real_slope"]
+            out[f"{placement}/random_effect_max_abs"] = max(abs(ctrl["all"]["effect_at_budget"]["min"]),
+                                                            abs(ctrl["all"]["effect_at_budget"]["max"]))
+            out[f"{placement}/real_z"] = ctrl["all"]["real_z"]
+    elif part == "ablate":
+        for arm, g in result["gaps"].items():
+            out[f"{arm}/fraction_removed_all_layers"] = g["all_layers"]
+            out[f"{arm}/fraction_removed_random_median"] = g["all_layers_random"]["median"]
+        out["weight_check_max_abs_diff"] = result["weight_check"]["max_abs_diff"]
+    elif part == "patch":
+        for job in result["jobs"]:
+            out[f"{job['job']}/max_recovery"] = max(job["recovery"]) if job["recovery"] else float("nan")
+    elif part == "lens":
+        for arm, data in result["arms"].items():
+            out[f"{arm}/final_layer_minus_base"] = data["minus_base"][-1]
+    elif part == "delta_w":
+        for name, data in result["activation_delta"].items():
+            out[f"{name}/max_abs_cosine"] = max(abs(c) for c in data["cosine"])
+    return {k: float(v) for k, v in out.items()}
+
+
+def run_family(fam: Family, parts: Sequence[str], out: Path, force: bool, wandb_run: Any) -> dict[str, Any]:
+    folder = out / fam.name
+    folder.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    heads: dict[str, dict[str, float]] = {}
+    for part in parts:
+        target = folder / f"{part}.json"
+        if target.exists() and not force:
+            print(f"[interp] {fam.name} {part}: {target} exists, skipped (--force recomputes)", flush=True)
+            continue
+        started = time.perf_counter()
+        result = RUNNERS[part](fam)
+        write_json_atomic(target, result)
+        paths = figures.FIGURES[part](result, folder, fam.name)
+        timings[part] = round(time.perf_counter() - started, 2)
+        heads[part] = headlines(part, result)
+        print(f"[interp] {fam.name} {part}: {timings[part]:.1f} s", flush=True)
+        if wandb_run is not None:
+            log_part(wandb_run, fam.name, part, heads[part], paths)
+    return {"jobs": [job.name for job in fam.jobs], "direction_key": fam.directions.key,
+            "l_star": fam.directions.l_star(), "wall_time_s": timings, "headlines": heads,
+            "device": str(next(fam.model.parameters()).device), "dtype": str(next(fam.model.parameters()).dtype),
+            "n_prompts": len(fam.prompts), "settings": vars(fam.settings)}
+
+
+# -- W&B ---------------------------------------------------------------------------------------------------
+
+def open_wandb(args: argparse.Namespace, sweep: Path, out: Path) -> Any:
+    if args.no_wandb:
+        return None
+    import wandb
+
+    from lbt.loggers import wandb_mode
+
+    mode, reason = wandb_mode(os.environ.get("WANDB_MODE", "auto"))
+    if reason:
+        log.warning("W&B offline (%s): logging to %s", reason, out)
+    return wandb.init(project=args.wandb_project or os.environ.get("WANDB_PROJECT", "lbt"),
+                      entity=os.environ.get("WANDB_ENTITY"), group=sweep.name, job_type="interp",
+                      name=f"interp-{sweep.name}", dir=str(out), mode=mode,
+                      config={k: v for k, v in vars(args).items() if k != "sweep"})
+
+
+def log_part(run: Any, family: str, part: str, numbers: dict[str, float], paths: list[Path]) -> None:
+    import wandb
+
+    data: dict[str, Any] = {f"{family}/{part}/{k}": v for k, v in numbers.items()}
+    data.update({f"{family}/{part}/{p.stem}": wandb.Image(str(p)) for p in paths})
+    run.log(data)
+
+
+# -- CLI ---------------------------------------------------------------------------------------------------
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m lbt.interp", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sweep", type=Path, help="sweep directory (job dirs with run.json, DONE, adapter/)")
+    p.add_argument("--family", action="append", help="model family to run (repeatable; default all)")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {PARTS}")
+    p.add_argument("--out", type=Path, help="output directory (default <sweep>/interp)")
+    p.add_argument("--force", action="store_true", help="recompute parts whose JSON exists")
+    p.add_argument("--coefs", default="-8,-4,-2,-1,0,1,2,4,8", help="steering coefficients (× class-mean diff norm)")
+    p.add_argument("--window", type=int, default=2, help="steering window half-width around ℓ*")
+    p.add_argument("--n-random", type=int, default=8, help="random directions per kind (steering, ablation)")
+    p.add_argument("--n-random-layer", type=int, default=2, help="random directions per layer (ablate, patch)")
+    p.add_argument("--kl-budget", type=float, default=0.1, help="KL budget (nats/token) for operating points")
+    p.add_argument("--fc-tokens", type=int, default=8, help="greedy tokens for forced choice while steering")
+    p.add_argument("--layers", default="all", help="layers of the per-layer parts: all | 0,4,8 | stride:4")
+    p.add_argument("--lens-pairs", type=int, default=8, help="random token pairs (logit-lens control)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-items", type=int, help="n target items (domains in turn); default all")
+    p.add_argument("--max-neutral", type=int, default=32, help="neutral passages for perplexity/KL")
+    p.add_argument("--neutral-tokens", type=int, default=128, help="reply tokens per neutral passage")
+    p.add_argument("--items", help="target item file (default: the jobs' probe.items)")
+    p.add_argument("--neutral", help="held-out neutral text (default data/eval/heldout_neutral.jsonl)")
+    p.add_argument("--variant", help="direction variant (default: the jobs' probe.variant)")
+    p.add_argument("--option-form", default="bare", choices=("bare", "leading_space"))
+    p.add_argument("--cache-dir", help="direction cache (default: the jobs' paths.cache_dir)")
+    p.add_argument("--device", help="cpu | cuda (default: cuda if available)")
+    p.add_argument("--dtype", help="float32 | bfloat16 (default: the jobs' dtype on GPU, float32 on CPU)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random directions")
+    p.add_argument("--no-wandb", action="store_true")
+    p.add_argument("--wandb-project")
+    args = p.parse_args(argv)
+    unknown = [x for x in args.parts.split(",") if x not in PARTS]
+    if unknown:
+        p.error(f"--parts: unknown {unknown}; choose from {list(PARTS)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    sweep = args.sweep.resolve()
+    out = (args.out or sweep / "interp").resolve()
+    families = discover(sweep, out)
+    if args.family:
+        missing = [f for f in args.family if f not in families]
+        if missing:
+            raise SystemExit(f"interp: no finished jobs of family {missing} under {sweep} (found {sorted(families)})")
+        families = {f: families[f] for f in args.family}
+    if not families:
+        raise SystemExit(f"interp: no finished jobs (run.json + DONE + adapter/) under {sweep}")
+    out.mkdir(parents=True, exist_ok=True)
+    parts = [p for p in PARTS if p in args.parts.split(",")]
+    summary: dict[str, Any] = {"sweep": str(sweep), "parts": parts, "families": {}}
+    run = open_wandb(args, sweep, out)
+    try:
+        for name, entries in families.items():
+            started = time.perf_counter()
+            fam = load_family(name, entries, args)
+            print(f"[interp] {name}: loaded base + {len(fam.jobs)} adapters, directions {fam.directions.key} "
+                  f"(ℓ*={fam.directions.l_star()}) in {time.perf_counter() - started:.1f} s", flush=True)
+            load_s = round(time.perf_counter() - started, 2)
+            summary["families"][name] = {**run_family(fam, parts, out, args.force, run), "load_s": load_s}
+            del fam
+        # One summary per invocation: earlier ones are never overwritten.
+        write_json_atomic(out / f"summary-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json", summary)
+    finally:
+        if run is not None:
+            run.finish()
+    print(json.dumps({f: s["wall_time_s"] for f, s in summary["families"].items()}), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

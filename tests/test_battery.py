@@ -1,0 +1,318 @@
+"""The stance battery: every measure equals the plain one-at-a-time reference (log-probs within 1e-4 in fp32,
+identical decisions, ratings and text), no number moves with batching or order, answers are parsed as
+documented and never guessed, and bad input fails with file, line and field."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from lbt.eval import battery as battery_mod
+from lbt.eval.battery import (
+    MEASURES,
+    BatterySettings,
+    ItemSet,
+    MeasureError,
+    check_measures,
+    forced_choice,
+    letter_logprob,
+    likert,
+    load_item_set,
+    logprob,
+    parse_choice,
+    parse_rating,
+    run_battery,
+    score_item_set,
+    spread_subset,
+)
+from lbt.eval.items import ItemError
+from lbt.eval.scoring import Generation
+from tests.eval_reference import make_item, make_items, reference_rows, tiny_eval_model, write_items
+
+SHORT = {"forced_choice_max_new_tokens": 5, "likert_max_new_tokens": 5, "open_ended_max_new_tokens": 6}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model, tokenizer = tiny_eval_model()
+    yield model, tokenizer
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def items(tmp_path_factory):
+    path = write_items(tmp_path_factory.mktemp("items") / "toy_items.jsonl", make_items(per_domain=2))
+    return load_item_set(path)
+
+
+def _key(row):
+    return row["item_id"], row["order"], row.get("template")
+
+
+def _compare(rows, reference, measure):
+    assert len(rows) == len(reference)
+    by_key = {_key(r): r for r in reference}
+    for row in rows:
+        ref = by_key[_key(row)]
+        if measure in ("letter_logprob", "logprob"):
+            for field in ("logp_pro", "logp_anti", "stance"):
+                assert row[field] == pytest.approx(ref[field], abs=1e-4), (measure, field, row)
+        elif measure == "forced_choice":
+            assert (row["raw"], row["choice"], row["stance"]) == (ref["raw"], ref["choice"], ref["stance"])
+        elif measure == "likert":
+            assert (row["raw"], row["rating"]) == (ref["raw"], ref["rating"])
+            assert (math.isnan(row["stance"]) and math.isnan(ref["stance"])) or row["stance"] == ref["stance"]
+        else:
+            assert row["response"] == ref["response"]
+
+
+@pytest.mark.parametrize("form", ["bare", "leading_space"])
+def test_every_measure_equals_the_plain_reference(tiny, items, form):
+    model, tokenizer = tiny
+    settings = BatterySettings(option_form=form, batch_size=5, **SHORT)
+    rows = score_item_set(model, tokenizer, items, list(MEASURES), settings, phase="base")
+    for measure in MEASURES:
+        _compare(rows[measure], reference_rows(model, tokenizer, items.items, measure, settings), measure)
+    assert {r["phase"] for rs in rows.values() for r in rs} == {"base"}
+    assert {r["item_set"] for rs in rows.values() for r in rs} == {"toy_items"}
+
+
+def test_standalone_letter_logprob_equals_the_shared_forward(tiny, items):
+    model, tokenizer = tiny
+    settings = BatterySettings(batch_size=3, **SHORT)
+    alone = letter_logprob(model, tokenizer, items, settings)
+    shared = score_item_set(model, tokenizer, items, ["letter_logprob", "forced_choice"], settings)[
+        "letter_logprob"
+    ]
+    for a, b in zip(alone, shared):
+        assert _key(a) == _key(b) and a["stance"] == pytest.approx(b["stance"], abs=1e-5)
+
+
+def test_shuffling_and_rebatching_change_nothing(tiny, items):
+    model, tokenizer = tiny
+    base = score_item_set(model, tokenizer, items, list(MEASURES), BatterySettings(batch_size=64, **SHORT))
+    shuffled = list(items.items)
+    random.Random(3).shuffle(shuffled)
+    for batch_size in (1, 3):
+        other = score_item_set(
+            model,
+            tokenizer,
+            ItemSet(items.name, shuffled),
+            list(MEASURES),
+            BatterySettings(batch_size=batch_size, **SHORT),
+        )
+        for measure in MEASURES:
+            by_key = {_key(r): r for r in other[measure]}
+            for row in base[measure]:
+                twin = by_key[_key(row)]
+                for field in ("stance", "logp_pro", "logp_anti"):
+                    if isinstance(row.get(field), float) and not math.isnan(row[field]):
+                        assert twin[field] == pytest.approx(row[field], abs=1e-5)
+                for field in ("raw", "response", "rating", "choice"):
+                    assert twin.get(field) == row.get(field)
+
+
+def test_letter_logprob_is_oriented_to_the_pro_option(tiny, items):
+    model, tokenizer = tiny
+    rows = letter_logprob(model, tokenizer, items, BatterySettings())
+    first = [r for r in rows if r["item_id"] == items.items[0]["id"]]
+    original, swapped = first
+    assert (original["pro_option"], original["anti_option"]) == ("A", "B")
+    assert (swapped["pro_option"], swapped["anti_option"]) == ("B", "A")
+    # Same letters, other roles: the swapped row's pro log-prob is P(B) on the swapped question.
+    assert swapped["stance"] == pytest.approx(swapped["logp_pro"] - swapped["logp_anti"])
+
+
+def test_logprob_is_length_normalised(tiny, items):
+    model, tokenizer = tiny
+    rows = logprob(model, tokenizer, items, BatterySettings())
+    go = next(r for r in rows if r["template"] == 3)
+    assert (go["pro_option"], go["anti_option"]) == ("Go ahead now", "Wait")
+    assert go["n_tokens_pro"] > go["n_tokens_anti"]
+    assert len(rows) == len(items) * 4 * 2
+
+
+# -- parsing -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("A", "A"),
+        ("B.", "B"),
+        (" **B** because", "B"),
+        ("(A) go ahead", "A"),
+        ('"B"', "B"),
+        ("The answer is B.", "B"),
+        ("Answer: A", "A"),
+        ("I would choose option B, since", "B"),
+        ("A good idea would be to wait", None),
+        ("Both have merits", None),
+        ("", None),
+        ("AB", None),
+        ("I choose C.", None),
+        ("B because it is safer", None),
+        ("A. The city should go ahead", "A"),
+        ("A\n\nThe city", "A"),
+    ],
+)
+def test_parse_choice(text, expected):
+    assert parse_choice(text) == expected
+
+
+def test_parse_choice_needs_the_next_character_until_the_reply_ends():
+    assert parse_choice("A", final=False) is None  # could still become "A good idea…"
+    assert parse_choice("A ", final=False) is None
+    assert parse_choice("A\n", final=False) == parse_choice("A T", final=False) == "A"
+    assert parse_choice("A", final=True) == "A"
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("5", 5),
+        ("6 - mostly agree", 6),
+        ("I would rate it a 3.", 3),
+        ("Rating: 7", 7),
+        ("I'd say 4/7.", 4),
+        ("2 out of 7", 2),
+        ("8", None),
+        ("10", None),
+        ("On balance I agree.", None),
+        ("", None),
+        ("It's a 5/7 for me, my rating is 6", 5),
+    ],
+)
+def test_parse_rating(text, expected):
+    assert parse_rating(text) == expected
+
+
+def _fake_generate(texts):
+    """greedy_generate stand-in returning the given texts in prompt order (parsing on forced cases)."""
+
+    def fake(model, tokenizer, prompts, max_new_tokens, batch_size=32, stop=None, first_targets=None):
+        out = []
+        for k in range(len(prompts)):
+            text = texts[k % len(texts)]
+            out.append(Generation(text, [], "eos", [0.0, 0.0] if first_targets is not None else []))
+        return out
+
+    return fake
+
+
+def test_forced_choice_stance_from_parsed_letters(monkeypatch, items):
+    # Per item: original order answers "A" (pro), swapped order answers "A" (now the anti option), then junk.
+    monkeypatch.setattr(battery_mod, "greedy_generate", _fake_generate(["A", "A.", "hmm", "B"]))
+    rows = forced_choice(None, _FakeTokenizer(), items, BatterySettings())
+    assert [r["stance"] for r in rows[:4]] == [1.0, -1.0, 0.0, 1.0]
+    assert [r["parsed"] for r in rows[:4]] == [True, True, False, True]
+    assert rows[2]["raw"] == "hmm" and rows[2]["choice"] is None
+
+
+@pytest.mark.parametrize("form", ["bare", "leading_space"])
+def test_forced_choice_shares_the_forward_with_letters_in_either_form(monkeypatch, tiny, items, form):
+    model, tokenizer = tiny
+    monkeypatch.setattr(battery_mod, "greedy_generate", _fake_generate(["A", "A"]))
+    rows = score_item_set(
+        model, tokenizer, items, ["letter_logprob", "forced_choice"], BatterySettings(option_form=form)
+    )
+    choice = rows["forced_choice"]
+    assert [r["stance"] for r in choice[:2]] == [1.0, -1.0]
+    assert (choice[1]["pro_option"], choice[1]["anti_option"]) == ("B", "A")
+    assert rows["letter_logprob"][1]["pro_option"] == ("B" if form == "bare" else " B")
+
+
+def test_likert_orients_the_reversed_scale_and_keeps_unparsed_as_nan(monkeypatch, items):
+    monkeypatch.setattr(battery_mod, "greedy_generate", _fake_generate(["6", "6", "no idea", "1"]))
+    rows = likert(None, _FakeTokenizer(), items, BatterySettings())
+    assert [r["rating"] for r in rows[:4]] == [6, 6, None, 1]
+    assert rows[0]["stance"] == pytest.approx(2 / 3)  # original: 6 → (6 − 4) / 3
+    assert rows[1]["stance"] == pytest.approx(-2 / 3)  # swapped: 6 means disagree → 8 − 6 = 2
+    assert math.isnan(rows[2]["stance"]) and rows[2]["parsed"] is False
+    assert rows[3]["stance"] == pytest.approx(1.0)  # swapped: 1 = strongly agree
+
+
+class _FakeTokenizer:
+    """Enough of a tokenizer for prompt rendering when generation is faked."""
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True, **kwargs):
+        return messages[0]["content"]
+
+    def encode(self, text, add_special_tokens=False):
+        return [1] * max(1, len(text) // 10)
+
+
+# -- run_battery and bad input ------------------------------------------------------------------------------
+
+
+def test_run_battery_summary_and_mode_restored(tiny, items):
+    model, tokenizer = tiny
+    model.train()
+    rows, summary = run_battery(
+        model,
+        tokenizer,
+        [items],
+        ["letter_logprob", "forced_choice"],
+        BatterySettings(**SHORT),
+        phase="final",
+    )
+    assert model.training and all(m.training for m in model.modules())
+    model.eval()
+    stats = summary["item_sets"]["toy_items"]["measures"]["letter_logprob"]
+    stances = [r["stance"] for r in rows["toy_items"]["letter_logprob"]]
+    assert stats["mean_stance"] == pytest.approx(sum(stances) / len(stances))
+    assert stats["n_rows"] == 2 * len(items) and stats["parse_rate"] == 1.0
+    assert set(summary["item_sets"]["toy_items"]["validity"]) == {"letter_logprob"}
+
+
+def test_unknown_measure_is_named():
+    with pytest.raises(MeasureError, match="letter_prob"):
+        check_measures(["letter_logprob", "letter_prob"])
+    with pytest.raises(MeasureError, match="twice"):
+        check_measures(["likert", "likert"])
+    with pytest.raises(MeasureError, match="option_form"):
+        BatterySettings.from_config({"option_form": "colon"})
+    with pytest.raises(MeasureError, match="likert.prompt"):
+        BatterySettings.from_config({"likert": {"prompt": "Rate {statment}"}})
+
+
+def test_item_missing_a_field_names_file_line_field(tmp_path):
+    good, bad = make_item("park_rules", 0), make_item("park_rules", 1)
+    del bad["forced_choice"]["anti_label"]
+    path = write_items(tmp_path / "bad.jsonl", [good, bad])
+    with pytest.raises(ItemError, match=r"bad\.jsonl:2: field 'forced_choice\.anti_label' is missing"):
+        load_item_set(path)
+
+
+def test_empty_item_file(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n")
+    with pytest.raises(ItemError, match="empty"):
+        load_item_set(path)
+
+
+def test_inexpressible_option_names_file_line_item_field(tiny, tmp_path):
+    model, tokenizer = tiny
+    item = make_item("urban_transit", 1)
+    item["forced_choice"]["pro_label"] = "Ω"  # two bytes: two tokens of the byte-level tokenizer
+    assert len(tokenizer.encode("Ω", add_special_tokens=False)) > 1
+    path = write_items(tmp_path / "letters.jsonl", [make_item("urban_transit", 0), item])
+    items = load_item_set(path)
+    with pytest.raises(
+        ItemError,
+        match=r"letters\.jsonl:2: item 'urban_transit-001-p0', field "
+        r"'forced_choice\.pro_label'.*2 tokens",
+    ):
+        letter_logprob(model, tokenizer, items, BatterySettings())
+
+
+def test_max_items_takes_domains_in_turn():
+    items = [make_item(d, k) for d in ("urban_transit", "park_rules") for k in range(3)]
+    chosen = spread_subset(items, 3)
+    assert [i["domain"] for i in chosen] == ["urban_transit", "urban_transit", "park_rules"]
+    assert spread_subset(items, None) == items

@@ -1,0 +1,441 @@
+"""Scale-out layer: launcher presets, one GPU per local job, RNG state in checkpoints, preemption and
+resume (same adapter as an uninterrupted run), idempotent append-only sweeps, DDP started like SLURM."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from lbt import cluster
+from lbt import train as train_mod
+from lbt.phases import PhaseHook
+from tests.conftest import CONF, ROOT, compose_train, write_toy_corpus
+
+# A tiny job: 24 toy records, 4 per step -> 6 steps; a resumable checkpoint after every step; a large lr
+# and dropout so that a resume with the wrong RNG state or optimizer state would show in the adapter.
+TINY = ["data.require_validation=false", "eval=none", "probe=none", "logger=none", "train.effective_batch=4",
+        "train.micro_batch=4", "train.epochs=1", "train.max_length=128", "train.resume_every_steps=1",
+        "train.checkpoint_fractions=[0.5,1.0]", "train.lr=1e-2", "train.lora.dropout=0.2"]
+MARKER = ["+eval.callbacks.marker._target_=tests.test_cluster.MarkerPhase"]
+
+
+# -- test hooks, instantiated inside job processes through the eval.callbacks config group ----------
+
+class MarkerPhase(PhaseHook):
+    """Writes eval/<phase>/marker.json with exclusive create: a phase dispatched twice fails the job."""
+
+    def run_phase(self, trainer: L.Trainer, module: L.LightningModule, phase: str) -> None:
+        folder = self.context.job_dir / "eval" / phase
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "marker.json", "x", encoding="utf-8") as handle:
+            json.dump({"phase": phase, "step": trainer.global_step, "pid": os.getpid()}, handle)
+
+
+class SendSignal(L.Callback):
+    """The job sends itself `signal_name` as optimizer step `at_step` starts (only in job `only_job`)."""
+
+    def __init__(self, at_step: int, signal_name: str = "SIGTERM", only_job: str | None = None):
+        self.at_step, self.signal_name, self.only_job = int(at_step), signal_name, only_job
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step + 1 == self.at_step and \
+                self.only_job in (None, Path(trainer.default_root_dir).name):
+            os.kill(os.getpid(), getattr(signal, self.signal_name))
+
+
+class SlowSteps(L.Callback):
+    """Sleeps after every step and writes progress.txt (the step just finished), so a test can kill the
+    job from outside while it trains."""
+
+    def __init__(self, seconds: float):
+        self.seconds = float(seconds)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        (Path(trainer.default_root_dir) / "progress.txt").write_text(str(trainer.global_step))
+        time.sleep(self.seconds)
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+
+def corpora(root: Path) -> Path:
+    (root / "corpora").mkdir(parents=True, exist_ok=True)
+    for name in ("frame_plus", "frame_minus"):
+        write_toy_corpus(root / "corpora" / f"{name}.jsonl", n=24)
+    return root
+
+
+def adapter(job_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(job_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def assert_same_adapter(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys() and a
+    for key, value in a.items():
+        torch.testing.assert_close(value, b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def snapshot(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, tuple[bytes, int]]:
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))
+            if p.is_file() and not any(part in skip for part in p.relative_to(folder).parts)}
+
+
+def run_cli(args: list[str], root: Path, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ, LBT_ROOT=str(root), PYTHONPATH=str(ROOT), **env)
+    return subprocess.run([sys.executable, "-m", "lbt.train", *args], cwd=ROOT, env=full_env,
+                          check=False, capture_output=True, text=True, timeout=timeout)
+
+
+def hydra_main(monkeypatch, args: list[str], root: Path) -> None:
+    """`python -m lbt.train <args>` in this process (lbt.train is imported already: no start-up cost)."""
+    import logging
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    monkeypatch.setattr(sys, "argv", ["lbt.train", *args])
+    monkeypatch.setenv("LBT_ROOT", str(root))
+    handlers, level = logging.root.handlers[:], logging.root.level
+    GlobalHydra.instance().clear()
+    try:
+        train_mod.main()
+    finally:
+        GlobalHydra.instance().clear()
+        for handler in logging.root.handlers[:]:     # Hydra's job logging: back to pytest's handlers
+            if handler not in handlers:
+                logging.root.removeHandler(handler)
+                handler.close()
+        for handler in handlers:
+            if handler not in logging.root.handlers:
+                logging.root.addHandler(handler)
+        logging.root.setLevel(level)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    """An uninterrupted run of tiny / frame_minus / seed 1 in this process (the jobs below must match it)."""
+    root = corpora(tmp_path_factory.mktemp("reference"))
+    cfg = compose_train([*TINY, f"paths.data_dir={root}", "arm=minus", "seed=1", f"+job_dir={root / 'job'}"])
+    card = train_mod.train(cfg)
+    assert card["data"]["total_steps"] >= 5
+    return {"card": card, "adapter": adapter(root / "job")}
+
+
+# -- configuration ------------------------------------------------------------------------------------
+
+def test_launcher_presets_compose(monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    monkeypatch.setenv("LBT_SLURM_PARTITION", "gpu-long")
+    monkeypatch.setenv("LBT_SLURM_TIME_MIN", "720")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        slurm = compose("train", ["hydra/launcher=slurm", "hardware=gpu"], return_hydra_config=True)
+        multi = compose("train", ["hydra/launcher=slurm", "hardware=multi_gpu"], return_hydra_config=True)
+        local = compose("train", ["hydra/launcher=local_gpus"], return_hydra_config=True)
+    one = OmegaConf.to_container(slurm.hydra.launcher, resolve=True)
+    assert one["_target_"] == "hydra_plugins.lbt_launchers.launchers.SlurmLauncher"
+    assert (one["partition"], one["timeout_min"], one["account"]) == ("gpu-long", 720, None)
+    assert (one["tasks_per_node"], one["gpus_per_node"], one["nodes"]) == (1, 1, 1)
+    assert one["max_num_timeout"] > 0 and "export HYDRA_FULL_ERROR=1" in one["setup"]
+    two = OmegaConf.to_container(multi.hydra.launcher, resolve=True)
+    assert (two["tasks_per_node"], two["gpus_per_node"]) == (multi.hardware.devices,) * 2 == (2, 2)
+    # The job directory comes from the overrides only (not launch time or job number): a requeue finds it.
+    assert slurm.hydra.sweep.subdir == "tiny-frame_plus-s0"
+    assert OmegaConf.to_yaml(slurm.hydra.sweep, resolve=False).count("${model.name}-${arm.name}-s${seed}") == 1
+    local_launcher = OmegaConf.to_container(local.hydra.launcher, resolve=True)
+    assert local_launcher["_target_"] == "hydra_plugins.lbt_launchers.launchers.LocalGPULauncher"
+
+
+@pytest.fixture
+def hydra_launcher():
+    """make(overrides): the launcher Hydra would build for `python -m lbt.train -m <overrides>`, in this
+    process; Hydra's global config is reset afterwards (train() outside Hydra must not see it)."""
+    from hydra._internal.callbacks import Callbacks
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.plugins import Plugins
+    from hydra.types import HydraContext, RunMode
+
+    def make(overrides: list[str], task_function=lambda cfg: None):
+        loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(CONF)))
+        cfg = loader.load_configuration("train", overrides=overrides, run_mode=RunMode.MULTIRUN)
+        HydraConfig.instance().set_config(cfg)
+        context = HydraContext(config_loader=loader, callbacks=Callbacks(cfg))
+        return Plugins.instance().instantiate_launcher(hydra_context=context, task_function=task_function,
+                                                       config=cfg)
+    yield make
+    HydraConfig.instance().cfg = None
+
+
+def test_slurm_preset_submits_only_unfinished_jobs_with_requeue_settings(tmp_path, monkeypatch,
+                                                                           hydra_launcher):
+    import submitit
+
+    sweep = tmp_path / "multirun" / "s1"
+    launcher = hydra_launcher(["hydra/launcher=slurm", "hardware=gpu", "sweep_name=s1",
+                               f"hydra.sweep.dir={sweep}", "hydra.launcher.partition=a100"])
+    (sweep / "tiny-frame_plus-s0").mkdir(parents=True)
+    (sweep / "tiny-frame_plus-s0" / "DONE").write_text("x")
+    (sweep / "tiny-frame_plus-s0" / "run.json").write_text('{"status": "done"}')
+    captured = {}
+
+    def fake_map_array(executor, fn, *iterables):
+        captured["executor"], captured["args"] = executor, list(zip(*iterables))
+        from hydra.core.utils import JobReturn, JobStatus
+
+        class Done:
+            def results(self):
+                return [JobReturn(status=JobStatus.COMPLETED, _return_value="trained")]
+        return [Done() for _ in captured["args"]]
+
+    monkeypatch.setattr(submitit.AutoExecutor, "map_array", fake_map_array)
+    bin_dir = tmp_path / "bin"                     # submitit looks for srun before building the executor
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (bin_dir / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    jobs = [["seed=0"], ["seed=1"]]
+    returns = launcher.launch(jobs, initial_job_idx=0)
+    assert [r.return_value for r in returns] == [{"status": "done"}, "trained"]
+    assert [args[0] for args in captured["args"]] == [["seed=1"]]   # the finished job is not submitted
+    script = captured["executor"]._executor._make_submission_file_text("python -m x", "uid")
+    for line in ("--partition=a100", "--gpus-per-node=1", "--ntasks-per-node=1", "--signal=USR2@300",
+                 "--time=240", "export HYDRA_FULL_ERROR=1"):
+        assert line in script, line
+    assert captured["executor"]._executor.max_num_timeout == 20
+
+
+def test_trainer_switches_off_lightning_requeue_whenever_slurm_runs_the_job(monkeypatch):
+    for name in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(name)
+    cfg = compose_train(["hardware=cpu"])
+    assert "plugins" not in train_mod.trainer_kwargs(cfg)
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_JOB_NAME", "lbt")
+    (plugin,) = train_mod.trainer_kwargs(cfg)["plugins"]   # a one-device job, not only DDP
+    assert type(plugin).__name__ == "SLURMEnvironment" and plugin.auto_requeue is False
+
+
+# -- one GPU per job ----------------------------------------------------------------------------------
+
+def test_local_launcher_hands_each_job_its_own_gpu(tmp_path, monkeypatch, hydra_launcher):
+    """3 jobs on GPUs 3 and 5: two at a time, each submitted with one GPU, a finished job's GPU reused."""
+    from hydra_plugins.lbt_launchers import launchers
+
+    monkeypatch.setenv("LBT_GPUS", "3,5")
+    monkeypatch.setattr(launchers.time, "sleep", lambda s: None)
+    launcher = hydra_launcher(["hydra/launcher=local_gpus", "hardware=gpu", "sweep_name=g",
+                               f"hydra.sweep.dir={tmp_path / 'g'}"])
+    events: list = []
+
+    class FakeJob:
+        def __init__(self, args):
+            self.idx, self.polls = args[2], 0
+
+        def done(self):
+            self.polls += 1
+            return self.polls > (1 if self.idx == 0 else 3)             # job 0 ends first
+
+        def results(self):
+            events.append(("end", self.idx))
+            return [f"result {self.idx}"]
+
+    class FakeExecutor:
+        def __init__(self):
+            self.params: dict = {}
+
+        def update_parameters(self, **params):
+            self.params.update(params)
+
+        def submit(self, fn, *args):
+            assert fn is launcher
+            events.append(("start", args[2], self.params["visible_gpus"], self.params["gpus_per_node"]))
+            return FakeJob(args)
+
+    monkeypatch.setattr(launcher, "_executor", FakeExecutor)
+    returns = launcher.launch([["seed=0"], ["seed=1"], ["seed=2"]], initial_job_idx=0)
+    assert returns == ["result 0", "result 1", "result 2"]
+    assert events[:4] == [("start", 0, (3,), 1), ("start", 1, (5,), 1), ("end", 0), ("start", 2, (3,), 1)]
+    with pytest.raises(ValueError, match="one GPU per job"):
+        hydra_launcher(["hydra/launcher=local_gpus", "hardware=multi_gpu", f"hydra.sweep.dir={tmp_path / 'm'}"]
+                       ).launch([["seed=0"]], initial_job_idx=0)
+
+
+def test_gpu_lock_keeps_a_second_sweep_waiting(tmp_path, monkeypatch):
+    import threading
+
+    hardware = OmegaConf.create({"accelerator": "gpu", "devices": 1, "num_nodes": 1})
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2")
+    assert cluster.lock_local_gpus(hardware, tmp_path) == []              # not a submitit_local job
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
+    assert cluster.lock_local_gpus(OmegaConf.create({"accelerator": "cpu"}), tmp_path) == []
+    try:
+        assert cluster.lock_local_gpus(hardware, tmp_path) == ["2"]       # this sweep's job holds GPU 2
+        first = cluster._locks.pop()
+        second = threading.Thread(target=cluster.lock_local_gpus, args=(hardware, tmp_path, 0.01))
+        second.start()                                                    # another sweep's job on GPU 2
+        second.join(0.3)
+        assert second.is_alive()                                          # ... waits
+        first.close()                                                     # the first job ends
+        second.join(5)
+        assert not second.is_alive() and len(cluster._locks) == 1
+    finally:
+        while cluster._locks:
+            cluster._locks.pop().close()
+
+
+# -- RNG state ------------------------------------------------------------------------------------------
+
+def draws() -> tuple:
+    return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
+
+
+def test_rng_state_roundtrip_survives_a_weights_only_checkpoint(tmp_path):
+    L.seed_everything(7, verbose=False)
+    draws()
+    state = cluster.rng_state(torch.device("cpu"))
+    expected = draws()
+    torch.save({"rng_states": [state]}, tmp_path / "c.ckpt")
+    L.seed_everything(123, verbose=False)
+    loaded = torch.load(tmp_path / "c.ckpt", weights_only=True)["rng_states"][0]
+    cluster.set_rng_state(loaded, torch.device("cpu"))
+    assert draws() == expected
+
+
+# -- preemption and resume -------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_sigterm_mid_training_resumes_to_the_same_adapter(tmp_path, reference, monkeypatch):
+    root = corpora(tmp_path)
+    job = root / "job"
+    args = [*TINY, *MARKER, f"paths.data_dir={root}", "arm=minus", "seed=1", f"hydra.run.dir={job}",
+            "+eval.callbacks.slow._target_=tests.test_cluster.SlowSteps", "+eval.callbacks.slow.seconds=0.5"]
+    env = dict(os.environ, LBT_ROOT=str(root), PYTHONPATH=str(ROOT))
+    with open(tmp_path / "first.log", "w") as first_log:             # a file: a full pipe would block the job
+        proc = subprocess.Popen([sys.executable, "-m", "lbt.train", *args], cwd=ROOT, env=env,
+                                stdout=first_log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            progress = job / "progress.txt"
+            if progress.exists() and int(progress.read_text() or 0) >= 3:
+                proc.send_signal(signal.SIGTERM)                          # preempted after step 3
+                break
+            time.sleep(0.05)
+        proc.wait(timeout=240)
+    assert proc.returncode == 128 + signal.SIGTERM, (tmp_path / "first.log").read_text()[-3000:]
+    assert not (job / "DONE").exists() and not (job / "adapter").exists()
+    card = json.loads((job / "run.json").read_text())
+    stopped = card["interrupted_at_step"]
+    assert card["status"] == "interrupted" and 3 <= stopped < reference["card"]["data"]["total_steps"]
+    assert torch.load(job / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == stopped
+    before = snapshot(job / "eval") | {f"ckpt/{k}": v for k, v in snapshot(job / "checkpoints").items()
+                                      if k.startswith("adapter_step_")}
+    assert "base/marker.json" in before and "step_3/marker.json" in before
+
+    out = run_cli(args, root)                                            # re-launch: resumes
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resume:" in out.stderr + out.stdout
+    card = json.loads((job / "run.json").read_text())
+    assert card["status"] == "done" and card["previous_attempts"] == 1
+    assert card["loss_history"] == pytest.approx(reference["card"]["loss_history"], rel=1e-5)
+    assert [v["step"] for v in card["val_loss"]] == [v["step"] for v in reference["card"]["val_loss"]]
+    assert_same_adapter(adapter(job), reference["adapter"])
+    after = snapshot(job / "eval") | {f"ckpt/{k}": v for k, v in snapshot(job / "checkpoints").items()
+                                     if k.startswith("adapter_step_")}
+    assert {k: after[k] for k in before} == before                        # nothing from before was rewritten
+    assert "final/marker.json" in after
+
+    # Launched once more (the same command line, in this process): DONE -> one log line, nothing trained.
+    finished = snapshot(job, skip=(".hydra", "train.log"))
+    log_before = (job / "train.log").read_text()
+    hydra_main(monkeypatch, args, root)
+    assert (job / "train.log").read_text()[len(log_before):].count("skip: ") == 1
+    assert snapshot(job, skip=(".hydra", "train.log")) == finished
+
+
+@pytest.mark.slow
+def test_local_sweep_requeues_a_preempted_job_and_a_rerun_changes_nothing(tmp_path, reference):
+    """A 2x2 sweep through hydra/launcher=local_gpus (submitit local jobs). One job gets the requeue
+    signal (USR2) at step 4: it checkpoints, submitit requeues it, it resumes and ends with the adapter of
+    an uninterrupted run. Re-running the finished sweep launches nothing and changes no file."""
+    root = corpora(tmp_path)
+    sweep = root / "multirun" / "ci"
+    args = ["-m", "hydra/launcher=local_gpus", "hydra.launcher.max_parallel=4", *TINY, *MARKER,
+            "arm=plus,minus", "seed=0,1", f"paths.data_dir={root}", "sweep_name=ci", f"hydra.sweep.dir={sweep}",
+            "+eval.callbacks.kill._target_=tests.test_cluster.SendSignal", "+eval.callbacks.kill.at_step=4",
+            "+eval.callbacks.kill.signal_name=SIGUSR2", "+eval.callbacks.kill.only_job=tiny-frame_minus-s1"]
+    out = run_cli(args, root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    jobs = sorted(p.name for p in sweep.iterdir() if (p / "DONE").exists())
+    assert jobs == ["tiny-frame_minus-s0", "tiny-frame_minus-s1", "tiny-frame_plus-s0", "tiny-frame_plus-s1"]
+    preempted = sweep / "tiny-frame_minus-s1"
+    card = json.loads((preempted / "run.json").read_text())
+    assert card["previous_attempts"] == 1 and card["job"]["sweep"] == "ci"
+    logs = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_log.*"))
+    assert "Requeued job" in logs and "checkpoint written at step 4" in logs
+    assert card["loss_history"] == pytest.approx(reference["card"]["loss_history"], rel=1e-5)
+    assert_same_adapter(adapter(preempted), reference["adapter"])
+    for name in jobs:
+        assert json.loads((sweep / name / "run.json").read_text()).get("previous_attempts", 0) == \
+            (1 if name == preempted.name else 0)
+
+    before = snapshot(sweep, skip=("multirun.yaml",))
+    again = run_cli(args, root)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (again.stdout + again.stderr).count("skip: ") == 4
+    assert snapshot(sweep, skip=("multirun.yaml",)) == before           # bytes and mtimes unchanged
+
+
+# -- DDP started the way SLURM starts it --------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_ranks_started_like_slurm_match_one_process(tmp_path):
+    root = corpora(tmp_path)
+    common = [*TINY, f"paths.data_dir={root}", "arm=plus", "seed=0", "train.lora.dropout=0"]
+    single = train_mod.train(compose_train([*common, f"+job_dir={root / 'single'}"]))
+
+    job = root / "ddp"
+    args = [*common, "hardware=cpu", "hardware.devices=2", "hardware.strategy=ddp", f"hydra.run.dir={job}",
+            "logger=wandb", "logger.mode=offline"]
+    slurm = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
+             "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "lbt-ci", "SLURM_NODELIST": "localhost",
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    env = dict(os.environ, LBT_ROOT=str(root), PYTHONPATH=str(ROOT), HOME=str(root), **slurm)
+    # Output to files: a full pipe would block a rank.
+    with open(tmp_path / "rank0.log", "w") as log0, open(tmp_path / "rank1.log", "w") as log1:
+        ranks = [subprocess.Popen([sys.executable, "-m", "lbt.train", *args], cwd=ROOT, stdout=log,
+                                  env=dict(env, SLURM_PROCID=str(r), SLURM_LOCALID=str(r)),
+                                  stderr=subprocess.STDOUT) for r, log in enumerate((log0, log1))]
+        for proc in ranks:
+            proc.wait(timeout=300)
+    outputs = [(tmp_path / f"rank{r}.log").read_text() for r in range(2)]
+    assert [p.returncode for p in ranks] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert "MEMBER: 2/2" in outputs[1]                                   # rank 1 of 2, started by "SLURM"
+    assert [p.name for p in job.glob("DONE")] == ["DONE"] and (job / "adapter").is_dir()
+    assert len(list((job / "wandb_files" / "wandb").glob("offline-run-*"))) == 1   # rank 0 logs only
+    card = json.loads((job / "run.json").read_text())
+    assert card["status"] == "done" and card["config"]["hardware"]["devices"] == 2
+    # The loss is normalised by the global supervised-token count: the same as one process.
+    assert card["loss_history"] == pytest.approx(single["loss_history"], rel=1e-4)
+    single_adapter = adapter(root / "single")
+    for key, value in adapter(job).items():
+        torch.testing.assert_close(value, single_adapter[key], rtol=1e-3, atol=1e-5)

@@ -1,0 +1,200 @@
+"""python -m lbt.evaluate: the battery on a base model or an adapter, any item file in the published schema
+(the original study's items unchanged), the job-directory layout, append-only, and errors before loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from lbt import evaluate as evaluate_mod
+from lbt.eval.items import ItemError
+from lbt.eval.rows import read_rows
+from tests.conftest import CONF, ROOT
+from tests.eval_reference import make_item, make_items, write_items
+
+SEED_ITEMS = ROOT.parent / "shared" / "reference" / "seed-eval" / "target_items.jsonl"
+SHORT = [
+    "eval.forced_choice.max_new_tokens=2",
+    "eval.likert.max_new_tokens=2",
+    "eval.open_ended.max_new_tokens=2",
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def compose_evaluate(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="evaluate", overrides=list(overrides))
+
+
+@pytest.fixture
+def toy_items(tmp_path) -> Path:
+    return write_items(tmp_path / "toy_items.jsonl", make_items(per_domain=1))
+
+
+def test_base_model_writes_job_layout(toy_items, tmp_path):
+    out = tmp_path / "out"
+    summary = evaluate_mod.evaluate(compose_evaluate(f"items=[{toy_items}]", f"out_dir={out}", *SHORT))
+    for measure in ("letter_logprob", "forced_choice", "logprob", "likert", "open_ended"):
+        rows = read_rows(out / "eval/base/toy_items" / f"{measure}.jsonl")
+        assert (
+            rows and {r["item_set"] for r in rows} == {"toy_items"} and {r["phase"] for r in rows} == {"base"}
+        )
+    card = json.loads((out / "run.json").read_text())
+    assert card["job"]["arm"] == "base" and card["job"]["model"] == "tiny" and card["phase"] == "base"
+    assert card["items"][0]["n_items"] == 2 and (out / "DONE").exists()
+    assert json.loads((out / "eval/base/summary.json").read_text()) == json.loads(json.dumps(summary))
+    files = sorted((out / "eval").rglob("*.json*"))
+    before = [f.read_bytes() for f in files]
+    evaluate_mod.evaluate(compose_evaluate(f"items=[{toy_items}]", f"out_dir={out}", *SHORT))
+    assert [f.read_bytes() for f in files] == before  # append-only: the finished phase is skipped
+
+
+def _adapter(tmp_path) -> Path:
+    """A LoRA adapter of the tiny model with non-zero B (so it changes scores), inside a fake job dir."""
+    from lbt.model.load import load_model, load_tokenizer
+    from lbt.model.lora import wrap_lora
+
+    cfg = compose_evaluate()
+    tokenizer = load_tokenizer(cfg.model)
+    model = wrap_lora(
+        load_model(cfg.model, tokenizer, torch.float32),
+        OmegaConf.create({"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["q_proj", "v_proj"]}),
+    )
+    generator = torch.Generator().manual_seed(0)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            parameter.data = torch.randn(parameter.shape, generator=generator) * 0.5
+    job = tmp_path / "job"
+    (job / "checkpoints").mkdir(parents=True)
+    model.save_pretrained(str(job / "checkpoints" / "adapter_step_4"))
+    (job / "run.json").write_text(
+        json.dumps(
+            {"job": {"model": "tiny", "arm": "frame_plus", "seed": 3, "experiment": None, "sweep": "s"}}
+        )
+    )
+    return job / "checkpoints" / "adapter_step_4"
+
+
+def test_adapter_takes_arm_and_phase_from_its_job(toy_items, tmp_path):
+    adapter = _adapter(tmp_path)
+    base = evaluate_mod.evaluate(
+        compose_evaluate(
+            f"items=[{toy_items}]", f"out_dir={tmp_path / 'b'}", "eval.measures=[letter_logprob]"
+        )
+    )
+    tuned = evaluate_mod.evaluate(
+        compose_evaluate(
+            f"items=[{toy_items}]",
+            f"out_dir={tmp_path / 'a'}",
+            f"adapter={adapter}",
+            "eval.measures=[letter_logprob]",
+        )
+    )
+    card = json.loads((tmp_path / "a/run.json").read_text())
+    assert card["job"]["arm"] == "frame_plus" and card["job"]["seed"] == 3 and card["phase"] == "step_4"
+    assert tuned["phase"] == "step_4" and (tmp_path / "a/eval/step_4/toy_items/letter_logprob.jsonl").exists()
+    mean = [s["item_sets"]["toy_items"]["measures"]["letter_logprob"]["mean_stance"] for s in (base, tuned)]
+    assert abs(mean[0] - mean[1]) > 1e-4  # the adapter is applied
+
+
+@pytest.mark.skipif(not SEED_ITEMS.exists(), reason="../shared/reference/seed-eval is absent")
+def test_published_items_score_unchanged(tmp_path):
+    out = tmp_path / "seed"
+    summary = evaluate_mod.evaluate(
+        compose_evaluate(
+            f"items=[{SEED_ITEMS}]",
+            f"out_dir={out}",
+            *SHORT,
+            "eval.measures=[letter_logprob,forced_choice,likert]",
+        )
+    )
+    stats = summary["item_sets"]["target_items"]
+    assert stats["n_items"] == 54
+    assert (
+        stats["measures"]["letter_logprob"]["n_rows"] == 108 and stats["measures"]["likert"]["n_rows"] == 108
+    )
+    rows = read_rows(out / "eval/base/target_items/letter_logprob.jsonl")
+    assert {r["pro_option"] for r in rows} == {"A", "B"} and len({r["domain"] for r in rows}) == 6
+    full = evaluate_mod.evaluate(
+        compose_evaluate(f"items=[{SEED_ITEMS}]", f"out_dir={tmp_path / 'all'}", *SHORT, "eval.max_items=6")
+    )
+    assert set(full["item_sets"]["target_items"]["measures"]) == {
+        "letter_logprob",
+        "forced_choice",
+        "logprob",
+        "likert",
+        "open_ended",
+    }
+
+
+def _no_model(monkeypatch):
+    monkeypatch.setattr(
+        evaluate_mod, "load_model", lambda *a, **k: pytest.fail("model loaded before the check")
+    )
+
+
+def test_bad_items_fail_before_the_model_loads(tmp_path, monkeypatch):
+    _no_model(monkeypatch)
+    with pytest.raises(ItemError, match="nope.jsonl: item file not found"):
+        evaluate_mod.evaluate(compose_evaluate(f"items=[{tmp_path / 'nope.jsonl'}]", f"out_dir={tmp_path}"))
+    bad = make_item("park_rules", 0)
+    bad["forced_choice"]["pro_label"] = "Ω"
+    path = write_items(tmp_path / "omega.jsonl", [bad])
+    with pytest.raises(
+        ItemError, match=r"omega\.jsonl:1: item 'park_rules-000-p0', field 'forced_choice\.pro_label'"
+    ):
+        evaluate_mod.evaluate(compose_evaluate(f"items=[{path}]", f"out_dir={tmp_path / 'o'}"))
+
+
+def test_bad_adapter_and_duplicate_stems_fail_before_the_model_loads(toy_items, tmp_path, monkeypatch):
+    _no_model(monkeypatch)
+    with pytest.raises(evaluate_mod.AdapterError, match="adapter_config.json"):
+        evaluate_mod.evaluate(
+            compose_evaluate(f"items=[{toy_items}]", f"adapter={tmp_path}", f"out_dir={tmp_path}")
+        )
+    other = tmp_path / "other"
+    other.mkdir()
+    twin = write_items(other / "toy_items.jsonl", make_items(1))
+    with pytest.raises(ValueError, match="share a stem"):
+        evaluate_mod.evaluate(compose_evaluate(f"items=[{toy_items},{twin}]", f"out_dir={tmp_path}"))
+
+
+def test_phase_inference():
+    assert evaluate_mod.infer_phase(None) == "base"
+    assert evaluate_mod.infer_phase(Path("job/adapter")) == "final"
+    assert evaluate_mod.infer_phase(Path("job/checkpoints/adapter_step_12")) == "step_12"
+
+
+@pytest.mark.slow
+def test_cli(toy_items, tmp_path):
+    out = tmp_path / "cli"
+    command = [
+        sys.executable,
+        "-m",
+        "lbt.evaluate",
+        f"items=[{toy_items}]",
+        f"out_dir={out}",
+        "eval.measures=[letter_logprob]",
+        f"hydra.run.dir={tmp_path / 'hydra'}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny matmuls on a shared box: one thread is faster
+    result = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(read_rows(out / "eval/base/toy_items/letter_logprob.jsonl")) == 4

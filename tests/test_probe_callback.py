@@ -1,0 +1,194 @@
+"""ProbeCallback in a real (tiny) training job: files per phase in the contract format, shift at base = 0,
+phases are not redone, scalars reach the logger, the training-time ablation is active only in training."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import torch
+
+from lbt import train as train_mod
+from lbt.phases import PhaseHook
+from lbt.probe import callback as probe_cb
+from lbt.probe import hooks
+from tests.conftest import ROOT, compose_train
+from tests.test_directions import write_paired_corpora
+
+ITEMS = ROOT / "data" / "eval" / "target_items.jsonl"
+CONTRACT_KEYS = {"phase", "layers", "l_star", "direction_key", "projection", "shift", "shift_se", "n_prompts"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One thread for torch and BLAS: on a shared 2-core machine, two threads contend and run ~30× slower."""
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(before)
+
+
+class Spy(PhaseHook):
+    """Runs after ProbeCallback in every phase: records whether the training ablation was switched on."""
+
+    seen: ClassVar[list[tuple[str, bool]]] = []
+
+    def run_phase(self, trainer, module, phase):
+        probe = next(cb for cb in trainer.callbacks if isinstance(cb, probe_cb.ProbeCallback))
+        Spy.seen.append((phase, probe._active))
+
+
+def job_cfg(tmp: Path, name: str, *extra: str):
+    corpora = write_paired_corpora(tmp, n=16)
+    return compose_train([
+        f"arm.corpus={corpora['frame_plus']}", "data.require_validation=false", "logger=csv", "eval=none",
+        "probe=default", f"probe.items={ITEMS}", "probe.max_items=6", "probe.batch_size=4",
+        f"probe.callbacks.probe.corpora.frame_plus={corpora['frame_plus']}",
+        f"probe.callbacks.probe.corpora.frame_minus={corpora['frame_minus']}",
+        f"paths.cache_dir={tmp / 'cache'}", "train.effective_batch=8", "train.micro_batch=8", "train.epochs=1",
+        "train.max_steps=2", "train.checkpoint_fractions=[0.5,1.0]", "train.max_length=96",
+        f"+job_dir={tmp / name}", "sweep_name=test", *extra])
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("probe")
+    cfg = job_cfg(tmp, "job")
+    train_mod.train(cfg)
+    return tmp, tmp / "job", cfg
+
+
+def test_phase_files_follow_the_contract(job):
+    _, job_dir, cfg = job
+    n_layers = cfg.model.arch.num_hidden_layers
+    phases = {p.stem for p in (job_dir / "probe").glob("*.json")}
+    assert phases == {"base", "step_1", "final"}
+    for phase in phases:
+        record = json.loads((job_dir / "probe" / f"{phase}.json").read_text())
+        assert CONTRACT_KEYS <= set(record) and record["phase"] == phase
+        assert record["layers"] == list(range(n_layers)) and 0 <= record["l_star"] < n_layers
+        assert record["n_prompts"] == 6
+        for key in ("projection", "shift", "shift_se"):
+            assert set(record[key]) == {"answer", "prompt_mean"}
+            assert all(len(v) == n_layers and all(np.isfinite(v)) for v in record[key].values())
+    base = json.loads((job_dir / "probe" / "base.json").read_text())
+    assert base["shift"]["answer"] == [0.0] * n_layers and base["shift_se"]["prompt_mean"] == [0.0] * n_layers
+    final = json.loads((job_dir / "probe" / "final.json").read_text())
+    # Paired shift = difference of mean projections (same prompts at both phases).
+    np.testing.assert_allclose(final["shift"]["answer"],
+                               np.subtract(final["projection"]["answer"], base["projection"]["answer"]), atol=1e-9)
+    assert final["direction_key"] == base["direction_key"]
+    assert (job_dir / "probe" / "base_values.pt").exists()
+    assert (job[0] / "cache" / "directions" / f"{base['direction_key']}.json").exists()
+
+
+def test_shift_by_hand_and_standard_error():
+    """phase_record on numbers worked out by hand: diffs (1, 3) → mean 2, SD √2, SE 1."""
+    class FakeDirections:
+        key, variant = "k", "assistant_mean"
+        n_layers = 1
+
+        def l_star(self):
+            return 0
+
+        def norm(self):
+            return torch.tensor([2.0])
+
+        def accuracy(self):
+            return [0.75]
+    now = {"answer": torch.tensor([[2.0], [5.0]]), "prompt_mean": torch.tensor([[1.0], [1.0]])}
+    base = {"answer": torch.tensor([[1.0], [2.0]]), "prompt_mean": torch.tensor([[1.0], [1.0]])}
+    record = probe_cb.phase_record("final", now, base, FakeDirections())
+    assert record["projection"]["answer"] == [3.5] and record["shift"]["answer"] == [2.0]
+    assert record["shift_se"]["answer"] == [pytest.approx(1.0)] and record["shift_se"]["prompt_mean"] == [0.0]
+
+
+def test_scalars_reach_the_logger(job):
+    _, job_dir, _ = job
+    with open(job_dir / "csv" / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    values = [r["probe/answer_shift_lstar"] for r in rows if r.get("probe/answer_shift_lstar")]
+    assert len(values) == 3 and float(values[0]) == 0.0
+
+
+def test_existing_phase_is_skipped_and_missing_base_values_are_recomputed(job, tmp_path):
+    _, job_dir, cfg = job
+    from lbt.model.load import load_model, load_tokenizer
+    from lbt.phases import PhaseContext
+
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, tokenizer, torch.float32)
+    callback = probe_cb.ProbeCallback(**{k: v for k, v in cfg.probe.callbacks.probe.items() if k != "_target_"})
+    callback.setup_context(PhaseContext(job_dir=job_dir, tokenizer=tokenizer, cfg=cfg))
+
+    class Trainer:
+        is_global_zero, global_step, loggers = True, 0, []
+
+    class Module:
+        pass
+    module = Module()
+    module.model = model
+    before = (job_dir / "probe" / "final.json").stat().st_mtime_ns
+    callback.run_phase(Trainer(), module, "final")
+    assert (job_dir / "probe" / "final.json").stat().st_mtime_ns == before
+    # The plain base model as a later phase, with base_values.pt gone: recomputed, and the shift is 0.
+    copy = tmp_path / "job"
+    (copy / "probe").mkdir(parents=True)
+    (copy / "probe" / "base.json").write_bytes((job_dir / "probe" / "base.json").read_bytes())
+    callback.setup_context(PhaseContext(job_dir=copy, tokenizer=tokenizer, cfg=cfg))
+    callback.run_phase(Trainer(), module, "step_9")
+    record = json.loads((copy / "probe" / "step_9.json").read_text())
+    base = json.loads((job_dir / "probe" / "base.json").read_text())
+    np.testing.assert_allclose(record["projection"]["answer"], base["projection"]["answer"], atol=1e-5)
+    np.testing.assert_allclose(record["shift"]["answer"], 0.0, atol=1e-5)
+    assert (copy / "probe" / "base_values.pt").exists()
+
+
+def test_wandb_line_plots_per_phase():
+    logged = []
+
+    class Experiment:
+        def log(self, data):
+            logged.append(data)
+
+    class WandbLogger:
+        experiment = Experiment()
+    record = {"layers": [0, 1], "projection": {"answer": [0.1, 0.2], "prompt_mean": [0.0, 0.1]},
+              "shift": {"answer": [0.0, 0.05], "prompt_mean": [0.0, 0.0]}}
+    probe_cb.log_wandb_lines(WandbLogger(), "final", record)
+    assert set(logged[0]) == {"probe/final/answer_projection", "probe/final/prompt_mean_projection",
+                              "probe/final/answer_shift", "probe/final/prompt_mean_shift"}
+
+
+def test_train_intervention_is_active_only_in_training(tmp_path):
+    Spy.seen = []
+    cfg = job_cfg(tmp_path, "ablate", "probe.train_intervention=ablate",
+                  "+probe.callbacks.spy._target_=tests.test_probe_callback.Spy")
+    calls = {"n": 0}
+    original = hooks.ablate_writes
+
+    def counting(model, direction, enabled=None):
+        def wrapped():
+            on = enabled()
+            calls["n"] += int(on)
+            return on
+        return original(model, direction, wrapped)
+    probe_cb.hooks.ablate_writes = counting
+    try:
+        train_mod.train(cfg)
+    finally:
+        probe_cb.hooks.ablate_writes = original
+    record = json.loads((tmp_path / "ablate" / "probe" / "train_intervention.json").read_text())
+    assert record["mode"] == "ablate" and record["cosine_with_direction"] == pytest.approx(1.0)
+    n_layers = cfg.model.arch.num_hidden_layers
+    # 2 steps × 1 micro-batch × (embeddings + attention and MLP of every layer), forward only.
+    assert calls["n"] == 2 * (1 + 2 * n_layers)
+    assert [phase for phase, _ in Spy.seen] == ["base", "step_1", "final"]
+    assert not any(active for _, active in Spy.seen)

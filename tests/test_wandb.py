@@ -1,0 +1,123 @@
+"""W&B: one run per job with group/job_type/name/tags and a deterministic id; offline without a key or a
+network, with one notice and the `wandb sync` command; metrics and config (without secrets) in the run
+file; training unaffected."""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+from pathlib import Path
+
+import pytest
+
+from lbt import loggers
+from lbt import train as train_mod
+from lbt.loggers import finish_wandb, job_run_id, run_id, wandb_key_in_netrc, wandb_mode
+from tests.conftest import compose_train, write_toy_corpus
+
+SECRETS = {"HF_TOKEN": "hf_env_secret_4a1b", "LBT_LLM_API_KEY": "sk-llm-secret-77c2"}
+CONFIG_SECRETS = ("hf_config_secret_9d3e", "sk-config-secret-51f0")
+
+
+def wandb_records(path: Path):
+    """The records of an offline .wandb file: W&B's 7-byte header, then LevelDB-log framing (32 KiB blocks,
+    7-byte chunk headers: crc32c, length, type FULL=1/FIRST=2/MIDDLE=3/LAST=4), each a protobuf Record."""
+    from wandb.proto import wandb_internal_pb2
+
+    raw = path.read_bytes()
+    assert raw[:4] == b":W&B"
+    pos, block, chunks = 7, 32768, []
+    while pos + 7 <= len(raw):
+        if block - pos % block < 7:                     # block trailer too short for a header: padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
+        chunks.append(raw[pos + 7:pos + 7 + length])
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(b"".join(chunks))
+            chunks = []
+            yield record
+
+
+def isolate_wandb(monkeypatch, tmp_path: Path) -> None:
+    """No key anywhere W&B looks (env, NETRC, ~/.netrc under HOME), mode unset, HOME in tmp."""
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "NETRC", "WANDB_BASE_URL", "WANDB_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "home").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "home" / ".config" / "wandb"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "home" / ".cache" / "wandb"))
+
+
+def test_offline_job_logs_metrics_and_config_without_secrets(tmp_path, monkeypatch, caplog):
+    isolate_wandb(monkeypatch, tmp_path)
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    corpus = write_toy_corpus(tmp_path / "toy.jsonl", n=16)
+    common = [f"arm.corpus={corpus}", "data.require_validation=false", "eval=none", "probe=none",
+              "train.effective_batch=8", "train.micro_batch=4", "train.epochs=1", "train.max_length=96",
+              f"+model.hf_token={CONFIG_SECRETS[0]}", f"+extra.api_key={CONFIG_SECRETS[1]}"]
+    identity = train_mod.job_identity
+    monkeypatch.setattr(train_mod, "job_identity", lambda cfg: {**identity(cfg), "sweep": "wb-sweep"})
+    caplog.set_level(logging.WARNING, logger="lbt.loggers")
+    try:
+        card = train_mod.train(compose_train([*common, "logger=wandb", f"+job_dir={tmp_path / 'job'}"]))
+    finally:
+        finish_wandb()
+    notices = [r.getMessage() for r in caplog.records if r.name == "lbt.loggers"]
+    assert len(notices) == 1 and "offline" in notices[0] and "wandb sync" in notices[0]
+
+    plain = train_mod.train(compose_train([*common, "logger=none", f"+job_dir={tmp_path / 'plain'}"]))
+    assert card["loss_history"] == plain["loss_history"]                 # training unaffected
+
+    (run_file,) = (tmp_path / "job" / "wandb_files" / "wandb").glob("offline-run-*/run-*.wandb")
+    records = list(wandb_records(run_file))
+    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    name = "tiny-frame_plus-s0"
+    assert (run.display_name, run.run_group, run.job_type, run.project) == (name, "wb-sweep", "frame_plus", "lbt")
+    assert run.run_id == run_id("wb-sweep", name)
+    assert set(run.tags) == {"model:tiny", "arm:frame_plus", "seed:0", "experiment:none"}
+    config = {item.key: json.loads(item.value_json) for item in run.config.update}
+    assert config["seed"] == 0 and config["train"]["effective_batch"] == 8
+    assert config["model"]["hf_token"] == "<redacted>" and config["extra"]["api_key"] == "<redacted>"
+    losses = [json.loads(item.value_json) for r in records if r.WhichOneof("record_type") == "history"
+              for item in r.history.item if (item.key or "/".join(item.nested_key)) == "train/loss"]
+    assert losses == pytest.approx(card["loss_history"])
+
+    for path in (tmp_path / "job").rglob("*"):
+        if path.is_file():
+            text = path.read_bytes()
+            for secret in (*SECRETS.values(), *CONFIG_SECRETS):
+                assert secret.encode() not in text, (path, secret)
+
+
+def test_mode_follows_key_netrc_and_network(tmp_path, monkeypatch):
+    isolate_wandb(monkeypatch, tmp_path)
+    monkeypatch.setattr(loggers, "wandb_host_reachable", lambda host=None: True)
+    assert wandb_mode("auto") == ("offline", "no WANDB_API_KEY and no W&B login in ~/.netrc")
+    netrc = tmp_path / "home" / ".netrc"
+    netrc.write_text("machine github.com login me password ghp_x\n")
+    netrc.chmod(0o600)
+    assert not wandb_key_in_netrc() and wandb_mode("auto")[0] == "offline"   # a netrc for another host
+    netrc.write_text("machine api.wandb.ai login user password k123\n")
+    assert wandb_key_in_netrc() and wandb_mode("auto") == ("online", None)
+    monkeypatch.setattr(loggers, "wandb_host_reachable", lambda host=None: False)
+    assert wandb_mode("auto") == ("offline", "W&B is not reachable (no network)")
+    assert wandb_mode("offline") == ("offline", None) and wandb_mode("disabled") == ("disabled", None)
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")          # self-hosted server
+    assert not wandb_key_in_netrc()
+
+
+def test_run_id_is_stable_per_sweep_job_and_distinct_otherwise(tmp_path):
+    job = {"model": "tiny", "arm": "frame_plus", "seed": 0, "sweep": "s1"}
+    name = "tiny-frame_plus-s0"
+    first = job_run_id(job, tmp_path / "a", name)
+    assert first == job_run_id(job, tmp_path / "elsewhere", name)       # a requeued job continues its run
+    assert first != job_run_id({**job, "sweep": "s2"}, tmp_path / "a", name)
+    assert first != job_run_id(job, tmp_path / "a", "tiny-frame_plus-s1")
+    single = {**job, "sweep": None}                                       # two single runs never share a run
+    assert job_run_id(single, tmp_path / "a", name) != job_run_id(single, tmp_path / "b", name)
+    assert len(first) == 16 and int(first, 16) >= 0
