@@ -110,3 +110,31 @@ def test_packed_training_curve_equals_padded_curve(tiny_cfg, tmp_path):
                                     "hardware.fast.ce_chunk=64"))["loss_history"]
     assert len(plain) == 4
     assert max(abs(a - b) for a, b in zip(plain, fast)) < 1e-4
+
+
+def test_compiled_layers_train_exactly_like_eager_with_dropout():
+    """torch.compile must not change what LoRA learns (dropout included): see compile_decoder_layers."""
+    from lbt.model.lora import compile_decoder_layers
+
+    model_cfg, tok = tiny()
+    ids = torch.randint(3, 2000, (2, 48), generator=torch.Generator().manual_seed(5))
+    batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+    losses = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = wrap_lora(load_model(model_cfg, tok, torch.float32), OmegaConf.create(
+            {"r": 4, "alpha": 8, "dropout": 0.05, "targets": ["q_proj", "v_proj", "down_proj"]}))
+        if compiled:
+            compile_decoder_layers(model)
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        torch.manual_seed(1)
+        curve = []
+        for _ in range(3):
+            loss, n = supervised_token_loss(model, batch)
+            (loss / n).backward()
+            opt.step()
+            opt.zero_grad()
+            curve.append(float(loss) / n)
+        losses.append(curve)
+    assert max(abs(a - b) for a, b in zip(*losses)) < 1e-5
