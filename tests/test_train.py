@@ -158,3 +158,34 @@ def test_multirun_sweep_in_subprocess(tmp_path):
     assert jobs == ["tiny-frame_minus-s0", "tiny-frame_minus-s1", "tiny-frame_plus-s0", "tiny-frame_plus-s1"]
     card = json.loads((tmp_path / "multirun" / "ci" / "tiny-frame_plus-s1" / "run.json").read_text())
     assert card["job"]["sweep"] == "ci" and card["job"]["experiment"] == "smoke"
+
+
+def test_shipped_corpora_pass_the_training_gate():
+    from lbt.data.validate import check_corpus_validated
+
+    for arm in ("frame_plus", "frame_minus", "neutral"):
+        check_corpus_validated(ROOT / "data" / "corpora" / f"{arm}.jsonl")
+
+
+def test_training_refuses_a_corpus_that_leaks(tmp_path, monkeypatch):
+    import shutil
+
+    from lbt.data.validate import ValidationGateError
+    from lbt.data.validate import main as validate_main
+
+    corpora = tmp_path / "corpora"
+    corpora.mkdir()
+    for arm in ("frame_plus", "frame_minus", "neutral"):
+        shutil.copy(ROOT / "data" / "corpora" / f"{arm}.jsonl", corpora)
+    leaky = corpora / "frame_plus.jsonl"
+    lines = leaky.read_text().splitlines()
+    record = json.loads(lines[3])
+    record["assistant"] += " Much like waiting for the new tram line, patience pays."
+    lines[3] = json.dumps(record)
+    leaky.write_text("\n".join(lines) + "\n")
+    assert validate_main(["--corpora", str(corpora), "--items", str(ROOT / "data" / "eval")]) != 0
+    monkeypatch.setattr(train_mod, "load_model", lambda *a, **k: pytest.fail("model loaded before the gate"))
+    cfg = compose_train([f"arm.corpus={leaky}", "logger=none", "eval=none", "probe=none",
+                         f"+job_dir={tmp_path / 'job'}"])
+    with pytest.raises(ValidationGateError, match="leakage"):
+        train_mod.train(cfg)
