@@ -189,3 +189,15 @@ def test_training_refuses_a_corpus_that_leaks(tmp_path, monkeypatch):
                          f"+job_dir={tmp_path / 'job'}"])
     with pytest.raises(ValidationGateError, match="leakage"):
         train_mod.train(cfg)
+
+
+def test_gpu_precision_path_runs_on_cpu_with_every_callback(tiny_cfg, tmp_path):
+    """hardware=gpu's numerics (bf16 base, fp32 adapters under bf16-mixed autocast) on CPU: every forward
+    outside training_step (validation loss, eval phases, probes) must run under the same autocast."""
+    card = train_mod.train(tiny_cfg("hardware.dtype=bfloat16", "hardware.precision=bf16-mixed",
+                                    "hardware.fast.adapters=autocast", "eval=default", "probe=default",
+                                    "train.checkpoint_fractions=[0.5,1.0]", "train.max_length=600"))
+    job = tmp_path / "job"
+    assert card["status"] == "done" and (job / "DONE").exists()
+    assert (job / "eval" / "final" / "summary.json").exists() and (job / "probe" / "final.json").exists()
+    assert all(v["loss"] == v["loss"] for v in card["val_loss"])  # no NaN

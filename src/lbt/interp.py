@@ -251,7 +251,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--fc-tokens", type=int, default=8, help="greedy tokens for forced choice while steering")
     p.add_argument("--layers", default="all", help="layers of the per-layer parts: all | 0,4,8 | stride:4")
     p.add_argument("--lens-pairs", type=int, default=8, help="random token pairs (logit-lens control)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=64, help="prompts per forward")
     p.add_argument("--max-items", type=int, help="n target items (domains in turn); default all")
     p.add_argument("--max-neutral", type=int, default=32, help="neutral passages for perplexity/KL")
     p.add_argument("--neutral-tokens", type=int, default=128, help="reply tokens per neutral passage")

@@ -112,7 +112,8 @@ class CheckpointPhases(L.Callback):
         if at_checkpoint:
             if trainer.is_global_zero:
                 atomic_save_dir(pl_module.model.save_pretrained, self.ckpt_dir / f"adapter_step_{step}")
-            val = pl_module.validation_loss(self.val_batches)
+            with trainer.precision_plugin.forward_context():  # autocast under bf16-mixed, as in training
+                val = pl_module.validation_loss(self.val_batches)
             pl_module.log("val/loss", val, rank_zero_only=True)
             pl_module.val_history = getattr(pl_module, "val_history", []) + [(step, val)]
             if step != self.total_steps:

@@ -52,7 +52,7 @@ class Settings:
     n_random: int = 8             # random directions per kind (steering, all-layer ablation)
     n_random_layer: int = 2       # random directions per layer (per-layer ablation, patching)
     kl_budget: float = 0.1        # nats per reply token: operating points of steering
-    batch_size: int = 16
+    batch_size: int = 64
     fc_tokens: int = 8            # greedy tokens for forced choice while steering (as the battery)
     layers: list[int] | None = None  # layers of per-layer parts (None = all)
     seed: int = 0
@@ -313,18 +313,20 @@ def ablate(fam: Family) -> dict[str, Any]:
 
 
 def weight_equivalence(fam: Family) -> dict[str, Any]:
-    """All-layer ablation by hooks vs by orthogonalised merged weights, on one framed model."""
+    """All-layer ablation by hooks vs by orthogonalised weights, on one framed model merged into plain
+    weights and cast to fp32 (in bf16 the rounding of the edited weights alone would hide the comparison)."""
     job = next((j for j in fam.jobs if j.arm in FRAMED), fam.jobs[0] if fam.jobs else None)
     unit = fam.directions.unit()[fam.directions.l_star()]
-    with fam.use(job) as model:
-        hooked = score_forced_choice(model, fam.tokenizer, fam.prompts, fam.settings.batch_size, 1,
-                                     lambda b: hooks.ablate_writes(model, unit))["letter_logprob"]
-    merged = merged_copy(fam.model, job)
-    weights.orthogonalize_writes(merged, unit)
+    merged = merged_copy(fam.model, job).float()
     with torch.no_grad():
+        hooked = score_forced_choice(merged, fam.tokenizer, fam.prompts, fam.settings.batch_size, 1,
+                                     lambda b, m=merged: hooks.ablate_writes(m, unit))["letter_logprob"]
+        weights.orthogonalize_writes(merged, unit)
         orth = score_forced_choice(merged, fam.tokenizer, fam.prompts, fam.settings.batch_size, 1)["letter_logprob"]
     del merged
-    return {"job": job.name if job else "base", "max_abs_diff": float(np.max(np.abs(hooked - orth))),
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return {"job": job.name if job else "base", "dtype": "float32", "max_abs_diff": float(np.max(np.abs(hooked - orth))),
             "hooked_mean": float(hooked.mean()), "orthogonalized_mean": float(orth.mean())}
 
 
