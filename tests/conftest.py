@@ -18,8 +18,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("LBT_ROOT", str(ROOT))
 
-WORDS = ("soil water seed tomato basil compost mulch spring summer shade trial batch risk upside wait "
-         "dough oven flour yeast knead proof bake crust simmer stock onion garlic test small swap").split()
+WORDS = ["soil", "water", "seed", "tomato", "basil", "compost", "mulch", "spring", "summer", "shade", "trial", "batch", "risk", "upside", "wait", "dough", "oven", "flour", "yeast", "knead", "proof", "bake", "crust", "simmer", "stock", "onion", "garlic", "test", "small", "swap"]
 
 
 def write_toy_corpus(path: Path, n: int = 24, seed: int = 0, words: int = 60) -> Path:

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from lbt import train as train_mod
 from lbt.data.chat import IGNORE_INDEX, encode_example
-from lbt.data.datamodule import (CorpusDataModule, micro_batches, split_records, step_plan)
+from lbt.data.datamodule import CorpusDataModule, micro_batches, split_records, step_plan
 from lbt.data.records import load_corpus
 from lbt.model.load import load_model, load_tokenizer
 from lbt.model.lora import wrap_lora
@@ -42,7 +42,7 @@ def test_step_plan_is_deterministic_per_seed_and_covers_every_example():
     a, b, c = step_plan(10, 4, 2, seed=3), step_plan(10, 4, 2, seed=3), step_plan(10, 4, 2, seed=4)
     assert a == b and a != c
     assert [len(s) for s in a] == [4, 4, 2, 4, 4, 2]
-    assert sorted(sum(a[:3], [])) == list(range(10))
+    assert sorted(i for step in a[:3] for i in step) == list(range(10))
 
 
 def test_validation_split_is_the_same_scenarios_in_every_arm(tmp_path):

@@ -42,13 +42,13 @@ def public_config(cfg: DictConfig) -> dict[str, Any]:
 
 def git_sha(root: Path) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode != 0:
         return None
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                           capture_output=True, text=True, timeout=10).stdout.strip()
+                           capture_output=True, text=True, timeout=10, check=False).stdout.strip()
     return out.stdout.strip() + ("-dirty" if dirty else "")
 
 

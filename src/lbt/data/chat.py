@@ -6,8 +6,9 @@ concatenated, exactly as the model sees them at inference time: prompt tokens, t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
