@@ -158,6 +158,15 @@ def test_multirun_sweep_in_subprocess(tmp_path):
     card = json.loads((tmp_path / "multirun" / "ci" / "tiny-frame_plus-s1" / "run.json").read_text())
     assert card["job"]["sweep"] == "ci" and card["job"]["experiment"] == "smoke"
 
+    # Re-running the finished sweep launches nothing and rewrites no file of any job (.hydra/ included).
+    jobs_dir = tmp_path / "multirun" / "ci"
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in jobs_dir.glob("*-s*/**/*") if p.is_file()}
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert again.returncode == 0, again.stderr[-3000:]
+    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in jobs_dir.glob("*-s*/**/*") if p.is_file()}
+    assert before == after
+    assert (again.stdout + again.stderr).count("skip:") == 4
+
 
 def test_shipped_corpora_pass_the_training_gate():
     from lbt.data.validate import check_corpus_validated

@@ -2,6 +2,7 @@
 
 - `SlurmLauncher` (hydra/launcher=slurm): hydra-submitit-launcher's SLURM launcher, one array job per
   sweep; jobs whose directory holds DONE are not submitted.
+- `SequentialLauncher` (the default for `-m`): Hydra's basic launcher; finished jobs are not launched.
 - `LocalGPULauncher` (hydra/launcher=local_gpus): runs a sweep's jobs as local submitit jobs in parallel,
   one GPU each, as many at a time as there are GPUs.
 
@@ -19,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
@@ -161,3 +163,8 @@ class LocalGPULauncher(SkipFinishedJobs, submitit_launcher.LocalLauncher):
             return job.results()[0]
         except Exception as err:  # noqa: BLE001 -- its process died (killed, not requeued): keep the others
             return JobReturn(overrides=list(overrides), status=JobStatus.FAILED, _return_value=err)
+
+
+class SequentialLauncher(SkipFinishedJobs, BasicLauncher):
+    """Hydra's basic launcher (jobs one after another in this process) that skips finished jobs: the
+    default for `-m`, so re-running a finished sweep rewrites nothing, not even Hydra's .hydra/ files."""
