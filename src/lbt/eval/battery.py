@@ -37,6 +37,7 @@ import logging
 import math
 import re
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,11 +253,25 @@ def _stop_when(parse: Callable[..., Any]) -> Callable[[str], bool]:
 # -- prompts and options --------------------------------------------------------------------------------
 
 
+# Rendered + tokenized prompts per tokenizer: every phase of a job asks the same ~13 prompts per item
+# again, and a chat template (Jinja) plus a fast tokenizer cost about a millisecond per prompt.
+_PROMPT_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, settings: BatterySettings) -> list[int]:
-    # The rendered template already holds its special tokens; adding them again would double a BOS.
-    return list(
-        tokenizer.encode(render_prompt(tokenizer, text, settings.template_kwargs), add_special_tokens=False)
-    )
+    key = (text, json.dumps(settings.template_kwargs, sort_keys=True, default=repr))
+    try:
+        cache = _PROMPT_CACHE.setdefault(tokenizer, {})
+    except TypeError:  # a tokenizer that cannot be weakly referenced: no cache
+        cache = {}
+    if key not in cache:
+        # The rendered template already holds its special tokens; adding them again would double a BOS.
+        cache[key] = tuple(
+            tokenizer.encode(
+                render_prompt(tokenizer, text, settings.template_kwargs), add_special_tokens=False
+            )
+        )
+    return list(cache[key])
 
 
 def likert_question(item: Mapping[str, Any], order: str, settings: BatterySettings) -> str:

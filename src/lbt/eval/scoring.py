@@ -165,10 +165,30 @@ def next_token_logprobs(
     for batch in length_batches([len(p) for p in prompts], batch_size):
         inputs = left_pad([prompts[i] for i in batch], pad_id, device)
         logits = model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
-        logprobs = logits.float().log_softmax(-1)
-        for row, i in enumerate(batch):
-            result[i] = logprobs[row, list(targets[i])].tolist()
+        for i, values in zip(batch, _gather_logprobs(logits, [targets[i] for i in batch])):
+            result[i] = values
     return result
+
+
+def _gather_logprobs(logits: torch.Tensor, targets: Sequence[Sequence[int]]) -> list[list[float]]:
+    """log_softmax(logits[row])[targets[row]] for every row, with one device-to-host transfer (a
+    `.tolist()` per row is a synchronisation per row on a GPU). The full-vocabulary log_softmax stays: it
+    is what fixes the numbers to the last bit, and it is cheap next to the forward that made the logits."""
+    flat = [int(t) for row in targets for t in row]
+    if not flat:
+        return [[] for _ in targets]
+    rows = [row for row, ids in enumerate(targets) for _ in ids]
+    device = logits.device
+    values = (
+        logits.float()
+        .log_softmax(-1)[torch.tensor(rows, device=device), torch.tensor(flat, device=device)]
+        .tolist()
+    )
+    out, start = [], 0
+    for ids in targets:
+        out.append(values[start : start + len(ids)])
+        start += len(ids)
+    return out
 
 
 @torch.no_grad()
@@ -192,9 +212,9 @@ def continuation_logprobs(
         inputs = left_pad([prompts[i] for i in batch], pad_id, device)
         out = model(**inputs, use_cache=True, logits_to_keep=1)
         cache = output_cache(out)
-        first = out.logits[:, -1].float().log_softmax(-1)
-        for row, i in enumerate(batch):
-            result[i] = [[float(first[row, opt[0]])] for opt in options[i]]
+        firsts = _gather_logprobs(out.logits[:, -1], [[opt[0] for opt in options[i]] for i in batch])
+        for i, values in zip(batch, firsts):
+            result[i] = [[value] for value in values]
         # Rows for the options' later tokens: (prompt row, option index) pairs with ≥ 2 tokens.
         pairs = [(row, j) for row, i in enumerate(batch) for j, opt in enumerate(options[i]) if len(opt) > 1]
         if pairs:
@@ -235,11 +255,17 @@ def _score_option_tails(
         use_cache=True,
         **cache_kwargs(model, cache),
     ).logits
-    logprobs = logits.float().log_softmax(-1)
-    for k, ((row, j), tail) in enumerate(zip(pairs, tails)):
-        following = torch.tensor(tail[1:], device=device)
-        values = logprobs[k, torch.arange(len(tail) - 1, device=device), following].tolist()
-        result[batch[row]][j].extend(values)
+    # Only the real (row, position) pairs go through log_softmax (each vocabulary row is normalised on
+    # its own, so leaving the pad positions out changes no value), and one transfer brings all back.
+    ks = [k for k, tail in enumerate(tails) for _ in tail[1:]]
+    ts = [t for tail in tails for t in range(len(tail) - 1)]
+    following = [token for tail in tails for token in tail[1:]]
+    picked = logits[torch.tensor(ks, device=device), torch.tensor(ts, device=device)]
+    values = _gather_logprobs(picked, [[token] for token in following])
+    start = 0
+    for (row, j), tail in zip(pairs, tails):
+        result[batch[row]][j].extend(v[0] for v in values[start : start + len(tail) - 1])
+        start += len(tail) - 1
 
 
 # -- generation -----------------------------------------------------------------------------------------
@@ -280,6 +306,11 @@ def greedy_generate(
     return results  # type: ignore[return-value]
 
 
+# Queue the next decoding step before reading the current one on CPU too (off: on a CPU nothing runs
+# asynchronously, so it would only add a discarded forward); tests switch it on to check that path.
+_QUEUE_AHEAD = False
+
+
 def _greedy_batch(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -289,14 +320,23 @@ def _greedy_batch(
     stops: Sequence[Callable[[str], bool] | None],
     first_targets: list[Sequence[int]] | None,
 ) -> list[Generation]:
+    """Greedy decoding of one left-padded batch.
+
+    Speed without changing a number: every step runs the same forward on the same rows as a plain loop
+    would (finished rows are still fed, so no tensor shape changes), the step's token ids and end flags
+    come to the host in one transfer, and on a GPU the next step's forward is queued before the host
+    reads the current step's tokens, so the stop predicates and row bookkeeping run while the GPU works
+    (when every row has ended, that one queued forward is discarded)."""
     n = inputs["input_ids"].shape[0]
     tokens: list[list[int]] = [[] for _ in range(n)]
     finish: list[str | None] = [None] * n
     first: list[list[float]] = [[] for _ in range(n)]
-    step_ids, mask, positions = inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"]
-    cache = None
-    for step in range(max_new_tokens):
-        out = model(
+    open_rows = list(range(n))
+    overlap = inputs["input_ids"].device.type == "cuda"
+    host = torch.empty((2, n), dtype=torch.long, pin_memory=True) if overlap else None
+
+    def forward(step_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> Any:
+        return model(
             input_ids=step_ids,
             attention_mask=mask,
             position_ids=positions,
@@ -304,27 +344,46 @@ def _greedy_batch(
             logits_to_keep=1,
             **cache_kwargs(model, cache),
         )
+
+    mask, positions = inputs["attention_mask"], inputs["position_ids"]
+    out = forward(inputs["input_ids"], mask, positions, None)
+    for step in range(max_new_tokens):
         cache = output_cache(out)
         logits = out.logits[:, -1]
         if step == 0 and first_targets is not None:
-            logprobs = logits.float().log_softmax(-1)
-            first = [logprobs[row, list(t)].tolist() for row, t in enumerate(first_targets)]
+            first = _gather_logprobs(logits, first_targets)
         chosen = logits.argmax(-1)
-        ended = torch.isin(chosen, eos).tolist()
-        for row, token in enumerate(chosen.tolist()):
-            if finish[row] is not None:
-                continue
+        picked = torch.stack([chosen, torch.isin(chosen, eos).long()])
+        last = step + 1 == max_new_tokens
+        if not last:
+            mask = torch.cat([mask, mask.new_ones((n, 1))], dim=-1)
+            positions = positions[:, -1:] + 1
+        queued = None
+        if overlap:
+            host.copy_(picked, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+        if (overlap or _QUEUE_AHEAD) and not last:
+            queued = forward(chosen[:, None], mask, positions, cache)
+        if overlap:
+            copied.synchronize()
+            chosen_ids, ended = host.tolist()
+        else:
+            chosen_ids, ended = picked.tolist()
+        still_open = []
+        for row in open_rows:
             if ended[row]:
                 finish[row] = "eos"
                 continue
-            tokens[row].append(token)
+            tokens[row].append(chosen_ids[row])
             if stops[row] is not None and stops[row](tokenizer.decode(tokens[row], skip_special_tokens=True)):
                 finish[row] = "stop"
-        if all(f is not None for f in finish):
+                continue
+            still_open.append(row)
+        open_rows = still_open
+        if not open_rows or last:
             break
-        step_ids = chosen[:, None]
-        mask = torch.cat([mask, mask.new_ones((n, 1))], dim=-1)
-        positions = positions[:, -1:] + 1
+        out = queued if queued is not None else forward(chosen[:, None], mask, positions, cache)
     return [
         Generation(
             text=tokenizer.decode(tokens[row], skip_special_tokens=True),
