@@ -197,6 +197,8 @@ def test_training_job_evaluates_every_phase(toy_corpus, tmp_path):
     assert phases[0] == "base" and "final" in phases and any(p.startswith("step_") for p in phases)
     for phase in phases:
         assert (job / "eval" / phase / "summary.json").exists()
-        assert (job / "eval" / phase / "capability.json").exists()
+        # Defaults: capability at base and final (the guardrails), open_ended only for the final model.
+        assert (job / "eval" / phase / "capability.json").exists() == (phase in ("base", "final"))
+        assert (job / "eval" / phase / "target" / "open_ended.jsonl").exists() == (phase == "final")
         rows = read_rows(job / "eval" / phase / "target" / "letter_logprob.jsonl")
         assert len(rows) == 2 and all(math.isfinite(r["stance"]) for r in rows)

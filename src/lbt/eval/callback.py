@@ -103,6 +103,14 @@ def log_row_tables(trainer: L.Trainer, phase: str, rows: Mapping[str, Mapping[st
                     log.warning("W&B table eval_rows/%s/%s/%s not logged: %s", phase, item_set, measure, err)
 
 
+PHASE_KINDS = ("base", "step", "final")
+
+
+def phase_kind(phase: str) -> str:
+    """base | step | final, for base, step_<n>, final."""
+    return "step" if phase.startswith("step_") else phase
+
+
 class StanceEvalCallback(PhaseHook):
     """The stance battery on the configured item sets at every phase."""
 
@@ -113,8 +121,14 @@ class StanceEvalCallback(PhaseHook):
         battery: Mapping[str, Any] | None = None,
         max_items: int | None = None,
         log_tables: bool = True,
+        measure_phases: Mapping[str, Sequence[str]] | None = None,
     ):
         self.measures = check_measures(plain(measures))
+        # measure -> the phase kinds (base, step, final) it runs at; measures not listed run at every phase.
+        self.measure_phases = {m: [str(k) for k in kinds] for m, kinds in (plain(measure_phases) or {}).items()}
+        for kinds in self.measure_phases.values():
+            if set(kinds) - set(PHASE_KINDS):
+                raise ValueError(f"eval.measure_phases: phase kinds must be among {PHASE_KINDS}, got {kinds}")
         self.battery_cfg = plain(battery) or {}
         BatterySettings.from_config(self.battery_cfg)  # unusable settings fail at instantiation
         # Item files are read and checked now, before training starts (errors name file, line, field).
@@ -141,13 +155,14 @@ class StanceEvalCallback(PhaseHook):
             log.info("eval %s: summary exists, skipped", phase)
             return
         started = time.perf_counter()
-        rows, metrics, seconds = self._score(trainer, module.model, phase)
+        measures = self.measures_at(phase)
+        rows, metrics, seconds = self._score(trainer, module.model, phase, measures)
         summary = summarize_phase(rows, phase, metrics)  # compute() adds the ranks' metric states
         summary.update(
             seconds=seconds,
             wall_s=round(time.perf_counter() - started, 3),
             settings={
-                "measures": self.measures,
+                "measures": measures,
                 "option_form": self.settings.option_form,
                 "item_sets": {n: str(s.path) for n, s in self.item_sets.items()},
                 "n_items": {n: len(s) for n, s in self.item_sets.items()},
@@ -161,7 +176,11 @@ class StanceEvalCallback(PhaseHook):
             log.info("eval %s: %s in %.1f s", phase, _brief(summary), summary["wall_s"])
         trainer.strategy.barrier()
 
-    def _score(self, trainer: L.Trainer, model: torch.nn.Module, phase: str):
+    def measures_at(self, phase: str) -> list[str]:
+        kind = phase_kind(phase)
+        return [m for m in self.measures if kind in self.measure_phases.get(m, PHASE_KINDS)]
+
+    def _score(self, trainer: L.Trainer, model: torch.nn.Module, phase: str, measures: list[str]):
         rank, world = trainer.global_rank, trainer.world_size
         device = next(model.parameters()).device
         rows: dict[str, dict[str, list[dict]]] = {}
@@ -169,8 +188,8 @@ class StanceEvalCallback(PhaseHook):
         seconds: dict[str, dict[str, float]] = {}
         with evaluation_mode(model):
             for name, items in self.item_sets.items():
-                paths = {m: rows_path(self.context.job_dir, phase, name, m) for m in self.measures}
-                missing = _broadcast(trainer, [m for m in self.measures if not paths[m].exists()])
+                paths = {m: rows_path(self.context.job_dir, phase, name, m) for m in measures}
+                missing = _broadcast(trainer, [m for m in measures if not paths[m].exists()])
                 seconds[name] = {}
                 local = (
                     score_item_set(
@@ -187,7 +206,7 @@ class StanceEvalCallback(PhaseHook):
                 )
                 domains = sorted({item["domain"] for item in items})
                 rows[name], metrics[name] = {}, {}
-                for measure in self.measures:
+                for measure in measures:
                     metric = StanceMetric(domains).to(device)
                     if measure in missing:
                         metric.update_rows(local[measure])
@@ -227,8 +246,14 @@ class CapabilityCallback(PhaseHook):
         option_form: str = "bare",
         perplexity_rise: float = 0.05,
         mmlu_drop: float = 0.02,
+        phases: Sequence[str] = PHASE_KINDS,
     ):
         from lbt.eval.capability import load_mmlu
+
+        self.phases = [str(k) for k in phases]
+        if set(self.phases) - set(PHASE_KINDS) or "base" not in self.phases:
+            raise ValueError(f"eval.capability.phases must be among {PHASE_KINDS} and include base (the "
+                             f"guardrails compare with it), got {self.phases}")
 
         # Files are read and checked at instantiation, before training starts.
         self.texts = load_texts(heldout_path)[:max_texts] if heldout_path else []
@@ -244,6 +269,8 @@ class CapabilityCallback(PhaseHook):
         if self.context is None:
             raise RuntimeError("CapabilityCallback: setup_context was not called (add CheckpointPhases)")
         out = phase_dir(self.context.job_dir, phase) / "capability.json"
+        if phase_kind(phase) not in self.phases:
+            return
         if trainer.is_global_zero and not out.exists():
             started = time.perf_counter()
             with evaluation_mode(module.model):
