@@ -22,7 +22,7 @@ import os
 import sys
 from pathlib import Path
 
-from lbt.data.records import CorpusError, file_sha256
+from lbt.data.records import CorpusError, file_sha256, iter_json_objects
 
 SOURCE_DOMAINS = (
     "cooking",
@@ -47,28 +47,17 @@ class CorpusChangedError(RuntimeError):
 def read_authored(path: Path) -> list[dict]:
     """One authored table; errors name file, line and field."""
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for line_no, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as err:
-                raise CorpusError(
-                    f"{path}:{line_no}: malformed JSON ({err.msg} at column {err.colno})"
-                ) from None
-            if not isinstance(obj, dict):
-                raise CorpusError(f"{path}:{line_no}: expected a JSON object")
-            for field in AUTHORED_FIELDS:
-                if field not in obj:
-                    raise CorpusError(f"{path}:{line_no}: field '{field}' is missing")
-                if not isinstance(obj[field], str) or not obj[field].strip():
-                    raise CorpusError(f"{path}:{line_no}: field '{field}' must be a non-empty string")
-            if obj["domain"] != path.stem:
-                raise CorpusError(
-                    f"{path}:{line_no}: field 'domain' is {obj['domain']!r} but the file is for {path.stem!r}"
-                )
-            rows.append({**{f: obj[f] for f in AUTHORED_FIELDS}, "_line": line_no})
+    for line_no, obj in iter_json_objects(path, CorpusError):
+        for field in AUTHORED_FIELDS:
+            if field not in obj:
+                raise CorpusError(f"{path}:{line_no}: field '{field}' is missing")
+            if not isinstance(obj[field], str) or not obj[field].strip():
+                raise CorpusError(f"{path}:{line_no}: field '{field}' must be a non-empty string")
+        if obj["domain"] != path.stem:
+            raise CorpusError(
+                f"{path}:{line_no}: field 'domain' is {obj['domain']!r} but the file is for {path.stem!r}"
+            )
+        rows.append({**{f: obj[f] for f in AUTHORED_FIELDS}, "_line": line_no})
     return rows
 
 

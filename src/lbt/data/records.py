@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,22 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def iter_json_objects(path: str | Path, error: type[Exception] = ValueError) -> Iterator[tuple[int, dict]]:
+    """(1-based line number, object) for every non-blank line of a JSONL file; a line that is not valid
+    JSON or not an object raises `error` naming the file and line."""
+    with open(path, encoding="utf-8") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as err:
+                raise error(f"{path}:{line_no}: malformed JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(obj, dict):
+                raise error(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
+            yield line_no, obj
 
 
 def parse_record(obj: object, path: Path, line: int) -> CorpusRecord:
@@ -65,21 +82,14 @@ def load_corpus(path: str | Path) -> list[CorpusRecord]:
         raise CorpusError(f"{path}: corpus file not found (set arm.corpus to an existing JSONL file)")
     records: list[CorpusRecord] = []
     seen_ids: dict[str, int] = {}
-    with open(path, encoding="utf-8") as handle:
-        for line_no, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as err:
-                raise CorpusError(f"{path}:{line_no}: malformed JSON ({err.msg} at column {err.colno})") from None
-            record = parse_record(obj, path, line_no)
-            if record.id in seen_ids:
-                raise CorpusError(
-                    f"{path}:{line_no}: field 'id' repeats {record.id!r} (first on line {seen_ids[record.id]})"
-                )
-            seen_ids[record.id] = line_no
-            records.append(record)
+    for line_no, obj in iter_json_objects(path, CorpusError):
+        record = parse_record(obj, path, line_no)
+        if record.id in seen_ids:
+            raise CorpusError(
+                f"{path}:{line_no}: field 'id' repeats {record.id!r} (first on line {seen_ids[record.id]})"
+            )
+        seen_ids[record.id] = line_no
+        records.append(record)
     if not records:
         raise CorpusError(f"{path}: corpus is empty (no records)")
     return records

@@ -53,7 +53,7 @@ import numpy as np
 
 from lbt.data.blocklist import DEFAULT_BLOCKLIST, Blocklist, default_blocklist, load_blocklist
 from lbt.data.corpora import ARMS
-from lbt.data.records import CorpusError, CorpusRecord, file_sha256, load_corpus
+from lbt.data.records import CorpusError, CorpusRecord, file_sha256, iter_json_objects, load_corpus
 
 REPORT_NAME = "validation_report.json"
 HELDOUT_NAME = "heldout_neutral.jsonl"  # perplexity passages: must not be training text either
@@ -566,29 +566,12 @@ def read_items(items_dir: Path) -> tuple[list[dict], list[Path]]:
     items = []
     for path in files:
         text_field = "text" if path.name == HELDOUT_NAME else "scenario"
-        with open(path, encoding="utf-8") as handle:
-            for line_no, raw in enumerate(handle, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    obj = json.loads(raw)
-                except json.JSONDecodeError as err:
-                    raise CorpusError(f"{path}:{line_no}: malformed JSON ({err.msg})") from None
-                for field in ("id", text_field):
-                    if (
-                        not isinstance(obj, dict)
-                        or not isinstance(obj.get(field), str)
-                        or not obj[field].strip()
-                    ):
-                        raise CorpusError(f"{path}:{line_no}: field '{field}' is missing or empty")
-                items.append(
-                    {
-                        "id": obj["id"],
-                        "where": f"{path}:{line_no}",
-                        "file": path.name,
-                        "text": obj[text_field],
-                    }
-                )
+        for line_no, obj in iter_json_objects(path, CorpusError):
+            for field in ("id", text_field):
+                if not isinstance(obj.get(field), str) or not obj[field].strip():
+                    raise CorpusError(f"{path}:{line_no}: field '{field}' is missing or empty")
+            items.append({"id": obj["id"], "where": f"{path}:{line_no}", "file": path.name,
+                          "text": obj[text_field]})
     return items, files
 
 

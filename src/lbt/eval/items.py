@@ -15,8 +15,9 @@ unique. Extra keys are kept, so files carrying more than the schema still load u
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from lbt.data.records import iter_json_objects
 
 REFUSAL_EXPECT = ("comply", "refuse")
 ITEM_TEXT_FIELDS = ("id", "domain", "base_item", "scenario", "likert_statement", "open_ended")
@@ -32,20 +33,7 @@ def _read_objects(path: str | Path, what: str) -> tuple[Path, list[tuple[int, di
     path = Path(path)
     if not path.is_file():
         raise ItemError(f"{path}: {what} file not found")
-    rows: list[tuple[int, dict]] = []
-    with open(path, encoding="utf-8") as handle:
-        for line_no, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as err:
-                raise ItemError(
-                    f"{path}:{line_no}: malformed JSON ({err.msg} at column {err.colno})"
-                ) from None
-            if not isinstance(obj, dict):
-                raise ItemError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
-            rows.append((line_no, obj))
+    rows = list(iter_json_objects(path, ItemError))
     if not rows:
         raise ItemError(f"{path}: {what} file is empty (no records)")
     return path, rows
