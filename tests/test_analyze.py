@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -326,7 +327,12 @@ def test_default_output_directory_is_new_and_wandb_run_is_offline(sweep_setup, t
     first = sweep / "analysis"
     runs = list((first / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    run_file = next(runs[0].glob("*.wandb")).read_bytes()
+    run_path = next(runs[0].glob("*.wandb"))
+    # wandb's writer is a separate service process: give it a moment to flush the records to disk.
+    deadline = time.monotonic() + 20
+    while b"sweepA" not in run_path.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    run_file = run_path.read_bytes()
     assert b"analysis" in run_file and b"sweepA" in run_file  # job_type and group
     assert main([str(sweep), "--no-wandb", *common]) == 0
     assert (sweep / "analysis_2" / "report.json").exists()  # the first analysis is not overwritten
