@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -209,3 +210,22 @@ def test_gpu_precision_path_runs_on_cpu_with_every_callback(tiny_cfg, tmp_path):
     assert card["status"] == "done" and (job / "DONE").exists()
     assert (job / "eval" / "final" / "summary.json").exists() and (job / "probe" / "final.json").exists()
     assert all(v["loss"] == v["loss"] for v in card["val_loss"])  # no NaN
+
+
+@pytest.mark.parametrize("env,expected", [({}, None), ({"TORCHELASTIC_RUN_ID": "abc123"}, "abc123"),
+                                          ({"SLURM_JOB_ID": "4242", "TORCHELASTIC_RUN_ID": "x"}, "4242")])
+def test_run_dir_is_shared_by_the_ranks_of_one_launch(monkeypatch, env, expected):
+    from hydra import compose, initialize_config_dir
+
+    for key in ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", return_hydra_config=True)
+    name = Path(str(cfg.hydra.run.dir)).name
+    assert name.endswith("_tiny-frame_plus-s0")
+    if expected:
+        assert name == f"{expected}_tiny-frame_plus-s0"
+    else:
+        assert name[:8].count("-") == 2  # HH-MM-SS
