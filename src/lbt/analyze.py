@@ -29,7 +29,7 @@ import sys
 import time
 import warnings
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -342,33 +342,39 @@ def projection_dynamics(probes: list[dict[str, Any]]) -> dict[str, dict]:
     }
 
 
-def load_capability(jobs: list[Job], display: Display) -> list[dict[str, Any]]:
-    table = []
+def phase_json_files(jobs: list[Job], name: str) -> Iterator[tuple[Job, str, Path, dict[str, Any]]]:
+    """(job, phase, path, object) for every eval/<phase>/<name> a job wrote; a non-object is an error."""
     for job in jobs:
         for phase in job.phases:
-            path = job.path / "eval" / phase / "capability.json"
+            path = job.path / "eval" / phase / name
             if not path.exists():
                 continue
             data = read_json_file(path, job.path)
             if not isinstance(data, dict):
-                raise AnalyzeError(f"job {job.path}: eval/{phase}/capability.json is not a JSON object")
-            refusal = data.get("refusal") or {}
-            flags = data.get("flags") or {}
-            table.append(
-                {
-                    "family": job.family,
-                    "arm": job.arm,
-                    "seed": job.seed,
-                    "phase": phase,
-                    "perplexity": data.get("perplexity"),
-                    "comply_correct_rate": refusal.get("comply_correct_rate"),
-                    "refuse_correct_rate": refusal.get("refuse_correct_rate"),
-                    "mmlu_accuracy": data.get("mmlu_accuracy"),
-                    "perplexity_rise": bool(flags.get("perplexity_rise", False)),
-                    "mmlu_drop": bool(flags.get("mmlu_drop", False)),
-                    "source": display(path),
-                }
-            )
+                raise AnalyzeError(f"job {job.path}: eval/{phase}/{name} is not a JSON object")
+            yield job, phase, path, data
+
+
+def load_capability(jobs: list[Job], display: Display) -> list[dict[str, Any]]:
+    table = []
+    for job, phase, path, data in phase_json_files(jobs, "capability.json"):
+        refusal = data.get("refusal") or {}
+        flags = data.get("flags") or {}
+        table.append(
+            {
+                "family": job.family,
+                "arm": job.arm,
+                "seed": job.seed,
+                "phase": phase,
+                "perplexity": data.get("perplexity"),
+                "comply_correct_rate": refusal.get("comply_correct_rate"),
+                "refuse_correct_rate": refusal.get("refuse_correct_rate"),
+                "mmlu_accuracy": data.get("mmlu_accuracy"),
+                "perplexity_rise": bool(flags.get("perplexity_rise", False)),
+                "mmlu_drop": bool(flags.get("mmlu_drop", False)),
+                "source": display(path),
+            }
+        )
     return table
 
 
@@ -404,28 +410,21 @@ def validity_entries(data: dict) -> list[tuple[str, str, float | None, int | Non
 def load_validity(jobs: list[Job], display: Display) -> list[dict[str, Any]]:
     """Measure validity (sign agreement with the model's greedy forced choice) from every summary.json."""
     table = []
-    for job in jobs:
-        for phase in job.phases:
-            path = job.path / "eval" / phase / "summary.json"
-            if not path.exists():
-                continue
-            data = read_json_file(path, job.path)
-            if not isinstance(data, dict):
-                raise AnalyzeError(f"job {job.path}: eval/{phase}/summary.json is not a JSON object")
-            for item_set, measure, agreement, n_items in validity_entries(data):
-                table.append(
-                    {
-                        "family": job.family,
-                        "arm": job.arm,
-                        "seed": job.seed,
-                        "phase": phase,
-                        "item_set": item_set,
-                        "measure": measure,
-                        "agreement": agreement,
-                        "n_items": n_items,
-                        "source": display(path),
-                    }
-                )
+    for job, phase, path, data in phase_json_files(jobs, "summary.json"):
+        for item_set, measure, agreement, n_items in validity_entries(data):
+            table.append(
+                {
+                    "family": job.family,
+                    "arm": job.arm,
+                    "seed": job.seed,
+                    "phase": phase,
+                    "item_set": item_set,
+                    "measure": measure,
+                    "agreement": agreement,
+                    "n_items": n_items,
+                    "source": display(path),
+                }
+            )
     return table
 
 
