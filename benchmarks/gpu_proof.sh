@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU proof of the README's commands (random-init weights: no download) and the stance-battery benchmark.
 # Run on a GPU machine from the repo root; OUT is where logs go (default /tmp/lbt-proof).
-#   bash benchmarks/gpu_proof.sh
+#   bash benchmarks/gpu_proof.sh            # SKIP_BATTERY=1: without the stance-battery benchmark
 set -uo pipefail
 OUT=${OUT:-/tmp/lbt-proof}
 mkdir -p "$OUT"
@@ -23,5 +23,6 @@ run llama_local_path model=llama model.path=/models/Llama-3.2-3B-Instruct "${com
 run qwen_dry_run model=qwen train.max_steps=20 "${common[@]}"
 run paper_qwen_plus experiment=paper model=qwen arm=plus seed=0 "${common[@]}"
 ls "$OUT/jobs/qwen_minus_s1" "$OUT/jobs/qwen_minus_s1/checkpoints"
+[ -n "${SKIP_BATTERY:-}" ] && exit 0   # SKIP_BATTERY=1: the README commands only
 python benchmarks/eval_battery.py --model qwen --random-init --device cuda ${ITEMS:+--items "$ITEMS"} \
   --json "$OUT/eval_battery_h100.json" 2>&1 | grep -v -i warn | tail -25

@@ -53,7 +53,8 @@ def prompt_ids(tokenizer, text: str, settings: BatterySettings) -> list[int]:
 @torch.no_grad()
 def option_logprobs(model, prompt: list[int], option: list[int]) -> list[float]:
     """log P(option[t] | prompt + option[:t]) from one full forward of prompt + option."""
-    logits = model(input_ids=torch.tensor([prompt + option])).logits[0].float()
+    device = next(model.parameters()).device
+    logits = model(input_ids=torch.tensor([prompt + option], device=device)).logits[0].float()
     logprobs = logits.log_softmax(-1)
     return [float(logprobs[len(prompt) - 1 + t, token]) for t, token in enumerate(option)]
 
@@ -72,9 +73,10 @@ def greedy(model, tokenizer, prompt: list[int], max_new_tokens: int, stop=None) 
         repetition_penalty=1.0,
         use_cache=True,
     )
+    device = next(model.parameters()).device
     out = model.generate(
-        input_ids=torch.tensor([prompt]),
-        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        input_ids=torch.tensor([prompt], device=device),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=device),
         generation_config=config,
     )
     new = out[0, len(prompt) :].tolist()

@@ -1,0 +1,121 @@
+"""Does the compiled training path compute the same gradients as eager? One model, one micro-batch, the
+gradients of every LoRA weight under several settings, compared pairwise.
+
+    python benchmarks/compile_check.py --model qwen --device cuda     # the H100 check
+    python benchmarks/compile_check.py --model tiny --device cpu      # logic check
+
+The model is built once with per-layer `torch.compile` (as `hardware=gpu` trains); `eager_layers` runs the
+same weights without the compiled graphs. LoRA B starts at small random values (a trained-looking adapter)
+so that every A gets a gradient too. For each setting: the loss and the flattened gradient of all adapter
+weights. Reported per pair: the norm ratio, the cosine, and the relative difference |g1 - g2| / |g1|, next
+to the noise floor of two eager runs that differ only in the dropout seed. Compiled must sit at the
+floor or below; a larger gap means compile changes what the model learns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from lbt.data.datamodule import micro_batches  # noqa: E402
+from lbt.model.load import load_model, load_tokenizer  # noqa: E402
+from lbt.model.lora import compile_decoder_layers, eager_layers, wrap_lora  # noqa: E402
+from lbt.model.module import supervised_token_loss  # noqa: E402
+from train_throughput import corpus_examples  # noqa: E402
+
+
+def gradients(model, batch, device, seed: int, autocast: bool) -> tuple[float, torch.Tensor, dict]:
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    if device == "cuda":
+        torch.cuda.manual_seed(seed)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):
+        loss_sum, n = supervised_token_loss(model, batch, supervised_logits_only=True, ce_chunk=4096)
+    (loss_sum / n).backward()
+    named = {k: p.grad.detach().float().flatten() for k, p in model.named_parameters() if p.requires_grad}
+    flat = torch.cat(list(named.values()))
+    by_kind: dict[str, float] = {}
+    for k, g in named.items():
+        kind = ".".join(part for part in k.split(".") if part.endswith("proj") or part.startswith("lora_"))
+        by_kind[kind] = by_kind.get(kind, 0.0) + float(g.pow(2).sum())
+    return float(loss_sum / n), flat, {k: v ** 0.5 for k, v in by_kind.items()}
+
+
+def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
+    return {"norm_ratio": float(b.norm() / a.norm()),
+            "cosine": float(torch.nn.functional.cosine_similarity(a, b, dim=0)),
+            "rel_diff": float((a - b).norm() / a.norm())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qwen", choices=["tiny", "qwen", "llama"])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--adapters", default="autocast", choices=["fp32", "autocast", "bf16"])
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    device = args.device
+    cfg = OmegaConf.load(ROOT / "conf" / "model" / f"{args.model}.yaml")
+    cfg.random_init = True
+    tokenizer = load_tokenizer(cfg)
+    lora = OmegaConf.load(ROOT / "conf" / "train.yaml").train.lora
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = wrap_lora(load_model(cfg, tokenizer, dtype, device=device), lora, adapters=args.adapters)
+    torch.manual_seed(1234)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=1e-3)
+    compile_decoder_layers(model)
+    model.train()
+    examples = corpus_examples(tokenizer, 512, args.micro_batch)
+    batch = micro_batches(examples, args.micro_batch, tokenizer.pad_token_id)[0]
+    batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    autocast = args.adapters == "autocast"
+    runs = {}
+    t0 = time.perf_counter()
+    runs["compiled_s1"] = gradients(model, batch, device, 1, autocast)
+    print(f"compiled (incl. compile) {time.perf_counter() - t0:.1f} s", flush=True)
+    runs["compiled_s1_again"] = gradients(model, batch, device, 1, autocast)
+    with eager_layers(model):
+        runs["eager_s1"] = gradients(model, batch, device, 1, autocast)
+        runs["eager_s1_again"] = gradients(model, batch, device, 1, autocast)
+        runs["eager_s2"] = gradients(model, batch, device, 2, autocast)
+        model.eval()  # dropout off: no randomness left on either side
+        runs["eager_nodrop"] = gradients(model, batch, device, 1, autocast)
+    runs["compiled_nodrop"] = gradients(model, batch, device, 1, autocast)
+    model.train()
+    result = {"model": args.model, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+              "adapters": args.adapters, "micro_batch": args.micro_batch, "date": time.strftime("%Y-%m-%d"),
+              "losses": {k: v[0] for k, v in runs.items()}, "pairs": {}}
+    pairs = [("eager_s1", "eager_s1_again"), ("compiled_s1", "compiled_s1_again"), ("eager_s1", "eager_s2"),
+             ("eager_s1", "compiled_s1"), ("eager_nodrop", "compiled_nodrop"), ("eager_nodrop", "eager_s1")]
+    for a, b in pairs:
+        result["pairs"][f"{a} vs {b}"] = compare(runs[a][1], runs[b][1])
+    kinds = sorted(runs["eager_s1"][2])
+    result["grad_norm_by_kind"] = {k: {name: runs[name][2][k] for name in ("eager_s1", "compiled_s1",
+                                                                          "eager_nodrop", "compiled_nodrop")}
+                                   for k in kinds}
+    for name, (loss, _, _) in runs.items():
+        print(f"  loss {name:18s} {loss:.6f}")
+    for pair, c in result["pairs"].items():
+        print(f"  {pair:34s} norm ratio {c['norm_ratio']:.4f} cosine {c['cosine']:.6f} rel diff {c['rel_diff']:.2e}")
+    for kind, norms in result["grad_norm_by_kind"].items():
+        print(f"  {kind:22s} " + " ".join(f"{n}={v:.3e}" for n, v in norms.items()))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
