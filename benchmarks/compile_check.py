@@ -15,6 +15,7 @@ floor or below; a larger gap means compile changes what the model learns.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -57,12 +58,69 @@ def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
             "rel_diff": float((a - b).norm() / a.norm())}
 
 
+def train_curves(model, tokenizer, device, autocast: bool, steps: int, effective: int = 64,
+                 micro: int = 16) -> dict:
+    """Loss and pre-clip gradient norm per optimizer step, from the same fresh adapter and batches, for
+    eager / compiled x dropout 0.05 / 0 (AdamW lr 1e-4, clip 1.0: the study's recipe)."""
+    from lbt.data.datamodule import step_plan
+
+    examples = corpus_examples(tokenizer, 512, 3000)
+    plan = step_plan(len(examples), effective, 1, seed=0)[:steps]
+    batches = [(sum(examples[j].n_supervised for j in m), micro_batches([examples[j] for j in m], micro,
+                                                                        tokenizer.pad_token_id)) for m in plan]
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    torch.manual_seed(0)
+    fresh = {n: (torch.zeros_like(p) if "lora_B" in n else torch.randn_like(p) * 0.02) for n, p in trainable.items()}
+    dropouts = [m for n, m in model.named_modules() if n.endswith("lora_dropout.default")]
+    curves = {}
+    for drop in (0.05, 0.0):
+        for m in dropouts:
+            m.p = drop
+        for compiled in (False, True):
+            with torch.no_grad():
+                for n, p in trainable.items():
+                    p.copy_(fresh[n])
+            opt = torch.optim.AdamW(list(trainable.values()), lr=1e-4)
+            torch.manual_seed(5)
+            losses, norms = [], []
+            context = contextlib.nullcontext() if compiled else eager_layers(model)
+            with context:
+                for step_tokens, micros in batches:
+                    total = 0.0
+                    for mb in micros:
+                        mb = {k: v.to(device) for k, v in mb.items() if isinstance(v, torch.Tensor)}
+                        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):
+                            loss_sum, _ = supervised_token_loss(model, mb, supervised_logits_only=True,
+                                                                ce_chunk=4096)
+                        (loss_sum / step_tokens).backward()
+                        total += float(loss_sum.detach())
+                    norms.append(float(torch.nn.utils.clip_grad_norm_(list(trainable.values()), 1.0)))
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    losses.append(total / step_tokens)
+                probe = {k: v.to(device) for k, v in batches[0][1][0].items() if isinstance(v, torch.Tensor)}
+                with torch.no_grad(), torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):
+                    twice = [supervised_token_loss(model, probe)[0] for _ in range(2)]
+                print("    two train-mode forwards differ (dropout active):", bool(twice[0] != twice[1]))
+            name = f"{'compiled' if compiled else 'eager'}_dropout{drop}"
+            curves[name] = {"loss": losses, "grad_norm": norms}
+            print(f"  {name:22s} loss " + " ".join(f"{v:.5f}" for v in losses)
+                  + "  | grad norm " + " ".join(f"{v:.3g}" for v in norms), flush=True)
+    for m in dropouts:
+        m.p = 0.05
+    return curves
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen", choices=["tiny", "qwen", "llama"])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--adapters", default="autocast", choices=["fp32", "autocast", "bf16"])
+    ap.add_argument("--train-steps", type=int, default=0,
+                    help="then train this many optimizer steps from a fresh adapter (B = 0), eager and compiled, "
+                         "with dropout 0.05 and 0, on the same batches, and print the four loss curves")
+    ap.add_argument("--curves-only", action="store_true")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     device = args.device
@@ -84,6 +142,9 @@ def main() -> None:
     batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
     autocast = args.adapters == "autocast"
     runs = {}
+    if args.curves_only:
+        train_curves(model, tokenizer, device, autocast, args.train_steps)
+        return
     t0 = time.perf_counter()
     runs["compiled_s1"] = gradients(model, batch, device, 1, autocast)
     print(f"compiled (incl. compile) {time.perf_counter() - t0:.1f} s", flush=True)
@@ -113,6 +174,8 @@ def main() -> None:
         print(f"  {pair:34s} norm ratio {c['norm_ratio']:.4f} cosine {c['cosine']:.6f} rel diff {c['rel_diff']:.2e}")
     for kind, norms in result["grad_norm_by_kind"].items():
         print(f"  {kind:22s} " + " ".join(f"{n}={v:.3e}" for n, v in norms.items()))
+    if args.train_steps:
+        result["training"] = train_curves(model, tokenizer, device, autocast, args.train_steps)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
