@@ -80,6 +80,7 @@ def train_curves(model, tokenizer, device, autocast: bool, steps: int, effective
             with torch.no_grad():
                 for n, p in trainable.items():
                     p.copy_(fresh[n])
+            model.zero_grad(set_to_none=True)  # nothing left over from the gradient checks
             opt = torch.optim.AdamW(list(trainable.values()), lr=1e-4)
             torch.manual_seed(5)
             losses, norms = [], []
@@ -98,10 +99,6 @@ def train_curves(model, tokenizer, device, autocast: bool, steps: int, effective
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                     losses.append(total / step_tokens)
-                probe = {k: v.to(device) for k, v in batches[0][1][0].items() if isinstance(v, torch.Tensor)}
-                with torch.no_grad(), torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):
-                    twice = [supervised_token_loss(model, probe)[0] for _ in range(2)]
-                print("    two train-mode forwards differ (dropout active):", bool(twice[0] != twice[1]))
             name = f"{'compiled' if compiled else 'eager'}_dropout{drop}"
             curves[name] = {"loss": losses, "grad_norm": norms}
             print(f"  {name:22s} loss " + " ".join(f"{v:.5f}" for v in losses)
