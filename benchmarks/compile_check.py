@@ -60,8 +60,9 @@ def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
 
 def train_curves(model, tokenizer, device, autocast: bool, steps: int, effective: int = 64,
                  micro: int = 16) -> dict:
-    """Loss and pre-clip gradient norm per optimizer step, from the same fresh adapter and batches, for
-    eager / compiled x dropout 0.05 / 0 (AdamW lr 1e-4, clip 1.0: the study's recipe)."""
+    """Loss and pre-clip gradient norm per optimizer step, from the same fresh adapter and batches:
+    eager with two dropout seeds (the noise floor), compiled, and both without dropout (AdamW lr 1e-4,
+    clip 1.0: the study's recipe)."""
     from lbt.data.datamodule import step_plan
 
     examples = corpus_examples(tokenizer, 512, 3000)
@@ -73,36 +74,36 @@ def train_curves(model, tokenizer, device, autocast: bool, steps: int, effective
     fresh = {n: (torch.zeros_like(p) if "lora_B" in n else torch.randn_like(p) * 0.02) for n, p in trainable.items()}
     dropouts = [m for n, m in model.named_modules() if n.endswith("lora_dropout.default")]
     curves = {}
-    for drop in (0.05, 0.0):
+    runs = [(0.05, False, 5), (0.05, False, 6), (0.05, True, 5), (0.0, False, 5), (0.0, True, 5)]
+    for drop, compiled, seed in runs:
         for m in dropouts:
             m.p = drop
-        for compiled in (False, True):
-            with torch.no_grad():
-                for n, p in trainable.items():
-                    p.copy_(fresh[n])
-            model.zero_grad(set_to_none=True)  # nothing left over from the gradient checks
-            opt = torch.optim.AdamW(list(trainable.values()), lr=1e-4)
-            torch.manual_seed(5)
-            losses, norms = [], []
-            context = contextlib.nullcontext() if compiled else eager_layers(model)
-            with context:
-                for step_tokens, micros in batches:
-                    total = 0.0
-                    for mb in micros:
-                        mb = {k: v.to(device) for k, v in mb.items() if isinstance(v, torch.Tensor)}
-                        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):
-                            loss_sum, _ = supervised_token_loss(model, mb, supervised_logits_only=True,
-                                                                ce_chunk=4096)
-                        (loss_sum / step_tokens).backward()
-                        total += float(loss_sum.detach())
-                    norms.append(float(torch.nn.utils.clip_grad_norm_(list(trainable.values()), 1.0)))
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    losses.append(total / step_tokens)
-            name = f"{'compiled' if compiled else 'eager'}_dropout{drop}"
-            curves[name] = {"loss": losses, "grad_norm": norms}
-            print(f"  {name:22s} loss " + " ".join(f"{v:.5f}" for v in losses)
-                  + "  | grad norm " + " ".join(f"{v:.3g}" for v in norms), flush=True)
+        with torch.no_grad():
+            for n, p in trainable.items():
+                p.copy_(fresh[n])
+        model.zero_grad(set_to_none=True)  # nothing left over from the gradient checks
+        opt = torch.optim.AdamW(list(trainable.values()), lr=1e-4)
+        torch.manual_seed(seed)
+        losses, norms = [], []
+        context = contextlib.nullcontext() if compiled else eager_layers(model)
+        with context:
+            for step_tokens, micros in batches:
+                total = 0.0
+                for mb in micros:
+                    mb = {k: v.to(device) for k, v in mb.items() if isinstance(v, torch.Tensor)}
+                    with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):
+                        loss_sum, _ = supervised_token_loss(model, mb, supervised_logits_only=True,
+                                                            ce_chunk=4096)
+                    (loss_sum / step_tokens).backward()
+                    total += float(loss_sum.detach())
+                norms.append(float(torch.nn.utils.clip_grad_norm_(list(trainable.values()), 1.0)))
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(total / step_tokens)
+        name = f"{'compiled' if compiled else 'eager'}_dropout{drop}_seed{seed}"
+        curves[name] = {"loss": losses, "grad_norm": norms}
+        print(f"  {name:22s} loss " + " ".join(f"{v:.5f}" for v in losses)
+              + "  | grad norm " + " ".join(f"{v:.3g}" for v in norms), flush=True)
     for m in dropouts:
         m.p = 0.05
     return curves
@@ -115,9 +116,9 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--adapters", default="autocast", choices=["fp32", "autocast", "bf16"])
     ap.add_argument("--train-steps", type=int, default=0,
-                    help="then train this many optimizer steps from a fresh adapter (B = 0), eager and compiled, "
-                         "with dropout 0.05 and 0, on the same batches, and print the four loss curves")
-    ap.add_argument("--curves-only", action="store_true")
+                    help="then train this many optimizer steps from a fresh adapter (B = 0) on the same batches: "
+                         "eager (two dropout seeds), compiled, and both without dropout; print the loss curves")
+    ap.add_argument("--curves-only", action="store_true", help="only the training curves of --train-steps")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     device = args.device
@@ -140,7 +141,11 @@ def main() -> None:
     autocast = args.adapters == "autocast"
     runs = {}
     if args.curves_only:
-        train_curves(model, tokenizer, device, autocast, args.train_steps)
+        curves = train_curves(model, tokenizer, device, autocast, args.train_steps)
+        if args.json:
+            args.json.write_text(json.dumps({"model": args.model, "device": torch.cuda.get_device_name()
+                                             if device == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d"),
+                                             "training": curves}, indent=2) + "\n", encoding="utf-8")
         return
     t0 = time.perf_counter()
     runs["compiled_s1"] = gradients(model, batch, device, 1, autocast)
