@@ -28,11 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from lbt.data.datamodule import micro_batches  # noqa: E402
-from lbt.model.load import load_model, load_tokenizer  # noqa: E402
-from lbt.model.lora import compile_decoder_layers, eager_layers, wrap_lora  # noqa: E402
-from lbt.model.module import supervised_token_loss  # noqa: E402
-from train_throughput import corpus_examples  # noqa: E402
+from train_throughput import corpus_examples
+
+from lbt.data.datamodule import micro_batches
+from lbt.model.load import load_model, load_tokenizer
+from lbt.model.lora import compile_decoder_layers, eager_layers, wrap_lora
+from lbt.model.module import supervised_token_loss
 
 
 def gradients(model, batch, device, seed: int, autocast: bool) -> tuple[float, torch.Tensor, dict]:

@@ -33,9 +33,9 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from lbt.eval.scoring import cache_kwargs, greedy_generate, left_pad, output_cache  # noqa: E402
-from lbt.model.load import load_model, load_tokenizer  # noqa: E402
-from lbt.model.lora import lean_lora, wrap_lora  # noqa: E402
+from lbt.eval.scoring import cache_kwargs, greedy_generate, left_pad, output_cache
+from lbt.model.load import load_model, load_tokenizer
+from lbt.model.lora import lean_lora, wrap_lora
 
 
 def sync(device: str) -> None:
@@ -124,10 +124,10 @@ def main() -> None:
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.no_grad(), torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=auto):
-            with torch.profiler.profile(activities=activities) as prof:
-                greedy_generate(peft_model, tokenizer, prompts, 8, batch_size=len(prompts))
-                sync(device)
+        with (torch.no_grad(), torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=auto),
+              torch.profiler.profile(activities=activities) as prof):
+            greedy_generate(peft_model, tokenizer, prompts, 8, batch_size=len(prompts))
+            sync(device)
         table = prof.key_averages()
         print(table.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60))
         if device == "cuda":

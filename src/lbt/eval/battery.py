@@ -48,7 +48,6 @@ from transformers import PreTrainedTokenizerBase
 
 from lbt.data.chat import render_prompt
 from lbt.eval.items import ItemError, load_items
-from lbt.model.lora import lean_lora
 from lbt.eval.scoring import (
     OptionError,
     continuation_logprobs,
@@ -57,6 +56,7 @@ from lbt.eval.scoring import (
     next_token_logprobs,
     option_text,
 )
+from lbt.model.lora import lean_lora
 
 log = logging.getLogger(__name__)
 
