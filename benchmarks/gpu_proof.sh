@@ -6,7 +6,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/lbt-proof}
 mkdir -p "$OUT"
 export WANDB_MODE=offline HYDRA_FULL_ERROR=1
-common=(model.random_init=true hardware=gpu logger=csv eval=none probe=none hardware.fast.compile_layers=false)
+common=(model.random_init=true hardware=gpu logger=csv eval=none probe=none)
 run() {  # name, overrides...
   local name=$1; shift
   local t0=$SECONDS

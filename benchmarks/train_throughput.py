@@ -8,8 +8,10 @@ bf16, effective batch 64) on a corpus with the shipped corpora's length distribu
 records, chat-templated, replicated to ~3,000), from the same random-init weights and adapter init:
   naive: HF model + peft defaults (fp32 adapters), padded micro-batches in random order, logits over the
          full vocabulary at every position;
-  lbt:   the functions `python -m lbt.train hardware=gpu` uses (bf16 adapters, padding-free packing,
-         chunked supervised-only cross-entropy, per-layer torch.compile).
+  lbt:   the functions `python -m lbt.train hardware=gpu` uses: fp32 adapters computed under bf16 autocast,
+         length-sorted padded micro-batches, chunked supervised-only cross-entropy, eager decoder layers
+         (the default variant mb16-eager; variants without -eager compile each layer, which learned
+         differently on an H100: benchmarks/RESULTS.md, compile_check).
 Reported: real (non-pad) tokens/s, MFU (4·N FLOPs per token, N = parameters; 989 TFLOP/s bf16 dense on
 an H100 SXM), peak memory, the loss of both after the same steps. A smoke check then saves the lbt
 adapter, reloads it into a fresh model and compares logits, and checks a capture hook under compile.
@@ -135,7 +137,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--naive-micro-batch", type=int, default=16)
-    ap.add_argument("--variants", default="mb16",
+    ap.add_argument("--variants", default="mb16-eager",
                     help="lbt variants, comma-separated: mb<N> = length-sorted padded micro-batches of N, "
                          "pack<N> = packed rows of N tokens; suffixes: -bf16 or -fp32 adapters (default autocast), "
                          "-eager (no compile), -fullce (supervised-only logits, no chunking)")
