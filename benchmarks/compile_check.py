@@ -110,6 +110,68 @@ def train_curves(model, tokenizer, device, autocast: bool, steps: int, effective
     return curves
 
 
+def cross_eval(model, tokenizer, device, autocast: bool, effective: int = 64, micro: int = 16) -> dict:
+    """Is the gap in the update or in the forward? Dropout off; from a fresh adapter, one optimizer step
+    eager and one compiled; then the next batch's loss of each updated adapter under both forwards, and the
+    two updates compared per LoRA matrix kind."""
+    from lbt.data.datamodule import step_plan
+
+    examples = corpus_examples(tokenizer, 512, 3000)
+    plan = step_plan(len(examples), effective, 1, seed=0)[:2]
+    steps = [(sum(examples[j].n_supervised for j in m), micro_batches([examples[j] for j in m], micro,
+                                                                      tokenizer.pad_token_id)) for m in plan]
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    torch.manual_seed(0)
+    fresh = {n: (torch.zeros_like(p) if "lora_B" in n else torch.randn_like(p) * 0.02) for n, p in trainable.items()}
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+    def loss_of(step, compiled: bool, grad: bool) -> float:
+        total = 0.0
+        context = contextlib.nullcontext() if compiled else eager_layers(model)
+        with context, torch.set_grad_enabled(grad):
+            for mb in step[1]:
+                mb = {k: v.to(device) for k, v in mb.items() if isinstance(v, torch.Tensor)}
+                with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):
+                    loss_sum, _ = supervised_token_loss(model, mb, supervised_logits_only=True, ce_chunk=4096)
+                if grad:
+                    (loss_sum / step[0]).backward()
+                total += float(loss_sum.detach())
+        return total / step[0]
+
+    updated, out = {}, {"loss_next_batch": {}}
+    for compiled in (False, True):
+        with torch.no_grad():
+            for n, p in trainable.items():
+                p.copy_(fresh[n])
+        model.zero_grad(set_to_none=True)
+        opt = torch.optim.AdamW(list(trainable.values()), lr=1e-4)
+        loss_of(steps[0], compiled, grad=True)
+        torch.nn.utils.clip_grad_norm_(list(trainable.values()), 1.0)
+        opt.step()
+        model.zero_grad(set_to_none=True)
+        name = "compiled" if compiled else "eager"
+        updated[name] = {n: (p.detach() - fresh[n]).float().clone() for n, p in trainable.items()}
+        for forward in (False, True):
+            key = f"{name}-updated adapter, {'compiled' if forward else 'eager'} forward"
+            out["loss_next_batch"][key] = loss_of(steps[1], forward, grad=False)
+            print(f"  {key:48s} next-batch loss {out['loss_next_batch'][key]:.5f}", flush=True)
+    out["update"] = {}
+    for kind in ("lora_A", "lora_B"):
+        e = torch.cat([v.flatten() for n, v in updated["eager"].items() if kind in n])
+        c = torch.cat([v.flatten() for n, v in updated["compiled"].items() if kind in n])
+        out["update"][kind] = {"eager_norm": float(e.norm()), "compiled_norm": float(c.norm()),
+                               "cosine": float(torch.nn.functional.cosine_similarity(e, c, dim=0)) if e.norm() > 0
+                               and c.norm() > 0 else None,
+                               "eager_nonzero": int((e != 0).sum()), "compiled_nonzero": int((c != 0).sum())}
+        print(f"  update {kind}: {out['update'][kind]}", flush=True)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.05
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen", choices=["tiny", "qwen", "llama"])
@@ -119,6 +181,8 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=0,
                     help="then train this many optimizer steps from a fresh adapter (B = 0) on the same batches: "
                          "eager (two dropout seeds), compiled, and both without dropout; print the loss curves")
+    ap.add_argument("--cross-eval", action="store_true",
+                    help="only: one eager and one compiled update, each adapter's next-batch loss under both forwards")
     ap.add_argument("--curves-only", action="store_true", help="only the training curves of --train-steps")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -141,6 +205,11 @@ def main() -> None:
     batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
     autocast = args.adapters == "autocast"
     runs = {}
+    if args.cross_eval:
+        result = cross_eval(model, tokenizer, device, args.adapters == "autocast")
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        return
     if args.curves_only:
         curves = train_curves(model, tokenizer, device, autocast, args.train_steps)
         if args.json:
