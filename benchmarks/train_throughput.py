@@ -10,8 +10,8 @@ records, chat-templated, replicated to ~3,000), from the same random-init weight
          full vocabulary at every position;
   lbt:   the functions `python -m lbt.train hardware=gpu` uses: fp32 adapters computed under bf16 autocast,
          length-sorted padded micro-batches, chunked supervised-only cross-entropy, eager decoder layers
-         (the default variant mb16-eager; variants without -eager compile each layer, which learned
-         differently on an H100: benchmarks/RESULTS.md, compile_check).
+         (the default variant mb16-eager; variants without -eager compile each layer, which learns the same
+         adapter but logs a slightly lower bf16 loss: benchmarks/RESULTS.md, compile_check).
 Reported: real (non-pad) tokens/s, MFU (4·N FLOPs per token, N = parameters; 989 TFLOP/s bf16 dense on
 an H100 SXM), peak memory, the loss of both after the same steps. A smoke check then saves the lbt
 adapter, reloads it into a fresh model and compares logits, and checks a capture hook under compile.
