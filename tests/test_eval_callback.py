@@ -202,3 +202,15 @@ def test_training_job_evaluates_every_phase(toy_corpus, tmp_path):
         assert (job / "eval" / phase / "target" / "open_ended.jsonl").exists() == (phase == "final")
         rows = read_rows(job / "eval" / phase / "target" / "letter_logprob.jsonl")
         assert len(rows) == 2 and all(math.isfinite(r["stance"]) for r in rows)
+
+
+@pytest.mark.parametrize("hardware,expected", [("cpu", 128), ("gpu", 512), ("multi_gpu", 512)])
+def test_eval_batch_follows_hardware_and_capability_generation_uses_it(hardware, expected):
+    cfg = compose_train([f"hardware={hardware}"])
+    assert cfg.eval.batch_size == expected
+    assert cfg.eval.callbacks.stance.battery.batch_size == expected
+    capability = cfg.eval.callbacks.capability
+    assert capability.generation_batch_size == expected
+    assert capability.batch_size == 8  # perplexity: full-vocabulary logits, small batches
+    overridden = compose_train([f"hardware={hardware}", "eval.batch_size=16"])
+    assert overridden.eval.callbacks.capability.generation_batch_size == 16

@@ -240,6 +240,7 @@ class CapabilityCallback(PhaseHook):
         batch_size: int = 16,
         max_length: int = 512,
         refusal_max_new_tokens: int = 48,
+        generation_batch_size: int | None = None,
         max_texts: int | None = None,
         max_refusal: int | None = None,
         mmlu_max_items: int | None = None,
@@ -261,6 +262,9 @@ class CapabilityCallback(PhaseHook):
         self.mmlu = load_mmlu(mmlu_path)[:mmlu_max_items] if mmlu_path else []
         self.paths = {"heldout": heldout_path, "refusal": refusal_path, "mmlu": mmlu_path}
         self.batch_size, self.max_length = int(batch_size), int(max_length)
+        # Perplexity holds (batch, length, vocabulary) logits: small batches. Refusal generation and MMLU read
+        # one position per prompt (host-bound decoding steps): as many prompts at once as the stance battery.
+        self.generation_batch_size = int(generation_batch_size or batch_size)
         self.refusal_max_new_tokens = int(refusal_max_new_tokens)
         self.option_form = option_form
         self.thresholds = {"perplexity_rise": float(perplexity_rise), "mmlu_drop": float(mmlu_drop)}
@@ -320,11 +324,12 @@ class CapabilityCallback(PhaseHook):
             )
         if self.refusal:
             record["refusal"], record["refusal_rows"] = refusal_rates(
-                model, tokenizer, self.refusal, self.refusal_max_new_tokens, self.batch_size, template_kwargs
+                model, tokenizer, self.refusal, self.refusal_max_new_tokens, self.generation_batch_size,
+                template_kwargs,
             )
         if self.mmlu:
             record["mmlu_accuracy"] = mmlu_accuracy(
-                model, tokenizer, self.mmlu, self.option_form, self.batch_size, template_kwargs
+                model, tokenizer, self.mmlu, self.option_form, self.generation_batch_size, template_kwargs
             )
         base_file = phase_dir(self.context.job_dir, "base") / "capability.json"
         base = None
