@@ -70,3 +70,16 @@ def test_disabled_adapters_keep_peft_forward():
     with torch.no_grad(), lean_lora(model):
         on = model(ids, use_cache=False).logits
     assert not torch.equal(off, on)
+
+
+def test_state_changed_inside_the_block_falls_back_to_peft():
+    model, tokenizer = tiny_lora("fp32", torch.float32)
+    model.eval()
+    ids = torch.tensor([tokenizer("Should I try a cold proof?")["input_ids"]])
+    with torch.no_grad():
+        with model.disable_adapter():
+            off = model(ids, use_cache=False).logits
+        with lean_lora(model):
+            assert swapped(model) > 0
+            with model.disable_adapter():
+                assert torch.equal(model(ids, use_cache=False).logits, off)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 from peft import LoraConfig, get_peft_model
+from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 
@@ -90,14 +91,18 @@ def eager_layers(model: torch.nn.Module):
 def _lean_forward(layer: torch.nn.Module, adapter: str):
     """The forward peft's LoRA Linear runs in eval mode for one plain adapter, without its per-call
     bookkeeping (argument checks, adapter loops, variant dispatch): the same operations in the same
-    order and dtypes, so the same numbers."""
+    order and dtypes, so the same numbers. Should the layer's state change inside the block (adapters
+    disabled, merged, another adapter set, train mode), the call goes to peft's own forward."""
     base, lora_a, lora_b = layer.base_layer, layer.lora_A[adapter], layer.lora_B[adapter]
     scaling = layer.scaling[adapter]
     cast = getattr(layer, "cast_input_dtype_enabled", True)
     weight_dtype = lora_a.weight.dtype
+    peft_forward = type(layer).forward
 
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = base(x, *args, **kwargs)
+        if _lean_candidate(layer) != adapter or args or kwargs:
+            return peft_forward(layer, x, *args, **kwargs)
+        result = base(x)
         dtype = result.dtype
         if cast and x.dtype != weight_dtype:
             x = x.to(weight_dtype)
@@ -110,8 +115,6 @@ def _lean_candidate(module: torch.nn.Module) -> str | None:
     """The adapter name when `module` is a peft LoRA Linear whose eval forward is the plain
     `base(x) + B(A(x)) * scaling` (one active adapter, no DoRA or other variant, not merged, not
     disabled, dropout off); None otherwise."""
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
     if type(module) is not LoraLinear or module.training or module.merged or module.disable_adapters:
         return None
     active = [a for a in module.active_adapters if a in module.lora_A]
