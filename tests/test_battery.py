@@ -16,6 +16,7 @@ from lbt.eval.battery import (
     BatterySettings,
     ItemSet,
     MeasureError,
+    as_item_set,
     check_measures,
     forced_choice,
     letter_logprob,
@@ -316,3 +317,41 @@ def test_max_items_takes_domains_in_turn():
     chosen = spread_subset(items, 3)
     assert [i["domain"] for i in chosen] == ["urban_transit", "urban_transit", "park_rules"]
     assert spread_subset(items, None) == items
+
+
+def test_out_of_memory_retries_with_half_the_batch_and_same_rows(monkeypatch, caplog):
+    """A measure that runs out of GPU memory is retried with half the batch; the rows are the same as a run
+    at that batch from the start, and later measures keep the smaller batch."""
+    model, tokenizer = tiny_eval_model()
+    items = as_item_set(make_items(3), "target")
+    plain = score_item_set(model, tokenizer, items, ["likert", "logprob"], BatterySettings(batch_size=2))
+    calls = []
+    original = battery_mod.MEASURE_FUNCTIONS["likert"]
+
+    def tight(model_, tokenizer_, items_, settings_, phase=None):
+        calls.append(settings_.batch_size)
+        if settings_.batch_size > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(model_, tokenizer_, items_, settings_, phase=phase)
+
+    monkeypatch.setitem(battery_mod.MEASURE_FUNCTIONS, "likert", tight)
+    settings = BatterySettings(batch_size=8)
+    with caplog.at_level("WARNING"):
+        rows = score_item_set(model, tokenizer, items, ["likert", "logprob"], settings)
+    assert calls == [8, 4, 2]
+    assert settings.batch_size == 2
+    assert rows == plain
+    assert "out of GPU memory at 8 prompts per batch; retrying with 4" in caplog.text
+
+
+def test_out_of_memory_at_one_prompt_is_raised(monkeypatch):
+    model, tokenizer = tiny_eval_model()
+
+    def never(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setitem(battery_mod.MEASURE_FUNCTIONS, "likert", never)
+    settings = BatterySettings(batch_size=2)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        score_item_set(model, tokenizer, as_item_set(make_items(1), "t"), ["likert"], settings)
+    assert settings.batch_size == 1

@@ -664,23 +664,46 @@ def score_item_set(
     timings: dict[str, float] | None = None,
 ) -> dict[str, list[dict]]:
     """Rows per measure for one item set. When both letter_logprob and forced_choice are asked for, the
-    letter log-probs come from the forced-choice generation's first forward (one prompt pass, not two)."""
+    letter log-probs come from the forced-choice generation's first forward (one prompt pass, not two).
+    A measure that runs out of GPU memory is retried with half the batch (see `halving_batch_on_oom`)."""
     measures = check_measures(measures)
     rows: dict[str, list[dict]] = {}
     timings = timings if timings is not None else {}
     pending = list(measures)
     if "letter_logprob" in pending and "forced_choice" in pending:
         started = time.perf_counter()
-        rows["forced_choice"], rows["letter_logprob"] = _forced_choice_cases(
-            model, tokenizer, items, settings, phase, with_letters=True
+        rows["forced_choice"], rows["letter_logprob"] = halving_batch_on_oom(
+            lambda: _forced_choice_cases(model, tokenizer, items, settings, phase, with_letters=True), settings
         )
         timings["forced_choice+letter_logprob"] = time.perf_counter() - started
         pending = [m for m in pending if m not in ("letter_logprob", "forced_choice")]
     for measure in pending:
         started = time.perf_counter()
-        rows[measure] = MEASURE_FUNCTIONS[measure](model, tokenizer, items, settings, phase=phase)
+        rows[measure] = halving_batch_on_oom(
+            lambda measure=measure: MEASURE_FUNCTIONS[measure](model, tokenizer, items, settings, phase=phase),
+            settings,
+        )
         timings[measure] = time.perf_counter() - started
     return {m: rows[m] for m in measures}
+
+
+def halving_batch_on_oom(run: Callable[[], Any], settings: BatterySettings) -> Any:
+    """run(); on a GPU out-of-memory error, halve settings.batch_size and run again (down to 1 prompt).
+    Rows do not depend on the batch (prompts never interact), so a retry changes no number; the smaller
+    batch stays in `settings` for the rest of the job, so later measures and phases do not fail again."""
+    while True:
+        try:
+            return run()
+        except torch.cuda.OutOfMemoryError:
+            if settings.batch_size <= 1:
+                raise
+            failed = settings.batch_size
+        # Out of the except block: the error's traceback (and the tensors its frames hold) is released.
+        settings.batch_size = max(1, failed // 2)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log.warning("eval: out of GPU memory at %d prompts per batch; retrying with %d (eval.batch_size sets "
+                    "the start)", failed, settings.batch_size)
 
 
 def run_battery(
