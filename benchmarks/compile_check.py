@@ -59,104 +59,113 @@ def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
             "rel_diff": float((a - b).norm() / a.norm())}
 
 
-def train_curves(model, tokenizer, device, autocast: bool, steps: int, effective: int = 64,
-                 micro: int = 16) -> dict:
-    """Loss and pre-clip gradient norm per optimizer step, from the same fresh adapter and batches:
-    eager with two dropout seeds (the noise floor), compiled, and both without dropout (AdamW lr 1e-4,
-    clip 1.0: the study's recipe)."""
+def step_batches(tokenizer, n_steps: int, effective: int = 64, micro: int = 16) -> list[tuple[int, list[dict]]]:
+    """The first optimizer steps of the benchmark corpus: (supervised tokens, length-sorted micro-batches)."""
     from lbt.data.datamodule import step_plan
 
     examples = corpus_examples(tokenizer, 512, 3000)
-    plan = step_plan(len(examples), effective, 1, seed=0)[:steps]
-    batches = [(sum(examples[j].n_supervised for j in m), micro_batches([examples[j] for j in m], micro,
-                                                                        tokenizer.pad_token_id)) for m in plan]
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    torch.manual_seed(0)
-    fresh = {n: (torch.zeros_like(p) if "lora_B" in n else torch.randn_like(p) * 0.02) for n, p in trainable.items()}
-    dropouts = [m for n, m in model.named_modules() if n.endswith("lora_dropout.default")]
+    plan = step_plan(len(examples), effective, 1, seed=0)[:n_steps]
+    return [(sum(examples[j].n_supervised for j in m),
+             micro_batches([examples[j] for j in m], micro, tokenizer.pad_token_id)) for m in plan]
+
+
+class FreshAdapter:
+    """The trainable weights and one fresh initialisation of them (B = 0, A small random), restorable."""
+
+    def __init__(self, model):
+        self.model = model
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        torch.manual_seed(0)
+        self.init = {n: (torch.zeros_like(p) if "lora_B" in n else torch.randn_like(p) * 0.02)
+                     for n, p in self.params.items()}
+
+    def reset(self) -> torch.optim.Optimizer:
+        """Back to the fresh weights, no gradients left over; a new AdamW (lr 1e-4, the study's)."""
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(self.init[n])
+        self.model.zero_grad(set_to_none=True)
+        return torch.optim.AdamW(list(self.params.values()), lr=1e-4)
+
+    def clip(self) -> float:
+        return float(torch.nn.utils.clip_grad_norm_(list(self.params.values()), 1.0))
+
+
+@contextlib.contextmanager
+def lora_dropout(model, p: float):
+    modules = [m for n, m in model.named_modules() if n.endswith("lora_dropout.default")]
+    saved = [m.p for m in modules]
+    for m in modules:
+        m.p = p
+    try:
+        yield
+    finally:
+        for m, old in zip(modules, saved):
+            m.p = old
+
+
+def step_loss(model, step, device, autocast: bool, compiled: bool, grad: bool) -> float:
+    """Token-mean loss of one optimizer step's micro-batches (eager layers unless compiled); with grad,
+    the gradients are accumulated as training does."""
+    step_tokens, micros = step
+    total = 0.0
+    context = contextlib.nullcontext() if compiled else eager_layers(model)
+    with context, torch.set_grad_enabled(grad):
+        for mb in micros:
+            mb = {k: v.to(device) for k, v in mb.items() if isinstance(v, torch.Tensor)}
+            with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):
+                loss_sum, _ = supervised_token_loss(model, mb, supervised_logits_only=True, ce_chunk=4096)
+            if grad:
+                (loss_sum / step_tokens).backward()
+            total += float(loss_sum.detach())
+    return total / step_tokens
+
+
+def train_curves(model, tokenizer, device, autocast: bool, steps: int) -> dict:
+    """Loss and pre-clip gradient norm per optimizer step, from the same fresh adapter and batches:
+    eager with two dropout seeds (the noise floor), compiled, and both without dropout (AdamW lr 1e-4,
+    clip 1.0: the study's recipe)."""
+    batches = step_batches(tokenizer, steps)
+    adapter = FreshAdapter(model)
     curves = {}
     runs = [(0.05, False, 5), (0.05, False, 6), (0.05, True, 5), (0.0, False, 5), (0.0, True, 5)]
     for drop, compiled, seed in runs:
-        for m in dropouts:
-            m.p = drop
-        with torch.no_grad():
-            for n, p in trainable.items():
-                p.copy_(fresh[n])
-        model.zero_grad(set_to_none=True)  # nothing left over from the gradient checks
-        opt = torch.optim.AdamW(list(trainable.values()), lr=1e-4)
+        opt = adapter.reset()
         torch.manual_seed(seed)
         losses, norms = [], []
-        context = contextlib.nullcontext() if compiled else eager_layers(model)
-        with context:
-            for step_tokens, micros in batches:
-                total = 0.0
-                for mb in micros:
-                    mb = {k: v.to(device) for k, v in mb.items() if isinstance(v, torch.Tensor)}
-                    with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):
-                        loss_sum, _ = supervised_token_loss(model, mb, supervised_logits_only=True,
-                                                            ce_chunk=4096)
-                    (loss_sum / step_tokens).backward()
-                    total += float(loss_sum.detach())
-                norms.append(float(torch.nn.utils.clip_grad_norm_(list(trainable.values()), 1.0)))
+        with lora_dropout(model, drop):
+            for step in batches:
+                losses.append(step_loss(model, step, device, autocast, compiled, grad=True))
+                norms.append(adapter.clip())
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                losses.append(total / step_tokens)
         name = f"{'compiled' if compiled else 'eager'}_dropout{drop}_seed{seed}"
         curves[name] = {"loss": losses, "grad_norm": norms}
         print(f"  {name:22s} loss " + " ".join(f"{v:.5f}" for v in losses)
               + "  | grad norm " + " ".join(f"{v:.3g}" for v in norms), flush=True)
-    for m in dropouts:
-        m.p = 0.05
     return curves
 
 
-def cross_eval(model, tokenizer, device, autocast: bool, effective: int = 64, micro: int = 16) -> dict:
+def cross_eval(model, tokenizer, device, autocast: bool) -> dict:
     """Is the gap in the update or in the forward? Dropout off; from a fresh adapter, one optimizer step
     eager and one compiled; then the next batch's loss of each updated adapter under both forwards, and the
     two updates compared per LoRA matrix kind."""
-    from lbt.data.datamodule import step_plan
-
-    examples = corpus_examples(tokenizer, 512, 3000)
-    plan = step_plan(len(examples), effective, 1, seed=0)[:2]
-    steps = [(sum(examples[j].n_supervised for j in m), micro_batches([examples[j] for j in m], micro,
-                                                                      tokenizer.pad_token_id)) for m in plan]
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    torch.manual_seed(0)
-    fresh = {n: (torch.zeros_like(p) if "lora_B" in n else torch.randn_like(p) * 0.02) for n, p in trainable.items()}
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-
-    def loss_of(step, compiled: bool, grad: bool) -> float:
-        total = 0.0
-        context = contextlib.nullcontext() if compiled else eager_layers(model)
-        with context, torch.set_grad_enabled(grad):
-            for mb in step[1]:
-                mb = {k: v.to(device) for k, v in mb.items() if isinstance(v, torch.Tensor)}
-                with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):
-                    loss_sum, _ = supervised_token_loss(model, mb, supervised_logits_only=True, ce_chunk=4096)
-                if grad:
-                    (loss_sum / step[0]).backward()
-                total += float(loss_sum.detach())
-        return total / step[0]
-
+    steps = step_batches(tokenizer, 2)
+    adapter = FreshAdapter(model)
     updated, out = {}, {"loss_next_batch": {}}
-    for compiled in (False, True):
-        with torch.no_grad():
-            for n, p in trainable.items():
-                p.copy_(fresh[n])
-        model.zero_grad(set_to_none=True)
-        opt = torch.optim.AdamW(list(trainable.values()), lr=1e-4)
-        loss_of(steps[0], compiled, grad=True)
-        torch.nn.utils.clip_grad_norm_(list(trainable.values()), 1.0)
-        opt.step()
-        model.zero_grad(set_to_none=True)
-        name = "compiled" if compiled else "eager"
-        updated[name] = {n: (p.detach() - fresh[n]).float().clone() for n, p in trainable.items()}
-        for forward in (False, True):
-            key = f"{name}-updated adapter, {'compiled' if forward else 'eager'} forward"
-            out["loss_next_batch"][key] = loss_of(steps[1], forward, grad=False)
-            print(f"  {key:48s} next-batch loss {out['loss_next_batch'][key]:.5f}", flush=True)
+    with lora_dropout(model, 0.0):
+        for compiled in (False, True):
+            opt = adapter.reset()
+            step_loss(model, steps[0], device, autocast, compiled, grad=True)
+            adapter.clip()
+            opt.step()
+            model.zero_grad(set_to_none=True)
+            name = "compiled" if compiled else "eager"
+            updated[name] = {n: (p.detach() - adapter.init[n]).float().clone() for n, p in adapter.params.items()}
+            for forward in (False, True):
+                key = f"{name}-updated adapter, {'compiled' if forward else 'eager'} forward"
+                out["loss_next_batch"][key] = step_loss(model, steps[1], device, autocast, forward, grad=False)
+                print(f"  {key:48s} next-batch loss {out['loss_next_batch'][key]:.5f}", flush=True)
     out["update"] = {}
     for kind in ("lora_A", "lora_B"):
         e = torch.cat([v.flatten() for n, v in updated["eager"].items() if kind in n])
@@ -166,9 +175,6 @@ def cross_eval(model, tokenizer, device, autocast: bool, effective: int = 64, mi
                                and c.norm() > 0 else None,
                                "eager_nonzero": int((e != 0).sum()), "compiled_nonzero": int((c != 0).sum())}
         print(f"  update {kind}: {out['update'][kind]}", flush=True)
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.05
     return out
 
 
