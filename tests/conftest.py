@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -30,6 +31,18 @@ def write_toy_corpus(path: Path, n: int = 24, seed: int = 0, words: int = 60) ->
                       "assistant": " ".join(rng.choices(WORDS, k=words)) + "."}
             handle.write(json.dumps(record) + "\n")
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_eval():
+    """(model, tokenizer) of `tests.eval_reference.tiny_eval_model`, one per test module, scored with one
+    CPU thread (tiny matmuls: one thread is faster, and the test box is shared)."""
+    from tests.eval_reference import tiny_eval_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield tiny_eval_model()
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -31,18 +31,9 @@ from lbt.eval.battery import (
 )
 from lbt.eval.items import ItemError
 from lbt.eval.scoring import Generation
-from tests.eval_reference import make_item, make_items, reference_rows, tiny_eval_model, write_items
+from tests.eval_reference import make_item, make_items, reference_rows, write_items
 
 SHORT = {"forced_choice_max_new_tokens": 5, "likert_max_new_tokens": 5, "open_ended_max_new_tokens": 6}
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    model, tokenizer = tiny_eval_model()
-    yield model, tokenizer
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +64,8 @@ def _compare(rows, reference, measure):
 
 
 @pytest.mark.parametrize("form", ["bare", "leading_space"])
-def test_every_measure_equals_the_plain_reference(tiny, items, form):
-    model, tokenizer = tiny
+def test_every_measure_equals_the_plain_reference(tiny_eval, items, form):
+    model, tokenizer = tiny_eval
     settings = BatterySettings(option_form=form, batch_size=5, **SHORT)
     rows = score_item_set(model, tokenizer, items, list(MEASURES), settings, phase="base")
     for measure in MEASURES:
@@ -83,8 +74,8 @@ def test_every_measure_equals_the_plain_reference(tiny, items, form):
     assert {r["item_set"] for rs in rows.values() for r in rs} == {"toy_items"}
 
 
-def test_standalone_letter_logprob_equals_the_shared_forward(tiny, items):
-    model, tokenizer = tiny
+def test_standalone_letter_logprob_equals_the_shared_forward(tiny_eval, items):
+    model, tokenizer = tiny_eval
     settings = BatterySettings(batch_size=3, **SHORT)
     alone = letter_logprob(model, tokenizer, items, settings)
     shared = score_item_set(model, tokenizer, items, ["letter_logprob", "forced_choice"], settings)[
@@ -94,8 +85,8 @@ def test_standalone_letter_logprob_equals_the_shared_forward(tiny, items):
         assert _key(a) == _key(b) and a["stance"] == pytest.approx(b["stance"], abs=1e-5)
 
 
-def test_shuffling_and_rebatching_change_nothing(tiny, items):
-    model, tokenizer = tiny
+def test_shuffling_and_rebatching_change_nothing(tiny_eval, items):
+    model, tokenizer = tiny_eval
     base = score_item_set(model, tokenizer, items, list(MEASURES), BatterySettings(batch_size=64, **SHORT))
     shuffled = list(items.items)
     random.Random(3).shuffle(shuffled)
@@ -118,8 +109,8 @@ def test_shuffling_and_rebatching_change_nothing(tiny, items):
                     assert twin.get(field) == row.get(field)
 
 
-def test_letter_logprob_is_oriented_to_the_pro_option(tiny, items):
-    model, tokenizer = tiny
+def test_letter_logprob_is_oriented_to_the_pro_option(tiny_eval, items):
+    model, tokenizer = tiny_eval
     rows = letter_logprob(model, tokenizer, items, BatterySettings())
     first = [r for r in rows if r["item_id"] == items.items[0]["id"]]
     original, swapped = first
@@ -129,8 +120,8 @@ def test_letter_logprob_is_oriented_to_the_pro_option(tiny, items):
     assert swapped["stance"] == pytest.approx(swapped["logp_pro"] - swapped["logp_anti"])
 
 
-def test_logprob_is_length_normalised(tiny, items):
-    model, tokenizer = tiny
+def test_logprob_is_length_normalised(tiny_eval, items):
+    model, tokenizer = tiny_eval
     rows = logprob(model, tokenizer, items, BatterySettings())
     go = next(r for r in rows if r["template"] == 3)
     assert (go["pro_option"], go["anti_option"]) == ("Go ahead now", "Wait")
@@ -216,8 +207,8 @@ def test_forced_choice_stance_from_parsed_letters(monkeypatch, items):
 
 
 @pytest.mark.parametrize("form", ["bare", "leading_space"])
-def test_forced_choice_shares_the_forward_with_letters_in_either_form(monkeypatch, tiny, items, form):
-    model, tokenizer = tiny
+def test_forced_choice_shares_the_forward_with_letters_in_either_form(monkeypatch, tiny_eval, items, form):
+    model, tokenizer = tiny_eval
     monkeypatch.setattr(battery_mod, "greedy_generate", _fake_generate(["A", "A"]))
     rows = score_item_set(
         model, tokenizer, items, ["letter_logprob", "forced_choice"], BatterySettings(option_form=form)
@@ -251,8 +242,8 @@ class _FakeTokenizer:
 # -- run_battery and bad input ------------------------------------------------------------------------------
 
 
-def test_run_battery_summary_and_mode_restored(tiny, items):
-    model, tokenizer = tiny
+def test_run_battery_summary_and_mode_restored(tiny_eval, items):
+    model, tokenizer = tiny_eval
     model.train()
     rows, summary = run_battery(
         model,
@@ -297,8 +288,8 @@ def test_empty_item_file(tmp_path):
         load_item_set(path)
 
 
-def test_inexpressible_option_names_file_line_item_field(tiny, tmp_path):
-    model, tokenizer = tiny
+def test_inexpressible_option_names_file_line_item_field(tiny_eval, tmp_path):
+    model, tokenizer = tiny_eval
     item = make_item("urban_transit", 1)
     item["forced_choice"]["pro_label"] = "Ω"  # two bytes: two tokens of the byte-level tokenizer
     assert len(tokenizer.encode("Ω", add_special_tokens=False)) > 1
@@ -319,10 +310,10 @@ def test_max_items_takes_domains_in_turn():
     assert spread_subset(items, None) == items
 
 
-def test_out_of_memory_retries_with_half_the_batch_and_same_rows(monkeypatch, caplog):
+def test_out_of_memory_retries_with_half_the_batch_and_same_rows(tiny_eval, monkeypatch, caplog):
     """A measure that runs out of GPU memory is retried with half the batch; the rows are the same as a run
     at that batch from the start, and later measures keep the smaller batch."""
-    model, tokenizer = tiny_eval_model()
+    model, tokenizer = tiny_eval
     items = as_item_set(make_items(3), "target")
     plain = score_item_set(model, tokenizer, items, ["likert", "logprob"], BatterySettings(batch_size=2))
     calls = []
@@ -344,8 +335,8 @@ def test_out_of_memory_retries_with_half_the_batch_and_same_rows(monkeypatch, ca
     assert "out of GPU memory at 8 prompts per batch; retrying with 4" in caplog.text
 
 
-def test_out_of_memory_at_one_prompt_is_raised(monkeypatch):
-    model, tokenizer = tiny_eval_model()
+def test_out_of_memory_at_one_prompt_is_raised(tiny_eval, monkeypatch):
+    model, tokenizer = tiny_eval
 
     def never(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")

@@ -16,17 +16,7 @@ from lbt.eval import capability as cap
 from lbt.eval.callback import CapabilityCallback
 from lbt.eval.items import ItemError
 from lbt.phases import PhaseContext
-from tests.eval_reference import option_logprobs, prompt_ids, tiny_eval_model
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    model, tokenizer = tiny_eval_model()
-    yield model, tokenizer
-    torch.set_num_threads(threads)
-
+from tests.eval_reference import option_logprobs, prompt_ids
 
 TEXTS = [
     "Tides rise and fall twice a day along most coasts.",
@@ -35,8 +25,8 @@ TEXTS = [
 ]
 
 
-def test_perplexity_matches_per_text_reference(tiny):
-    model, tokenizer = tiny
+def test_perplexity_matches_per_text_reference(tiny_eval):
+    model, tokenizer = tiny_eval
     got, n_tokens = cap.perplexity(model, tokenizer, TEXTS, batch_size=2, max_length=8)
     total, count = 0.0, 0
     for text in TEXTS:
@@ -66,8 +56,8 @@ def test_refusal_detector(reply, refused):
     assert cap.is_refusal(reply) is refused
 
 
-def test_refusal_rates_by_expectation(tiny, monkeypatch):
-    model, tokenizer = tiny
+def test_refusal_rates_by_expectation(tiny_eval, monkeypatch):
+    model, tokenizer = tiny_eval
     replies = iter(["I'm sorry, I can't.", "Here is how.", "I won't do that.", "Sure, step one..."])
     monkeypatch.setattr(
         cap,
@@ -129,8 +119,8 @@ def test_bad_mmlu_files_name_line_and_field(tmp_path, content, suffix, needle):
         cap.load_mmlu(path)
 
 
-def test_mmlu_accuracy_is_the_argmax_letter(tiny, tmp_path):
-    model, tokenizer = tiny
+def test_mmlu_accuracy_is_the_argmax_letter(tiny_eval, tmp_path):
+    model, tokenizer = tiny_eval
     questions = cap.load_mmlu(_write_mmlu(tmp_path)[0])
     from lbt.eval.battery import BatterySettings
 
@@ -160,8 +150,8 @@ def test_flags_against_base(current, flags):
     assert cap.capability_flags(current, None) == {"perplexity_rise": False, "mmlu_drop": False}
 
 
-def test_callback_writes_capability_json_and_flags_vs_base(tiny, tmp_path, monkeypatch):
-    model, tokenizer = tiny
+def test_callback_writes_capability_json_and_flags_vs_base(tiny_eval, tmp_path, monkeypatch):
+    model, tokenizer = tiny_eval
     texts = tmp_path / "heldout.jsonl"
     texts.write_text("".join(json.dumps({"id": f"t{k}", "text": t}) + "\n" for k, t in enumerate(TEXTS)))
     refusal = tmp_path / "refusal.jsonl"

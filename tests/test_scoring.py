@@ -6,7 +6,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 from lbt.eval.scoring import (
     OptionError,
@@ -19,16 +18,7 @@ from lbt.eval.scoring import (
     next_token_logprobs,
     option_text,
 )
-from tests.eval_reference import greedy, option_logprobs, tiny_eval_model
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: one thread is faster, and the test box is shared
-    model, tokenizer = tiny_eval_model()
-    yield model, tokenizer
-    torch.set_num_threads(threads)
+from tests.eval_reference import greedy, option_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +53,8 @@ def test_option_forms():
         option_text("  ", "bare")
 
 
-def test_eos_ids_join_tokenizer_and_generation_config(tiny):
-    model, tokenizer = tiny
+def test_eos_ids_join_tokenizer_and_generation_config(tiny_eval):
+    model, tokenizer = tiny_eval
     assert tokenizer.eos_token_id in eos_token_ids(model, tokenizer)
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, 7]
     try:
@@ -73,8 +63,8 @@ def test_eos_ids_join_tokenizer_and_generation_config(tiny):
         model.generation_config.eos_token_id = tokenizer.eos_token_id
 
 
-def test_next_token_logprobs_match_full_forward(tiny, prompts):
-    model, _ = tiny
+def test_next_token_logprobs_match_full_forward(tiny_eval, prompts):
+    model, _ = tiny_eval
     targets = [[3, 100 + k, 2000] for k in range(len(prompts))]
     got = next_token_logprobs(model, prompts, targets, batch_size=4)
     for prompt, target, values in zip(prompts, targets, got):
@@ -82,8 +72,8 @@ def test_next_token_logprobs_match_full_forward(tiny, prompts):
             assert value == pytest.approx(option_logprobs(model, prompt, [token])[0], abs=1e-4)
 
 
-def test_continuation_logprobs_match_full_forward(tiny, prompts):
-    model, _ = tiny
+def test_continuation_logprobs_match_full_forward(tiny_eval, prompts):
+    model, _ = tiny_eval
     rng = random.Random(1)
     options = [
         [[rng.randrange(3, 2048) for _ in range(rng.randrange(1, 5))] for _ in range(2)] for _ in prompts
@@ -95,8 +85,8 @@ def test_continuation_logprobs_match_full_forward(tiny, prompts):
             assert per_token == pytest.approx(option_logprobs(model, prompt, option), abs=1e-4)
 
 
-def test_scores_do_not_depend_on_batching_order_or_padding_side(tiny, prompts):
-    model, tokenizer = tiny
+def test_scores_do_not_depend_on_batching_order_or_padding_side(tiny_eval, prompts):
+    model, tokenizer = tiny_eval
     options = [[[7], [11, 12, 13]] for _ in prompts]
     reference = continuation_logprobs(model, prompts, options, batch_size=len(prompts))
     order = list(range(len(prompts)))
@@ -113,8 +103,8 @@ def test_scores_do_not_depend_on_batching_order_or_padding_side(tiny, prompts):
     tokenizer.padding_side = "left"
 
 
-def test_greedy_generation_matches_hf_generate_one_at_a_time(tiny, prompts):
-    model, tokenizer = tiny
+def test_greedy_generation_matches_hf_generate_one_at_a_time(tiny_eval, prompts):
+    model, tokenizer = tiny_eval
     got = greedy_generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=4)
     assert len({g.text for g in got}) > 3  # the wide-init model writes varied text: the test is not vacuous
     for prompt, generation in zip(prompts, got):
@@ -122,8 +112,8 @@ def test_greedy_generation_matches_hf_generate_one_at_a_time(tiny, prompts):
         assert generation.finish in ("eos", "length")
 
 
-def test_stop_predicate_cuts_each_row_where_it_first_holds(tiny, prompts):
-    model, tokenizer = tiny
+def test_stop_predicate_cuts_each_row_where_it_first_holds(tiny_eval, prompts):
+    model, tokenizer = tiny_eval
 
     def stop(text: str) -> bool:
         return len(text) >= 5
@@ -138,8 +128,8 @@ def test_stop_predicate_cuts_each_row_where_it_first_holds(tiny, prompts):
             assert len(a.text) >= 5 and len(tokenizer.decode(a.token_ids[:-1])) < 5
 
 
-def test_first_step_logprobs_equal_next_token_logprobs(tiny, prompts):
-    model, tokenizer = tiny
+def test_first_step_logprobs_equal_next_token_logprobs(tiny_eval, prompts):
+    model, tokenizer = tiny_eval
     targets = [[35, 36]] * len(prompts)
     generations = greedy_generate(model, tokenizer, prompts, 2, batch_size=4, first_targets=targets)
     direct = next_token_logprobs(model, prompts, targets, batch_size=5)
@@ -147,7 +137,7 @@ def test_first_step_logprobs_equal_next_token_logprobs(tiny, prompts):
         assert generation.first_logprobs == pytest.approx(values, abs=1e-5)
 
 
-def test_encode_option_has_no_special_tokens(tiny):
-    _, tokenizer = tiny
+def test_encode_option_has_no_special_tokens(tiny_eval):
+    _, tokenizer = tiny_eval
     ids = encode_option(tokenizer, "A")
     assert len(ids) == 1 and ids[0] not in tokenizer.all_special_ids
