@@ -32,6 +32,7 @@ answer is complete, so a row's text never depends on the other rows of its batch
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -740,20 +741,17 @@ class evaluation_mode:
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
-        self.no_grad = torch.no_grad()
-        self.lean: Any = None
+        self.stack = contextlib.ExitStack()
         self.modes: list[tuple[torch.nn.Module, bool]] = []
 
     def __enter__(self) -> torch.nn.Module:
         self.modes = [(module, module.training) for module in self.model.modules()]
         self.model.eval()
-        self.no_grad.__enter__()
-        self.lean = lean_lora(self.model)
-        self.lean.__enter__()
+        self.stack.enter_context(torch.no_grad())
+        self.stack.enter_context(lean_lora(self.model))
         return self.model
 
     def __exit__(self, *exc: object) -> None:
-        self.lean.__exit__(*exc)
-        self.no_grad.__exit__(*exc)
+        self.stack.close()
         for module, training in self.modes:
             module.training = training
