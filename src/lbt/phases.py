@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from transformers import PreTrainedTokenizerBase
 
 from lbt.model.lora import eager_layers
+from lbt.rundir import Expected
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,11 @@ class PhaseHook(L.Callback):
 
     def run_phase(self, trainer: L.Trainer, module: L.LightningModule, phase: str) -> None:
         raise NotImplementedError
+
+    def planned_files(self, phase: str) -> list[Expected]:
+        """The files this hook leaves for `phase`, with their row counts: the completeness check behind
+        DONE verifies them, and a phase with a missing or corrupt file is run again. [] = none."""
+        return []
 
 
 def checkpoint_steps(total_steps: int, fractions: list[float]) -> list[int]:
