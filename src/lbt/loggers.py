@@ -74,9 +74,7 @@ def build_logger(logger_cfg: DictConfig, job_dir: Path, job: dict[str, Any], con
     if kind == "none":
         return False
     if kind == "csv":
-        from lightning.pytorch.loggers import CSVLogger
-
-        return CSVLogger(save_dir=str(job_dir), name="csv", version="")
+        return appending_csv_logger(job_dir)
     if kind != "wandb":
         raise ValueError(f"logger.kind={kind!r}: use wandb, csv or none")
     from lightning.pytorch.loggers import WandbLogger
@@ -97,6 +95,37 @@ def build_logger(logger_cfg: DictConfig, job_dir: Path, job: dict[str, Any], con
     )
 
 
+def appending_csv_logger(job_dir: Path):
+    """Lightning's CSVLogger writing csv/metrics.csv, appending across attempts of a job.
+
+    Lightning's own writer deletes an existing metrics.csv when it starts; a resumed job would lose the
+    rows of its earlier attempts. Here the existing file is kept and its columns carried over (a new
+    column rewrites the header, keeping every row).
+    """
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+    from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+    class AppendingWriter(ExperimentWriter):
+        def _check_log_dir_exists(self) -> None:
+            if os.path.isfile(self.metrics_file_path):
+                with open(self.metrics_file_path, newline="", encoding="utf-8") as handle:
+                    self.metrics_keys = sorted(next(csv.reader(handle), []))
+
+    class AppendingCSVLogger(CSVLogger):
+        @property
+        @rank_zero_experiment
+        def experiment(self):
+            if self._experiment is None:
+                self._fs.makedirs(self.root_dir, exist_ok=True)
+                self._experiment = AppendingWriter(log_dir=self.log_dir)
+            return self._experiment
+
+    return AppendingCSVLogger(save_dir=str(job_dir), name="csv", version="")
+
+
 def mark_wandb_preempting() -> None:
     """Tell W&B this run stops to be requeued (shown as preempted, not crashed); it resumes with the same id."""
     try:
@@ -107,11 +136,12 @@ def mark_wandb_preempting() -> None:
         wandb.run.mark_preempting()
 
 
-def finish_wandb() -> None:
-    """Close the W&B run of this process, if any, so multirun jobs never log into each other's run."""
+def finish_wandb(exit_code: int | None = None) -> None:
+    """Close the W&B run of this process, if any, so multirun jobs never log into each other's run;
+    a failed job's run ends with its non-zero exit code (shown as failed in W&B)."""
     try:
         import wandb
     except ImportError:
         return
     if wandb.run is not None:
-        wandb.finish()
+        wandb.finish(exit_code=exit_code)

@@ -21,7 +21,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import PreTrainedTokenizerBase
 
 from lbt.data.chat import IGNORE_INDEX, Example, encode_example
@@ -122,19 +122,18 @@ class DataStats:
 
 
 class StepDataset(Dataset):
-    """Item i is optimizer step start_step + i, as this rank's micro-batches."""
+    """Item `step` is optimizer step `step` of the plan, as this rank's micro-batches."""
 
     def __init__(self, examples: list[Example], plan: list[list[int]], micro_batch: int, pad_id: int,
-                 rank: int = 0, world_size: int = 1, start_step: int = 0, pack_tokens: int = 0):
+                 rank: int = 0, world_size: int = 1, pack_tokens: int = 0):
         self.examples, self.plan = examples, plan
         self.micro_batch, self.pad_id, self.pack_tokens = micro_batch, pad_id, pack_tokens
-        self.rank, self.world_size, self.start_step = rank, world_size, start_step
+        self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:
-        return max(0, len(self.plan) - self.start_step)
+        return len(self.plan)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        step = self.start_step + i
+    def __getitem__(self, step: int) -> dict[str, Any]:
         members = [self.examples[j] for j in self.plan[step]]
         mine = members[self.rank::self.world_size]
         return {
@@ -142,6 +141,27 @@ class StepDataset(Dataset):
             "step_tokens": sum(e.n_supervised for e in members),
             "micro_batches": micro_batches(mine, self.micro_batch, self.pad_id, self.pack_tokens) if mine else [],
         }
+
+
+class ResumeSampler(Sampler[int]):
+    """Steps start_step .. total−1, while its length stays the whole plan.
+
+    On resume Lightning restores its batch counter (start_step batches already seen) and ends the epoch
+    when that counter reaches len(dataloader). A loader shortened to the remaining steps would end the
+    epoch start_step batches early; this one yields exactly the remaining steps and is exhausted when the
+    counter reaches the plan's length. `LoRAModule.training_step` checks that every batch is the step
+    the trainer expects, so a loop that counted otherwise would fail loudly instead of training on
+    the wrong data.
+    """
+
+    def __init__(self, total_steps: int, start_step: int = 0):
+        self.total_steps, self.start_step = int(total_steps), int(start_step)
+
+    def __len__(self) -> int:
+        return self.total_steps
+
+    def __iter__(self):
+        return iter(range(self.start_step, self.total_steps))
 
 
 class CorpusDataModule(L.LightningDataModule):
@@ -191,9 +211,9 @@ class CorpusDataModule(L.LightningDataModule):
             # After a resume the trainer has restored global_step: continue the plan where it stopped.
             self.start_step = self.trainer.global_step
         dataset = StepDataset(self.train_examples, self.plan, self.micro_batch, self.pad_id, rank, world,
-                              self.start_step, self.pack_tokens)
-        return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=self.num_workers,
-                          persistent_workers=False)
+                              self.pack_tokens)
+        return DataLoader(dataset, sampler=ResumeSampler(len(self.plan), self.start_step), batch_size=None,
+                          num_workers=self.num_workers, persistent_workers=False)
 
     def val_micro_batches(self) -> list[dict[str, torch.Tensor]]:
         return micro_batches(self.val_examples, self.micro_batch, self.pad_id) if self.val_examples else []

@@ -132,6 +132,9 @@ class LoRAModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        if int(batch["step"]) != self.global_step:
+            raise RuntimeError(f"data out of step: the loader gave plan step {int(batch['step'])} at optimizer "
+                               f"step {self.global_step} (resume bookkeeping); nothing was trained on it")
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
         started = time.perf_counter()
