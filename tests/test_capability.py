@@ -185,3 +185,39 @@ def test_callback_writes_capability_json_and_flags_vs_base(tiny_eval, tmp_path, 
     before = (tmp_path / "job/eval/final/capability.json").read_bytes()
     callback.run_phase(trainer, module, "final")  # exists: skipped, nothing rewritten
     assert (tmp_path / "job/eval/final/capability.json").read_bytes() == before
+
+
+def test_planned_files_at_its_phase_kinds_and_a_corrupt_file_is_measured_again(tiny_eval, tmp_path):
+    from lbt.rundir import file_problem, incomplete_phases
+
+    model, tokenizer = tiny_eval
+    texts = tmp_path / "heldout.jsonl"
+    texts.write_text("".join(json.dumps({"id": f"t{k}", "text": t}) + "\n" for k, t in enumerate(TEXTS)))
+    callback = CapabilityCallback(str(texts), None, batch_size=2, max_length=8, phases=["base", "final"])
+    cfg = OmegaConf.create({"model": {"chat_template_kwargs": {}}})
+    callback.setup_context(PhaseContext(job_dir=tmp_path / "job", tokenizer=tokenizer, cfg=cfg))
+    trainer = SimpleNamespace(
+        is_global_zero=True, loggers=[], global_step=0, strategy=SimpleNamespace(barrier=lambda: None)
+    )
+    module = SimpleNamespace(model=model)
+    assert callback.planned_files("step_4") == []  # not a phase kind it runs at: nothing planned, nothing run
+    callback.run_phase(trainer, module, "step_4")
+    assert not (tmp_path / "job/eval/step_4").exists()
+    planned = {phase: callback.planned_files(phase) for phase in ("base", "final")}
+    assert [e.path for e in planned["final"]] == [tmp_path / "job/eval/final/capability.json"]
+    assert planned["final"][0].rows is None
+    for phase in planned:
+        callback.run_phase(trainer, module, phase)
+    assert all(file_problem(e) is None for files in planned.values() for e in files)
+    final, base = planned["final"][0].path, planned["base"][0].path
+    intact = json.loads(final.read_text())
+    base_state = (base.read_bytes(), base.stat().st_mtime_ns)
+    final.write_text(final.read_text()[:40])  # cut short: not JSON any more
+    assert "corrupt" in file_problem(planned["final"][0]) and "capability.json" in file_problem(planned["final"][0])
+    assert incomplete_phases(planned) == ["final"]
+    assert not final.exists() and len(list(final.parent.glob("capability.json.corrupt-*"))) == 1
+    callback.run_phase(trainer, module, "base")  # intact: skipped
+    callback.run_phase(trainer, module, "final")
+    again = json.loads(final.read_text())
+    assert again["perplexity"] == intact["perplexity"] and again["base"] == intact["base"]
+    assert (base.read_bytes(), base.stat().st_mtime_ns) == base_state  # untouched

@@ -16,8 +16,9 @@ from lbt import train as train_mod
 from lbt.eval import callback as callback_mod
 from lbt.eval.battery import MEASURES, MeasureError
 from lbt.eval.callback import CapabilityCallback, StanceEvalCallback
-from lbt.eval.rows import read_rows
+from lbt.eval.rows import expected_rows, read_rows
 from lbt.phases import PhaseContext
+from lbt.rundir import file_problem, incomplete_phases
 from tests.conftest import compose_train
 from tests.eval_reference import make_items, tiny_eval_model, write_items
 
@@ -66,10 +67,12 @@ def fake_trainer(loggers=()):
     )
 
 
-def make_callback(tmp_path, tokenizer, measures=MEASURES):
+def make_callback(tmp_path, tokenizer, measures=MEASURES, **kwargs):
     source = write_items(tmp_path / "source_items.jsonl", make_items(per_domain=1))
     target = write_items(tmp_path / "target_items.jsonl", make_items(per_domain=2))
-    callback = StanceEvalCallback({"source": str(source), "target": str(target)}, list(measures), BATTERY)
+    callback = StanceEvalCallback(
+        {"source": str(source), "target": str(target)}, list(measures), BATTERY, **kwargs
+    )
     cfg = OmegaConf.create({"model": {"chat_template_kwargs": {}}})
     callback.setup_context(PhaseContext(job_dir=tmp_path / "job", tokenizer=tokenizer, cfg=cfg))
     return callback
@@ -142,6 +145,80 @@ def test_finished_phase_is_skipped_and_half_written_phase_completes(tiny, tmp_pa
     ]
     summary = json.loads((phase / "summary.json").read_text())
     assert summary["item_sets"]["target"]["measures"]["letter_logprob"]["n_rows"] == 8
+
+
+def files_state(folder):
+    """Bytes and mtime of every file but the set-aside ones (<name>.corrupt-<time>)."""
+    return {
+        p: (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and ".corrupt-" not in p.name
+    }
+
+
+def test_planned_files_are_what_the_phase_leaves_and_a_bad_one_is_made_again(tiny, tmp_path, monkeypatch):
+    model, tokenizer = tiny
+    callback = make_callback(tmp_path, tokenizer, measure_phases={"open_ended": ["final"]})
+    trainer, module = fake_trainer(), SimpleNamespace(model=model)
+    planned = callback.planned_files("step_3")
+    phase = tmp_path / "job/eval/step_3"
+    # 2 source and 4 target items; open_ended is restricted to the final phase.
+    per_item = {"letter_logprob": 2, "forced_choice": 2, "logprob": 8, "likert": 2}  # logprob: 4 contrasts
+    assert {(e.path, e.rows) for e in planned} == {
+        (phase / item_set / f"{m}.jsonl", per_item[m] * n) for item_set, n in (("source", 2), ("target", 4))
+        for m in per_item
+    } | {(phase / "summary.json", None)}
+    assert [e.rows for e in callback.planned_files("final") if e.path.stem == "open_ended"] == [2, 4]
+    callback.run_phase(trainer, module, "step_3")
+    assert all(file_problem(e) is None for e in planned)
+    assert {e.path for e in planned} == {p for p in phase.rglob("*") if p.is_file()}  # nothing unplanned
+
+    likert, summary = phase / "target/likert.jsonl", phase / "summary.json"
+    intact = likert.read_bytes()
+    likert.write_bytes(b"".join(intact.splitlines(keepends=True)[:-1]))  # a truncated rows file
+    assert "7 rows, 8 expected" in file_problem(next(e for e in planned if e.path == likert))
+    before = files_state(phase)
+    asked: list[list[str]] = []
+    real = callback_mod.score_item_set
+    monkeypatch.setattr(
+        callback_mod, "score_item_set", lambda m, t, items, measures, *a, **k: asked.append(list(measures))
+        or real(m, t, items, measures, *a, **k)
+    )
+    assert incomplete_phases({"step_3": planned}) == ["step_3"]
+    assert not likert.exists() and not summary.exists()  # set aside: the rows and the summary built from them
+    assert len(list(phase.glob("target/likert.jsonl.corrupt-*"))) == 1
+    callback.run_phase(trainer, module, "step_3")
+    assert asked == [["likert"]] and likert.read_bytes() == intact
+    after = files_state(phase)
+    for path in before.keys() - {likert, summary}:
+        assert after[path] == before[path], path  # same bytes, same mtime
+    assert all(file_problem(e) is None for e in planned)
+
+    summary.write_text('{"phase": "step_3", "item_sets": {')  # a corrupt JSON file
+    assert "corrupt" in file_problem(next(e for e in planned if e.path == summary))
+    before = files_state(phase)
+    assert incomplete_phases({"step_3": planned}) == ["step_3"]
+    callback.run_phase(trainer, module, "step_3")
+    assert asked == [["likert"]]  # nothing scored again: every rows file is read back
+    after = files_state(phase)
+    assert after.keys() == before.keys() and [p for p in before if after[p] != before[p]] == [summary]
+    assert json.loads(summary.read_text())["item_sets"]["target"]["measures"]["likert"]["n_rows"] == 8
+    # Without the check first, the hook itself finds a short file, sets it aside and scores it again.
+    likert.write_bytes(intact[: intact.index(b"\n") + 1])
+    callback.run_phase(trainer, module, "step_3")
+    assert asked[-1] == ["likert"] and likert.read_bytes() == intact
+
+
+@pytest.mark.parametrize("measure", MEASURES)
+def test_expected_rows_is_what_the_battery_writes(tiny, tmp_path, measure):
+    from lbt.eval.battery import BatterySettings, load_item_set, score_item_set
+
+    model, tokenizer = tiny
+    items_list = make_items(per_domain=1)
+    items_list[0]["contrasts"] = items_list[0]["contrasts"][:1]  # items need not share a contrast count
+    items = load_item_set(write_items(tmp_path / "t.jsonl", items_list))
+    rows = score_item_set(model, tokenizer, items, [measure], BatterySettings.from_config(BATTERY))[measure]
+    assert len(rows) == expected_rows(items, measure)
 
 
 def test_unknown_measure_and_missing_items_fail_at_instantiation(tmp_path):

@@ -5,8 +5,12 @@
 Tables. `CapabilityCallback` writes `eval/<phase>/capability.json` (perplexity, refusal rates, MMLU accuracy,
 flags against phase base).
 
-Both are append-only: a phase whose summary (capability.json) exists is skipped, and a measure file that
-exists is read back rather than scored again (a job resumed mid-phase finishes only what is missing).
+Both declare what they leave (`planned_files`: every rows file with its row count, the summary, the
+capability file at the phase kinds it runs at) for the completeness check behind DONE, and both are
+append-only: a phase whose planned files all exist and hold their rows is skipped; a file found missing,
+corrupt or short is set aside (`lbt.rundir.incomplete_phases`; a phase summary goes with its rows) and
+only it is produced again; a measure file that is intact is read back rather than scored again (a job
+resumed mid-phase finishes only what is missing).
 
 Under DDP: every rank scores its own shard of the items (item k goes to rank k mod world size, so no item
 is scored twice), rank 0 gathers the rows and writes the files, and the stance means come from
@@ -17,7 +21,6 @@ off) under no_grad and every module's mode is restored afterwards.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -37,9 +40,21 @@ from lbt.eval.battery import (
     score_item_set,
 )
 from lbt.eval.items import load_refusal, load_texts
-from lbt.eval.rows import phase_dir, read_rows, rows_path, write_json_once, write_rows
+from lbt.eval.rows import expected_rows
 from lbt.eval.summary import StanceMetric, flat_metrics, summarize_phase
 from lbt.phases import PhaseHook
+from lbt.rundir import (
+    Expected,
+    RunDir,
+    file_problem,
+    incomplete_phases,
+    phase_kind,
+    read_json,
+    read_rows,
+    set_aside,
+    write_json_once,
+    write_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +118,7 @@ def log_row_tables(trainer: L.Trainer, phase: str, rows: Mapping[str, Mapping[st
                     log.warning("W&B table eval_rows/%s/%s/%s not logged: %s", phase, item_set, measure, err)
 
 
-PHASE_KINDS = ("base", "step", "final")
-
-
-def phase_kind(phase: str) -> str:
-    """base | step | final, for base, step_<n>, final."""
-    return "step" if phase.startswith("step_") else phase
+PHASE_KINDS = ("base", "step", "final")  # what lbt.rundir.phase_kind returns
 
 
 class StanceEvalCallback(PhaseHook):
@@ -147,12 +157,29 @@ class StanceEvalCallback(PhaseHook):
         for items in self.item_sets.values():  # inexpressible options fail now, not at the first phase
             check_options(context.tokenizer, items, self.measures, self.settings)
 
+    @property
+    def run(self) -> RunDir:
+        if self.context is None:
+            raise RuntimeError("StanceEvalCallback: setup_context was not called (add CheckpointPhases)")
+        return RunDir(self.context.job_dir)
+
+    def planned_files(self, phase: str) -> list[Expected]:
+        """Every rows file of the phase (all items: rank 0 writes the gathered shards) and the summary."""
+        run = self.run
+        return [
+            Expected(run.rows(phase, name, measure), expected_rows(items, measure))
+            for name, items in self.item_sets.items()
+            for measure in self.measures_at(phase)
+        ] + [Expected(run.summary(phase))]
+
     def run_phase(self, trainer: L.Trainer, module: L.LightningModule, phase: str) -> None:
         if self.context is None or self.settings is None:
             raise RuntimeError("StanceEvalCallback: setup_context was not called (add CheckpointPhases)")
-        out_dir = phase_dir(self.context.job_dir, phase)
-        if _broadcast(trainer, (out_dir / "summary.json").exists()):
-            log.info("eval %s: summary exists, skipped", phase)
+        run = self.run
+        # Rank 0 checks the phase's files; a bad one is set aside (with the summary built from it).
+        incomplete = incomplete_phases({phase: self.planned_files(phase)}) if trainer.is_global_zero else None
+        if not _broadcast(trainer, incomplete):
+            log.info("eval %s: every planned file is there, skipped", phase)
             return
         started = time.perf_counter()
         measures = self.measures_at(phase)
@@ -169,7 +196,7 @@ class StanceEvalCallback(PhaseHook):
             },
         )
         if trainer.is_global_zero:
-            write_json_once(out_dir / "summary.json", summary)
+            write_json_once(run.summary(phase), summary)
             log_scalars(trainer, {**flat_metrics(summary), "eval/seconds": summary["wall_s"]})
             if self.log_tables:
                 log_row_tables(trainer, phase, rows)
@@ -188,7 +215,7 @@ class StanceEvalCallback(PhaseHook):
         seconds: dict[str, dict[str, float]] = {}
         with evaluation_mode(model):
             for name, items in self.item_sets.items():
-                paths = {m: rows_path(self.context.job_dir, phase, name, m) for m in measures}
+                paths = {m: self.run.rows(phase, name, m) for m in measures}
                 missing = _broadcast(trainer, [m for m in measures if not paths[m].exists()])
                 seconds[name] = {}
                 local = (
@@ -269,13 +296,22 @@ class CapabilityCallback(PhaseHook):
         self.option_form = option_form
         self.thresholds = {"perplexity_rise": float(perplexity_rise), "mmlu_drop": float(mmlu_drop)}
 
-    def run_phase(self, trainer: L.Trainer, module: L.LightningModule, phase: str) -> None:
+    def planned_files(self, phase: str) -> list[Expected]:
         if self.context is None:
             raise RuntimeError("CapabilityCallback: setup_context was not called (add CheckpointPhases)")
-        out = phase_dir(self.context.job_dir, phase) / "capability.json"
         if phase_kind(phase) not in self.phases:
+            return []
+        return [Expected(RunDir(self.context.job_dir).capability(phase))]
+
+    def run_phase(self, trainer: L.Trainer, module: L.LightningModule, phase: str) -> None:
+        planned = self.planned_files(phase)
+        if not planned:
             return
-        if trainer.is_global_zero and not out.exists():
+        out = planned[0].path
+        problem = file_problem(planned[0]) if trainer.is_global_zero else None
+        if problem and out.exists():  # corrupt: kept for inspection, measured again
+            set_aside(out, problem)
+        if trainer.is_global_zero and problem:
             started = time.perf_counter()
             with evaluation_mode(module.model):
                 record = self.measure(module.model, phase)
@@ -331,10 +367,10 @@ class CapabilityCallback(PhaseHook):
             record["mmlu_accuracy"] = mmlu_accuracy(
                 model, tokenizer, self.mmlu, self.option_form, self.generation_batch_size, template_kwargs
             )
-        base_file = phase_dir(self.context.job_dir, "base") / "capability.json"
+        base_file = RunDir(self.context.job_dir).capability("base")
         base = None
         if phase != "base" and base_file.exists():
-            base = json.loads(base_file.read_text(encoding="utf-8"))
+            base = read_json(base_file)  # a corrupt base file is an error naming it (re-run sets it aside)
         record["flags"] = capability_flags(record, base, **self.thresholds)
         record["base"] = {k: base.get(k) for k in ("perplexity", "mmlu_accuracy")} if base else None
         return record
