@@ -1,10 +1,12 @@
 """Run cards: what a job was (resolved config without secrets, code and package versions, corpus hash)
-and what it did (wall time, tokens/s, losses). Secrets never reach a run card or a logger."""
+and what it did (wall time, tokens/s, losses). Secrets never reach a run card or a logger.
+
+This module holds the card's content; writing and reading it is `lbt.rundir`'s (write_json_atomic and
+read_json are re-exported here for older importers)."""
 
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import os
 import platform
 import re
@@ -13,6 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from lbt.rundir import read_json, write_json_atomic
+
+__all__ = ["git_sha", "package_versions", "public_config", "read_json", "scrub_secrets", "write_json_atomic"]
 
 SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential|auth)", re.IGNORECASE)
 SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "LBT_LLM_API_KEY", "OPENAI_API_KEY")
@@ -61,12 +67,3 @@ def package_versions() -> dict[str, str | None]:
             versions[name] = None
     return versions
 
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8"))
