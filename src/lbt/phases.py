@@ -5,6 +5,11 @@ checkpoint fraction but the last, and `final` (the 100 % checkpoint, after train
 checkpoint step the adapter is saved to checkpoints/adapter_step_<n>/ first, then every PhaseHook among
 the trainer's callbacks runs (stance battery, capability checks, probes). Hooks must skip a phase whose
 outputs already exist: after a resume, nothing already written is redone or overwritten.
+
+On resume, a phase already passed whose files are missing or corrupt (`PhaseHook.planned_files`) runs
+again with the weights it evaluates: the adapters switched off for `base` (LoRA B starts at zero, so
+that is the model of step 0), the saved checkpoints/adapter_step_<n>/ for `step_<n>`. Corrupt files are
+set aside first (lbt.rundir), never deleted.
 """
 
 from __future__ import annotations
@@ -17,11 +22,20 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from omegaconf import DictConfig
 from transformers import PreTrainedTokenizerBase
 
 from lbt.model.lora import eager_layers
-from lbt.rundir import Expected
+from lbt.rundir import (
+    Expected,
+    RunDir,
+    adapter_problem,
+    incomplete_phases,
+    planned_phases,
+    set_aside,
+    step_phase,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +74,13 @@ def checkpoint_steps(total_steps: int, fractions: list[float]) -> list[int]:
 
 
 def atomic_save_dir(save, target: Path) -> None:
-    """Write a directory through save(tmp_dir), then move it into place; an existing target is kept."""
+    """Write a directory through save(tmp_dir), then move it into place; an existing target is kept
+    unless it does not load (then it is set aside and written again)."""
     if target.exists():
-        return
+        problem = adapter_problem(target)
+        if problem is None:
+            return
+        set_aside(target, problem)
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save(tmp)
@@ -80,11 +98,59 @@ class CheckpointPhases(L.Callback):
         self.resume_every = int(resume_every_steps or 0)
         self.val_batches = val_batches
         self.context = context
-        self.ckpt_dir = self.job_dir / "checkpoints"
+        self.run = RunDir(self.job_dir)
+        self.ckpt_dir = self.run.checkpoints
+        self.phases = planned_phases(self.steps, total_steps)
 
     @property
     def resume_path(self) -> Path:
-        return self.ckpt_dir / "last.ckpt"
+        return self.run.last_ckpt
+
+    def phase_files(self, trainer: L.Trainer, phases: list[str] | None = None) -> dict[str, list[Expected]]:
+        """Every planned phase's files: the hooks' outputs and, for step phases, the saved adapter."""
+        files: dict[str, list[Expected]] = {}
+        for phase in phases or self.phases:
+            files[phase] = [e for hook in self.hooks(trainer) for e in hook.planned_files(phase)]
+        return files
+
+    def adapter_files(self) -> dict[str, str | None]:
+        """Problems of the saved step adapters (checkpoints/adapter_step_<n>/), by phase."""
+        return {step_phase(s): adapter_problem(self.run.adapter_at(s)) for s in self.steps}
+
+    def repair(self, trainer: L.Trainer, module: L.LightningModule, upto_step: int) -> None:
+        """Run again every phase up to `upto_step` whose files are missing or corrupt (after a resume)."""
+        passed = [p for p in self.phases if p != "final" and (p == "base" or int(p[5:]) <= upto_step)]
+        todo: list[str] = []
+        if trainer.is_global_zero:
+            todo = incomplete_phases(self.phase_files(trainer, passed))
+        todo = trainer.strategy.broadcast(todo, src=0)
+        for phase in todo:
+            log.warning("phase %s: files missing or corrupt; running it again", phase)
+            self.rerun(trainer, module, phase)
+
+    def rerun(self, trainer: L.Trainer, module: L.LightningModule, phase: str) -> None:
+        """Dispatch a past phase with the weights it evaluates, then put the current weights back."""
+        model = module.model
+        if phase == "base":
+            with model.disable_adapter():
+                self.dispatch(trainer, module, phase)
+            return
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        folder = self.run.adapter_at(int(phase[5:]))
+        problem = adapter_problem(folder)
+        if problem:
+            raise RuntimeError(f"phase {phase} cannot be evaluated again: {problem}")
+        current = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
+        try:
+            self.dispatch(trainer, module, phase)
+        finally:
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if name in current:
+                        param.copy_(current[name])
 
     def hooks(self, trainer: L.Trainer) -> list[PhaseHook]:
         return [cb for cb in trainer.callbacks if isinstance(cb, PhaseHook)]
@@ -102,12 +168,17 @@ class CheckpointPhases(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step == 0:
             self.dispatch(trainer, pl_module, "base")
+        else:
+            self.repair(trainer, pl_module, trainer.global_step)
 
     def save_resumable(self, trainer: L.Trainer) -> None:
-        """Lightning checkpoint (trainable weights, optimizer, scheduler, loop state), written atomically."""
+        """Lightning checkpoint (trainable weights, optimizer, scheduler, loop state), written atomically;
+        the one it replaces is kept as prev.ckpt, the fallback if last.ckpt is ever found corrupt."""
         tmp = self.resume_path.with_name("last.ckpt.tmp")
         trainer.save_checkpoint(tmp)
         if trainer.is_global_zero:
+            if self.resume_path.exists():
+                os.replace(self.resume_path, self.run.prev_ckpt)
             os.replace(tmp, self.resume_path)
         trainer.strategy.barrier()
 
@@ -140,5 +211,7 @@ class CheckpointPhases(L.Callback):
         if trainer.global_step < self.total_steps:
             return  # stopped early (preemption): no final adapter, no final phase; resume finishes them
         if trainer.is_global_zero:
-            atomic_save_dir(pl_module.model.save_pretrained, self.job_dir / "adapter")
+            atomic_save_dir(pl_module.model.save_pretrained, self.run.adapter)
+            incomplete_phases(self.phase_files(trainer, ["final"]))  # sets corrupt final files aside
+        trainer.strategy.barrier()
         self.dispatch(trainer, pl_module, "final")

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from typing_extensions import Self
+
 log = logging.getLogger(__name__)
 
 STATUSES = ("running", "interrupted", "failed", "incomplete", "done")
@@ -113,6 +115,31 @@ class RunDir:
 
     def is_done(self) -> bool:
         return self.done.exists()
+
+
+# -- the folder of a single run ---------------------------------------------------------------------------
+
+def run_dir_name(run_name: str | None, identity: str, overrides: str) -> str:
+    """A single run's folder name: run_name if given, else the job identity (model-arm-seed) plus a short
+    hash of the other command-line overrides, so the same command always finds the same folder."""
+    if run_name not in (None, "", "None", "null"):
+        return str(run_name)
+    if not overrides:
+        return identity
+    import hashlib
+
+    return f"{identity}_{hashlib.sha1(str(overrides).encode()).hexdigest()[:8]}"
+
+
+def register_resolvers() -> None:
+    """`${lbt.run_dir_name:...}`, used by conf/train.yaml's hydra.run.dir."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("lbt.run_dir_name"):
+        OmegaConf.register_new_resolver("lbt.run_dir_name", run_dir_name)
+
+
+register_resolvers()
 
 
 # -- phases ---------------------------------------------------------------------------------------------
@@ -433,9 +460,9 @@ class JobLock:
                 self.path.unlink(missing_ok=True)
         self.held = False
 
-    def __enter__(self) -> JobLock:
+    def __enter__(self) -> Self:
         self.acquire()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.release()

@@ -6,7 +6,10 @@ compose → check data → load model → fit (evaluation phases run as callback
 from __future__ import annotations
 
 import logging
+import shlex
+import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +30,17 @@ from lbt.model.load import load_model, load_tokenizer, resolve_dtype
 from lbt.model.lora import compile_decoder_layers, wrap_lora
 from lbt.model.module import LoRAModule
 from lbt.phases import CheckpointPhases, PhaseContext
-from lbt.runcard import git_sha, package_versions, public_config, read_json, write_json_atomic
+from lbt.runcard import git_sha, package_versions, public_config
+from lbt.rundir import (
+    CorruptFile,
+    JobLock,
+    JobLocked,
+    RunDir,
+    completeness,
+    read_json,
+    set_aside,
+    write_json_atomic,
+)
 
 log = logging.getLogger("lbt.train")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -92,16 +105,82 @@ def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     return kwargs
 
 
+def resume_checkpoint(run: RunDir) -> Path | None:
+    """The newest resumable checkpoint that loads (last.ckpt, else prev.ckpt); corrupt ones are set aside
+    with a clear message, so a re-run never stays stuck on a file that cannot be read."""
+    for path in (run.last_ckpt, run.prev_ckpt):
+        if not path.exists():
+            continue
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            if not isinstance(state, dict) or "global_step" not in state or "state_dict" not in state:
+                raise ValueError("not a Lightning checkpoint (no global_step / state_dict)")
+        except Exception as err:  # noqa: BLE001 -- any unreadable checkpoint is set aside, not trusted
+            log.error("checkpoint %s is corrupt (%s: %s); set aside, trying the one before it", path,
+                      type(err).__name__, err)
+            set_aside(path, f"{type(err).__name__}: {err}")
+            continue
+        return path
+    return None
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
+    """One job, start to DONE; records a failure in the run card, and refuses a directory in use."""
+    run = RunDir(job_directory(cfg))
+    if run.is_done():
+        log.info("skip: %s already finished (DONE present); nothing is overwritten. To train this job again, "
+                 "give it another folder (run_name=<name>, or hydra.run.dir=<dir>)", run.root)
+        return read_json(run.card)
+    run.root.mkdir(parents=True, exist_ok=True)
+    lock = JobLock(run) if env_rank() == 0 else None   # the other ranks of a DDP job share rank 0's lock
+    if lock is not None:
+        lock.acquire()  # JobLocked: another live process owns the folder; nothing was touched
+    card: dict[str, Any] = {"job": job_identity(cfg), "status": "running"}
+    try:
+        return run_job(cfg, run, card)
+    except IncompleteJob:
+        raise  # recorded as incomplete, with what is missing
+    except (KeyboardInterrupt, SystemExit) as stop:
+        if isinstance(stop, SystemExit) and card.get("status") == "interrupted":
+            raise  # a requeue/exit after a recorded interruption
+        record_status(run, card, "interrupted", error=stop)
+        raise
+    except BaseException as err:
+        log.exception("job failed: %s", run.root)
+        record_status(run, card, "failed", error=err)
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def record_status(run: RunDir, card: dict[str, Any], status: str, error: BaseException | None = None,
+                  **fields: Any) -> None:
+    """Rank 0 writes the run card with a new status (and the error's type, message, traceback tail)."""
+    card.update(status=status, **fields)
+    if error is not None:
+        tail = traceback.format_exception(type(error), error, error.__traceback__)
+        card["error"] = {"type": type(error).__name__, "message": str(error),
+                         "traceback": "".join(tail)[-4000:], "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if env_rank() == 0:
+        write_json_atomic(run.card, card)
+
+
+def run_job(cfg: DictConfig, run: RunDir, card: dict[str, Any]) -> dict[str, Any]:
     started = time.time()
-    job_dir = job_directory(cfg)
-    job = job_identity(cfg)
-    if (job_dir / "DONE").exists():
-        log.info("skip: %s already finished (DONE present); nothing is overwritten", job_dir)
-        return read_json(job_dir / "run.json")
-    job_dir.mkdir(parents=True, exist_ok=True)
-    corpus = check_corpus(cfg)
+    job_dir = run.root
     rank_zero = env_rank() == 0  # in a multi-process job only rank 0 writes the run card
+    if rank_zero and run.card.exists():
+        try:
+            previous = read_json(run.card)
+        except CorruptFile as err:
+            set_aside(run.card, str(err))
+            previous = {}
+        card["previous_attempts"] = int(previous.get("previous_attempts", 0)) + 1
+        card["attempts"] = [*previous.get("attempts", []),
+                            {k: previous.get(k) for k in ("status", "interrupted_at_step", "error") if previous.get(k)}]
+    record_status(run, card, "running", started=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    corpus = check_corpus(cfg)
 
     if cfg.hardware.get("cpu_threads"):
         torch.set_num_threads(int(cfg.hardware.cpu_threads))
@@ -119,14 +198,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         pack_tokens=int(fast.pack_tokens),
         num_workers=int(cfg.hardware.num_workers))
     config = public_config(cfg)
-    card: dict[str, Any] = {"job": job, "config": config, "git_sha": git_sha(Path(CONF_DIR).parent),
-                            "versions": package_versions(), "corpus": corpus, "data": vars(data.stats),
-                            "status": "running"}
-    resume = job_dir / "checkpoints" / "last.ckpt"
-    if rank_zero:
-        if (job_dir / "run.json").exists():
-            card["previous_attempts"] = read_json(job_dir / "run.json").get("previous_attempts", 0) + 1
-        write_json_atomic(job_dir / "run.json", card)
+    card.update(config=config, git_sha=git_sha(Path(CONF_DIR).parent), versions=package_versions(),
+                corpus=corpus, data=vars(data.stats))
+    record_status(run, card, "running")
+    total = data.stats.total_steps
+    trainer_args = trainer_kwargs(cfg)
+    resume = resume_checkpoint(run) if rank_zero else (run.last_ckpt if run.last_ckpt.exists() else None)
 
     # Each rank of a multi-GPU job builds its model on its own GPU (not all on cuda:0).
     device = f"cuda:{env_local_rank()}" if cfg.hardware.accelerator == "gpu" else "cpu"
@@ -134,64 +211,91 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model = wrap_lora(model, cfg.train.lora, adapters=str(fast.adapters))
     if fast.compile_layers:
         compile_decoder_layers(model)
-    module = LoRAModule(model, cfg.train, total_steps=data.stats.total_steps, ce_chunk=int(fast.ce_chunk))
+    module = LoRAModule(model, cfg.train, total_steps=total, ce_chunk=int(fast.ce_chunk))
     context = PhaseContext(job_dir=job_dir, tokenizer=tokenizer, cfg=cfg, extra={"data": data})
-    phases = CheckpointPhases(job_dir, data.stats.total_steps, list(cfg.train.checkpoint_fractions),
+    phases = CheckpointPhases(job_dir, total, list(cfg.train.checkpoint_fractions),
                               int(cfg.train.resume_every_steps or 0), data.val_micro_batches(), context)
-    logger = build_logger(cfg.logger, job_dir, job, config, rank_zero=rank_zero)
+    logger = build_logger(cfg.logger, job_dir, card["job"], config, rank_zero=rank_zero)
     # GracefulStop last: its preemption checkpoint is taken after every other callback's step-end work.
     stop = GracefulStop(phases.save_resumable)
     trainer = L.Trainer(
-        **trainer_kwargs(cfg), max_epochs=1, max_steps=data.stats.total_steps, logger=logger,
+        **trainer_args, max_epochs=1, max_steps=total, logger=logger,
         callbacks=[phases, *callbacks, RNGState(), stop], enable_checkpointing=False,
         use_distributed_sampler=False, num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1,
         enable_model_summary=False, enable_progress_bar=False, default_root_dir=str(job_dir), deterministic=False)
-    if resume.exists():
+    if resume is not None:
         log.info("resume: %s", resume)
     stop.install()
     try:
-        trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume.exists() else None)
+        trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume is not None else None)
     except SIGTERMException:
         # A SIGTERM that reached Lightning's handler too (before training started): ours saw it as well.
         if not stop.requested:
             raise
     finally:
         stop.uninstall()
-    if stop.requested and trainer.global_step < data.stats.total_steps:
-        return interrupted(card, job_dir, trainer, stop)
+    if stop.requested and trainer.global_step < total:
+        return interrupted(card, run, trainer, stop)
 
+    fields = {"trained_steps": trainer.global_step, "wall_time_s": round(time.time() - started, 3),
+                  "tokens_per_s": round(module.tokens_per_second, 1),
+                  "final_loss": module.loss_history[-1] if module.loss_history else None,
+                  "loss_history": module.loss_history,
+                  "val_loss": [{"step": s, "loss": v} for s, v in getattr(module, "val_history", [])]}
     if trainer.is_global_zero:
-        card.update(status="done", wall_time_s=round(time.time() - started, 3),
-                    tokens_per_s=round(module.tokens_per_second, 1),
-                    final_loss=module.loss_history[-1] if module.loss_history else None,
-                    loss_history=module.loss_history,
-                    val_loss=[{"step": s, "loss": v} for s, v in getattr(module, "val_history", [])])
-        write_json_atomic(job_dir / "run.json", card)
-        (job_dir / "DONE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n", encoding="utf-8")
+        check = completeness(run, total, trainer.global_step, phases.phase_files(trainer))
+        check.missing += [f"checkpoint of {p}: {why}" for p, why in phases.adapter_files().items() if why]
+        if not check.ok:
+            record_status(run, card, "incomplete", missing=check.missing, **fields)
+            raise IncompleteJob(f"{run.root} is incomplete; re-run the same command to complete it:\n  - "
+                                + "\n  - ".join(check.missing))
+        card.pop("missing", None)
+        record_status(run, card, "done", **fields)
+        run.done.write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n", encoding="utf-8")
         log.info("done: %s (%.1f s, %.0f tokens/s, final loss %.4f)", job_dir, card["wall_time_s"],
                  card["tokens_per_s"], card["final_loss"] or float("nan"))
+    trainer.strategy.barrier()
     return card
 
 
-def interrupted(card: dict[str, Any], job_dir: Path, trainer: L.Trainer, stop: GracefulStop) -> dict[str, Any]:
+class IncompleteJob(RuntimeError):
+    """Training ended but the completeness check behind DONE failed (the run card lists what is missing)."""
+
+
+def interrupted(card: dict[str, Any], run: RunDir, trainer: L.Trainer, stop: GracefulStop) -> dict[str, Any]:
     """A stop signal ended training early: record it, then requeue or exit (never returns)."""
     if trainer.is_global_zero:
-        card.update(status="interrupted", interrupted_at_step=trainer.global_step)
-        write_json_atomic(job_dir / "run.json", card)
-    log.warning("interrupted at step %d of %d; re-launch the same command to resume from %s",
-                trainer.global_step, trainer.max_steps, job_dir / "checkpoints" / "last.ckpt")
+        record_status(run, card, "interrupted", interrupted_at_step=trainer.global_step)
+    log.warning("interrupted at step %d of %d; checkpoint %s. To resume, run the same command again "
+                "(it finds this folder), or: %s", trainer.global_step, trainer.max_steps, run.last_ckpt,
+                resume_command(run))
     mark_wandb_preempting()
     stop.exit_for_requeue()
     return card
 
 
+def resume_command(run: RunDir) -> str:
+    """The exact command line that continues this job in its folder."""
+    args = [a for a in sys.argv[1:] if not a.startswith("hydra.run.dir=")]
+    return " ".join(["python -m lbt.train", *map(shlex.quote, args), shlex.quote(f"hydra.run.dir={run.root}")])
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
     lock_local_gpus(cfg.hardware)  # hydra/launcher=local_gpus: no other sweep's job on this job's GPU
+    exit_code = 1
     try:
         train(cfg)
+        exit_code = 0
+    except JobLocked as err:
+        # To stderr only: the log file belongs to the process that holds the folder.
+        print(f"lbt.train: {err}", file=sys.stderr)
+        raise SystemExit(3) from None
+    except IncompleteJob as err:
+        log.error("%s", err)
+        raise SystemExit(4) from None
     finally:
-        finish_wandb()
+        finish_wandb(exit_code=exit_code)
 
 
 if __name__ == "__main__":
