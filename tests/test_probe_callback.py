@@ -192,3 +192,49 @@ def test_train_intervention_is_active_only_in_training(tmp_path):
     assert calls["n"] == 2 * (1 + 2 * n_layers)
     assert [phase for phase, _ in Spy.seen] == ["base", "step_1", "final"]
     assert not any(active for _, active in Spy.seen)
+
+
+def test_planned_file_per_phase_and_a_corrupt_one_is_measured_again(job, tmp_path):
+    """probe/<phase>.json is planned for every phase; corrupt, it is reported, set aside by the check and
+    written again by the phase (here `base`, with the base model), every other file untouched."""
+    from lbt.model.load import load_model, load_tokenizer
+    from lbt.phases import PhaseContext
+    from lbt.rundir import file_problem, incomplete_phases
+
+    _, job_dir, cfg = job
+    copy = tmp_path / "job"
+    (copy / "probe").mkdir(parents=True)
+    for path in (job_dir / "probe").iterdir():
+        (copy / "probe" / path.name).write_bytes(path.read_bytes())
+    tokenizer = load_tokenizer(cfg.model)
+    callback = probe_cb.ProbeCallback(**{k: v for k, v in cfg.probe.callbacks.probe.items() if k != "_target_"})
+    callback.setup_context(PhaseContext(job_dir=copy, tokenizer=tokenizer, cfg=cfg))
+    planned = {phase: callback.planned_files(phase) for phase in ("base", "step_1", "final")}
+    assert {phase: [(e.path, e.rows) for e in files] for phase, files in planned.items()} == {
+        phase: [(copy / "probe" / f"{phase}.json", None)] for phase in planned}
+    assert all(file_problem(e) is None for files in planned.values() for e in files)
+    base = copy / "probe" / "base.json"
+    intact = json.loads(base.read_text())
+    base.write_text(base.read_text().replace("{", "[", 1))
+    assert "corrupt" in file_problem(planned["base"][0])
+    others = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (copy / "probe").iterdir() if p != base}
+    assert incomplete_phases(planned) == ["base"] and not base.exists()
+
+    class Trainer:
+        is_global_zero, global_step, loggers = True, 0, []
+
+    class Module:
+        model = load_model(cfg.model, tokenizer, torch.float32)
+    callback.run_phase(Trainer(), Module(), "base")
+    assert file_problem(planned["base"][0]) is None
+    again = json.loads(base.read_text())
+    np.testing.assert_allclose(again["projection"]["answer"], intact["projection"]["answer"], atol=1e-5)
+    assert again["direction_key"] == intact["direction_key"]
+    after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (copy / "probe").iterdir() if p != base}
+    assert {p: v for p, v in after.items() if ".corrupt-" not in p.name} == others  # base_values.pt too
+    # An unreadable base_values.pt (the pairing cache) is set aside and recomputed with the adapters off.
+    (copy / "probe" / "base_values.pt").write_bytes(b"not a torch file")
+    callback.run_phase(Trainer(), Module(), "step_2")
+    shift = json.loads((copy / "probe" / "step_2.json").read_text())["shift"]["answer"]
+    np.testing.assert_allclose(shift, 0.0, atol=1e-5)  # the base model against its own base values
+    assert len(list((copy / "probe").glob("base_values.pt.corrupt-*"))) == 1

@@ -8,7 +8,9 @@ unit direction of that layer (towards FRAME−, pro-change; see `directions.py`)
 `base` (mean over prompts of phase − base) and its standard error (SD of the paired differences / √n).
 The per-prompt base projections are kept in `probe/base_values.pt` to pair later phases with; if they are
 missing (a job resumed after `base`), they are recomputed with the adapters switched off, which is the
-base model. A phase whose file exists is skipped. Projections are dot products with the unit direction,
+base model (as is an unreadable file, which is set aside). A phase whose file exists and parses is skipped;
+one that does not parse is set aside and measured again (`planned_files` declares the file for the
+completeness check behind DONE). Projections are dot products with the unit direction,
 in residual-stream units; `direction_norm` (the class-mean difference per layer) rescales them.
 
 Logged: scalars at ℓ* (projection and shift, both positions) to every logger, and with W&B a line plot of
@@ -44,7 +46,7 @@ from lbt.phases import PhaseHook
 from lbt.probe import hooks
 from lbt.probe.directions import Directions, DirectionSettings, base_model, get_directions
 from lbt.probe.measure import answer_activations, forced_choice_prompts
-from lbt.runcard import write_json_atomic
+from lbt.rundir import Expected, RunDir, file_problem, set_aside, write_json_atomic, write_json_once
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,14 @@ class ProbeCallback(PhaseHook):
         if self.context is None:
             raise RuntimeError("ProbeCallback used without a PhaseContext (needs CheckpointPhases)")
         return Path(self.context.job_dir)
+
+    @property
+    def base_values_path(self) -> Path:
+        return RunDir(self.job_dir).probe("base").with_name("base_values.pt")
+
+    def planned_files(self, phase: str) -> list[Expected]:
+        """probe/<phase>.json (rank 0 writes it; base_values.pt is a cache, recomputed when missing)."""
+        return [Expected(RunDir(self.job_dir).probe(phase))]
 
     def template_kwargs(self) -> dict[str, Any]:
         kwargs = self.context.cfg.model.get("chat_template_kwargs") if self.context else None
@@ -134,31 +144,40 @@ class ProbeCallback(PhaseHook):
     def store_base(self, values: dict[str, torch.Tensor], directions: Directions) -> dict[str, Any]:
         """Keep the per-prompt base projections (probe/base_values.pt) to pair later phases with."""
         saved = {**values, "direction_key": directions.key, "item_ids": self.prompts().item_ids}
-        path = self.job_dir / "probe" / "base_values.pt"
+        path = self.base_values_path
         if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".tmp")
             torch.save(saved, tmp)
             os.replace(tmp, path)
         return saved
 
     def load_base(self, model: torch.nn.Module, directions: Directions) -> dict[str, Any]:
-        path = self.job_dir / "probe" / "base_values.pt"
+        path = self.base_values_path
         if path.exists():
-            saved = torch.load(path, weights_only=False)
+            try:
+                saved = torch.load(path, weights_only=False)
+            except Exception as err:  # noqa: BLE001 -- truncated or foreign: recomputed below
+                set_aside(path, f"does not load: {type(err).__name__}: {err}")
+                saved = {}
             if saved.get("direction_key") == directions.key and saved.get("item_ids") == self.prompts().item_ids:
                 return saved
-            log.warning("probe: %s belongs to other directions or items; using recomputed base values", path)
+            if saved:
+                log.warning("probe: %s belongs to other directions or items; using recomputed base values", path)
         # Adapters off = the base model: the same numbers the base phase would have stored.
         return self.store_base(self.project(model, directions, adapters=False), directions)
 
     def run_phase(self, trainer: L.Trainer, module: L.LightningModule, phase: str) -> None:
         if not trainer.is_global_zero:
             return
-        out = self.job_dir / "probe" / f"{phase}.json"
-        if out.exists():
+        (planned,) = self.planned_files(phase)
+        out = planned.path
+        problem = file_problem(planned)
+        if problem is None:
             log.info("probe: %s exists, phase %s skipped", out, phase)
             return
-        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():  # corrupt: kept for inspection, measured again
+            set_aside(out, problem)
         started = time.perf_counter()
         model = module.model
         directions = self.directions(model)
@@ -166,7 +185,7 @@ class ProbeCallback(PhaseHook):
         base = self.store_base(values, directions) if phase == "base" else self.load_base(model, directions)
         record = phase_record(phase, values, base, directions)
         record["wall_time_s"] = round(time.perf_counter() - started, 3)
-        write_json_atomic(out, record)
+        write_json_once(out, record)
         self.log_phase(trainer, phase, record)
         star = record["l_star"]
         log.info("probe %s: ℓ*=%d answer projection %.4f shift %.4f (%.2f s)", phase, star,
@@ -253,9 +272,7 @@ def install_train_intervention(callback: ProbeCallback, trainer: L.Trainer, mode
         record = {"mode": callback.train_intervention, "layer": layer, "direction_key": directions.key,
                   "seed": callback.intervention_seed if callback.train_intervention == "ablate_random" else None,
                   "cosine_with_direction": float(direction @ real), "where": "all residual writes, all positions"}
-        path = callback.job_dir / "probe" / "train_intervention.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, record)
+        write_json_atomic(RunDir(callback.job_dir).probe("base").with_name("train_intervention.json"), record)
     stack = ExitStack()
     device = next(model.parameters()).device
     stack.enter_context(hooks.ablate_writes(model, direction.to(device), callback.intervention_enabled))

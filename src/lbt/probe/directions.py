@@ -49,7 +49,7 @@ from transformers import PreTrainedTokenizerBase
 from lbt.data.chat import IGNORE_INDEX, encode_example
 from lbt.data.records import CorpusRecord, file_sha256, load_corpus
 from lbt.probe import hooks
-from lbt.runcard import write_json_atomic
+from lbt.rundir import write_json_atomic
 
 log = logging.getLogger(__name__)
 
