@@ -50,13 +50,13 @@ def test_base_model_writes_job_layout(toy_items, tmp_path):
     out = tmp_path / "out"
     summary = evaluate_mod.evaluate(compose_evaluate(f"items=[{toy_items}]", f"out_dir={out}", *SHORT))
     for measure in ("letter_logprob", "forced_choice", "logprob", "likert", "open_ended"):
-        rows = read_rows(out / "eval/base/toy_items" / f"{measure}.jsonl")
-        assert (
-            rows and {r["item_set"] for r in rows} == {"toy_items"} and {r["phase"] for r in rows} == {"base"}
-        )
+        rows = read_rows(out / "eval/base/toy" / f"{measure}.jsonl")
+        assert rows and {r["item_set"] for r in rows} == {"toy"} and {r["phase"] for r in rows} == {"base"}
     card = json.loads((out / "run.json").read_text())
     assert card["job"]["arm"] == "base" and card["job"]["model"] == "tiny" and card["phase"] == "base"
-    assert card["items"][0]["n_items"] == 2 and (out / "DONE").exists()
+    assert card["items"][0]["n_items"] == 2 and card["items"][0]["item_set"] == "toy"
+    assert card["status"] == "done" and "missing" not in card and (out / "DONE").exists()
+    assert not (out / "job.lock").exists()
     assert json.loads((out / "eval/base/summary.json").read_text()) == json.loads(json.dumps(summary))
     files = sorted((out / "eval").rglob("*.json*"))
     before = [f.read_bytes() for f in files]
@@ -107,8 +107,8 @@ def test_adapter_takes_arm_and_phase_from_its_job(toy_items, tmp_path):
     )
     card = json.loads((tmp_path / "a/run.json").read_text())
     assert card["job"]["arm"] == "frame_plus" and card["job"]["seed"] == 3 and card["phase"] == "step_4"
-    assert tuned["phase"] == "step_4" and (tmp_path / "a/eval/step_4/toy_items/letter_logprob.jsonl").exists()
-    mean = [s["item_sets"]["toy_items"]["measures"]["letter_logprob"]["mean_stance"] for s in (base, tuned)]
+    assert tuned["phase"] == "step_4" and (tmp_path / "a/eval/step_4/toy/letter_logprob.jsonl").exists()
+    mean = [s["item_sets"]["toy"]["measures"]["letter_logprob"]["mean_stance"] for s in (base, tuned)]
     assert abs(mean[0] - mean[1]) > 1e-4  # the adapter is applied
 
 
@@ -123,17 +123,17 @@ def test_published_items_score_unchanged(tmp_path):
             "eval.measures=[letter_logprob,forced_choice,likert]",
         )
     )
-    stats = summary["item_sets"]["target_items"]
+    stats = summary["item_sets"]["target"]
     assert stats["n_items"] == 54
     assert (
         stats["measures"]["letter_logprob"]["n_rows"] == 108 and stats["measures"]["likert"]["n_rows"] == 108
     )
-    rows = read_rows(out / "eval/base/target_items/letter_logprob.jsonl")
+    rows = read_rows(out / "eval/base/target/letter_logprob.jsonl")
     assert {r["pro_option"] for r in rows} == {"A", "B"} and len({r["domain"] for r in rows}) == 6
     full = evaluate_mod.evaluate(
         compose_evaluate(f"items=[{SEED_ITEMS}]", f"out_dir={tmp_path / 'all'}", *SHORT, "eval.max_items=6")
     )
-    assert set(full["item_sets"]["target_items"]["measures"]) == {
+    assert set(full["item_sets"]["target"]["measures"]) == {
         "letter_logprob",
         "forced_choice",
         "logprob",
@@ -170,8 +170,116 @@ def test_bad_adapter_and_duplicate_stems_fail_before_the_model_loads(toy_items, 
     other = tmp_path / "other"
     other.mkdir()
     twin = write_items(other / "toy_items.jsonl", make_items(1))
-    with pytest.raises(ValueError, match="share a stem"):
+    with pytest.raises(ValueError, match="both make item set 'toy'"):
         evaluate_mod.evaluate(compose_evaluate(f"items=[{toy_items},{twin}]", f"out_dir={tmp_path}"))
+
+
+def test_item_sets_are_named_as_the_training_callback_names_them(tmp_path):
+    configured = OmegaConf.to_container(compose_evaluate().eval.item_sets, resolve=True)
+    project = ROOT / "data" / "eval"
+    names = evaluate_mod.item_files(
+        [project / "target_items.jsonl", project / "source_items.jsonl", tmp_path / "extra.jsonl"], configured
+    )
+    assert names == {"target": project / "target_items.jsonl", "source": project / "source_items.jsonl",
+                     "extra": tmp_path / "extra.jsonl"}
+    # Not a configured file: its stem without `_items` (the original study's target_items.jsonl → target).
+    assert evaluate_mod.item_set_name(tmp_path / "seed" / "target_items.jsonl", configured) == "target"
+    # Configured under another name: the config's name wins over the stem.
+    assert evaluate_mod.item_set_name(tmp_path / "mine.jsonl", {"target": str(tmp_path / "mine.jsonl")}) == "target"
+    # A mapping names its sets itself (two target files side by side).
+    assert evaluate_mod.item_files({"target": "a/target_items.jsonl", "seed": "b/target_items.jsonl"}) == {
+        "target": Path("a/target_items.jsonl"), "seed": Path("b/target_items.jsonl")}
+    cfg = compose_evaluate("~items", f"+items={{mine: {project / 'target_items.jsonl'}}}")
+    assert evaluate_mod.item_files(OmegaConf.to_container(cfg["items"]), configured) == {
+        "mine": project / "target_items.jsonl"}
+
+
+def test_evaluate_and_the_training_callback_write_the_same_rows(tmp_path):
+    """Both writers of eval rows, on the same model and item files: the same files, item sets and rows,
+    and lbt.analyze reads them alike (item set role `target` / `source`)."""
+    from types import SimpleNamespace
+
+    from lbt import analyze
+    from lbt.eval.callback import StanceEvalCallback
+    from lbt.model.load import load_model, load_tokenizer
+    from lbt.phases import PhaseContext
+
+    project = ROOT / "data" / "eval"
+    cfg = compose_evaluate(f"items=[{project / 'target_items.jsonl'},{project / 'source_items.jsonl'}]",
+                           "eval.max_items=2", "eval.measures=[letter_logprob,logprob]", "phase=final",
+                           f"out_dir={tmp_path / 'evaluate'}")
+    evaluate_mod.evaluate(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    callback = StanceEvalCallback(cfg.eval.item_sets, cfg.eval.measures, max_items=2, log_tables=False)
+    callback.setup_context(PhaseContext(job_dir=tmp_path / "train", tokenizer=tokenizer, cfg=cfg))
+    strategy = SimpleNamespace(broadcast=lambda value, src=0: value, barrier=lambda: None)
+    trainer = SimpleNamespace(global_rank=0, world_size=1, is_global_zero=True, strategy=strategy, loggers=[],
+                              global_step=0)
+    callback.run_phase(trainer, SimpleNamespace(model=load_model(cfg.model, tokenizer, torch.float32)), "final")
+
+    def rows_files(root):
+        return sorted(p.relative_to(root) for p in (root / "eval").rglob("*.jsonl"))
+
+    made = {name: tmp_path / name for name in ("evaluate", "train")}
+    assert rows_files(made["evaluate"]) == rows_files(made["train"]) == [
+        Path(f"eval/final/{s}/{m}.jsonl") for s in ("source", "target") for m in ("letter_logprob", "logprob")]
+    for path in rows_files(made["train"]):
+        assert read_rows(made["evaluate"] / path) == read_rows(made["train"] / path)
+    (made["train"] / "run.json").write_text(json.dumps({"job": {"model": "tiny", "arm": "neutral", "seed": 0}}))
+    read = {name: analyze.load_rows(analyze.load_job(root / "run.json"), str) for name, root in made.items()}
+    key = [(r["phase"], r["item_set"], r["measure"], r["base_item"], r["stance"]) for r in read["train"]]
+    assert key == [(r["phase"], r["item_set"], r["measure"], r["base_item"], r["stance"]) for r in read["evaluate"]]
+    assert {analyze.ITEM_SET_ROLES[r["item_set"]] for r in read["evaluate"]} == {"target", "source"}
+
+
+def test_done_only_after_the_check_and_a_rerun_completes_what_is_missing(toy_items, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    args = (f"items=[{toy_items}]", f"out_dir={out}", "eval.measures=[letter_logprob,likert]", *SHORT)
+    real_write = evaluate_mod.write_rows
+
+    def short_likert(path, rows):  # a writer that loses the last row of one file
+        real_write(path, rows[:-1] if path.name == "likert.jsonl" else rows)
+
+    monkeypatch.setattr(evaluate_mod, "write_rows", short_likert)
+    with pytest.raises(evaluate_mod.IncompleteEvaluation, match="likert.jsonl: 3 rows, 4 expected"):
+        evaluate_mod.evaluate(compose_evaluate(*args))
+    card = json.loads((out / "run.json").read_text())
+    assert card["status"] == "incomplete" and not (out / "DONE").exists()
+    assert any("likert.jsonl: 3 rows, 4 expected" in m for m in card["missing"])
+    monkeypatch.setattr(evaluate_mod, "write_rows", real_write)
+    letter = out / "eval/base/toy/letter_logprob.jsonl"
+    kept = (letter.read_bytes(), letter.stat().st_mtime_ns)
+    asked = []
+    real_score = evaluate_mod.score_item_set
+    monkeypatch.setattr(evaluate_mod, "score_item_set", lambda m, t, items, measures, *a, **k: asked.append(
+        list(measures)) or real_score(m, t, items, measures, *a, **k))
+    evaluate_mod.evaluate(compose_evaluate(*args))  # the same command again
+    assert asked == [["likert"]] and (letter.read_bytes(), letter.stat().st_mtime_ns) == kept
+    card = json.loads((out / "run.json").read_text())
+    assert card["status"] == "done" and "missing" not in card and (out / "DONE").exists()
+    assert len(read_rows(out / "eval/base/toy/likert.jsonl")) == 4
+    assert len(list((out / "eval/base/toy").glob("likert.jsonl.corrupt-*"))) == 1  # set aside, not deleted
+    # A corrupt file under DONE: found, set aside, scored again; DONE only once it is whole again.
+    letter.write_text('{"measure": "letter_logprob", "stance": \n')
+    evaluate_mod.evaluate(compose_evaluate(*args))
+    assert asked[-1] == ["letter_logprob"] and (out / "DONE").exists()
+    assert len(read_rows(letter)) == 4
+
+
+def test_a_failure_is_recorded_in_the_run_card(toy_items, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("scoring broke")
+
+    monkeypatch.setattr(evaluate_mod, "score_item_set", boom)
+    with pytest.raises(RuntimeError, match="scoring broke"):
+        evaluate_mod.evaluate(compose_evaluate(f"items=[{toy_items}]", f"out_dir={out}",
+                                               "eval.measures=[letter_logprob]"))
+    card = json.loads((out / "run.json").read_text())
+    assert card["status"] == "failed" and card["error"]["type"] == "RuntimeError"
+    assert "scoring broke" in card["error"]["message"] and "boom" in card["error"]["traceback"]
+    assert not (out / "DONE").exists() and not (out / "job.lock").exists()
 
 
 def test_phase_inference():
@@ -197,4 +305,4 @@ def test_cli(toy_items, tmp_path):
         command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert len(read_rows(out / "eval/base/toy_items/letter_logprob.jsonl")) == 4
+    assert len(read_rows(out / "eval/base/toy/letter_logprob.jsonl")) == 4

@@ -2,14 +2,20 @@
 
     python -m lbt.evaluate model=qwen items=[data/eval/target_items.jsonl]
     python -m lbt.evaluate model=qwen adapter=multirun/<sweep>/qwen-frame_plus-s0/adapter \\
-        items=[data/eval/target_items.jsonl,../shared/reference/seed-eval/target_items.jsonl]
+        items=[data/eval/target_items.jsonl,data/eval/source_items.jsonl]
     python -m lbt.evaluate model=llama hardware=gpu eval.option_form=leading_space out_dir=outputs/llama-base
+    python -m lbt.evaluate model=qwen '~items' \\
+        '+items={target: data/eval/target_items.jsonl, seed: ../shared/reference/seed-eval/target_items.jsonl}'
 
-The output directory looks like a job directory, so `lbt.analyze` and `lbt.judge` read it alike:
-`eval/<phase>/<item_set>/<measure>.jsonl` (item_set = the item file's stem), `eval/<phase>/summary.json`,
-`run.json` (job.arm = "base" without an adapter, else the arm in the adapter's job run.json) and `DONE`.
-Item files and the adapter directory are checked before any model loads; measure files that exist are
-read back, never overwritten.
+The output directory is a job directory (`lbt.rundir`), so `lbt.analyze` and `lbt.judge` read it alike:
+`eval/<phase>/<item_set>/<measure>.jsonl`, `eval/<phase>/summary.json`, `run.json` (job.arm = "base"
+without an adapter, else the arm in the adapter's job run.json; status running / failed / interrupted /
+incomplete / done) and `DONE`, written only once every planned rows file holds its rows and the summary
+parses. Item sets are named as the training callback names them (the keys of `eval.item_sets`): a file
+configured there takes its set's name, any other file its stem without `_items` (`target_items.jsonl` →
+`target`), unless `items` names them itself. Item files and the adapter directory are checked before any
+model loads; rows files that are intact are read back, never overwritten; a missing, short or corrupt one
+is set aside and scored again, so re-running the command completes exactly what is missing.
 """
 
 from __future__ import annotations
@@ -17,6 +23,9 @@ from __future__ import annotations
 import logging
 import re
 import time
+import traceback
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +43,22 @@ from lbt.eval.battery import (
     load_item_set,
     score_item_set,
 )
-from lbt.eval.rows import phase_dir, read_rows, rows_path, write_json_once, write_rows
+from lbt.eval.rows import expected_rows
 from lbt.eval.summary import summarize_phase
 from lbt.model.load import load_model, load_tokenizer, resolve_dtype
-from lbt.runcard import git_sha, package_versions, public_config, read_json, write_json_atomic
+from lbt.runcard import git_sha, package_versions, public_config
+from lbt.rundir import (
+    Expected,
+    JobLock,
+    RunDir,
+    file_problem,
+    incomplete_phases,
+    read_json,
+    read_rows,
+    write_json_atomic,
+    write_json_once,
+    write_rows,
+)
 
 log = logging.getLogger("lbt.evaluate")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -47,11 +68,50 @@ class AdapterError(ValueError):
     """An adapter directory that cannot be loaded; raised before any model loads."""
 
 
+class IncompleteEvaluation(RuntimeError):
+    """The evaluation ended but a planned file is missing or short (the run card lists them; no DONE)."""
+
+
+def item_set_name(path: Path, configured: Mapping[str, Any] | None = None) -> str:
+    """The item set's name in rows, as the training callback names it: the key of `eval.item_sets` whose
+    file this is, else the file's stem without `_items` (target_items.jsonl → target)."""
+    for name, other in (configured or {}).items():
+        if other and Path(str(other)).resolve() == path.resolve():
+            return str(name)
+    stem = path.stem
+    return stem[: -len("_items")] if stem.endswith("_items") and stem != "_items" else stem
+
+
+def item_files(items: Sequence[Any] | Mapping[str, Any], configured: Mapping[str, Any] | None = None
+               ) -> dict[str, Path]:
+    """{item_set: file} from `items`: a mapping names its sets itself, a list is named by item_set_name."""
+    if isinstance(items, Mapping):
+        return {str(name): Path(str(path)) for name, path in items.items()}
+    files: dict[str, Path] = {}
+    for raw in items:
+        path = Path(str(raw))
+        name = item_set_name(path, configured)
+        if name in files:
+            raise ValueError(f"items: {files[name]} and {path} both make item set {name!r}; name them "
+                             f"yourself: '~items' '+items={{{name}: {files[name]}, other: {path}}}'")
+        files[name] = path
+    return files
+
+
+def planned_files(run: RunDir, phase: str, item_sets: Sequence[Any], measures: Sequence[str]) -> list[Expected]:
+    """What an evaluation leaves: every rows file with its row count, and the phase summary."""
+    return [
+        Expected(run.rows(phase, items.name, measure), expected_rows(items, measure))
+        for items in item_sets
+        for measure in measures
+    ] + [Expected(run.summary(phase))]
+
+
 def adapter_job(adapter: Path) -> tuple[dict[str, Any] | None, Path | None]:
     """The training job an adapter came from: run.json beside it, or one or two folders up
     (<job>/adapter, <job>/checkpoints/adapter_step_<n>)."""
     for folder in (adapter, adapter.parent, adapter.parent.parent):
-        card = folder / "run.json"
+        card = RunDir(folder).card
         if card.is_file():
             return read_json(card).get("job"), folder
     return None, None
@@ -101,11 +161,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     measures = check_measures(OmegaConf.to_container(cfg.eval.measures, resolve=True))
     template_kwargs = OmegaConf.to_container(cfg.model.chat_template_kwargs, resolve=True) or {}
     settings = BatterySettings.from_config(OmegaConf.to_container(cfg.eval, resolve=True), template_kwargs)
-    paths = [Path(str(p)) for p in cfg["items"]]  # cfg.items is DictConfig.items()
-    item_sets = [load_item_set(p, max_items=cfg.eval.get("max_items")) for p in paths]
-    names = [s.name for s in item_sets]
-    if len(set(names)) != len(names):
-        raise ValueError(f"items: two files share a stem ({names}); item_set names must be unique")
+    configured = OmegaConf.to_container(cfg.eval.get("item_sets") or {}, resolve=True)
+    files = item_files(OmegaConf.to_container(cfg["items"], resolve=True), configured)  # cfg.items is a method
+    item_sets = [load_item_set(p, name, max_items=cfg.eval.get("max_items")) for name, p in files.items()]
+    names = list(files)
     adapter = check_adapter(cfg.get("adapter"))
     job, source_job = adapter_job(adapter) if adapter is not None else (None, None)
     if job and job.get("model") not in (None, str(cfg.model.name)):
@@ -113,64 +172,108 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "adapter %s was trained on model=%s but model=%s is loaded", adapter, job["model"], cfg.model.name
         )
     phase = str(cfg.phase) if cfg.get("phase") else infer_phase(adapter)
-    out_dir = output_directory(cfg)
-    summary_file = phase_dir(out_dir, phase) / "summary.json"
-    if summary_file.exists():
-        log.info("skip: %s exists; nothing is overwritten", summary_file)
-        return read_json(summary_file)
+    run = RunDir(output_directory(cfg))
+    planned = planned_files(run, phase, item_sets, measures)
+    if run.is_done() and not any(file_problem(e) for e in planned):
+        log.info("skip: %s is done (DONE, and every file of phase %s intact); nothing is overwritten",
+                 run.root, phase)
+        return read_json(run.summary(phase))
 
     tokenizer = load_tokenizer(cfg.model)
     for items in item_sets:  # inexpressible options fail before the model loads
         check_options(tokenizer, items, measures, settings)
-    model = load_evaluated_model(cfg, tokenizer, adapter)
-    rows: dict[str, dict[str, list[dict]]] = {}
-    seconds: dict[str, dict[str, float]] = {}
-    with evaluation_mode(model):
-        for items in item_sets:
-            files = {m: rows_path(out_dir, phase, items.name, m) for m in measures}
-            missing = [m for m in measures if not files[m].exists()]
-            seconds[items.name] = {}
-            scored = score_item_set(model, tokenizer, items, missing, settings, phase, seconds[items.name])
-            rows[items.name] = {}
-            for measure in measures:
-                if measure in scored:
-                    write_rows(files[measure], scored[measure])
-                    rows[items.name][measure] = scored[measure]
-                else:
-                    rows[items.name][measure] = read_rows(files[measure])
-    summary = summarize_phase(rows, phase)
-    summary.update(
-        seconds=seconds,
-        settings={
-            "measures": measures,
-            "option_form": settings.option_form,
-            "items": [str(p) for p in paths],
-            "adapter": str(adapter or ""),
-        },
-    )
-    write_json_once(summary_file, summary)
-    write_run_card(cfg, out_dir, job, source_job, adapter, phase, item_sets, started)
+    run.root.mkdir(parents=True, exist_ok=True)
+    with JobLock(run):  # JobLocked: another live process evaluates into this directory; nothing touched
+        run.done.unlink(missing_ok=True)  # files are about to change: DONE comes back after the check
+        card = run_card(cfg, job, source_job, adapter, phase, item_sets)
+        record_status(run, card, "running", started=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        incomplete_phases({phase: planned})  # a short or corrupt file is set aside (with the summary)
+        try:
+            summary = score_phase(cfg, run, phase, item_sets, measures, settings, tokenizer, adapter)
+        except (KeyboardInterrupt, SystemExit) as stop:
+            record_status(run, card, "interrupted", error=stop)
+            raise
+        except BaseException as err:
+            record_status(run, card, "failed", error=err)
+            raise
+        missing = [problem for e in planned if (problem := file_problem(e))]
+        fields = {"wall_time_s": round(time.time() - started, 3)}
+        if missing:
+            record_status(run, card, "incomplete", missing=missing, **fields)
+            raise IncompleteEvaluation(f"{run.root} is incomplete; re-run the same command to complete it:\n"
+                                       "  - " + "\n  - ".join(missing))
+        record_status(run, card, "done", **fields)
+        run.done.write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n", encoding="utf-8")
     log.info(
         "evaluated %s (%s) on %s in %.1f s -> %s",
         cfg.model.name,
         (job or {}).get("arm", "base"),
         names,
         time.time() - started,
-        out_dir,
+        run.root,
     )
     return summary
 
 
-def write_run_card(
+def score_phase(cfg: DictConfig, run: RunDir, phase: str, item_sets: Sequence[Any], measures: list[str],
+                settings: BatterySettings, tokenizer, adapter: Path | None) -> dict[str, Any]:
+    """Score the measures whose rows files are missing, read back the others, write the summary (once).
+    The model loads only when something is left to score."""
+    todo = {s.name: [m for m in measures if not run.rows(phase, s.name, m).exists()] for s in item_sets}
+    if run.summary(phase).exists() and not any(todo.values()):
+        return read_json(run.summary(phase))
+    model = load_evaluated_model(cfg, tokenizer, adapter) if any(todo.values()) else None
+    rows: dict[str, dict[str, list[dict]]] = {}
+    seconds: dict[str, dict[str, float]] = {}
+    with evaluation_mode(model) if model is not None else nullcontext():
+        for items in item_sets:
+            seconds[items.name] = {}
+            missing = todo[items.name]
+            scored = (score_item_set(model, tokenizer, items, missing, settings, phase, seconds[items.name])
+                      if missing else {})
+            rows[items.name] = {}
+            for measure in measures:
+                path = run.rows(phase, items.name, measure)
+                if measure in scored:
+                    write_rows(path, scored[measure])
+                    rows[items.name][measure] = scored[measure]
+                else:
+                    rows[items.name][measure] = read_rows(path)
+    summary = summarize_phase(rows, phase)
+    summary.update(
+        seconds=seconds,
+        settings={
+            "measures": measures,
+            "option_form": settings.option_form,
+            "items": {items.name: str(items.path) for items in item_sets},
+            "adapter": str(adapter or ""),
+        },
+    )
+    write_json_once(run.summary(phase), summary)
+    return summary
+
+
+def record_status(run: RunDir, card: dict[str, Any], status: str, error: BaseException | None = None,
+                  **fields: Any) -> None:
+    """Write the run card with a new status (and the error's type, message, traceback tail)."""
+    card.update(status=status, **fields)
+    if status != "incomplete":
+        card.pop("missing", None)
+    if error is not None:
+        tail = traceback.format_exception(type(error), error, error.__traceback__)
+        card["error"] = {"type": type(error).__name__, "message": str(error),
+                         "traceback": "".join(tail)[-4000:], "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    write_json_atomic(run.card, card)
+
+
+def run_card(
     cfg: DictConfig,
-    out_dir: Path,
     job: dict[str, Any] | None,
     source_job: Path | None,
     adapter: Path | None,
     phase: str,
     item_sets,
-    started: float,
-) -> None:
+) -> dict[str, Any]:
     arm = "base" if adapter is None else (job or {}).get("arm") or "unknown"
     if adapter is not None and job is None:
         log.warning("adapter %s: no run.json found beside it or above; job.arm = 'unknown'", adapter)
@@ -193,12 +296,8 @@ def write_run_card(
         "config": public_config(cfg),
         "git_sha": git_sha(Path(CONF_DIR).parent),
         "versions": package_versions(),
-        "wall_time_s": round(time.time() - started, 3),
-        "status": "done",
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "run.json", card)
-    (out_dir / "DONE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n", encoding="utf-8")
+    return card
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
