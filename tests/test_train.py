@@ -131,7 +131,9 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good(tiny_cfg, tmp_path,
     assert not (job / "DONE").exists()
     assert (job / "checkpoints" / "last.ckpt").exists()
     assert list((job / "checkpoints").glob("adapter_step_*"))
-    assert json.loads((job / "run.json").read_text())["status"] == "running"
+    card = json.loads((job / "run.json").read_text())        # the crash is recorded, not left "running"
+    assert card["status"] == "failed" and card["error"]["type"] == "NonFiniteLossError"
+    assert "non-finite loss" in card["error"]["message"] and "training_step" in card["error"]["traceback"]
 
 
 def test_secrets_never_reach_the_run_card(tiny_cfg, tmp_path, monkeypatch):
@@ -212,18 +214,22 @@ def test_gpu_precision_path_runs_on_cpu_with_every_callback(tiny_cfg, tmp_path):
     assert all(v["loss"] == v["loss"] for v in card["val_loss"])  # no NaN
 
 
-@pytest.mark.parametrize("env,expected", [({}, None), ({"TORCHELASTIC_RUN_ID": "abc123"}, "abc123")])
-def test_run_dir_is_shared_by_the_ranks_of_one_launch(monkeypatch, env, expected):
+def run_dir_of(*overrides: str) -> str:
     from hydra import compose, initialize_config_dir
 
-    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", return_hydra_config=True)
-    name = Path(str(cfg.hydra.run.dir)).name
-    assert name.endswith("_tiny-frame_plus-s0")
-    if expected:
-        assert name == f"{expected}_tiny-frame_plus-s0"
-    else:
-        assert name[:8].count("-") == 2  # HH-MM-SS
+        cfg = compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+    return str(cfg.hydra.run.dir)
+
+
+def test_single_run_folder_is_derived_from_the_job_so_the_same_command_finds_it(monkeypatch):
+    """Re-running a command finds its folder again (resume, skip); other settings get another folder;
+    the ranks of one torchrun launch share it; run_name names a fresh one."""
+    assert run_dir_of() == "outputs/runs/tiny-frame_plus-s0"
+    same = run_dir_of("arm=minus", "seed=2", "train.lr=3e-4")
+    assert same == run_dir_of("seed=2", "train.lr=3e-4", "arm=minus", "logger=csv")   # order, logger: same job
+    assert same.startswith("outputs/runs/tiny-frame_minus-s2_") and same != run_dir_of("arm=minus", "seed=2")
+    assert run_dir_of("arm=minus", "seed=2", "train.lr=1e-3") != same
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc123")
+    assert run_dir_of("arm=minus", "seed=2", "train.lr=3e-4") == same
+    assert run_dir_of("run_name=pilot-2") == "outputs/runs/pilot-2"
