@@ -72,7 +72,7 @@ ADVICE = [
 ]
 
 
-def make_job(sweep: Path, arm: str, n: int = 6) -> Path:
+def make_job(sweep: Path, arm: str, n: int = 6, done: bool = True) -> Path:
     job = sweep / f"tiny-{arm}-s0"
     rows = [
         {
@@ -91,6 +91,8 @@ def make_job(sweep: Path, arm: str, n: int = 6) -> Path:
     ]
     write_rows(job / "eval/final/target/open_ended.jsonl", rows)
     (job / "run.json").write_text(json.dumps({"job": {"model": "tiny", "arm": arm, "seed": 0}}))
+    if done:
+        (job / "DONE").write_text("done\n")
     return job
 
 
@@ -183,3 +185,22 @@ def test_cli_runs_against_the_server(server, tmp_path, capsys):
     assert judge_mod.main([str(job), "--base-url", server, "--model", "judge-y"]) == 0
     assert json.loads(capsys.readouterr().out)["n_answers"] == 2
     assert {r["judge_model"] for r in read_rows(job / "eval/final/target/judge.jsonl")} == {"judge-y"}
+
+
+def test_unfinished_jobs_are_left_alone_and_short_judge_rows_are_judged_again(server, tmp_path):
+    sweep = tmp_path / "sweep"
+    finished = make_job(sweep, "neutral", n=4)
+    running = make_job(sweep, "frame_plus", n=3, done=False)
+    report = judge_mod.run_judge(sweep, client(server), double_fraction=0.0)
+    assert report["n_answers"] == 4 and not (running / "eval/final/target/judge.jsonl").exists()
+    judged = finished / "eval/final/target/judge.jsonl"
+    intact = read_rows(judged)
+    judged.write_text("".join(json.dumps(r) + "\n" for r in intact[:2]))  # a short judge file
+    assert judge_mod.open_ended_files(sweep) == [finished / "eval/final/target/open_ended.jsonl"]
+    FakeJudge.bodies = []
+    again = judge_mod.run_judge(sweep, client(server), double_fraction=0.0)
+    assert again["n_answers"] == 4 and len(FakeJudge.bodies) == 4
+    assert [r["rating"] for r in read_rows(judged)] == [r["rating"] for r in intact]
+    assert len(list(judged.parent.glob("judge.jsonl.corrupt-*"))) == 1  # set aside, not deleted
+    assert judge_mod.open_ended_files(sweep) == []
+

@@ -3,9 +3,12 @@
     LBT_LLM_BASE_URL=http://127.0.0.1:8000/v1 LBT_LLM_MODEL=judge-model python -m lbt.judge multirun/<sweep>
     python -m lbt.judge outputs/evaluate/... --base-url http://host:8000/v1 --model m --concurrency 8
 
-Every `eval/<phase>/<item_set>/open_ended.jsonl` under the directory without a `judge.jsonl` beside it is
-scored; the judge's rows are written beside it as measure `judge` (append-only: a scored file is skipped;
-a file with a failed request is left unwritten so that a re-run retries it).
+Every `eval/<phase>/<item_set>/open_ended.jsonl` of a finished job (its directory holds `DONE`: a job
+still running or incomplete may yet set its files aside and write them again) without an intact
+`judge.jsonl` beside it is scored; the judge's rows are written beside it as measure `judge`, one per
+answer (append-only: a scored file is skipped; one short or corrupt is set aside and scored again; a file
+with a failed request is left unwritten so that a re-run retries it). Files are read and written through
+`lbt.rundir`.
 
 - Rubric: the stance of the advice toward going ahead with the change, an integer from −3 (strongly
   against) to +3 (strongly in favour); `rating` = that integer, stance = rating / 3 (positive = pro-change,
@@ -37,8 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lbt.eval.rows import write_json_once, write_rows
 from lbt.llm_client import ChatClient, LLMConfig, LLMError
+from lbt.rundir import Expected, RunDir, file_problem, read_rows, set_aside, write_json_once, write_rows
 
 log = logging.getLogger("lbt.judge")
 
@@ -88,10 +91,30 @@ class Task:
     repeat: bool  # the second scoring of a double-scored answer
 
 
-def open_ended_files(root: Path) -> list[Path]:
-    """open_ended row files under a job, evaluate or sweep directory that have no judge rows yet."""
-    files = sorted(root.rglob("eval/*/*/open_ended.jsonl"))
-    return [f for f in files if not (f.parent / "judge.jsonl").exists()]
+def judge_path(open_ended: Path) -> Path:
+    """eval/<phase>/<item_set>/judge.jsonl of the job that holds eval/<phase>/<item_set>/open_ended.jsonl."""
+    item_set, phase, run = open_ended.parent.name, open_ended.parent.parent.name, RunDir(open_ended.parents[3])
+    return run.rows(phase, item_set, "judge")
+
+
+def open_ended_files(root: Path, set_aside_bad: bool = False) -> list[Path]:
+    """open_ended row files of finished jobs under a job, evaluate or sweep directory without intact judge
+    rows (one per answer) beside them; with set_aside_bad, short or corrupt judge rows are set aside."""
+    todo = []
+    for path in sorted(root.rglob("eval/*/*/open_ended.jsonl")):
+        run = RunDir(path.parents[3])
+        if not run.is_done():
+            log.warning("judge: %s skipped: its job %s is not finished (no DONE)", path.name, run.root)
+            continue
+        judged = judge_path(path)
+        if judged.exists():
+            problem = file_problem(Expected(judged, len(read_rows(path))))
+            if problem is None:
+                continue
+            if set_aside_bad:
+                set_aside(judged, problem)
+        todo.append(path)
+    return todo
 
 
 def plan(rows: Sequence[Sequence[dict]], rng: random.Random, double_fraction: float) -> list[Task]:
@@ -146,11 +169,8 @@ def consistency(pairs: list[tuple[int, int]]) -> dict[str, Any]:
 def run_judge(
     root: Path, client: ChatClient, seed: int = 0, double_fraction: float = 0.05, concurrency: int = 4
 ) -> dict[str, Any]:
-    files = open_ended_files(root)
-    rows = [
-        [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
-        for f in files
-    ]
+    files = open_ended_files(root, set_aside_bad=True)
+    rows = [read_rows(f) for f in files]  # CorruptFile names file and line
     tasks = plan(rows, random.Random(seed), double_fraction)
     log.info(
         "judge: %d answers in %d files (+%d repeats) -> %s",
@@ -173,8 +193,8 @@ def run_judge(
         if f in failed:
             log.error("judge: %s not written (a request failed: %s); re-run to retry", path, failed[f])
             continue
-        write_rows(path.parent / "judge.jsonl", judge_rows(rows[f], scores[f], client.config.model))
-        written.append(str(path.parent / "judge.jsonl"))
+        write_rows(judge_path(path), judge_rows(rows[f], scores[f], client.config.model))
+        written.append(str(judge_path(path)))
     pairs = [
         (first[0], second[0])
         for f in scores
@@ -235,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.root.is_dir():
         parser.error(f"{args.root} is not a directory")
     if not open_ended_files(args.root):
-        print(f"nothing to judge under {args.root} (no open_ended.jsonl without a judge.jsonl beside it)")
+        print(f"nothing to judge under {args.root} (no open_ended.jsonl of a finished job without an intact "
+              "judge.jsonl beside it)")
         return 0
     client = ChatClient(
         LLMConfig(
