@@ -224,10 +224,19 @@ def test_interp_end_to_end(sweep, capsys):
     assert "skipped" in capsys.readouterr().out
 
 
-def test_unfinished_jobs_are_ignored_and_empty_sweep_is_an_error(tmp_path):
+def test_unfinished_jobs_are_ignored_and_empty_sweep_is_an_error(tmp_path, caplog):
     (tmp_path / "job").mkdir()
     (tmp_path / "job" / "run.json").write_text(json.dumps({"job": {"model": "tiny", "arm": "frame_plus", "seed": 0}}))
     assert interp.discover(tmp_path, tmp_path / "interp") == {}
+    # DONE, but an adapter that would not load (a truncated weights file): skipped, and the log says why.
+    broken = tmp_path / "broken"
+    (broken / "adapter").mkdir(parents=True)
+    (broken / "run.json").write_text(json.dumps({"job": {"model": "tiny", "arm": "neutral", "seed": 0}}))
+    (broken / "DONE").write_text("done\n")
+    (broken / "adapter" / "adapter_config.json").write_text("{}")
+    (broken / "adapter" / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00")
+    assert interp.discover(tmp_path, tmp_path / "interp") == {}
+    assert "not finished (no DONE)" in caplog.text and "no usable adapter" in caplog.text
     with pytest.raises(SystemExit, match="no finished jobs"):
         interp.main([str(tmp_path), "--no-wandb"])
 

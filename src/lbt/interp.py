@@ -2,7 +2,8 @@
 
     python -m lbt.interp multirun/<sweep> [--family qwen] [--parts steer,ablate,patch,lens,delta_w] [--out DIR]
 
-Jobs are the directories under the sweep holding run.json, DONE and adapter/. Per family (run.json's
+Jobs are the directories under the sweep holding run.json, DONE and an adapter/ that loads (read through
+`lbt.rundir`; others are skipped with a warning saying why). Per family (run.json's
 job.model) the base model is loaded from the jobs' own resolved config, every job's adapter is loaded
 onto it, and the base model's direction set comes from the shared cache (computed if absent). Parts:
 
@@ -22,7 +23,8 @@ onto it, and the base model's direction set comes from the shared cache (compute
 
 Writes <out>/<family>/<part>.json and .png figures (every figure with its random-control band) and
 <out>/summary-<time>-<pid>.json (wall time per part); logs figures and headline numbers to W&B (offline without a key;
---no-wandb to skip). A part whose JSON exists is skipped (--force recomputes).
+--no-wandb to skip). A part whose JSON exists is skipped (--force recomputes it and replaces the file atomically);
+otherwise every JSON is written once, atomically.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from lbt.probe import causal, figures
 from lbt.probe.causal import Family, Job, Settings
 from lbt.probe.directions import DirectionSettings, get_directions
 from lbt.probe.measure import forced_choice_prompts, neutral_set
-from lbt.runcard import read_json, write_json_atomic
+from lbt.rundir import RunDir, adapter_problem, read_json, write_json_atomic, write_json_once
 
 log = logging.getLogger("lbt.interp")
 PARTS = ("steer", "ablate", "patch", "lens", "delta_w")
@@ -62,17 +64,21 @@ def discover(sweep: Path, out: Path) -> dict[str, list[tuple[Job, dict[str, Any]
     """{family: [(job, run card)]} of the finished jobs under the sweep directory."""
     families: dict[str, list[tuple[Job, dict[str, Any]]]] = {}
     for card_path in sorted(sweep.rglob("run.json")):
-        folder = card_path.parent
-        if out in folder.parents or folder == out:
+        run = RunDir(card_path.parent)
+        if out in run.root.parents or run.root == out:
             continue
-        if not (folder / "DONE").exists() or not (folder / "adapter").is_dir():
-            log.warning("interp: %s is not finished (no DONE or adapter/): skipped", folder)
+        if not run.is_done():
+            log.warning("interp: %s is not finished (no DONE): skipped", run.root)
             continue
-        card = read_json(card_path)
+        problem = adapter_problem(run.adapter)
+        if problem:
+            log.warning("interp: %s has no usable adapter (%s): skipped", run.root, problem)
+            continue
+        card = read_json(run.card)
         job = card["job"]
-        name = re.sub(r"\W", "_", folder.name)
+        name = re.sub(r"\W", "_", run.root.name)
         families.setdefault(job["model"], []).append(
-            (Job(name=name, path=str(folder), arm=job["arm"], seed=int(job["seed"]), adapter=str(folder / "adapter")),
+            (Job(name=name, path=str(run.root), arm=job["arm"], seed=int(job["seed"]), adapter=str(run.adapter)),
              card))
     return families
 
@@ -194,7 +200,7 @@ def run_family(fam: Family, parts: Sequence[str], out: Path, force: bool, wandb_
             continue
         started = time.perf_counter()
         result = RUNNERS[part](fam)
-        write_json_atomic(target, result)
+        (write_json_atomic if force else write_json_once)(target, result)
         paths = figures.FIGURES[part](result, folder, fam.name)
         timings[part] = round(time.perf_counter() - started, 2)
         heads[part] = headlines(part, result)
@@ -299,7 +305,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             summary["families"][name] = {**run_family(fam, parts, out, args.force, run), "load_s": load_s}
             del fam
         # One summary per invocation: earlier ones are never overwritten.
-        write_json_atomic(out / f"summary-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json", summary)
+        stem = f"summary-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        path, k = out / f"{stem}.json", 1
+        while path.exists():  # two invocations in one second of one process
+            k += 1
+            path = out / f"{stem}_{k}.json"
+        write_json_once(path, summary)
     finally:
         if run is not None:
             run.finish()
