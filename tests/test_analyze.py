@@ -339,3 +339,61 @@ def test_default_output_directory_is_new_and_wandb_run_is_offline(sweep_setup, t
     second = json.loads((sweep / "analysis_2" / "report.json").read_text())
     assert not any(j["path"].startswith("sweepA/analysis") for j in second["jobs"])
     assert math.isfinite(second["primary"]["families"]["tiny"]["letter_logprob"]["combined_directional"]["d"])
+
+
+def test_corrupt_files_name_job_file_and_line(sweep_setup, tmp_path, capsys):
+    sweep, _, _, common = sweep_setup
+    job = sweep / "tiny-neutral-s0"
+    rows_file = job / "eval" / "final" / "target" / "letter_logprob.jsonl"
+    lines = rows_file.read_text().splitlines()
+    rows_file.write_text("\n".join([*lines[:4], "", lines[4][:30], *lines[5:]]) + "\n")  # cut-off line 6
+    assert main([str(sweep), "--out", str(tmp_path / "a"), "--no-wandb", *common]) == 2
+    err = capsys.readouterr().err
+    assert f"job {job}" in err and f"{rows_file}, line 6: not JSON" in err
+    bad = json.loads(lines[4])
+    del bad["domain"]
+    rows_file.write_text("\n".join([*lines[:4], "", json.dumps(bad), *lines[5:]]) + "\n")  # blank line 5
+    assert main([str(sweep), "--out", str(tmp_path / "b"), "--no-wandb", *common]) == 2
+    assert "letter_logprob.jsonl:6: field 'domain' is missing" in capsys.readouterr().err
+    rows_file.write_text("\n".join(lines) + "\n")
+    for path in (job / "probe" / "final.json", job / "eval" / "base" / "capability.json",
+                 job / "eval" / "step_2" / "summary.json"):
+        intact = path.read_text()
+        path.write_text(intact[: len(intact) // 2])
+        assert main([str(sweep), "--out", str(tmp_path / path.stem), "--no-wandb", *common]) == 2
+        err = capsys.readouterr().err
+        assert f"job {job}" in err and f"{path}: not JSON" in err and "line 1" in err
+        path.write_text(intact)
+
+
+def test_set_aside_copies_and_other_probe_files_are_not_read(sweep_setup, tmp_path):
+    sweep, _, _, common = sweep_setup
+    out = tmp_path / "clean"
+    assert main([str(sweep), "--out", str(out), "--no-wandb", *common]) == 0
+    clean = json.loads((out / "report.json").read_text())
+    job = sweep / "tiny-frame_plus-s0"
+    (job / "probe" / "train_intervention.json").write_text(json.dumps({"mode": "ablate", "layer": 2}))
+    (job / "probe" / "final.json.corrupt-20260101-000000-1").write_text("{")
+    (job / "eval" / "final" / "target" / "letter_logprob.jsonl.corrupt-20260101-000000-1").write_text("{")
+    (job / "eval" / "final" / "summary.json.corrupt-20260101-000000-1").mkdir()
+    assert main([str(sweep), "--out", str(tmp_path / "with"), "--no-wandb", *common]) == 0
+    report = json.loads((tmp_path / "with" / "report.json").read_text())
+    for key in ("primary", "descriptive", "projection_shift", "capability", "validity"):
+        assert report[key] == clean[key], key
+
+
+def test_unfinished_job_is_flagged_with_what_its_card_says_is_missing(sweep_setup, tmp_path, capsys):
+    sweep, _, _, common = sweep_setup
+    job = sweep / "tiny-frame_minus-s1"
+    card = json.loads((job / "run.json").read_text())
+    card.update(status="incomplete", missing=["phase final: eval/final/target/likert.jsonl: missing"])
+    (job / "run.json").write_text(json.dumps(card))
+    (job / "DONE").unlink()
+    out = tmp_path / "flagged"
+    assert main([str(sweep), "--out", str(out), "--no-wandb", *common]) == 0
+    line = (f"job {job} is not finished (status incomplete, DONE absent): "
+            "phase final: eval/final/target/likert.jsonl: missing")
+    assert line in (out / "report.md").read_text() and line in capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["missing"]["incomplete_jobs"] == [
+        {"job": str(job), "status": "incomplete", "done": False, "missing": card["missing"]}]

@@ -5,9 +5,13 @@
                           [--lock prereg.lock.json] [--items-dir data/eval] [--no-wandb]
 
 Every directory holding a run.json under the given sweep directories is a job: family = job.model,
-arm = job.arm, seed = job.seed. Its rows are read from eval/<phase>/<item_set>/<measure>.jsonl; item
-sets `target`/`target_items` are the held-out items, `source`/`source_items` the manipulation check
-(the `_items` names are what `lbt.evaluate` writes for the project's item files). The primary analysis
+arm = job.arm, seed = job.seed. Job directories are read through `lbt.rundir` (their layout and readers):
+a file that does not parse is an error naming the job, the file and the line. Rows come from
+eval/<phase>/<item_set>/<measure>.jsonl; item set `target` is the held-out items, `source` the
+manipulation check — the names both writers of rows use (the training callback's `eval.item_sets` keys,
+and `lbt.evaluate`, which names the project's item files alike); `target_items`/`source_items`, the names
+older `lbt.evaluate` directories hold, are read the same way. A job without DONE (unfinished, incomplete
+or failed) is read but flagged, with what its run card says is missing. The primary analysis
 (`lbt.stats.primary_report`) uses phase `final` of the study arms; other arms (e.g. `base` from
 `lbt.evaluate`), other item sets and other phases are summarised descriptively. Probe, capability and
 summary JSON files feed the projection, dynamics, guardrail and measure-validity sections.
@@ -35,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from lbt import __version__
+from lbt.rundir import CorruptFile, RunDir, read_json, read_rows
 from lbt.stats import StatsInputError, StatsWarning, primary_report
 from lbt.stats.aggregate import STUDY_ARMS
 from lbt.stats.prereg import LockError, check_lock, write_lock
@@ -73,6 +78,10 @@ class Job:
     phases: list[str] = field(default_factory=list)
 
     @property
+    def run(self) -> RunDir:
+        return RunDir(self.path)
+
+    @property
     def is_study_job(self) -> bool:
         return self.arm in STUDY_ARMS and isinstance(self.seed, int) and self.family is not None
 
@@ -93,36 +102,45 @@ def phase_key(phase: str) -> tuple[int, int, str]:
     return (3, 0, phase)
 
 
+def is_phase(name: str) -> bool:
+    """base, step_<n> or final (not a set-aside copy or another file that happens to sit there)."""
+    return phase_key(name)[0] < 3
+
+
 def read_json_file(path: Path, job_dir: Path) -> Any:
+    """lbt.rundir.read_json, its CorruptFile (file and line) as an AnalyzeError naming the job too."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise AnalyzeError(
-            f"job {job_dir}: {path.name}: invalid JSON ({err.msg}, line {err.lineno})"
-        ) from None
+        return read_json(path)
+    except (CorruptFile, UnicodeDecodeError) as err:
+        raise AnalyzeError(f"job {job_dir}: {err}") from None
+
+
+def eval_phases(run: RunDir) -> list[str]:
+    """Phases with an eval/<phase>/ folder, in order."""
+    eval_dir = run.phase_dir("base").parent
+    if not eval_dir.is_dir():
+        return []
+    return sorted((p.name for p in eval_dir.iterdir() if p.is_dir() and is_phase(p.name)), key=phase_key)
 
 
 def load_job(run_json: Path) -> Job:
-    card = read_json_file(run_json, run_json.parent)
+    run = RunDir(run_json.parent)
+    card = read_json_file(run.card, run.root)
     job = card.get("job") if isinstance(card, dict) else None
     if not isinstance(job, dict):
-        raise AnalyzeError(f"job {run_json.parent}: run.json has no 'job' object")
+        raise AnalyzeError(f"job {run.root}: run.json has no 'job' object")
     seed = job.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise AnalyzeError(f"job {run_json.parent}: run.json job.seed must be an integer, got {seed!r}")
-    eval_dir = run_json.parent / "eval"
-    phases = (
-        sorted((p.name for p in eval_dir.iterdir() if p.is_dir()), key=phase_key) if eval_dir.is_dir() else []
-    )
+        raise AnalyzeError(f"job {run.root}: run.json job.seed must be an integer, got {seed!r}")
     return Job(
-        path=run_json.parent,
+        path=run.root,
         family=job.get("model"),
         arm=job.get("arm"),
         seed=seed,
         status=card.get("status"),
-        done=(run_json.parent / "DONE").exists(),
+        done=run.is_done(),
         card=card,
-        phases=phases,
+        phases=eval_phases(run),
     )
 
 
@@ -141,9 +159,17 @@ def find_jobs(sweeps: list[Path]) -> list[Job]:
 # ----------------------------------------------------------------------------------------------- rows
 
 
-def parse_row(obj: Any, path: Path, line: int, job: Job, measure: str) -> float:
-    """The row's stance; AnalyzeError naming job dir, file, line and field for anything malformed."""
-    where = f"job {job.path}: {path.relative_to(job.path)}:{line}"
+def row_line(path: Path, index: int) -> int:
+    """The line of the index-th row of a rows file (lbt.rundir.read_rows skips blank lines)."""
+    with open(path, encoding="utf-8") as handle:
+        lines = [number for number, raw in enumerate(handle, start=1) if raw.strip()]
+    return lines[index] if index < len(lines) else index + 1
+
+
+def parse_row(obj: Any, path: Path, index: int, job: Job, measure: str) -> float:
+    """The stance of the index-th row; AnalyzeError naming job dir, file, line and field for anything
+    malformed."""
+    where = f"job {job.path}: {path.relative_to(job.path)}:{row_line(path, index)}"
     if not isinstance(obj, dict):
         raise AnalyzeError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     for key in ("base_item", "domain", "stance"):
@@ -163,35 +189,29 @@ def load_rows(job: Job, display: Display) -> list[dict[str, Any]]:
     """Every row of every phase, item set and measure of a job, reduced to what the analysis reads."""
     rows = []
     for phase in job.phases:
-        for rows_file in sorted((job.path / "eval" / phase).glob("*/*.jsonl")):
+        for rows_file in sorted(job.run.phase_dir(phase).glob("*/*.jsonl")):
             item_set, measure = rows_file.parent.name, rows_file.stem
             source = display(rows_file)
-            with open(rows_file, encoding="utf-8") as handle:
-                for line, raw in enumerate(handle, start=1):
-                    if not raw.strip():
-                        continue
-                    try:
-                        obj = json.loads(raw)
-                    except json.JSONDecodeError as err:
-                        raise AnalyzeError(
-                            f"job {job.path}: {rows_file.relative_to(job.path)}:{line}: "
-                            f"malformed JSON ({err.msg})"
-                        ) from None
-                    stance = parse_row(obj, rows_file, line, job, measure)
-                    rows.append(
-                        {
-                            "family": job.family,
-                            "arm": job.arm,
-                            "seed": job.seed,
-                            "phase": phase,
-                            "item_set": item_set,
-                            "measure": measure,
-                            "base_item": obj["base_item"],
-                            "domain": obj["domain"],
-                            "stance": stance,
-                            "source": source,
-                        }
-                    )
+            try:
+                objs = read_rows(rows_file)
+            except (CorruptFile, UnicodeDecodeError) as err:
+                raise AnalyzeError(f"job {job.path}: {err}") from None
+            for index, obj in enumerate(objs):
+                stance = parse_row(obj, rows_file, index, job, measure)
+                rows.append(
+                    {
+                        "family": job.family,
+                        "arm": job.arm,
+                        "seed": job.seed,
+                        "phase": phase,
+                        "item_set": item_set,
+                        "measure": measure,
+                        "base_item": obj["base_item"],
+                        "domain": obj["domain"],
+                        "stance": stance,
+                        "source": source,
+                    }
+                )
     return rows
 
 
@@ -256,10 +276,17 @@ def stance_dynamics(descriptive: list[dict[str, Any]]) -> dict[str, dict]:
     }
 
 
+def probe_files(job: Job) -> list[Path]:
+    """probe/<phase>.json of every phase the job probed (not train_intervention.json or set-aside copies)."""
+    folder = job.run.probe("base").parent
+    phases = sorted((p.stem for p in folder.glob("*.json") if is_phase(p.stem)), key=phase_key)
+    return [job.run.probe(phase) for phase in phases]
+
+
 def load_probes(jobs: list[Job], display: Display) -> list[dict[str, Any]]:
     records = []
     for job in jobs:
-        for path in sorted((job.path / "probe").glob("*.json")):
+        for path in probe_files(job):
             data = read_json_file(path, job.path)
             try:
                 layers = list(data["layers"])
@@ -342,11 +369,17 @@ def projection_dynamics(probes: list[dict[str, Any]]) -> dict[str, dict]:
     }
 
 
+PHASE_FILES: dict[str, Callable[[RunDir, str], Path]] = {
+    "summary.json": RunDir.summary,
+    "capability.json": RunDir.capability,
+}
+
+
 def phase_json_files(jobs: list[Job], name: str) -> Iterator[tuple[Job, str, Path, dict[str, Any]]]:
     """(job, phase, path, object) for every eval/<phase>/<name> a job wrote; a non-object is an error."""
     for job in jobs:
         for phase in job.phases:
-            path = job.path / "eval" / phase / name
+            path = PHASE_FILES[name](job.run, phase)
             if not path.exists():
                 continue
             data = read_json_file(path, job.path)
@@ -445,7 +478,7 @@ def missing_report(jobs: list[Job], descriptive: list[dict[str, Any]], probes: l
         if (f, a, s) not in present
     ]
     incomplete = [
-        {"job": str(job.path), "status": job.status, "done": job.done}
+        {"job": str(job.path), "status": job.status, "done": job.done, "missing": card_missing(job)}
         for job in study
         if not job.done or job.status not in (None, "done")
     ]
@@ -499,12 +532,29 @@ def missing_report(jobs: list[Job], descriptive: list[dict[str, Any]], probes: l
     }
 
 
+def card_missing(job: Job) -> list[str]:
+    """What the job's run card says is missing (status incomplete), or its error (status failed)."""
+    missing = job.card.get("missing")
+    if isinstance(missing, list):
+        return [str(m) for m in missing]
+    error = job.card.get("error")
+    if isinstance(error, dict) and error.get("type"):
+        return [f"{error['type']}: {error.get('message', '')}"]
+    return []
+
+
+def unfinished_line(entry: dict) -> str:
+    line = (f"job {entry['job']} is not finished (status {entry['status']}, "
+            f"DONE {'present' if entry['done'] else 'absent'})")
+    found = entry.get("missing") or []
+    if found:
+        line += ": " + "; ".join(found[:5]) + (f" (+{len(found) - 5} more)" if len(found) > 5 else "")
+    return line
+
+
 def missing_lines(missing: dict) -> list[str]:
     lines = [f"job ({m['family']}, {m['arm']}, seed {m['seed']}) is missing" for m in missing["jobs"]]
-    lines += [
-        f"job {m['job']} is not finished (status {m['status']}, DONE {'present' if m['done'] else 'absent'})"
-        for m in missing["incomplete_jobs"]
-    ]
+    lines += [unfinished_line(m) for m in missing["incomplete_jobs"]]
     lines += [f"job {m['job']} lacks phase(s) {', '.join(m['phases'])}" for m in missing["phases"]]
     lines += [f"job {m['job']} lacks rows {', '.join(m['rows'])}" for m in missing["measures"]]
     lines += [
