@@ -192,8 +192,12 @@ def write_rows(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """Rows of a JSONL file; a line that does not parse raises CorruptFile naming the file and line."""
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise CorruptFile(f"{path}, line {number}: not UTF-8 text") from None
             if not line.strip():
                 continue
             try:
@@ -224,6 +228,8 @@ def read_json(path: Path) -> Any:
     path = Path(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise CorruptFile(f"{path}: not UTF-8 text, not JSON") from None
     except json.JSONDecodeError as err:
         raise CorruptFile(f"{path}: not JSON ({err.msg}, line {err.lineno})") from None
 
@@ -258,7 +264,7 @@ def file_problem(expected: Expected) -> str | None:
                 return f"{path}: corrupt (not a JSON object)"
             return None
         found = len(read_rows(path))
-    except (CorruptFile, UnicodeDecodeError) as err:
+    except CorruptFile as err:
         return f"corrupt: {err}"
     if found != expected.rows:
         return f"{path}: {found} rows, {expected.rows} expected (truncated or foreign)"
