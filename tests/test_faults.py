@@ -1,0 +1,519 @@
+"""Fault injection: a real fault in a real tiny job, and what the job directory says afterwards.
+
+A job directory never lies: DONE only when every planned step and phase ran and its files are complete;
+a failure is recorded in the run card; rows are written once; nothing valid is overwritten; re-running
+the same command completes exactly what is missing. Each test injects one fault (through the eval
+callbacks group, `+eval.callbacks.<name>._target_=...`, or by damaging a file between two launches) and
+checks what the user sees, what the run card says, what is kept, and what the re-run does.
+
+The job: 34 toy records, 4 per step -> 9 optimizer steps, a resumable checkpoint after every step,
+phases base, step_2, step_4, final. `RowsPhase` stands for an evaluation hook: it declares its planned
+files (a rows file of 3 rows and a summary per phase) and writes only what is missing, with a value
+computed from the weights it evaluates, so a phase run again can be compared with the original.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import ClassVar
+
+import lightning as L
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lbt import train as train_mod
+from lbt.phases import PhaseHook
+from lbt.rundir import (
+    STATUSES,
+    CorruptFile,
+    Expected,
+    JobLocked,
+    RunDir,
+    file_problem,
+    read_json,
+    read_rows,
+    write_json_once,
+    write_rows,
+)
+from tests.conftest import ROOT, compose_train, write_toy_corpus
+
+TOTAL = 9
+PHASES = ["base", "step_2", "step_4", "final"]
+JOB = ["data.require_validation=false", "eval=none", "probe=none", "logger=csv", "train.effective_batch=4",
+       "train.micro_batch=4", "train.epochs=1", "train.max_length=96", "train.resume_every_steps=1",
+       "train.checkpoint_fractions=[0.25,0.5,1.0]", "train.lr=1e-2", "train.lora.dropout=0.2", "seed=3",
+       "+eval.callbacks.rows._target_=tests.test_faults.RowsPhase"]
+
+
+# -- hooks and faults, instantiated inside the job through the eval.callbacks config group ---------------
+
+class RowsPhase(PhaseHook):
+    """An evaluation hook: eval/<phase>/faults/value.jsonl (3 rows) and eval/<phase>/summary.json, each
+    written once and only when missing; the value is the model's logit sum on a fixed prompt."""
+
+    runs: ClassVar[list[tuple[str, str, str]]] = []     # (job, phase, "wrote" | "skipped")
+
+    def planned_files(self, phase: str) -> list[Expected]:
+        run = RunDir(self.context.job_dir)
+        return [Expected(run.rows(phase, "faults", "value"), 3), Expected(run.summary(phase))]
+
+    def run_phase(self, trainer, module, phase) -> None:
+        todo = [e for e in self.planned_files(phase) if not e.path.exists()]
+        RowsPhase.runs.append((self.context.job_dir.name, phase, "wrote" if todo else "skipped"))
+        if not todo:
+            return
+        model = module.model
+        training = model.training
+        model.eval()
+        with torch.no_grad():
+            value = float(model(input_ids=torch.tensor([[5, 17, 99, 3, 250]])).logits.double().sum())
+        model.train(training)
+        rows, summary = todo[0].path.suffix == ".jsonl", todo[-1].path.name == "summary.json"
+        if rows:
+            write_rows(todo[0].path, [{"phase": phase, "k": k, "value": value} for k in range(3)])
+        if summary:
+            write_json_once(todo[-1].path, {"phase": phase, "value": value})
+
+
+class NaNAt(L.Callback):
+    """Optimizer step `at_step` sees a LoRA weight turned NaN: its loss is not finite."""
+
+    def __init__(self, at_step: int):
+        self.at_step = int(at_step)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.at_step - 1:
+            with torch.no_grad():
+                next(p for p in pl_module.parameters() if p.requires_grad).fill_(float("nan"))
+
+
+class RaiseInPhase(PhaseHook):
+    """An evaluation hook that fails in `phase`."""
+
+    def __init__(self, phase: str):
+        self.phase = phase
+
+    def run_phase(self, trainer, module, phase) -> None:
+        if phase == self.phase:
+            raise RuntimeError(f"evaluation broke in phase {phase}")
+
+
+class SignalInPhase(PhaseHook):
+    """The job sends itself `signal_name` while phase `phase` runs (after the hooks before this one)."""
+
+    def __init__(self, phase: str, signal_name: str = "SIGTERM"):
+        self.phase, self.signal_name = phase, signal_name
+
+    def run_phase(self, trainer, module, phase) -> None:
+        if phase == self.phase:
+            os.kill(os.getpid(), getattr(signal, self.signal_name))
+
+
+class DamageInPhase(PhaseHook):
+    """While phase `phase` runs, damages `target` (relative to the job directory): delete or truncate
+    (a folder: its safetensors file). Stands for a disk or a hand that loses a file mid-job."""
+
+    def __init__(self, phase: str, target: str, how: str = "delete"):
+        self.phase, self.target, self.how = phase, target, how
+
+    def run_phase(self, trainer, module, phase) -> None:
+        if phase == self.phase:
+            damage(self.context.job_dir / self.target, self.how)
+
+
+def damage(path: Path, how: str) -> None:
+    """delete (a file or folder), truncate (half the bytes), garbage (bytes that are no format)."""
+    import shutil
+
+    if path.is_dir() and how != "delete":
+        path = path / "adapter_model.safetensors"
+    if how == "delete":
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    elif how == "truncate":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "garbage":
+        path.write_bytes(b"\x00\xffnot what was written\x89\n" * 8)
+    else:
+        raise ValueError(how)
+
+
+def fault(name: str, cls: str, /, **args) -> list[str]:
+    """Overrides that add callback `cls` as eval.callbacks.<name> with its arguments."""
+    return [f"+eval.callbacks.{name}._target_={cls}", *(f"+eval.callbacks.{name}.{k}={v}" for k, v in args.items())]
+
+
+def sigterm_at(k: int) -> list[str]:
+    return fault("kill", "tests.test_resume.KillAt", at_step=k, signal_name="SIGTERM")
+
+
+# -- helpers ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("faults")
+    write_toy_corpus(folder / "toy.jsonl", n=34)
+    return folder
+
+
+def config(root: Path, job: str, *extra: str):
+    return compose_train([*JOB, f"arm.corpus={root / 'toy.jsonl'}", f"+job_dir={root / job}", *extra])
+
+
+def card_of(job_dir: Path) -> dict:
+    card = read_json(job_dir / "run.json")
+    assert card["status"] in STATUSES
+    return card
+
+
+def adapter(job_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(job_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def assert_same_adapter(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys() and a
+    for key, value in a.items():
+        torch.testing.assert_close(value, b[key], rtol=0, atol=1e-6, msg=key)
+
+
+def phase_rows(job_dir: Path) -> dict[str, list[dict]]:
+    return {p: read_rows(RunDir(job_dir).rows(p, "faults", "value")) for p in PHASES}
+
+
+def snapshot(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, tuple[bytes, int]]:
+    """Every file's bytes and mtime (what "nothing changed" means)."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))
+            if p.is_file() and not any(part in skip for part in p.relative_to(folder).parts)}
+
+
+def writes(job: str) -> list[str]:
+    """Phases whose files RowsPhase wrote in job `job` (in order; a phase twice = written twice)."""
+    return [phase for name, phase, what in RowsPhase.runs if name == job and what == "wrote"]
+
+
+def check_finished(job_dir: Path, reference: dict) -> dict:
+    """DONE, status done, every step trained, the adapter and rows of an uninterrupted run."""
+    card = card_of(job_dir)
+    assert card["status"] == "done" and (job_dir / "DONE").exists() and not (job_dir / "job.lock").exists()
+    assert card["trained_steps"] == TOTAL and "missing" not in card
+    assert_same_adapter(adapter(job_dir), reference["adapter"])
+    rows = phase_rows(job_dir)
+    for phase in PHASES:
+        assert [r["value"] for r in rows[phase]] == pytest.approx([r["value"] for r in reference["rows"][phase]],
+                                                                  rel=1e-6), phase
+    return card
+
+
+@pytest.fixture(scope="module")
+def reference(root) -> dict:
+    card = train_mod.train(config(root, "reference"))
+    assert card["status"] == "done" and card["trained_steps"] == TOTAL
+    assert writes("reference") == PHASES
+    return {"card": card, "adapter": adapter(root / "reference"), "rows": phase_rows(root / "reference")}
+
+
+def interrupted_job(root: Path, job: str, k: int) -> RunDir:
+    """A job stopped by SIGTERM after step k (checkpoint at k, phases up to k written)."""
+    with pytest.raises(SystemExit):
+        train_mod.train(config(root, job, *sigterm_at(k)))
+    run = RunDir(root / job)
+    assert card_of(run.root)["status"] == "interrupted" and not run.done.exists()
+    return run
+
+
+def hydra_args(root: Path, job: str, *extra: str) -> list[str]:
+    """The command line of `python -m lbt.train` for job `job` (folder given by hydra.run.dir)."""
+    return [*JOB, f"arm.corpus={root / 'toy.jsonl'}", f"hydra.run.dir={root / job}", *extra]
+
+
+def run_main(monkeypatch, root: Path, job: str, *extra: str) -> int:
+    """`python -m lbt.train ...` in this process (Hydra's job logging writes train.log); its exit code."""
+    from tests.test_cluster import hydra_main
+
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")      # Hydra's env_set writes it; restored afterwards
+    try:
+        hydra_main(monkeypatch, hydra_args(root, job, *extra), ROOT)
+    except SystemExit as stop:
+        return int(stop.code or 0)
+    return 0
+
+
+# -- 1. a non-finite loss -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k", [1, 6])
+def test_nonfinite_loss_fails_the_job_keeps_the_last_checkpoint_and_a_rerun_finishes(root, reference, k):
+    from lbt.model.module import NonFiniteLossError
+
+    job = f"nan{k}"
+    run = RunDir(root / job)
+    with pytest.raises(NonFiniteLossError, match=f"non-finite loss .* at step {k}"):
+        train_mod.train(config(root, job, *fault("nan", "tests.test_faults.NaNAt", at_step=k)))
+    card = card_of(run.root)
+    assert card["status"] == "failed" and card["error"]["type"] == "NonFiniteLossError"
+    assert f"at step {k}" in card["error"]["message"] and "NonFiniteLossError" in card["error"]["traceback"]
+    assert card["error"]["time"] and not run.done.exists() and not run.adapter.exists() and not run.lock.exists()
+    # The last good state is kept: the checkpoint of step k-1 and the phases before step k.
+    if k > 1:
+        assert torch.load(run.last_ckpt, weights_only=False)["global_step"] == k - 1
+    else:
+        assert not run.last_ckpt.exists()
+    assert writes(job) == [p for p in PHASES if p == "base" or (p != "final" and int(p[5:]) < k)]
+    kept = snapshot(run.root / "eval")
+
+    train_mod.train(config(root, job))                    # the same job without the fault
+    card = check_finished(run.root, reference)
+    assert card["previous_attempts"] == 1 and card["attempts"][0]["status"] == "failed"
+    assert card["attempts"][0]["error"]["type"] == "NonFiniteLossError"
+    assert writes(job) == PHASES                          # every phase's files written once, in all
+    assert {k: v for k, v in snapshot(run.root / "eval").items() if k in kept} == kept
+
+
+def test_a_failure_is_in_train_log_and_the_exit_code(root, monkeypatch):
+    """Through the command line: the traceback lands in train.log, the exit code is not 0."""
+    from lbt.model.module import NonFiniteLossError
+
+    job = "nan_cli"
+    try:
+        code = run_main(monkeypatch, root, job, *fault("nan", "tests.test_faults.NaNAt", at_step=3))
+    except NonFiniteLossError:          # HYDRA_FULL_ERROR=1: Hydra re-raises the job's exception
+        code = 1
+    assert code != 0
+    log_text = (root / job / "train.log").read_text()
+    assert "job failed" in log_text and "Traceback" in log_text and "NonFiniteLossError" in log_text
+    assert card_of(root / job)["status"] == "failed"
+
+
+# -- 2. corrupt checkpoints -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["garbage", "truncate"])
+def test_corrupt_last_checkpoint_is_set_aside_and_the_job_resumes_from_prev(root, reference, caplog, how):
+    job = f"ckpt_{how}"
+    run = interrupted_job(root, job, 5)
+    damage(run.last_ckpt, how)
+    damaged = run.last_ckpt.read_bytes()
+    RowsPhase.runs.clear()
+
+    with caplog.at_level("INFO", logger="lbt"):
+        train_mod.train(config(root, job))
+    assert f"checkpoint {run.last_ckpt} is corrupt" in caplog.text       # named, with the reason
+    assert f"resume: {run.prev_ckpt}" in caplog.text                      # the one before it: step 4
+    (aside,) = run.checkpoints.glob("last.ckpt.corrupt-*")
+    assert aside.read_bytes() == damaged                                  # kept for inspection
+    check_finished(run.root, reference)
+    assert writes(job) == ["final"]
+
+
+def test_both_checkpoints_corrupt_start_from_scratch_and_keep_every_phase(root, reference, caplog):
+    job = "ckpt_both"
+    run = interrupted_job(root, job, 5)
+    damage(run.last_ckpt, "garbage")
+    damage(run.prev_ckpt, "truncate")
+    kept = snapshot(run.root / "eval")
+    RowsPhase.runs.clear()
+
+    with caplog.at_level("INFO", logger="lbt"):
+        train_mod.train(config(root, job))
+    assert "resume:" not in caplog.text
+    assert len(list(run.checkpoints.glob("last.ckpt.corrupt-*"))) == 1
+    assert len(list(run.checkpoints.glob("prev.ckpt.corrupt-*"))) == 1
+    check_finished(run.root, reference)
+    # Trained again from step 0; the phases written before are intact and kept (bytes and mtimes).
+    assert writes(job) == ["final"]
+    assert {k: v for k, v in snapshot(run.root / "eval").items() if k in kept} == kept
+
+
+def test_leftover_temporary_files_of_a_killed_writer_are_ignored(root, reference):
+    """A process killed mid-write leaves *.tmp files (checkpoint, step adapter): they are not trusted."""
+    job = "tmp_left"
+    run = interrupted_job(root, job, 3)
+    (run.checkpoints / "last.ckpt.tmp").write_bytes(b"half a checkpoint")
+    (run.checkpoints / "adapter_step_4.tmp").mkdir()
+    (run.checkpoints / "adapter_step_4.tmp" / "adapter_model.safetensors").write_bytes(b"half")
+    train_mod.train(config(root, job))
+    check_finished(run.root, reference)
+    assert not (run.checkpoints / "adapter_step_4.tmp").exists()
+
+
+# -- 3, 4. the job lock ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def sleeper():
+    """A live process that is not this one (the owner of a lock written by hand)."""
+    proc = subprocess.Popen(["sleep", "120"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def write_lock(run: RunDir, pid: int, host: str | None = None, heartbeat_age: float = 0.0,
+               slurm_job: str | None = None) -> None:
+    run.lock.write_text(json.dumps({"host": host or socket.gethostname(), "pid": pid, "slurm_job": slurm_job,
+                                    "started": time.time() - 100, "heartbeat": time.time() - heartbeat_age}))
+
+
+def test_a_second_launch_while_the_job_is_locked_exits_3_and_touches_nothing(root, monkeypatch, sleeper):
+    """The CLI, a real process: exit code 3, a message naming the owner's pid and host, and not one byte
+    or mtime of the folder changed (the lock file included)."""
+    job = "locked_cli"
+    assert run_main(monkeypatch, root, job, *sigterm_at(3)) == 128 + signal.SIGTERM   # train.log exists
+    run = RunDir(root / job)
+    write_lock(run, sleeper.pid)
+    before = snapshot(run.root)
+    out = subprocess.run([sys.executable, "-m", "lbt.train", *hydra_args(root, job)], cwd=ROOT, check=False,
+                         capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT), LBT_ROOT=str(ROOT)))
+    assert out.returncode == 3, out.stderr[-3000:]
+    assert f"is in use by pid {sleeper.pid} on {socket.gethostname()}" in out.stderr
+    assert "nothing was touched" in out.stderr
+    assert snapshot(run.root) == before
+
+
+@pytest.mark.parametrize("owner", ["this_host_live_pid", "other_host_fresh_heartbeat"])
+def test_a_live_lock_refuses_the_job_without_touching_anything(root, sleeper, owner):
+    job = f"locked_{owner}"
+    run = interrupted_job(root, job, 3)
+    if owner == "this_host_live_pid":
+        write_lock(run, sleeper.pid)
+    else:
+        write_lock(run, 1, host="node-17.cluster", heartbeat_age=10, slurm_job="9911")
+    before = snapshot(run.root)
+    with pytest.raises(JobLocked) as locked:
+        train_mod.train(config(root, job))
+    if owner == "this_host_live_pid":
+        assert f"pid {sleeper.pid} on {socket.gethostname()}" in str(locked.value)
+    else:
+        assert "pid 1 on node-17.cluster (SLURM job 9911)" in str(locked.value)
+    assert snapshot(run.root) == before
+
+
+@pytest.mark.parametrize("owner", ["dead_pid", "old_heartbeat", "same_slurm_job", "unreadable"])
+def test_a_stale_lock_is_taken_over_and_the_job_finishes(root, reference, monkeypatch, caplog, sleeper, owner):
+    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(name, raising=False)
+    job = f"stale_{owner}"
+    run = interrupted_job(root, job, 5)
+    if owner == "dead_pid":
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        write_lock(run, gone.pid)
+        why = f"process {gone.pid} on this host is gone"
+    elif owner == "old_heartbeat":
+        monkeypatch.setenv("LBT_LOCK_STALE_S", "30")
+        write_lock(run, sleeper.pid, host="node-17.cluster", heartbeat_age=45)
+        why = "heartbeat 45 s old"
+    elif owner == "same_slurm_job":   # an earlier attempt of this SLURM job (requeued): its pid may live on
+        monkeypatch.setenv("SLURM_JOB_ID", "4242")
+        write_lock(run, sleeper.pid, slurm_job="4242")
+        why = "an earlier attempt of SLURM job 4242"
+    else:
+        run.lock.write_bytes(b"\x00\x01 half a lock")
+        why = "unreadable lock file"
+    with caplog.at_level("WARNING", logger="lbt"):
+        train_mod.train(config(root, job))
+    assert f"is stale ({why}): taken over" in caplog.text
+    check_finished(run.root, reference)
+
+
+# -- 5. a damaged file of a finished phase --------------------------------------------------------------
+
+def drop_last_row(path: Path) -> None:
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:-1]))
+
+
+@pytest.mark.parametrize("phase,name,how", [
+    ("step_2", "rows", "truncate"),      # cut mid-line: a line that is not JSON
+    ("base", "rows", "short"),           # one row gone: 2 rows where 3 were planned
+    ("step_4", "rows", "delete"),
+    ("base", "summary", "garbage"),
+    ("step_2", "summary", "delete"),
+])
+def test_a_damaged_file_of_a_passed_phase_is_set_aside_and_only_it_is_written_again(root, reference, phase,
+                                                                                       name, how):
+    """Interrupted after step 5, a file of a passed phase is damaged; the re-run sets it aside (a summary
+    goes with its rows), runs that phase again with the weights it evaluates (base: adapters off;
+    step_<n>: checkpoints/adapter_step_<n>/), and leaves every other file as it was."""
+    job = f"phase_{phase}_{name}_{how}"
+    run = interrupted_job(root, job, 5)
+    target = run.rows(phase, "faults", "value") if name == "rows" else run.summary(phase)
+    drop_last_row(target) if how == "short" else damage(target, how)
+    damaged = target.read_bytes() if target.exists() else None
+    problem = file_problem(Expected(target, 3 if name == "rows" else None))
+    assert problem and str(target) in problem
+    redone = {target, run.summary(phase)} if name == "rows" else {target}    # a summary goes with its rows
+    kept = {k: v for k, v in snapshot(run.root / "eval").items() if run.root / "eval" / k not in redone}
+    RowsPhase.runs.clear()
+
+    train_mod.train(config(root, job))
+    check_finished(run.root, reference)                 # the phase's values again: the right weights
+    assert writes(job) == [phase, "final"]
+    assert {k: v for k, v in snapshot(run.root / "eval").items() if k in kept} == kept
+    asides = sorted(run.phase_dir(phase).rglob("*.corrupt-*"))
+    assert len(asides) == len([p for p in redone if p != target or damaged is not None])
+    if damaged is not None:                             # kept for inspection, as it was found
+        assert any(p.read_bytes() == damaged and p.name.startswith(target.name) for p in asides)
+
+
+def test_a_damaged_phase_file_whose_step_adapter_is_gone_fails_naming_both(root):
+    """step_2's rows are corrupt and checkpoints/adapter_step_2/ is gone: the phase cannot be evaluated
+    again; the job fails saying so (it does not write rows from other weights)."""
+    job = "phase_no_adapter"
+    run = interrupted_job(root, job, 5)
+    damage(run.rows("step_2", "faults", "value"), "truncate")
+    damage(run.adapter_at(2), "delete")
+    with pytest.raises(RuntimeError, match="phase step_2 cannot be evaluated again: .*adapter_step_2: missing"):
+        train_mod.train(config(root, job))
+    card = card_of(run.root)
+    assert card["status"] == "failed" and "adapter_step_2: missing" in card["error"]["message"]
+    assert not run.done.exists() and not run.rows("step_2", "faults", "value").exists()
+
+
+# -- 5, 6, 7. the completeness check at the end of a job ------------------------------------------------
+
+INCOMPLETE = {
+    "final_rows_truncated": ("eval/final/faults/value.jsonl", "truncate", "phase final: corrupt: "),
+    "base_summary_deleted": ("eval/base/summary.json", "delete", "phase base: "),
+    "adapter_deleted": ("adapter", "delete", "adapter: "),
+    "adapter_truncated": ("adapter", "truncate", "adapter: "),
+    "step_adapter_deleted": ("checkpoints/adapter_step_2", "delete", "checkpoint of step_2: "),
+    "step_adapter_truncated": ("checkpoints/adapter_step_4", "truncate", "checkpoint of step_4: "),
+}
+
+
+@pytest.mark.parametrize("case", list(INCOMPLETE))
+def test_a_file_lost_before_the_check_makes_the_job_incomplete_not_done(root, monkeypatch, case):
+    """A file lost during the final phase (after the hooks wrote it): the completeness check finds it, the
+    run card says incomplete and lists it, no DONE, exit code 4."""
+    target, how, missing = INCOMPLETE[case]
+    job = f"incomplete_{case}"
+    code = run_main(monkeypatch, root, job, *fault("lose", "tests.test_faults.DamageInPhase", phase="final",
+                                                   target=target, how=how))
+    assert code == 4
+    run = RunDir(root / job)
+    card = card_of(run.root)
+    assert card["status"] == "incomplete" and not run.done.exists() and not run.lock.exists()
+    assert card["trained_steps"] == TOTAL
+    (line,) = card["missing"]
+    assert line.startswith(missing) and str(run.root / target) in line
+    assert "is incomplete; re-run the same command" in (run.root / "train.log").read_text()
+
+
+def test_readers_name_the_file_and_line_of_bytes_that_are_not_text(tmp_path):
+    """A rows or JSON file holding binary garbage is CorruptFile naming it (not a raw UnicodeDecodeError)."""
+    rows, summary = tmp_path / "value.jsonl", tmp_path / "summary.json"
+    rows.write_bytes(b'{"k": 0}\n{"k": 1}\n\xff\xfe\x00garbage\n')
+    summary.write_bytes(b"\x89PNG\r\n")
+    with pytest.raises(CorruptFile, match=f"{rows}, line 3: not UTF-8 text"):
+        read_rows(rows)
+    with pytest.raises(CorruptFile, match=f"{summary}: not UTF-8 text"):
+        read_json(summary)
+    assert file_problem(Expected(rows, 3)).startswith(f"corrupt: {rows}, line 3")
+    assert file_problem(Expected(summary)).startswith(f"corrupt: {summary}")
