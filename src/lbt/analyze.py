@@ -103,7 +103,7 @@ def phase_key(phase: str) -> tuple[int, int, str]:
 
 
 def is_phase(name: str) -> bool:
-    """base, step_<n> or final (not a set-aside copy or another file that happens to sit there)."""
+    """base, step_<n> or final, the phases a training job probes."""
     return phase_key(name)[0] < 3
 
 
@@ -116,11 +116,11 @@ def read_json_file(path: Path, job_dir: Path) -> Any:
 
 
 def eval_phases(run: RunDir) -> list[str]:
-    """Phases with an eval/<phase>/ folder, in order."""
+    """Phases with an eval/<phase>/ folder, in order (any name: `lbt.evaluate phase=<name>` too)."""
     eval_dir = run.phase_dir("base").parent
     if not eval_dir.is_dir():
         return []
-    return sorted((p.name for p in eval_dir.iterdir() if p.is_dir() and is_phase(p.name)), key=phase_key)
+    return sorted((p.name for p in eval_dir.iterdir() if p.is_dir()), key=phase_key)
 
 
 def load_job(run_json: Path) -> Job:
@@ -161,7 +161,7 @@ def find_jobs(sweeps: list[Path]) -> list[Job]:
 
 def row_line(path: Path, index: int) -> int:
     """The line of the index-th row of a rows file (lbt.rundir.read_rows skips blank lines)."""
-    with open(path, encoding="utf-8") as handle:
+    with open(path, "rb") as handle:  # lines as read_rows counts them
         lines = [number for number, raw in enumerate(handle, start=1) if raw.strip()]
     return lines[index] if index < len(lines) else index + 1
 

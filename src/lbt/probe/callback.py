@@ -54,6 +54,11 @@ POSITIONS = ("answer", "prompt_mean")
 INTERVENTIONS = (None, "none", "ablate", "ablate_random")
 
 
+def probe_file(run: RunDir, name: str) -> Path:
+    """A file of the probe/ folder besides the phase files (base_values.pt, train_intervention.json)."""
+    return run.probe("base").with_name(name)
+
+
 class ProbeCallback(PhaseHook):
     """items: target item file; corpora: {frame_plus, frame_minus} paths for the directions; cache_dir:
     where direction sets are cached; variant: which direction (assistant_mean | assistant_last |
@@ -92,7 +97,7 @@ class ProbeCallback(PhaseHook):
 
     @property
     def base_values_path(self) -> Path:
-        return RunDir(self.job_dir).probe("base").with_name("base_values.pt")
+        return probe_file(RunDir(self.job_dir), "base_values.pt")
 
     def planned_files(self, phase: str) -> list[Expected]:
         """probe/<phase>.json (rank 0 writes it; base_values.pt is a cache, recomputed when missing)."""
@@ -272,7 +277,7 @@ def install_train_intervention(callback: ProbeCallback, trainer: L.Trainer, mode
         record = {"mode": callback.train_intervention, "layer": layer, "direction_key": directions.key,
                   "seed": callback.intervention_seed if callback.train_intervention == "ablate_random" else None,
                   "cosine_with_direction": float(direction @ real), "where": "all residual writes, all positions"}
-        write_json_atomic(RunDir(callback.job_dir).probe("base").with_name("train_intervention.json"), record)
+        write_json_atomic(probe_file(RunDir(callback.job_dir), "train_intervention.json"), record)
     stack = ExitStack()
     device = next(model.parameters()).device
     stack.enter_context(hooks.ablate_writes(model, direction.to(device), callback.intervention_enabled))
