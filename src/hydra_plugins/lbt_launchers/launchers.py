@@ -27,6 +27,8 @@ from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 from omegaconf import DictConfig, OmegaConf
 
+import lbt.env  # noqa: F401 -- registers ${lbt.env:NAME,default} wherever Hydra composes (light: no torch)
+
 log = logging.getLogger(__name__)
 
 

@@ -43,6 +43,7 @@ from lbt.data.blocklist import default_blocklist
 from lbt.data.corpora import ARMS, SOURCE_DOMAINS
 from lbt.data.records import file_sha256
 from lbt.data.validate import Thresholds, anomalies, record_problems, text_hash
+from lbt.env import load_env
 from lbt.llm_client import ChatClient, LLMConfig, LLMError
 
 DEFAULT_TEMPLATES = Path(__file__).with_name("prompt_templates.yaml")
@@ -87,22 +88,6 @@ class GenerateConfig:
         return math.ceil(self.n_per_domain * (1 + self.overage))
 
 
-def load_dotenv_file(path: Path = Path(".env")) -> None:
-    """Put KEY=VALUE lines of .env into os.environ without overriding variables already set."""
-    if not path.is_file():
-        return
-    try:
-        from dotenv import load_dotenv
-    except ImportError:  # python-dotenv is a dependency, but a bare parser keeps this usable without it
-        for raw in path.read_text(encoding="utf-8").splitlines():
-            line = raw.strip()
-            if line and not line.startswith("#") and "=" in line:
-                key, value = line.removeprefix("export ").split("=", 1)
-                os.environ.setdefault(key.strip(), value.strip().strip("'\""))
-        return
-    load_dotenv(path, override=False)
-
-
 def load_config(path: str | Path | None, overrides: dict | None = None) -> GenerateConfig:
     raw: dict = {}
     if path is not None:
@@ -125,7 +110,7 @@ def load_config(path: str | Path | None, overrides: dict | None = None) -> Gener
     for key, value in (overrides or {}).items():
         if value is not None:
             setattr(cfg, key, value)
-    load_dotenv_file()
+    load_env()  # ./.env and $LBT_ROOT/.env; the shell's variables win
     cfg.base_url = cfg.base_url or os.environ.get(ENV_BASE_URL)
     cfg.model = cfg.model or os.environ.get(ENV_MODEL)
     if not cfg.base_url or not cfg.model:
