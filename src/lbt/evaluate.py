@@ -34,6 +34,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from lbt.config import check_evaluate_config
 from lbt.data.records import file_sha256
 from lbt.eval.battery import (
     BatterySettings,
@@ -157,6 +158,7 @@ def load_evaluated_model(cfg: DictConfig, tokenizer, adapter: Path | None) -> to
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Score the configured item files; returns the phase summary (also written to summary.json)."""
+    check_evaluate_config(cfg)  # types, ranges, allowed values, GPU: before any file or model is read
     started = time.time()
     measures = check_measures(OmegaConf.to_container(cfg.eval.measures, resolve=True))
     template_kwargs = OmegaConf.to_container(cfg.model.chat_template_kwargs, resolve=True) or {}

@@ -16,13 +16,13 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from dotenv import load_dotenv
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from lbt.cluster import GracefulStop, RNGState, env_local_rank, env_rank, lock_local_gpus, slurm_plugins
+from lbt.config import check_config
 from lbt.data.datamodule import CorpusDataModule
 from lbt.data.records import file_sha256, load_corpus
 from lbt.loggers import build_logger, finish_wandb, mark_wandb_preempting
@@ -44,8 +44,6 @@ from lbt.rundir import (
 
 log = logging.getLogger("lbt.train")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
-
-load_dotenv(override=False)
 
 
 def job_identity(cfg: DictConfig) -> dict[str, Any]:
@@ -126,6 +124,7 @@ def resume_checkpoint(run: RunDir) -> Path | None:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """One job, start to DONE; records a failure in the run card, and refuses a directory in use."""
+    check_config(cfg)  # types, ranges, allowed values, GPU: before anything is written or loaded
     run = RunDir(job_directory(cfg))
     if run.is_done():
         log.info("skip: %s already finished (DONE present); nothing is overwritten. To train this job again, "
