@@ -58,32 +58,107 @@ def finished_job(job_dir: Path, overrides: Sequence[str]) -> JobReturn:
 
 class SkipFinishedJobs:
     """Hydra launcher mixin: a job whose directory holds DONE is not launched (one log line each), so
-    re-running a finished sweep writes nothing into its job directories."""
+    re-running a finished sweep writes nothing into its job directories; after the sweep, one summary
+    line per cell (done / failed with its error / skipped)."""
 
     config: DictConfig
     hydra_context: Any
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         returns: dict[int, JobReturn] = {}
+        job_dirs: dict[int, Path | None] = {}
         pending: list[tuple[int, Sequence[str]]] = []
         for i, overrides in enumerate(job_overrides):
-            job_dir = job_dir_of(self.config, self.hydra_context, overrides)
+            job_dir = job_dirs[i] = job_dir_of(self.config, self.hydra_context, overrides)
             if job_dir is not None and (job_dir / "DONE").exists():
                 log.info("skip: %s already finished (DONE present); not launched", job_dir)
                 returns[i] = finished_job(job_dir, overrides)
             else:
                 pending.append((i, overrides))
+        skipped = set(returns)
         if pending:
             launched = self.launch_pending([o for _, o in pending], initial_job_idx)
             returns.update({i: ret for (i, _), ret in zip(pending, launched)})
+        log_summary([(job_dirs[i], returns[i], i in skipped) for i in range(len(job_overrides))])
         return [returns[i] for i in range(len(job_overrides))]
 
     def launch_pending(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         return super().launch(job_overrides, initial_job_idx)  # type: ignore[misc]
 
 
+def error_line(error: Any) -> str:
+    """One line for a failed cell: the exception's last traceback line where submitit passes a traceback
+    as text (a job that raised outside Hydra's job, or died), else `Type: first line of the message`."""
+    text = str(error).strip()
+    if "Traceback (most recent call last)" in text:
+        trace = text.split("Traceback (most recent call last)")[-1]
+        lines = [line for line in trace.splitlines() if line.strip() and not line.startswith((" ", "-"))]
+        if lines:
+            return lines[-1].strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(error).__name__}: {first}" if isinstance(error, BaseException) else first
+
+
+def cell_outcome(job_dir: Path | None, ret: JobReturn, skipped: bool) -> tuple[str, str]:
+    """(outcome, detail) of one cell: skipped, done, failed, or unfinished (ended without DONE)."""
+    where = str(job_dir or getattr(ret, "working_dir", None) or " ".join(getattr(ret, "overrides", None) or []))
+    value = getattr(ret, "_return_value", None)
+    if skipped:
+        return "skipped", f"{where} (DONE present)"
+    if getattr(ret, "status", JobStatus.COMPLETED) != JobStatus.COMPLETED:
+        return "failed", f"{where}: {error_line(value)}"
+    if job_dir is not None and not (job_dir / "DONE").exists():
+        status = value.get("status") if isinstance(value, dict) else None
+        return "unfinished", f"{where} (no DONE; run.json status: {status})"
+    return "done", where
+
+
+def log_summary(cells: Sequence[tuple[Path | None, JobReturn, bool]]) -> None:
+    """One line per cell, then the counts: the sweep's outcome at a glance (failed cells at error level)."""
+    counts: dict[str, int] = {}
+    for job_dir, ret, skipped in cells:
+        outcome, detail = cell_outcome(job_dir, ret, skipped)
+        counts[outcome] = counts.get(outcome, 0) + 1
+        (log.error if outcome in ("failed", "unfinished") else log.info)("%s: %s", outcome, detail)
+    log.info("sweep: %d cells, %s", len(cells), ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+
+
+def collect(job: Any, overrides: Sequence[str]) -> JobReturn:
+    """A submitit job's JobReturn; a job that died or raised outside Hydra's job (killed, not requeued,
+    timed out too often) becomes a FAILED JobReturn, so that the other cells are still waited for."""
+    try:
+        return job.results()[0]
+    except Exception as err:  # noqa: BLE001 -- reported per cell by log_summary, re-raised by Hydra
+        return JobReturn(overrides=list(overrides), status=JobStatus.FAILED, _return_value=err)
+
+
 class SlurmLauncher(SkipFinishedJobs, submitit_launcher.SlurmLauncher):
-    """hydra-submitit-launcher's SLURM launcher (one array job per sweep) that skips finished jobs."""
+    """hydra-submitit-launcher's SLURM launcher (one array job per sweep) that skips finished jobs, asks
+    for no GPU for a CPU job, and waits for every cell even when one fails (hydra-submitit-launcher stops
+    at the first failed result)."""
+
+    def launch_pending(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        import submitit
+
+        params = dict(self.params)
+        if str(OmegaConf.select(self.config, "hardware.accelerator")) != "gpu":
+            params["gpus_per_node"] = None  # the preset's gpus_per_node follows hardware.devices
+        executor = submitit.AutoExecutor(cluster="slurm", folder=params.pop("submitit_folder"),
+                                         slurm_max_num_timeout=params.pop("max_num_timeout"))
+        base = set(OmegaConf.structured(submitit_launcher.BaseQueueConf).keys())
+        executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        job_args = []
+        for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
+            log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
+            # The same call as hydra-submitit-launcher: the launcher itself is the job function.
+            job_args.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state()))
+        jobs = executor.map_array(self, *zip(*job_args))
+        first = str(getattr(jobs[0], "job_id", "?")) if jobs else "-"
+        log.info("slurm: submitted %d job(s) as SLURM job %s; logs in %s", len(jobs), first.split("_")[0],
+                 sweep_dir / ".submitit")
+        return [collect(job, overrides) for job, overrides in zip(jobs, job_overrides)]
 
 
 class LocalGPULauncher(SkipFinishedJobs, submitit_launcher.LocalLauncher):
@@ -152,19 +227,12 @@ class LocalGPULauncher(SkipFinishedJobs, submitit_launcher.LocalLauncher):
             for item in [r for r in running if r[2].done()]:
                 running.remove(item)
                 idx, overrides, job, gpu = item
-                returns[idx] = self._result(job, overrides)
+                returns[idx] = collect(job, overrides)
                 if gpu is not None:
                     free.append(gpu)
             if running:
                 time.sleep(0.5)
         return [returns[i] for i in sorted(returns)]
-
-    @staticmethod
-    def _result(job: Any, overrides: Sequence[str]) -> JobReturn:
-        try:
-            return job.results()[0]
-        except Exception as err:  # noqa: BLE001 -- its process died (killed, not requeued): keep the others
-            return JobReturn(overrides=list(overrides), status=JobStatus.FAILED, _return_value=err)
 
 
 class SequentialLauncher(SkipFinishedJobs, BasicLauncher):

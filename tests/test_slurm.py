@@ -1,0 +1,200 @@
+"""The SLURM launcher against a real SLURM: Debian's slurmctld + slurmd (+ munged, slurmdbd for sacct) on
+this machine, one node, the tiny model on CPU (tests/slurm_cluster.py brings the cluster up).
+
+A sweep through `hydra/launcher=slurm` finishes every cell and `lbt.analyze` reads it; a job preempted
+with `scontrol requeue` resumes to the uninterrupted adapter; a job at its time limit is requeued by
+submitit and finishes; submitting a finished sweep again submits nothing and changes no file; a failing
+cell is reported failed while the others finish. Skipped (not failed) where the daemons cannot run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+
+from tests.conftest import ROOT, write_toy_corpus
+from tests.slurm_cluster import ACCOUNT, ClusterUnavailable, SlurmCluster, start_cluster
+from tests.test_cluster import (  # noqa: F401 -- `reference` is a fixture: an uninterrupted run to match
+    MARKER,
+    TINY,
+    adapter,
+    assert_same_adapter,
+    reference,
+    snapshot,
+)
+
+pytestmark = pytest.mark.slow
+
+# Small SLURM requests: 1 CPU and 1 GB per job, so that the node runs several cells at once.
+SLURM = ["hydra/launcher=slurm", "hardware=cpu", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
+         "hydra.launcher.timeout_min=10"]
+STALL = ["+eval.callbacks.stall._target_=tests.test_slurm.StallFirstAttempt"]
+
+
+class StallFirstAttempt(L.Callback):
+    """In a job's first SLURM attempt (SLURM_RESTART_COUNT unset), stalls after optimizer step `at_step`
+    until a stop signal has arrived (at most `max_s`), writing stalled.txt while it waits; a requeued
+    attempt runs at full speed. The job is thus mid-training whenever the test or SLURM interrupts it."""
+
+    def __init__(self, at_step: int = 3, max_s: float = 120.0):
+        self.at_step, self.max_s = int(at_step), float(max_s)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step != self.at_step or int(os.environ.get("SLURM_RESTART_COUNT") or 0):
+            return
+        stop = next(c for c in trainer.callbacks if type(c).__name__ == "GracefulStop")
+        (Path(trainer.default_root_dir) / "stalled.txt").write_text(f"{trainer.global_step} {os.getpid()}")
+        deadline = time.time() + self.max_s
+        while not stop.requested and time.time() < deadline:
+            time.sleep(0.1)
+
+
+# -- the cluster ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory) -> SlurmCluster:
+    try:
+        cluster = start_cluster(tmp_path_factory.mktemp("slurm"))
+    except ClusterUnavailable as err:
+        pytest.skip(f"no one-node SLURM cluster here: {str(err).splitlines()[0]}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(autouse=True)
+def no_jobs_left_behind(slurm: SlurmCluster):
+    """A test that fails mid-job leaves no job running into the next test."""
+    yield
+    slurm.cancel_all()
+
+
+def data_root(root: Path, corrupt: tuple[str, ...] = ()) -> Path:
+    """<root>/data: toy corpora for the three arms (`corrupt` ones with a broken line) and the real eval
+    items (linked), so that the default eval and probe groups run as in the README's sweep."""
+    corpora = root / "data" / "corpora"
+    corpora.mkdir(parents=True, exist_ok=True)
+    for name in ("frame_plus", "frame_minus", "neutral"):
+        write_toy_corpus(corpora / f"{name}.jsonl", n=24)
+        if name in corrupt:
+            with open(corpora / f"{name}.jsonl", "a", encoding="utf-8") as handle:
+                handle.write('{"id": "broken", "user": "half a rec\n')
+    (root / "data" / "eval").symlink_to(ROOT / "data" / "eval", target_is_directory=True)
+    return root
+
+
+def submit(slurm: SlurmCluster, root: Path, args: list[str], timeout: float = 240,
+           background: bool = False) -> subprocess.CompletedProcess | subprocess.Popen:
+    """`python -m lbt.train -m <args>` in `root` on the login node (here), the cluster named in the
+    environment as in a user's .env (LBT_SLURM_PARTITION, LBT_SLURM_ACCOUNT); the sweep folder is
+    <root>/multirun/<sweep_name>, as in the README. Output goes to <root>/submit.log."""
+    env = dict(slurm.env, LBT_ROOT=str(root), PYTHONPATH=str(ROOT), LBT_SLURM_PARTITION=slurm.partition,
+               LBT_SLURM_ACCOUNT=ACCOUNT, HOME=str(root))
+    log = open(root / "submit.log", "a", encoding="utf-8")  # noqa: SIM115 -- a file: a full pipe would block
+    log.write(f"\n$ python -m lbt.train -m {' '.join(args)}\n")
+    log.flush()
+    proc = subprocess.Popen([sys.executable, "-m", "lbt.train", "-m", *args], cwd=root, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    log.close()
+    if background:
+        return proc
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"submission still running after {timeout} s:\n{output(root)}\n{slurm.logs()}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, output(root), "")
+
+
+def output(root: Path) -> str:
+    return (root / "submit.log").read_text(encoding="utf-8")
+
+
+def submitit_logs(sweep: Path) -> str:
+    return "".join(p.read_text(errors="replace") for p in sorted((sweep / ".submitit").rglob("*_log.*")))
+
+
+def job_ids(sweep: Path) -> list[str]:
+    """The SLURM ids of a sweep's jobs (array tasks as <job>_<task>): submitit's folders with a job log."""
+    return sorted(p.name for p in (sweep / ".submitit").iterdir() if p.is_dir() and any(p.glob("*_log.out")))
+
+
+def card(job_dir: Path) -> dict:
+    return json.loads((job_dir / "run.json").read_text(encoding="utf-8"))
+
+
+def wait_for(what: str, ready, timeout: float, slurm: SlurmCluster, root: Path) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if ready():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{what}: not after {timeout} s\n{output(root)[-3000:]}\n{slurm.queue()}")
+
+
+# -- 1 + 3: the README's sweep, analysed, then submitted again ----------------------------------------
+
+@pytest.fixture(scope="module")
+def study_sweep(slurm: SlurmCluster, tmp_path_factory) -> dict:
+    """The README's SLURM sweep on the tiny model: 3 arms x 1 seed, default evaluation and probes."""
+    root = data_root(tmp_path_factory.mktemp("study"))
+    sweep = root / "multirun" / "study1"
+    args = [*SLURM, "model=tiny", "arm=plus,minus,neutral", "seed=0", "sweep_name=study1",
+            "data.require_validation=false", "logger=csv", "train.effective_batch=4", "train.micro_batch=4",
+            "train.epochs=1", "train.max_length=128", "train.checkpoint_fractions=[0.5,1.0]"]
+    started = time.time()
+    out = submit(slurm, root, args)
+    return {"root": root, "sweep": sweep, "args": args, "out": out, "seconds": time.time() - started}
+
+
+def test_readme_sweep_runs_every_cell_through_slurm_and_analyze_reads_it(slurm, study_sweep):
+    root, sweep, out = study_sweep["root"], study_sweep["sweep"], study_sweep["out"]
+    assert out.returncode == 0, out.stdout[-4000:] + submitit_logs(sweep)[-4000:]
+    cells = ["tiny-frame_minus-s0", "tiny-frame_plus-s0", "tiny-neutral-s0"]
+    assert sorted(p.name for p in sweep.iterdir() if (p / "DONE").exists()) == cells
+    # One array job, one task per cell, each with the partition and account from the environment.
+    ids = job_ids(sweep)
+    assert len(ids) == 3 and len({i.split("_")[0] for i in ids}) == 1, ids
+    for job_id in ids:
+        fields = slurm.show_job(job_id)
+        assert (fields["JobState"], fields["Partition"], fields["Account"]) == ("COMPLETED", slurm.partition,
+                                                                                 ACCOUNT), fields
+        assert [row["State"] for row in slurm.accounting(job_id)] == ["COMPLETED"]
+    for name in cells:
+        job = card(sweep / name)
+        assert job["status"] == "done" and job["job"]["sweep"] == "study1"
+        assert (sweep / name / "eval" / "final").is_dir() and (sweep / name / "probe" / "final.json").exists()
+    for name in cells:                                                  # the launcher's summary, per cell
+        assert f"done: multirun/study1/{name}\n" in out.stdout, out.stdout[-3000:]
+
+    analysis = subprocess.run([sys.executable, "-m", "lbt.analyze", "multirun/study1", "--exploratory",
+                               "--no-wandb", "--n-resamples", "50"], cwd=root, capture_output=True, text=True,
+                              timeout=300, check=False, env=dict(os.environ, LBT_ROOT=str(root)))
+    assert analysis.returncode == 0, analysis.stderr[-3000:]
+    report = json.loads((sweep / "analysis" / "report.json").read_text())
+    assert report["exploratory"] is True
+    assert sorted((j["arm"], j["done"]) for j in report["jobs"]) == [("frame_minus", True), ("frame_plus", True),
+                                                                     ("neutral", True)]
+    assert report["descriptive"], "no rows read from the sweep"
+
+
+def test_resubmitting_a_finished_sweep_submits_nothing_and_changes_no_file(slurm, study_sweep):
+    root, sweep = study_sweep["root"], study_sweep["sweep"]
+    assert study_sweep["out"].returncode == 0
+    before = snapshot(sweep, skip=("multirun.yaml", "analysis"))
+    queued_before = slurm.run("sacct", "-n", "-X", "-P", "-o", "JobID", check=False).split()
+    again = submit(slurm, root, study_sweep["args"], timeout=120)
+    assert again.returncode == 0, again.stdout[-3000:]
+    text = again.stdout.split("$ python -m lbt.train")[-1]
+    assert text.count("skip: ") == 3 and "done: " not in text and "failed: " not in text
+    assert slurm.run("sacct", "-n", "-X", "-P", "-o", "JobID", check=False).split() == queued_before  # no job
+    assert snapshot(sweep, skip=("multirun.yaml", "analysis")) == before          # bytes and mtimes unchanged
