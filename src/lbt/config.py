@@ -170,7 +170,7 @@ class Model:
     chat_template_kwargs: Open | None = None
     arch: Open | None = None                  # the public config.json facts random_init builds from
     eval_limits: EvalLimits | None = None
-    hf_token: str | None = None               # better HF_TOKEN in .env; redacted from run cards either way
+    hf_token: str | None = None               # kept out of run cards; loading reads HF_TOKEN (set it in .env)
 
 
 @dataclass
