@@ -688,3 +688,74 @@ def test_a_corpus_that_does_not_parse_fails_naming_file_and_line_before_any_mode
     assert card["status"] == "failed" and card["error"]["type"] == "CorpusError"
     assert f"{corpus}:3" in card["error"]["message"]
     assert sorted(p.name for p in run.root.iterdir()) == ["run.json"]   # no lock left, nothing else written
+
+
+# -- 5, with the real hooks: stance rows, capability checks, probe -----------------------------------------
+
+def real_config(folder: Path, job: str, *extra: str):
+    """A tiny job with the real evaluation and probe hooks (2 items per set, 2 texts, 2 refusal prompts):
+    16 paired records, 4 per step -> 4 steps, phases base, step_2, final."""
+    from tests.test_directions import write_paired_corpora
+
+    corpora = write_paired_corpora(folder, n=16)
+    return compose_train([
+        "data.require_validation=false", "logger=none", "train.effective_batch=4", "train.micro_batch=4",
+        "train.epochs=1", "train.max_length=96", "train.resume_every_steps=1",
+        "train.checkpoint_fractions=[0.5,1.0]", "eval.measures=[letter_logprob,likert]", "eval.measure_phases={}",
+        "++model.eval_limits.max_items=2", "++model.eval_limits.likert_max_new_tokens=2",
+        "++model.eval_limits.max_texts=2", "++model.eval_limits.max_refusal=2",
+        "++model.eval_limits.refusal_max_new_tokens=2", "probe.batch_size=4", "hardware.cpu_threads=1",
+        f"probe.callbacks.probe.corpora.frame_plus={corpora['frame_plus']}",
+        f"probe.callbacks.probe.corpora.frame_minus={corpora['frame_minus']}",
+        f"paths.cache_dir={folder / 'cache'}", f"arm.corpus={corpora['frame_plus']}",
+        f"+job_dir={folder / job}", *extra])
+
+
+def numbers(path: Path) -> dict[str, float]:
+    """The measured numbers of a rows, capability or probe file by their place in it (timings left out)."""
+    data = read_rows(path) if path.suffix == ".jsonl" else read_json(path)
+    found: dict[str, float] = {}
+
+    def walk(value, where: str) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if key not in ("wall_s", "wall_time_s", "seconds"):
+                    walk(item, f"{where}/{key}")
+        elif isinstance(value, list):
+            for k, item in enumerate(value):
+                walk(item, f"{where}/{k}")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            found[where] = float(value)
+    walk(data, "")
+    return found
+
+
+def test_damaged_files_of_the_real_hooks_are_set_aside_and_measured_again(tmp_path_factory):
+    """Stance rows of step_2 cut mid-line, base capability.json and probe/base.json overwritten with
+    garbage, while a job is interrupted after step 3: the re-run sets each aside, measures it again with
+    the weights of its phase (the same numbers as before), and touches no other file of eval/ or probe/."""
+    folder = tmp_path_factory.mktemp("real_hooks")
+    rows = Path("eval/step_2/source/letter_logprob.jsonl")
+    redone = [rows, Path("eval/step_2/summary.json"), Path("eval/base/capability.json"), Path("probe/base.json")]
+    with pytest.raises(SystemExit):
+        train_mod.train(real_config(folder, "job", *sigterm_at(3)))
+    run = RunDir(folder / "job")
+    assert card_of(run.root)["status"] == "interrupted"
+    original = {p: numbers(run.root / p) for p in redone if p.name != "summary.json"}
+    assert all(original.values())
+    damage(run.root / rows, "truncate")
+    for path in redone[2:]:
+        damage(run.root / path, "garbage")
+    kept = {k: v for part in ("eval", "probe") for k, v in
+            ((f"{part}/{name}", value) for name, value in snapshot(run.root / part).items())
+            if Path(k) not in redone}
+
+    train_mod.train(real_config(folder, "job"))
+    card = card_of(run.root)
+    assert card["status"] == "done" and run.done.exists() and card["trained_steps"] == 4
+    for path in redone:
+        assert len(list((run.root / path).parent.glob(f"{path.name}.corrupt-*"))) == 1, path
+        if path.name != "summary.json":
+            assert numbers(run.root / path) == pytest.approx(original[path], rel=1e-5), path
+    after = {f"{part}/{name}": value for part in ("eval", "probe") for name, value in snapshot(run.root / part).items()}
+    assert {k: after[k] for k in kept} == kept
