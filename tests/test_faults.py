@@ -759,3 +759,38 @@ def test_damaged_files_of_the_real_hooks_are_set_aside_and_measured_again(tmp_pa
             assert numbers(run.root / path) == pytest.approx(original[path], rel=1e-5), path
     after = {f"{part}/{name}": value for part in ("eval", "probe") for name, value in snapshot(run.root / part).items()}
     assert {k: after[k] for k in kept} == kept
+
+
+# -- 12. metrics across a SIGKILL ------------------------------------------------------------------------
+
+KILLED = """
+import sys
+from pathlib import Path
+from lbt import train as train_mod
+from tests.test_faults import config, fault
+root = Path(sys.argv[1])
+train_mod.train(config(root, "sigkill_csv", *fault("kill", "tests.test_resume.KillAt", at_step=5,
+                                                    signal_name="SIGKILL")))
+"""
+
+
+def test_sigkill_keeps_the_metrics_rows_written_and_the_rerun_appends_the_rest(root, reference):
+    """SIGKILL (no handler runs) as step 6 starts: the card still says running and the lock names a dead
+    process, csv/metrics.csv holds the rows up to the last checkpoint; the re-run takes the lock over,
+    resumes, and appends steps 6..9 after those bytes: one row per optimizer step, none lost or repeated."""
+    import csv
+
+    run = RunDir(root / "sigkill_csv")
+    out = subprocess.run([sys.executable, "-c", KILLED, str(root)], check=False, cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
+    assert card_of(run.root)["status"] == "running" and run.lock.exists() and not run.done.exists()
+    first = run.metrics_csv.read_bytes()
+    with open(run.metrics_csv, newline="") as handle:
+        assert [int(r["step"]) for r in csv.DictReader(handle) if r["train/loss"]] == [0, 1, 2, 3, 4]
+
+    train_mod.train(config(root, "sigkill_csv"))
+    check_finished(run.root, reference)
+    assert run.metrics_csv.read_bytes().startswith(first)
+    with open(run.metrics_csv, newline="") as handle:
+        assert [int(r["step"]) for r in csv.DictReader(handle) if r["train/loss"]] == list(range(TOTAL))
