@@ -237,7 +237,10 @@ def read_json(path: Path) -> Any:
 def set_aside(path: Path, reason: str) -> Path:
     """Rename a corrupt file or folder out of the way (kept for inspection, never deleted)."""
     path = Path(path)
-    target = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    name = f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    target, n = path.with_name(name), 1
+    while target.exists():  # set aside twice within a second: keep both
+        target, n = path.with_name(f"{name}-{n}"), n + 1
     os.replace(path, target)
     log.warning("set aside %s (%s) as %s", path, reason, target.name)
     return target
@@ -385,10 +388,17 @@ class JobLock:
         self.held = False
 
     def read_owner(self) -> dict[str, Any] | None:
+        """The lock file's record; None when it is missing or not a JSON object with a numeric pid and
+        heartbeat (half written, or not a lock of ours)."""
         try:
-            return json.loads(self.path.read_text(encoding="utf-8"))
-        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-            return None
+            owner = json.loads(self.path.read_text(encoding="utf-8"))
+            if isinstance(owner, dict):
+                float(owner.get("heartbeat", 0))   # raise on a record that is not ours
+                int(owner.get("pid", -1))
+                return owner
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError):
+            pass
+        return None
 
     def stale_reason(self, owner: dict[str, Any] | None) -> str | None:
         if owner is None:
