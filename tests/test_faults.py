@@ -40,6 +40,7 @@ from lbt.rundir import (
     file_problem,
     read_json,
     read_rows,
+    set_aside,
     write_json_once,
     write_rows,
 )
@@ -394,7 +395,8 @@ def test_a_live_lock_refuses_the_job_without_touching_anything(root, sleeper, ow
     assert snapshot(run.root) == before
 
 
-@pytest.mark.parametrize("owner", ["dead_pid", "old_heartbeat", "same_slurm_job", "unreadable"])
+@pytest.mark.parametrize("owner", ["dead_pid", "old_heartbeat", "same_slurm_job", "unreadable", "not_an_object",
+                                   "wrong_types"])
 def test_a_stale_lock_is_taken_over_and_the_job_finishes(root, reference, monkeypatch, caplog, sleeper, owner):
     for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
         monkeypatch.delenv(name, raising=False)
@@ -414,12 +416,23 @@ def test_a_stale_lock_is_taken_over_and_the_job_finishes(root, reference, monkey
         write_lock(run, sleeper.pid, slurm_job="4242")
         why = "an earlier attempt of SLURM job 4242"
     else:
-        run.lock.write_bytes(b"\x00\x01 half a lock")
+        run.lock.write_bytes({"unreadable": b"\x00\x01 half a lock", "not_an_object": b"[1, 2]",
+                              "wrong_types": b'{"pid": "abc", "host": "h", "heartbeat": "soon"}'}[owner])
         why = "unreadable lock file"
     with caplog.at_level("WARNING", logger="lbt"):
         train_mod.train(config(root, job))
     assert f"is stale ({why}): taken over" in caplog.text
     check_finished(run.root, reference)
+
+
+def test_a_file_set_aside_twice_keeps_both_copies(tmp_path):
+    """set_aside never overwrites: the same name set aside twice within a second gets a second name."""
+    path = tmp_path / "summary.json"
+    for text in ("first", "second"):
+        path.write_text(text)
+        set_aside(path, "test")
+    assert sorted(p.read_text() for p in tmp_path.glob("summary.json.corrupt-*")) == ["first", "second"]
+    assert not path.exists()
 
 
 # -- 5. a damaged file of a finished phase --------------------------------------------------------------
