@@ -611,6 +611,51 @@ def test_a_finished_job_launched_again_is_skipped_and_nothing_changes(root, refe
     assert snapshot(run.root) == before                       # bytes and mtimes, DONE and run.json too
 
 
+def test_a_job_killed_between_its_done_card_and_done_is_checked_again_and_gets_done(root, reference):
+    """DONE lost (a kill after the run card said done, before DONE was written): the re-run trains
+    nothing, finds every file complete and writes DONE; no file of the job is rewritten."""
+    job = "done_lost"
+    train_mod.train(config(root, job))
+    run = RunDir(root / job)
+    run.done.unlink()
+    before = snapshot(run.root, skip=("run.json", "csv"))
+    RowsPhase.runs.clear()
+    train_mod.train(config(root, job))
+    check_finished(run.root, reference)
+    assert writes(job) == []
+    assert {k: v for k, v in snapshot(run.root, skip=("run.json", "csv")).items() if k != "DONE"} == before
+
+
+class CtrlCAt(L.Callback):
+    """Ctrl-C (KeyboardInterrupt) as optimizer step `at_step` starts."""
+
+    def __init__(self, at_step: int):
+        self.at_step = int(at_step)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.at_step - 1:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_records_an_interruption_and_the_rerun_resumes(root, reference):
+    """Ctrl-C in a terminal: the run card says interrupted (not running, not failed), the lock is released,
+    the checkpoint of the step before is kept; the re-run resumes from it."""
+    job = "ctrl_c"
+    run = RunDir(root / job)
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises((KeyboardInterrupt, SystemExit)):
+            train_mod.train(config(root, job, *fault("ctrl_c", "tests.test_faults.CtrlCAt", at_step=6)))
+    finally:
+        signal.signal(signal.SIGINT, sigint)         # Lightning ignores further Ctrl-C while it shuts down
+    card = card_of(run.root)
+    assert card["status"] == "interrupted" and not run.done.exists() and not run.lock.exists()
+    assert torch.load(run.last_ckpt, weights_only=False)["global_step"] == 5
+    train_mod.train(config(root, job))
+    check_finished(run.root, reference)
+    assert writes(job) == PHASES
+
+
 # -- 10. an evaluation phase that fails ------------------------------------------------------------------
 
 @pytest.mark.parametrize("phase,order", [
