@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +60,8 @@ def free_port() -> int:
 
 
 def slurm_version() -> str:
-    out = subprocess.run(["sinfo", "--version"], capture_output=True, text=True, check=False)
+    """e.g. `slurm-wlm 22.05.8` (slurmctld answers without a configuration)."""
+    out = subprocess.run(["slurmctld", "-V"], capture_output=True, text=True, check=False)
     return out.stdout.strip()
 
 
@@ -321,3 +323,21 @@ def _dbd_answers(cluster: SlurmCluster) -> bool:
     result = subprocess.run(["sacctmgr", "-n", "-P", "list", "cluster"], env=cluster.env, capture_output=True,
                             text=True, timeout=10, check=False)
     return result.returncode == 0
+
+
+def main(argv: list[str]) -> int:
+    """`python -m tests.slurm_cluster install`: the packages, as the tests' fixture installs them (.ci/run)."""
+    if argv != ["install"]:
+        print("usage: python -m tests.slurm_cluster install", file=sys.stderr)
+        return 2
+    try:
+        ensure_packages()
+    except ClusterUnavailable as err:
+        print(f"SLURM packages not installed, tests/test_slurm.py will skip: {err}", file=sys.stderr)
+        return 1
+    print(f"SLURM for tests/test_slurm.py: {slurm_version()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

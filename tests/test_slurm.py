@@ -19,22 +19,16 @@ from pathlib import Path
 import lightning as L
 import pytest
 
-from tests.conftest import ROOT, write_toy_corpus
+from lbt import train as train_mod
+from tests.conftest import ROOT, compose_train, write_toy_corpus
 from tests.slurm_cluster import ACCOUNT, ClusterUnavailable, SlurmCluster, start_cluster
-from tests.test_cluster import (  # noqa: F401 -- `reference` is a fixture: an uninterrupted run to match
-    MARKER,
-    TINY,
-    adapter,
-    assert_same_adapter,
-    reference,
-    snapshot,
-)
+from tests.test_cluster import MARKER, TINY, adapter, assert_same_adapter, snapshot
 
 pytestmark = pytest.mark.slow
 
 # Small SLURM requests: 1 CPU and 1 GB per job, so that the node runs several cells at once.
-SLURM = ["hydra/launcher=slurm", "hardware=cpu", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
-         "hydra.launcher.timeout_min=10"]
+SLURM = ["hydra/launcher=slurm", "hardware=cpu", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1"]
+TEN_MINUTES = ["hydra.launcher.timeout_min=10"]
 STALL = ["+eval.callbacks.stall._target_=tests.test_slurm.StallFirstAttempt"]
 
 
@@ -115,6 +109,14 @@ def submit(slurm: SlurmCluster, root: Path, args: list[str], timeout: float = 24
     return subprocess.CompletedProcess(proc.args, proc.returncode, output(root), "")
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    """An uninterrupted run, in this process, of the cell the preempted and timed-out jobs run."""
+    root = data_root(tmp_path_factory.mktemp("reference"))
+    cfg = compose_train([*TINY, f"paths.data_dir={root / 'data'}", "arm=minus", "seed=1", f"+job_dir={root / 'job'}"])
+    return {"card": train_mod.train(cfg), "adapter": adapter(root / "job")}
+
+
 def output(root: Path) -> str:
     return (root / "submit.log").read_text(encoding="utf-8")
 
@@ -130,6 +132,18 @@ def job_ids(sweep: Path) -> list[str]:
 
 def card(job_dir: Path) -> dict:
     return json.loads((job_dir / "run.json").read_text(encoding="utf-8"))
+
+
+def ended(slurm: SlurmCluster, job_id: str, timeout: float = 60) -> list[dict[str, str]]:
+    """sacct's rows of a job (one per attempt) once it has ended: the launcher returns as soon as a job's
+    result file appears, while SLURM may still be ending the job (and slurmdbd records it a moment later)."""
+    deadline = time.time() + timeout
+    rows = slurm.accounting(job_id)
+    while time.time() < deadline and (not rows or rows[-1]["State"] in ("PENDING", "RUNNING", "COMPLETING",
+                                                                      "REQUEUED")):
+        time.sleep(0.5)
+        rows = slurm.accounting(job_id)
+    return rows
 
 
 def wait_for(what: str, ready, timeout: float, slurm: SlurmCluster, root: Path) -> None:
@@ -148,7 +162,7 @@ def study_sweep(slurm: SlurmCluster, tmp_path_factory) -> dict:
     """The README's SLURM sweep on the tiny model: 3 arms x 1 seed, default evaluation and probes."""
     root = data_root(tmp_path_factory.mktemp("study"))
     sweep = root / "multirun" / "study1"
-    args = [*SLURM, "model=tiny", "arm=plus,minus,neutral", "seed=0", "sweep_name=study1",
+    args = [*SLURM, *TEN_MINUTES, "model=tiny", "arm=plus,minus,neutral", "seed=0", "sweep_name=study1",
             "data.require_validation=false", "logger=csv", "train.effective_batch=4", "train.micro_batch=4",
             "train.epochs=1", "train.max_length=128", "train.checkpoint_fractions=[0.5,1.0]"]
     started = time.time()
@@ -165,10 +179,11 @@ def test_readme_sweep_runs_every_cell_through_slurm_and_analyze_reads_it(slurm, 
     ids = job_ids(sweep)
     assert len(ids) == 3 and len({i.split("_")[0] for i in ids}) == 1, ids
     for job_id in ids:
+        ended(slurm, job_id)
         fields = slurm.show_job(job_id)
         assert (fields["JobState"], fields["Partition"], fields["Account"]) == ("COMPLETED", slurm.partition,
                                                                                  ACCOUNT), fields
-        assert [row["State"] for row in slurm.accounting(job_id)] == ["COMPLETED"]
+        assert [row["State"] for row in ended(slurm, job_id)] == ["COMPLETED"]
     for name in cells:
         job = card(sweep / name)
         assert job["status"] == "done" and job["job"]["sweep"] == "study1"
@@ -198,3 +213,93 @@ def test_resubmitting_a_finished_sweep_submits_nothing_and_changes_no_file(slurm
     assert text.count("skip: ") == 3 and "done: " not in text and "failed: " not in text
     assert slurm.run("sacct", "-n", "-X", "-P", "-o", "JobID", check=False).split() == queued_before  # no job
     assert snapshot(sweep, skip=("multirun.yaml", "analysis")) == before          # bytes and mtimes unchanged
+
+
+# -- 2: preemption ------------------------------------------------------------------------------------
+
+def markers(job_dir: Path) -> dict[str, dict]:
+    """eval/<phase>/marker.json of tests.test_cluster.MarkerPhase (created exclusively: once per phase)."""
+    return {p.parent.name: json.loads(p.read_text()) for p in (job_dir / "eval").glob("*/marker.json")}
+
+
+def test_a_job_preempted_with_scontrol_requeue_resumes_to_the_uninterrupted_adapter(slurm, reference, tmp_path):
+    """`scontrol requeue` while the job trains (what a preempting cluster does): SLURM sends SIGTERM, the
+    job checkpoints after its step and exits, SLURM starts it again, it resumes from last.ckpt and ends
+    with the adapter of an uninterrupted run, every evaluation phase written exactly once."""
+    root = data_root(tmp_path)
+    sweep = root / "multirun" / "preempt"
+    job_dir = sweep / "tiny-frame_minus-s1"
+    args = [*SLURM, *TEN_MINUTES, *TINY, *MARKER, *STALL, "arm=minus", "seed=1", "sweep_name=preempt"]
+    proc = submit(slurm, root, args, background=True)
+    try:
+        wait_for("the job stalls mid-training", (job_dir / "stalled.txt").exists, 180, slurm, root)
+        (job_id,) = [j["id"] for j in slurm.queue() if j["state"] == "RUNNING"]
+        slurm.run("scontrol", "requeue", job_id)
+        proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    logs = submitit_logs(sweep)
+    assert proc.returncode == 0, output(root)[-3000:] + logs[-4000:]
+    assert [row["State"] for row in ended(slurm, job_id)] == ["REQUEUED", "COMPLETED"]
+    assert "received SIGTERM" in logs and "resume:" in logs
+    job = card(job_dir)
+    assert job["status"] == "done" and job["previous_attempts"] == 1
+    assert job["attempts"][0]["status"] == "interrupted" and job["attempts"][0]["interrupted_at_step"] == 3
+    assert job["loss_history"] == pytest.approx(reference["card"]["loss_history"], rel=1e-5)
+    assert_same_adapter(adapter(job_dir), reference["adapter"])
+    phases = markers(job_dir)
+    assert sorted(phases) == ["base", "final", "step_3"]
+    first_pid = int((job_dir / "stalled.txt").read_text().split()[1])
+    assert phases["base"]["pid"] == phases["step_3"]["pid"] == first_pid != phases["final"]["pid"]
+    assert "done: multirun/preempt/tiny-frame_minus-s1\n" in output(root)
+
+
+# -- 4: a failing cell ---------------------------------------------------------------------------------
+
+def test_a_failing_cell_is_reported_failed_and_the_other_cells_finish(slurm, tmp_path):
+    root = data_root(tmp_path, corrupt=("frame_minus",))
+    sweep = root / "multirun" / "broken"
+    out = submit(slurm, root, [*SLURM, *TEN_MINUTES, *TINY, "arm=plus,minus", "seed=0", "sweep_name=broken"])
+    assert out.returncode != 0, out.stdout[-3000:]                   # the sweep as a whole failed ...
+    assert (sweep / "tiny-frame_plus-s0" / "DONE").exists()           # ... but the good cell finished
+    failed = sweep / "tiny-frame_minus-s0"
+    assert not (failed / "DONE").exists()
+    job = card(failed)
+    assert job["status"] == "failed" and job["error"]["type"] == "CorpusError", job
+    assert "frame_minus.jsonl:25" in job["error"]["message"]
+    # The launcher's summary names each cell's outcome, the failed one with its error.
+    lines = out.stdout.splitlines()
+    assert any("done: multirun/broken/tiny-frame_plus-s0" in line for line in lines)
+    (line,) = [line for line in lines if "failed: multirun/broken/tiny-frame_minus-s0: " in line]
+    assert "CorpusError" in line and "frame_minus.jsonl:25" in line, line
+    assert any(line.endswith("sweep: 2 cells, 1 done, 1 failed") for line in lines), out.stdout[-2000:]
+    # SLURM's own record agrees: the failed cell's array task FAILED (non-zero exit), the other COMPLETED
+    # (tasks in the sweep's order: 0 is arm=plus, 1 is arm=minus).
+    states = {i.split("_")[1]: [(row["State"], row["ExitCode"]) for row in ended(slurm, i)] for i in job_ids(sweep)}
+    assert states == {"0": [("COMPLETED", "0:0")], "1": [("FAILED", "1:0")]}, states
+
+
+# -- 5: the time limit ---------------------------------------------------------------------------------
+
+def test_a_job_at_its_time_limit_is_requeued_by_submitit_and_finishes(slurm, reference, tmp_path):
+    """A one-minute time limit and `--signal=USR2@10`: SLURM signals the job while it trains (slurmctld
+    checks time limits every 30 s, so 20-50 s after the start); the job checkpoints, submitit calls the
+    launcher's checkpoint() and `scontrol requeue`s it (a timeout: one of max_num_timeout); the next
+    attempt resumes and finishes with the uninterrupted adapter."""
+    root = data_root(tmp_path)
+    sweep = root / "multirun" / "timelimit"
+    job_dir = sweep / "tiny-frame_minus-s1"
+    args = [*SLURM, *TINY, *STALL, "arm=minus", "seed=1", "sweep_name=timelimit", "hydra.launcher.timeout_min=1",
+            "hydra.launcher.signal_delay_s=10"]
+    out = submit(slurm, root, args, timeout=240)
+    logs = submitit_logs(sweep)
+    assert out.returncode == 0, out.stdout[-3000:] + logs[-4000:]
+    (job_id,) = job_ids(sweep)
+    assert [row["State"] for row in ended(slurm, job_id)] == ["REQUEUED", "COMPLETED"]
+    assert "received SIGUSR2" in logs and "this job is timed-out" in logs and "Requeued job" in logs
+    job = card(job_dir)
+    assert job["status"] == "done" and job["previous_attempts"] == 1
+    assert job["attempts"][0]["status"] == "interrupted" and job["attempts"][0]["interrupted_at_step"] == 3
+    assert_same_adapter(adapter(job_dir), reference["adapter"])

@@ -1,12 +1,14 @@
 """Hydra submitit launchers that never launch a finished job, and a one-GPU-per-job local launcher.
 
 - `SlurmLauncher` (hydra/launcher=slurm): hydra-submitit-launcher's SLURM launcher, one array job per
-  sweep; jobs whose directory holds DONE are not submitted.
+  sweep; jobs whose directory holds DONE are not submitted. Tested against a real one-node SLURM
+  (tests/test_slurm.py).
 - `SequentialLauncher` (the default for `-m`): Hydra's basic launcher; finished jobs are not launched.
 - `LocalGPULauncher` (hydra/launcher=local_gpus): runs a sweep's jobs as local submitit jobs in parallel,
   one GPU each, as many at a time as there are GPUs.
 
-Both keep submitit's requeue protocol: the job function is the launcher itself, whose `checkpoint()`
+Each logs one summary line per cell when the sweep ends (done / failed with its error / skipped). The
+submitit ones keep submitit's requeue protocol: the job function is the launcher itself, whose `checkpoint()`
 re-submits the same Hydra job (same overrides, hence the same job directory), which resumes from
 checkpoints/last.ckpt.
 """
@@ -87,14 +89,15 @@ class SkipFinishedJobs:
 
 
 def error_line(error: Any) -> str:
-    """One line for a failed cell: the exception's last traceback line where submitit passes a traceback
-    as text (a job that raised outside Hydra's job, or died), else `Type: first line of the message`."""
+    """One line for a failed cell: where submitit passes the job's traceback as text (the job raised, or
+    died), the traceback's last line; else `Type: first line of the message`."""
     text = str(error).strip()
     if "Traceback (most recent call last)" in text:
-        trace = text.split("Traceback (most recent call last)")[-1]
-        lines = [line for line in trace.splitlines() if line.strip() and not line.startswith((" ", "-"))]
+        trace = text.split("Traceback (most recent call last)", 1)[1].splitlines()
+        trace = trace[:next((i for i, line in enumerate(trace) if line.startswith("-----")), len(trace))]
+        lines = [line.strip() for line in trace if line.strip() and not line.startswith(" ")]
         if lines:
-            return lines[-1].strip()
+            return lines[-1]
     first = text.splitlines()[0] if text else ""
     return f"{type(error).__name__}: {first}" if isinstance(error, BaseException) else first
 
@@ -134,8 +137,16 @@ def collect(job: Any, overrides: Sequence[str]) -> JobReturn:
 
 class SlurmLauncher(SkipFinishedJobs, submitit_launcher.SlurmLauncher):
     """hydra-submitit-launcher's SLURM launcher (one array job per sweep) that skips finished jobs, asks
-    for no GPU for a CPU job, and waits for every cell even when one fails (hydra-submitit-launcher stops
-    at the first failed result)."""
+    for no GPU for a CPU job, makes a failed cell a FAILED SLURM task, and waits for every cell even when
+    one fails or dies (hydra-submitit-launcher raised at the first job that left no result)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> JobReturn:
+        """In the job: Hydra's job; a failure is raised rather than returned, so that SLURM records the
+        task as FAILED (sacct, --mail-type=FAIL) and the submitting side still gets its traceback."""
+        ret = super().__call__(*args, **kwargs)
+        if ret.status == JobStatus.FAILED:
+            raise ret._return_value
+        return ret
 
     def launch_pending(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         import submitit
