@@ -449,8 +449,8 @@ def drop_last_row(path: Path) -> None:
     ("base", "summary", "garbage"),
     ("step_2", "summary", "delete"),
 ])
-def test_a_damaged_file_of_a_passed_phase_is_set_aside_and_only_it_is_written_again(root, reference, phase,
-                                                                                       name, how):
+def test_a_damaged_file_of_a_passed_phase_is_set_aside_and_only_it_is_written_again(root, reference, caplog,
+                                                                                       phase, name, how):
     """Interrupted after step 5, a file of a passed phase is damaged; the re-run sets it aside (a summary
     goes with its rows), runs that phase again with the weights it evaluates (base: adapters off;
     step_<n>: checkpoints/adapter_step_<n>/), and leaves every other file as it was."""
@@ -465,7 +465,10 @@ def test_a_damaged_file_of_a_passed_phase_is_set_aside_and_only_it_is_written_ag
     kept = {k: v for k, v in snapshot(run.root / "eval").items() if run.root / "eval" / k not in redone}
     RowsPhase.runs.clear()
 
-    train_mod.train(config(root, job))
+    with caplog.at_level("WARNING", logger="lbt"):
+        train_mod.train(config(root, job))
+    assert f"phase {phase}: files missing or corrupt; running it again" in caplog.text
+    assert all(f"set aside {path}" in caplog.text for path in redone if path != target or damaged is not None)
     check_finished(run.root, reference)                 # the phase's values again: the right weights
     assert writes(job) == [phase, "final"]
     assert {k: v for k, v in snapshot(run.root / "eval").items() if k in kept} == kept
