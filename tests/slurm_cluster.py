@@ -102,8 +102,8 @@ class SlurmCluster:
 
     def accounting(self, job_id: str) -> list[dict[str, str]]:
         """`sacct` rows of a job, every attempt (--duplicates): JobID, State, ExitCode, Restarts."""
-        out = self.run("sacct", "-D", "-n", "-P", "-X", "-o", "JobID,State,ExitCode,Elapsed", "-j", job_id,
-                       check=False)
+        out = self.run("sacct", "-D", "-n", "-P", "-X", "-S", "2000-01-01", "-o", "JobID,State,ExitCode,Elapsed",
+                       "-j", job_id, check=False)
         return [dict(zip(("JobID", "State", "ExitCode", "Elapsed"), line.split("|")))
                 for line in out.splitlines() if line]
 

@@ -206,12 +206,13 @@ def test_resubmitting_a_finished_sweep_submits_nothing_and_changes_no_file(slurm
     root, sweep = study_sweep["root"], study_sweep["sweep"]
     assert study_sweep["out"].returncode == 0
     before = snapshot(sweep, skip=("multirun.yaml", "analysis"))
-    queued_before = slurm.run("sacct", "-n", "-X", "-P", "-o", "JobID", check=False).split()
+    all_jobs = ("sacct", "-n", "-X", "-P", "-a", "-S", "2000-01-01", "-o", "JobID")
+    queued_before = slurm.run(*all_jobs).split()
     again = submit(slurm, root, study_sweep["args"], timeout=120)
     assert again.returncode == 0, again.stdout[-3000:]
     text = again.stdout.split("$ python -m lbt.train")[-1]
     assert text.count("skip: ") == 3 and "done: " not in text and "failed: " not in text
-    assert slurm.run("sacct", "-n", "-X", "-P", "-o", "JobID", check=False).split() == queued_before  # no job
+    assert slurm.run(*all_jobs).split() == queued_before                           # no job submitted
     assert snapshot(sweep, skip=("multirun.yaml", "analysis")) == before          # bytes and mtimes unchanged
 
 
