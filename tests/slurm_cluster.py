@@ -26,7 +26,7 @@ from pathlib import Path
 PACKAGES = ("munge", "slurm-client", "slurmctld", "slurmd", "slurmdbd", "mariadb-server")
 BINARIES = ("munged", "sbatch", "slurmctld", "slurmd", "slurmdbd", "mariadbd", "mariadb-install-db")
 CLUSTER = "lbt"
-PARTITION = "lbt"
+PARTITION = "lbt"       # not the default partition (that is `debug`)
 ACCOUNT = "lbt-ci"      # a SLURM account root may charge (associations are enforced, as on real clusters)
 
 
@@ -84,7 +84,7 @@ class SlurmCluster:
         return result.stdout
 
     def node_state(self) -> str:
-        return self.run("sinfo", "-h", "-N", "-o", "%t", check=False).strip()
+        return self.run("sinfo", "-h", "-N", "-p", self.partition, "-o", "%t", check=False).strip()
 
     def queue(self) -> list[dict[str, str]]:
         """Jobs slurmctld knows, pending or running: id (array tasks as <job>_<task>), state, name."""
@@ -116,7 +116,7 @@ class SlurmCluster:
 
     def cancel_all(self, wait_s: float = 60) -> None:
         """Cancel every job and wait until none is left on the node."""
-        self.run("scancel", f"--partition={self.partition}", check=False)
+        self.run("scancel", "--user=root", check=False)
         deadline = time.time() + wait_s
         while time.time() < deadline and self.queue():
             time.sleep(0.5)
@@ -165,7 +165,7 @@ def _start(cluster: SlurmCluster, name: str, command: list[str]) -> subprocess.P
 
 def slurm_conf(folder: Path, cpus: int, memory_mb: int, ports: dict[str, int]) -> str:
     return f"""\
-# One node, one partition, written by tests/slurm_cluster.py.
+# One node, written by tests/slurm_cluster.py.
 ClusterName={CLUSTER}
 SlurmctldHost=localhost
 SlurmctldPort={ports['slurmctld']}
@@ -214,7 +214,9 @@ InactiveLimit=0
 SlurmctldTimeout=30
 SlurmdTimeout=30
 NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN
-PartitionName={PARTITION} Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+# The tests' partition is not the default one: a job that lost its --partition would land in `debug`.
+PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+PartitionName={PARTITION} Nodes=localhost Default=NO MaxTime=INFINITE State=UP
 """
 
 

@@ -87,11 +87,14 @@ def data_root(root: Path, corrupt: tuple[str, ...] = ()) -> Path:
 
 def submit(slurm: SlurmCluster, root: Path, args: list[str], timeout: float = 240,
            background: bool = False) -> subprocess.CompletedProcess | subprocess.Popen:
-    """`python -m lbt.train -m <args>` in `root` on the login node (here), the cluster named in the
-    environment as in a user's .env (LBT_SLURM_PARTITION, LBT_SLURM_ACCOUNT); the sweep folder is
+    """`python -m lbt.train -m <args>` in `root` on the login node (here), the cluster told once in
+    `root/.env` as docs/cluster.md says (LBT_SLURM_PARTITION, LBT_SLURM_ACCOUNT); the sweep folder is
     <root>/multirun/<sweep_name>, as in the README. Output goes to <root>/submit.log."""
-    env = dict(slurm.env, LBT_ROOT=str(root), PYTHONPATH=str(ROOT), LBT_SLURM_PARTITION=slurm.partition,
-               LBT_SLURM_ACCOUNT=ACCOUNT, HOME=str(root))
+    dotenv = root / ".env"
+    if not dotenv.exists():
+        dotenv.write_text(f"LBT_SLURM_PARTITION={slurm.partition}\nLBT_SLURM_ACCOUNT={ACCOUNT}\n")
+    env = {k: v for k, v in slurm.env.items() if not k.startswith("LBT_SLURM_")}   # the shell would win
+    env.update(LBT_ROOT=str(root), PYTHONPATH=str(ROOT), HOME=str(root))
     log = open(root / "submit.log", "a", encoding="utf-8")  # noqa: SIM115 -- a file: a full pipe would block
     log.write(f"\n$ python -m lbt.train -m {' '.join(args)}\n")
     log.flush()
@@ -175,7 +178,7 @@ def test_readme_sweep_runs_every_cell_through_slurm_and_analyze_reads_it(slurm, 
     assert out.returncode == 0, out.stdout[-4000:] + submitit_logs(sweep)[-4000:]
     cells = ["tiny-frame_minus-s0", "tiny-frame_plus-s0", "tiny-neutral-s0"]
     assert sorted(p.name for p in sweep.iterdir() if (p / "DONE").exists()) == cells
-    # One array job, one task per cell, each with the partition and account from the environment.
+    # One array job, one task per cell, each with the partition and account from .env (neither is the default).
     ids = job_ids(sweep)
     assert len(ids) == 3 and len({i.split("_")[0] for i in ids}) == 1, ids
     for job_id in ids:
