@@ -4,7 +4,8 @@ this machine, one node, the tiny model on CPU (tests/slurm_cluster.py brings the
 A sweep through `hydra/launcher=slurm` finishes every cell and `lbt.analyze` reads it; a job preempted
 with `scontrol requeue` resumes to the uninterrupted adapter; a job at its time limit is requeued by
 submitit and finishes; submitting a finished sweep again submits nothing and changes no file; a failing
-cell is reported failed while the others finish. Skipped (not failed) where the daemons cannot run.
+cell is reported failed while the others finish; a two-task job's DDP ranks are started by srun.
+Skipped (not failed) where the daemons cannot run.
 """
 
 from __future__ import annotations
@@ -307,3 +308,27 @@ def test_a_job_at_its_time_limit_is_requeued_by_submitit_and_finishes(slurm, ref
     assert job["status"] == "done" and job["previous_attempts"] == 1
     assert job["attempts"][0]["status"] == "interrupted" and job["attempts"][0]["interrupted_at_step"] == 3
     assert_same_adapter(adapter(job_dir), reference["adapter"])
+
+
+# -- several tasks per job: SLURM starts the DDP ranks ---------------------------------------------------
+
+def test_a_two_task_job_runs_ddp_ranks_started_by_srun(slurm, tmp_path):
+    """`hardware.devices=2` on CPU: 2 tasks per node, srun starts both ranks (gloo), Lightning joins them
+    from SLURM's environment; one DONE, the loss curve of one process."""
+    root = data_root(tmp_path)
+    sweep = root / "multirun" / "ddp"
+    common = [*TINY, "arm=plus", "seed=0", "train.lora.dropout=0"]
+    single = train_mod.train(compose_train([*common, f"paths.data_dir={root / 'data'}",
+                                            f"+job_dir={root / 'single'}"]))
+    out = submit(slurm, root, [*SLURM, *TEN_MINUTES, *common, "hardware.devices=2", "hardware.strategy=ddp",
+                               "sweep_name=ddp"])
+    logs = submitit_logs(sweep)
+    assert out.returncode == 0, out.stdout[-3000:] + logs[-4000:]
+    (job_id,) = job_ids(sweep)
+    assert [row["State"] for row in ended(slurm, job_id)] == ["COMPLETED"]
+    fields = slurm.show_job(job_id)
+    assert (fields["NumTasks"], fields["JobState"]) == ("2", "COMPLETED"), fields
+    assert "MEMBER: 2/2" in logs
+    job = card(sweep / "tiny-frame_plus-s0")
+    assert job["status"] == "done" and job["config"]["hardware"]["devices"] == 2
+    assert job["loss_history"] == pytest.approx(single["loss_history"], rel=1e-4)
