@@ -536,15 +536,10 @@ def test_a_file_lost_before_the_check_makes_the_job_incomplete_not_done(root, mo
     assert "is incomplete; re-run the same command" in (run.root / "train.log").read_text()
 
 
-FIT_LOOP_SKIPPED = (
-    "lbt.phases/lbt.train: a job whose last.ckpt is at the last step resumes into a fit loop that Lightning "
-    "skips (global_step == max_steps): neither on_train_start (repair of passed phases) nor on_train_end "
-    "(adapter/, final phase) runs, so the re-run ends incomplete again")
 
 
 @pytest.mark.parametrize("case", ["adapter_deleted", "adapter_truncated", "final_rows_truncated",
                                   "base_summary_deleted"])
-@pytest.mark.xfail(strict=True, reason=FIT_LOOP_SKIPPED)
 def test_rerun_of_an_incomplete_job_completes_exactly_what_is_missing(root, reference, monkeypatch, case):
     target, how, _ = INCOMPLETE[case]
     job = f"incomplete_rerun_{case}"
@@ -584,9 +579,7 @@ def test_a_lost_step_adapter_is_reported_again_on_rerun_and_nothing_is_rewritten
 @pytest.mark.parametrize("how", [
     "truncate",
     "garbage",
-    pytest.param("list", marks=pytest.mark.xfail(strict=True, reason=(
-        "lbt.train.run_job: a run.json that is JSON but not an object ([...]) reaches previous.get(...): "
-        "AttributeError, the job fails and its card is overwritten instead of set aside"))),
+    "list",
 ])
 def test_a_corrupt_run_card_is_set_aside_and_the_job_runs(root, reference, how):
     job = f"card_{how}"
@@ -665,7 +658,7 @@ def test_ctrl_c_records_an_interruption_and_the_rerun_resumes(root, reference):
 @pytest.mark.parametrize("phase,order", [
     ("step_4", "before_rows"),
     ("step_4", "after_rows"),
-    pytest.param("final", "before_rows", marks=pytest.mark.xfail(strict=True, reason=FIT_LOOP_SKIPPED)),
+    ("final", "before_rows"),
 ])
 def test_a_failing_evaluation_phase_fails_the_job_and_a_rerun_writes_each_phase_once(root, reference, phase,
                                                                                       order):

@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from lbt import train as train_mod
-from lbt.rundir import RunDir
+from lbt.phases import PhaseHook
+from lbt.rundir import Expected, RunDir
 from tests.conftest import ROOT, compose_train, write_toy_corpus
 
 # 34 toy records (one scenario held out for validation), 4 per step -> 9 optimizer steps; a resumable
@@ -26,8 +27,22 @@ from tests.conftest import ROOT, compose_train, write_toy_corpus
 JOB = ["data.require_validation=false", "eval=none", "probe=none", "logger=csv", "train.effective_batch=4",
        "train.micro_batch=4", "train.epochs=1", "train.max_length=96", "train.resume_every_steps=1",
        "train.checkpoint_fractions=[0.25,0.5,1.0]", "train.lr=1e-2", "train.lora.dropout=0.2", "seed=3",
-       "+eval.callbacks.marker._target_=tests.test_cluster.MarkerPhase"]
+       "+eval.callbacks.marker._target_=tests.test_resume.Marker"]
 TOTAL = 9
+
+
+class Marker(PhaseHook):
+    """Writes eval/<phase>/marker.json with exclusive create (rank 0): a phase run twice fails the job."""
+
+    def run_phase(self, trainer: L.Trainer, module: L.LightningModule, phase: str) -> None:
+        if trainer.is_global_zero:
+            folder = self.context.job_dir / "eval" / phase
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(folder / "marker.json", "x", encoding="utf-8") as handle:
+                json.dump({"phase": phase, "step": trainer.global_step}, handle)
+
+    def planned_files(self, phase: str) -> list[Expected]:
+        return [Expected(self.context.job_dir / "eval" / phase / "marker.json")]
 
 
 class KillAt(L.Callback):
@@ -147,3 +162,41 @@ def test_sigkill_at_every_step_resumes_exactly(root, reference):
         train_mod.train(config(root, f"kill{k}"))        # the same job, without the fault injected
         check_resumed(run.root, reference)
         assert not run.lock.exists()
+
+
+def ddp_job(root: Path, name: str, *extra: str, timeout: int = 300) -> list[int]:
+    """A 2-rank CPU DDP job started the way SLURM starts one (one process per rank), in `root / name`."""
+    from tests.test_cluster import free_port
+
+    args = [*JOB, f"arm.corpus={root / 'toy.jsonl'}", "hardware.devices=2", "hardware.strategy=ddp",
+            f"hydra.run.dir={root / name}", *extra]
+    slurm = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
+             "SLURM_JOB_ID": "4343", "SLURM_JOB_NAME": "lbt-ci", "SLURM_NODELIST": "localhost",
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **slurm)
+    logs = [root / f"{name}.rank{r}.log" for r in range(2)]
+    with open(logs[0], "a") as log0, open(logs[1], "a") as log1:   # files: a full pipe would block a rank
+        ranks = [subprocess.Popen([sys.executable, "-m", "lbt.train", *args], cwd=ROOT, stdout=log,
+                                  stderr=subprocess.STDOUT, env=dict(env, SLURM_PROCID=str(r), SLURM_LOCALID=str(r)))
+                 for r, log in enumerate((log0, log1))]
+        codes = [proc.wait(timeout=timeout) for proc in ranks]
+    return codes
+
+
+@pytest.mark.slow
+def test_ddp_job_stopped_at_a_step_resumes_to_the_same_adapter(root):
+    """Two CPU ranks: SIGTERM on both at step 3, re-run, and the adapter equals an uninterrupted 2-rank
+    run's (same reduction order, so exact to 1e-6)."""
+    assert ddp_job(root, "ddp-ref") == [0, 0], (root / "ddp-ref.rank0.log").read_text()[-3000:]
+    codes = ddp_job(root, "ddp-kill", *kill_args(3, "SIGTERM"))
+    assert codes == [128 + signal.SIGTERM] * 2, (root / "ddp-kill.rank0.log").read_text()[-3000:]
+    card = json.loads((root / "ddp-kill" / "run.json").read_text())
+    assert card["status"] == "interrupted" and card["interrupted_at_step"] == 3
+    assert ddp_job(root, "ddp-kill", *kill_args(3, "SIGTERM")) == [0, 0], \
+        (root / "ddp-kill.rank0.log").read_text()[-3000:]
+    card = json.loads((root / "ddp-kill" / "run.json").read_text())
+    reference = json.loads((root / "ddp-ref" / "run.json").read_text())
+    assert card["status"] == "done" and card["previous_attempts"] == 1 and card["trained_steps"] == TOTAL
+    assert card["loss_history"] == pytest.approx(reference["loss_history"], rel=1e-6)
+    assert_same_adapter(adapter(root / "ddp-kill"), adapter(root / "ddp-ref"))
+    assert phases_written(root / "ddp-kill") == phases_written(root / "ddp-ref")

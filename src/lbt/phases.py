@@ -164,8 +164,18 @@ class CheckpointPhases(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for hook in self.hooks(trainer):
             hook.setup_context(self.context)
+        self._train_started = self._train_ended = False
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Resumed from the last step's checkpoint, Lightning skips the training loop and its start and end
+        # hooks: what they would do (repair passed phases, adapter/, final) is done here.
+        if trainer.global_step >= self.total_steps and not self._train_ended:
+            if not self._train_started:
+                self.repair(trainer, pl_module, trainer.global_step)
+            self.on_train_end(trainer, pl_module)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._train_started = True
         if trainer.global_step == 0:
             self.dispatch(trainer, pl_module, "base")
         else:
@@ -208,6 +218,7 @@ class CheckpointPhases(L.Callback):
         pl_module.val_history = [tuple(v) for v in checkpoint.get("lbt_val_history", [])]
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._train_ended = True
         if trainer.global_step < self.total_steps:
             return  # stopped early (preemption): no final adapter, no final phase; resume finishes them
         if trainer.is_global_zero:

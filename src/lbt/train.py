@@ -172,6 +172,8 @@ def run_job(cfg: DictConfig, run: RunDir, card: dict[str, Any]) -> dict[str, Any
     if rank_zero and run.card.exists():
         try:
             previous = read_json(run.card)
+            if not isinstance(previous, dict):
+                raise CorruptFile(f"{run.card}: not a JSON object")
         except CorruptFile as err:
             set_aside(run.card, str(err))
             previous = {}

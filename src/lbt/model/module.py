@@ -4,6 +4,11 @@ One training_step is one optimizer step (the DataModule hands over all micro-bat
 manual optimization: the loss is the sum of token losses over supervised tokens divided by the step's
 supervised-token count (across ranks), so micro-batching, packing and the number of GPUs do not change
 the objective.
+
+Under DDP the gradients are summed across ranks once per optimizer step, by this module, after every
+micro-batch's backward pass: DDP's own reducer is switched off for the step. Its reducer syncs on the
+first backward after a forward only, so with several micro-batches per rank the later ones were never
+synced, and a rank with fewer micro-batches than another (a short last step) waited forever.
 """
 
 from __future__ import annotations
@@ -144,10 +149,10 @@ class LoRAModule(L.LightningModule):
         for micro in batch["micro_batches"]:
             micro = {k: v.to(self.device) for k, v in micro.items()}
             loss_sum, _ = supervised_token_loss(self.model, micro, self.supervised_logits_only, self.ce_chunk)
-            # DDP averages gradients over ranks: scale by world so the result is the global token mean.
-            self.manual_backward(loss_sum * (world / step_tokens))
+            self.manual_backward(loss_sum / step_tokens)
             total += loss_sum.detach()
         if world > 1:
+            self.sum_gradients_across_ranks()
             total = self.trainer.strategy.reduce(total, reduce_op="sum")
         loss = total / step_tokens
         if not torch.isfinite(loss):
@@ -171,6 +176,23 @@ class LoRAModule(L.LightningModule):
                        "train/tokens_per_s": self.tokens_per_second}, on_step=True, prog_bar=True,
                       rank_zero_only=True)
         return loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # DDP's reducer off for the whole step (its forward runs before training_step): see the module doc.
+        ddp = self.trainer.strategy.model
+        if isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+            ddp.require_backward_grad_sync = False
+
+    def sum_gradients_across_ranks(self) -> None:
+        """One all-reduce (sum) of every trainable gradient; a rank without examples adds zeros."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+        offset = 0
+        for param, grad in zip(params, grads):
+            param.grad = flat[offset:offset + grad.numel()].view_as(grad).clone()
+            offset += grad.numel()
 
     @property
     def tokens_per_second(self) -> float:
