@@ -282,6 +282,10 @@ def test_a_failure_is_in_train_log_and_the_exit_code(root, monkeypatch):
     """Through the command line: the traceback lands in train.log, the exit code is not 0."""
     from lbt.model.module import NonFiniteLossError
 
+    from lbt import train as train_cli
+
+    finished: list[int | None] = []
+    monkeypatch.setattr(train_cli, "finish_wandb", lambda exit_code=None: finished.append(exit_code))
     job = "nan_cli"
     try:
         code = run_main(monkeypatch, root, job, *fault("nan", "tests.test_faults.NaNAt", at_step=3))
@@ -291,6 +295,7 @@ def test_a_failure_is_in_train_log_and_the_exit_code(root, monkeypatch):
     log_text = (root / job / "train.log").read_text()
     assert "job failed" in log_text and "Traceback" in log_text and "NonFiniteLossError" in log_text
     assert card_of(root / job)["status"] == "failed"
+    assert finished == [1]                              # the W&B run ends as failed, not finished
 
 
 # -- 2. corrupt checkpoints -----------------------------------------------------------------------------
@@ -855,3 +860,17 @@ def test_sigkill_keeps_the_metrics_rows_written_and_the_rerun_appends_the_rest(r
     assert run.metrics_csv.read_bytes().startswith(first)
     with open(run.metrics_csv, newline="") as handle:
         assert [int(r["step"]) for r in csv.DictReader(handle) if r["train/loss"]] == list(range(TOTAL))
+
+
+def test_a_process_whose_lock_was_taken_over_ends_without_writing_more(tmp_path):
+    """A job stopped (e.g. SIGSTOP) longer than the stale limit loses its folder to another process; when
+    it wakes up, its heartbeat sees the new owner and the process ends at once (exit 75)."""
+    code = ("import sys, time; from lbt.rundir import JobLock, RunDir; "
+            f"lock = JobLock(RunDir({str(tmp_path)!r}), heartbeat_s=0.2); lock.acquire(); "
+            "print('held', flush=True); time.sleep(30); sys.exit(0)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
+    assert proc.stdout.readline().strip() == "held"
+    (tmp_path / "job.lock").write_text(json.dumps({"host": "other-node", "pid": 1, "heartbeat": time.time()}))
+    assert proc.wait(timeout=20) == 75
+    assert json.loads((tmp_path / "job.lock").read_text())["host"] == "other-node"   # the new owner's lock stays

@@ -200,3 +200,21 @@ def test_ddp_job_stopped_at_a_step_resumes_to_the_same_adapter(root):
     assert card["loss_history"] == pytest.approx(reference["loss_history"], rel=1e-6)
     assert_same_adapter(adapter(root / "ddp-kill"), adapter(root / "ddp-ref"))
     assert phases_written(root / "ddp-kill") == phases_written(root / "ddp-ref")
+
+
+@pytest.mark.slow
+def test_the_same_command_finds_and_resumes_an_interrupted_single_run(root, reference, tmp_path):
+    """What the interruption message says is true: typing the same command again, from the same folder,
+    resumes the job in its own folder (no hydra.run.dir given) and finishes it."""
+    args = [*JOB, f"arm.corpus={root / 'toy.jsonl'}", *kill_args(4, "SIGTERM")]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    command = [sys.executable, "-m", "lbt.train", *args]
+    first = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 128 + signal.SIGTERM, first.stderr[-3000:]
+    assert "To resume, run the same command again" in first.stdout + first.stderr
+    [job] = list((tmp_path / "outputs" / "runs").iterdir())
+    assert job.name.startswith("tiny-frame_plus-s3_")
+    second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert list((tmp_path / "outputs" / "runs").iterdir()) == [job]
+    check_resumed(job, reference)

@@ -459,8 +459,12 @@ class JobLock:
         while not self._stop.wait(self.heartbeat_s):
             owner = self.read_owner()
             if not owner or owner.get("pid") != self.owner["pid"] or owner.get("host") != self.owner["host"]:
-                log.error("job lock %s was taken over by another process: %s", self.path, owner)
-                return
+                # This process was stopped longer than the stale limit and another one took the folder
+                # over: end at once, before writing anything more into a folder it no longer owns.
+                log.error("job lock %s was taken over by another process (%s); this process ends now "
+                          "without writing more", self.path, owner)
+                logging.shutdown()
+                os._exit(75)
             try:
                 _atomic_write(self.path, json.dumps(dict(self.owner, heartbeat=time.time())))
             except OSError as err:

@@ -142,7 +142,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     except (KeyboardInterrupt, SystemExit) as stop:
         if isinstance(stop, SystemExit) and card.get("status") == "interrupted":
             raise  # a requeue/exit after a recorded interruption
-        record_status(run, card, "interrupted", error=stop)
+        code = stop.code if isinstance(stop, SystemExit) else None
+        record_status(run, card, "interrupted", error=stop, reason=(
+            f"stopped by Ctrl-C or an exit (code {code}) in the middle of a step; the last checkpoint is "
+            f"kept: run the same command again to resume"))
         raise
     except BaseException as err:
         log.exception("job failed: %s", run.root)
@@ -248,8 +251,10 @@ def run_job(cfg: DictConfig, run: RunDir, card: dict[str, Any]) -> dict[str, Any
         check.missing += [f"checkpoint of {p}: {why}" for p, why in phases.adapter_files().items() if why]
         if not check.ok:
             record_status(run, card, "incomplete", missing=check.missing, **fields)
-            raise IncompleteJob(f"{run.root} is incomplete; re-run the same command to complete it:\n  - "
-                                + "\n  - ".join(check.missing))
+            lost = [m for m in check.missing if m.startswith("checkpoint of ")]
+            advice = ("a lost step adapter cannot be made again without training again: start a fresh "
+                      "folder (run_name=<name>)" if lost else "re-run the same command to complete it")
+            raise IncompleteJob(f"{run.root} is incomplete; {advice}:\n  - " + "\n  - ".join(check.missing))
         card.pop("missing", None)
         record_status(run, card, "done", **fields)
         run.done.write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n", encoding="utf-8")
