@@ -280,9 +280,8 @@ def test_nonfinite_loss_fails_the_job_keeps_the_last_checkpoint_and_a_rerun_fini
 
 def test_a_failure_is_in_train_log_and_the_exit_code(root, monkeypatch):
     """Through the command line: the traceback lands in train.log, the exit code is not 0."""
-    from lbt.model.module import NonFiniteLossError
-
     from lbt import train as train_cli
+    from lbt.model.module import NonFiniteLossError
 
     finished: list[int | None] = []
     monkeypatch.setattr(train_cli, "finish_wandb", lambda exit_code=None: finished.append(exit_code))
