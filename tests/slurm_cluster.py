@@ -1,9 +1,9 @@
 """A real one-node SLURM cluster for tests: Debian's daemons on localhost, all state in one folder.
 
 `start_cluster(folder)` brings up munged (authentication), mariadbd + slurmdbd (accounting, so that
-`sacct` answers: submitit polls job states with it), slurmctld and slurmd (the node `localhost`, one
-partition, this machine's CPUs, several one-CPU jobs at a time), waits until `sinfo` shows the node
-idle, and returns a `SlurmCluster` whose `env` points SLURM's commands at it (`SLURM_CONF`). `stop()`
+`sacct` answers: submitit polls job states with it), slurmctld and slurmd (the node `localhost` with
+this machine's CPUs, several one-CPU jobs at a time, in the default partition `debug` and in `lbt`, the
+tests' one), waits until `sinfo` shows the node idle, and returns a `SlurmCluster` whose `env` points SLURM's commands at it (`SLURM_CONF`). `stop()`
 cancels every job, waits for them to leave the node, and ends the daemons it started (by process id).
 
 The daemons need root (slurmd starts jobs as their user) and the Debian packages in `PACKAGES`;
@@ -40,12 +40,13 @@ def ensure_packages() -> None:
     if all(shutil.which(b) or Path("/usr/sbin", b).exists() for b in BINARIES):
         return
     if os.geteuid() != 0:
-        raise ClusterUnavailable(f"SLURM packages missing ({' '.join(PACKAGES)}) and not root to install them")
+        raise ClusterUnavailable(f"SLURM packages missing ({' '.join(PACKAGES)}), and not root to install")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]
     for command in (install, ["apt-get", "update", "-qq"], install):   # update only when install fails
         try:
-            result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
+            result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600,
+                                    check=False)
         except (OSError, subprocess.SubprocessError) as err:
             raise ClusterUnavailable(f"{' '.join(command)}: {err}") from err
         if result.returncode == 0 and command is install:
@@ -89,7 +90,8 @@ class SlurmCluster:
     def queue(self) -> list[dict[str, str]]:
         """Jobs slurmctld knows, pending or running: id (array tasks as <job>_<task>), state, name."""
         out = self.run("squeue", "-h", "-o", "%i|%T|%j|%r", check=False)
-        return [dict(zip(("id", "state", "name", "reason"), line.split("|"))) for line in out.splitlines() if line]
+        return [dict(zip(("id", "state", "name", "reason"), line.split("|")))
+                for line in out.splitlines() if line]
 
     def show_job(self, job_id: str) -> dict[str, str]:
         """`scontrol show job` as key -> value (finished jobs stay visible for MinJobAge seconds)."""
@@ -102,8 +104,8 @@ class SlurmCluster:
 
     def accounting(self, job_id: str) -> list[dict[str, str]]:
         """`sacct` rows of a job, every attempt (--duplicates): JobID, State, ExitCode, Restarts."""
-        out = self.run("sacct", "-D", "-n", "-P", "-X", "-S", "2000-01-01", "-o", "JobID,State,ExitCode,Elapsed",
-                       "-j", job_id, check=False)
+        out = self.run("sacct", "-D", "-n", "-P", "-X", "-S", "2000-01-01",
+                       "-o", "JobID,State,ExitCode,Elapsed", "-j", job_id, check=False)
         return [dict(zip(("JobID", "State", "ExitCode", "Elapsed"), line.split("|")))
                 for line in out.splitlines() if line]
 
@@ -139,7 +141,8 @@ class SlurmCluster:
         self.daemons.clear()
 
 
-def _wait(what: str, ready, timeout: float, cluster: SlurmCluster, proc: subprocess.Popen | None = None) -> None:
+def _wait(what: str, ready, timeout: float, cluster: SlurmCluster,
+          proc: subprocess.Popen | None = None) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if ready():
@@ -151,7 +154,7 @@ def _wait(what: str, ready, timeout: float, cluster: SlurmCluster, proc: subproc
 
 
 def _start(cluster: SlurmCluster, name: str, command: list[str]) -> subprocess.Popen:
-    log = open(cluster.folder / "log" / f"{name}.out", "w")  # noqa: SIM115 -- the daemon's stdout for its lifetime
+    log = open(cluster.folder / "log" / f"{name}.out", "w")  # noqa: SIM115 -- the daemon's stdout
     try:
         proc = subprocess.Popen(command, env=cluster.env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
@@ -247,7 +250,7 @@ def memory_mb() -> int:
 
 
 def start_cluster(folder: Path, timeout: float = 90) -> SlurmCluster:
-    """Start the one-node cluster under `folder`; raises ClusterUnavailable (after cleaning up) if it can't."""
+    """Start the one-node cluster under `folder`; ClusterUnavailable (after cleaning up) if it can't."""
     if os.geteuid() != 0:
         raise ClusterUnavailable("the SLURM daemons need root (slurmd runs jobs as their user)")
     ensure_packages()
@@ -263,9 +266,10 @@ def start_cluster(folder: Path, timeout: float = 90) -> SlurmCluster:
     dbd_conf = folder / "etc" / "slurmdbd.conf"       # slurmdbd reads it next to SLURM_CONF
     dbd_conf.write_text(slurmdbd_conf(folder, ports, password))
     os.chmod(dbd_conf, 0o600)
-    env = dict(os.environ, SLURM_CONF=str(conf))
-    for name in [k for k in env if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")) and k != "SLURM_CONF"]:
-        del env[name]
+    env = dict(os.environ)
+    for name in [k for k in env if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))]:
+        del env[name]   # the tests may themselves run inside a SLURM job: nothing of it leaks into ours
+    env["SLURM_CONF"] = str(conf)
     cluster = SlurmCluster(folder=folder, env=env, cpus=cpus)
     try:
         _start_daemons(cluster, ports, password, timeout)
@@ -328,7 +332,7 @@ def _dbd_answers(cluster: SlurmCluster) -> bool:
 
 
 def main(argv: list[str]) -> int:
-    """`python -m tests.slurm_cluster install`: the packages, as the tests' fixture installs them (.ci/run)."""
+    """`python -m tests.slurm_cluster install`: the packages, installed as the fixture does (.ci/run)."""
     if argv != ["install"]:
         print("usage: python -m tests.slurm_cluster install", file=sys.stderr)
         return 2

@@ -117,7 +117,8 @@ def submit(slurm: SlurmCluster, root: Path, args: list[str], timeout: float = 24
 def reference(tmp_path_factory) -> dict:
     """An uninterrupted run, in this process, of the cell the preempted and timed-out jobs run."""
     root = data_root(tmp_path_factory.mktemp("reference"))
-    cfg = compose_train([*TINY, f"paths.data_dir={root / 'data'}", "arm=minus", "seed=1", f"+job_dir={root / 'job'}"])
+    cfg = compose_train([*TINY, f"paths.data_dir={root / 'data'}", "arm=minus", "seed=1",
+                         f"+job_dir={root / 'job'}"])
     return {"card": train_mod.train(cfg), "adapter": adapter(root / "job")}
 
 
@@ -179,7 +180,8 @@ def test_readme_sweep_runs_every_cell_through_slurm_and_analyze_reads_it(slurm, 
     assert out.returncode == 0, out.stdout[-4000:] + submitit_logs(sweep)[-4000:]
     cells = ["tiny-frame_minus-s0", "tiny-frame_plus-s0", "tiny-neutral-s0"]
     assert sorted(p.name for p in sweep.iterdir() if (p / "DONE").exists()) == cells
-    # One array job, one task per cell, each with the partition and account from .env (neither is the default).
+    # One array job, one task per cell, each with the partition and account from .env (neither is the
+    # cluster's default).
     ids = job_ids(sweep)
     assert len(ids) == 3 and len({i.split("_")[0] for i in ids}) == 1, ids
     for job_id in ids:
@@ -201,8 +203,8 @@ def test_readme_sweep_runs_every_cell_through_slurm_and_analyze_reads_it(slurm, 
     assert analysis.returncode == 0, analysis.stderr[-3000:]
     report = json.loads((sweep / "analysis" / "report.json").read_text())
     assert report["exploratory"] is True
-    assert sorted((j["arm"], j["done"]) for j in report["jobs"]) == [("frame_minus", True), ("frame_plus", True),
-                                                                     ("neutral", True)]
+    assert sorted((j["arm"], j["done"]) for j in report["jobs"]) == [
+        ("frame_minus", True), ("frame_plus", True), ("neutral", True)]
     assert report["descriptive"], "no rows read from the sweep"
 
 
@@ -227,7 +229,8 @@ def markers(job_dir: Path) -> dict[str, dict]:
     return {p.parent.name: json.loads(p.read_text()) for p in (job_dir / "eval").glob("*/marker.json")}
 
 
-def test_a_job_preempted_with_scontrol_requeue_resumes_to_the_uninterrupted_adapter(slurm, reference, tmp_path):
+def test_a_job_preempted_with_scontrol_requeue_resumes_to_the_uninterrupted_adapter(slurm, reference,
+                                                                                    tmp_path):
     """`scontrol requeue` while the job trains (what a preempting cluster does): SLURM sends SIGTERM, the
     job checkpoints after its step and exits, SLURM starts it again, it resumes from last.ckpt and ends
     with the adapter of an uninterrupted run, every evaluation phase written exactly once."""
@@ -282,7 +285,8 @@ def test_a_failing_cell_is_reported_failed_and_the_other_cells_finish(slurm, tmp
     assert any(line.endswith("sweep: 2 cells, 1 done, 1 failed") for line in lines), out.stdout[-2000:]
     # SLURM's own record agrees: the failed cell's array task FAILED (non-zero exit), the other COMPLETED
     # (tasks in the sweep's order: 0 is arm=plus, 1 is arm=minus).
-    states = {i.split("_")[1]: [(row["State"], row["ExitCode"]) for row in ended(slurm, i)] for i in job_ids(sweep)}
+    states = {i.split("_")[1]: [(row["State"], row["ExitCode"]) for row in ended(slurm, i)]
+              for i in job_ids(sweep)}
     assert states == {"0": [("COMPLETED", "0:0")], "1": [("FAILED", "1:0")]}, states
 
 
@@ -296,8 +300,8 @@ def test_a_job_at_its_time_limit_is_requeued_by_submitit_and_finishes(slurm, ref
     root = data_root(tmp_path)
     sweep = root / "multirun" / "timelimit"
     job_dir = sweep / "tiny-frame_minus-s1"
-    args = [*SLURM, *TINY, *STALL, "arm=minus", "seed=1", "sweep_name=timelimit", "hydra.launcher.timeout_min=1",
-            "hydra.launcher.signal_delay_s=10"]
+    args = [*SLURM, *TINY, *STALL, "arm=minus", "seed=1", "sweep_name=timelimit",
+            "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=10"]
     out = submit(slurm, root, args, timeout=240)
     logs = submitit_logs(sweep)
     assert out.returncode == 0, out.stdout[-3000:] + logs[-4000:]

@@ -8,9 +8,9 @@
   one GPU each, as many at a time as there are GPUs.
 
 Each logs one summary line per cell when the sweep ends (done / failed with its error / skipped). The
-submitit ones keep submitit's requeue protocol: the job function is the launcher itself, whose `checkpoint()`
-re-submits the same Hydra job (same overrides, hence the same job directory), which resumes from
-checkpoints/last.ckpt.
+submitit ones keep submitit's requeue protocol: the job function is the launcher itself, whose
+`checkpoint()` re-submits the same Hydra job (same overrides, hence the same job directory), which
+resumes from checkpoints/last.ckpt.
 """
 
 from __future__ import annotations
@@ -104,7 +104,8 @@ def error_line(error: Any) -> str:
 
 def cell_outcome(job_dir: Path | None, ret: JobReturn, skipped: bool) -> tuple[str, str]:
     """(outcome, detail) of one cell: skipped, done, failed, or unfinished (ended without DONE)."""
-    where = str(job_dir or getattr(ret, "working_dir", None) or " ".join(getattr(ret, "overrides", None) or []))
+    overrides = " ".join(getattr(ret, "overrides", None) or [])
+    where = str(job_dir or getattr(ret, "working_dir", None) or overrides)
     value = getattr(ret, "_return_value", None)
     if skipped:
         return "skipped", f"{where} (DONE present)"
@@ -155,7 +156,7 @@ class SlurmLauncher(SkipFinishedJobs, submitit_launcher.SlurmLauncher):
         if str(OmegaConf.select(self.config, "hardware.accelerator")) != "gpu":
             params["gpus_per_node"] = None  # the preset's gpus_per_node follows hardware.devices
         executor = submitit.AutoExecutor(cluster="slurm", folder=params.pop("submitit_folder"),
-                                         slurm_max_num_timeout=params.pop("max_num_timeout"))
+                                         slurm_max_num_timeout=params.pop("max_num_timeout", 0))
         base = set(OmegaConf.structured(submitit_launcher.BaseQueueConf).keys())
         executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
@@ -164,7 +165,8 @@ class SlurmLauncher(SkipFinishedJobs, submitit_launcher.SlurmLauncher):
         for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
             log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
             # The same call as hydra-submitit-launcher: the launcher itself is the job function.
-            job_args.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state()))
+            job_args.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}",
+                             Singleton.get_state()))
         jobs = executor.map_array(self, *zip(*job_args))
         first = str(getattr(jobs[0], "job_id", "?")) if jobs else "-"
         log.info("slurm: submitted %d job(s) as SLURM job %s; logs in %s", len(jobs), first.split("_")[0],
