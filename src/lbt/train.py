@@ -286,6 +286,10 @@ def resume_command(run: RunDir) -> str:
     return " ".join(["python -m lbt.train", *map(shlex.quote, args), shlex.quote(f"hydra.run.dir={run.root}")])
 
 
+def in_sweep() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN"
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
     lock_local_gpus(cfg.hardware)  # hydra/launcher=local_gpus: no other sweep's job on this job's GPU
@@ -296,9 +300,13 @@ def main(cfg: DictConfig) -> None:
     except JobLocked as err:
         # To stderr only: the log file belongs to the process that holds the folder.
         print(f"lbt.train: {err}", file=sys.stderr)
+        if in_sweep():
+            raise  # Hydra records the job as failed and the sweep goes on
         raise SystemExit(3) from None
     except IncompleteJob as err:
         log.error("%s", err)
+        if in_sweep():
+            raise
         raise SystemExit(4) from None
     finally:
         finish_wandb(exit_code=exit_code)
