@@ -10,6 +10,7 @@ import shlex
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,9 @@ from lbt.rundir import (
 )
 
 log = logging.getLogger("lbt.train")
+# Mid-epoch resume is exact here (data.datamodule.ResumeSampler continues the plan at the restored step, and
+# LoRAModule.training_step checks every batch's step): Lightning's generic warning does not apply.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
@@ -272,9 +276,10 @@ def interrupted(card: dict[str, Any], run: RunDir, trainer: L.Trainer, stop: Gra
     """A stop signal ended training early: record it, then requeue or exit (never returns)."""
     if trainer.is_global_zero:
         record_status(run, card, "interrupted", interrupted_at_step=trainer.global_step)
-    log.warning("interrupted at step %d of %d; checkpoint %s. To resume, run the same command again "
-                "(it finds this folder), or: %s", trainer.global_step, trainer.max_steps, run.last_ckpt,
-                resume_command(run))
+    how = ("requeued jobs resume by themselves; otherwise run the same sweep command again (same sweep_name)"
+           if in_sweep() else f"run the same command again (it finds this folder), or: {resume_command(run)}")
+    log.warning("interrupted at step %d of %d; checkpoint %s. To resume, %s", trainer.global_step,
+                trainer.max_steps, run.last_ckpt, how)
     mark_wandb_preempting()
     stop.exit_for_requeue()
     return card
