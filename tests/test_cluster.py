@@ -100,19 +100,24 @@ def run_cli(args: list[str], root: Path, timeout: int = 300, **env: str) -> subp
 
 
 def hydra_main(monkeypatch, args: list[str], root: Path) -> None:
-    """`python -m lbt.train <args>` in this process (lbt.train is imported already: no start-up cost)."""
+    """`python -m lbt.train <args>` in this process (lbt.train is imported already: no start-up cost).
+    Hydra's global state is put back afterwards (a multirun leaves its config set, and train() called
+    later in this process would take its job directory from it)."""
     import logging
 
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
 
     monkeypatch.setattr(sys, "argv", ["lbt.train", *args])
     monkeypatch.setenv("LBT_ROOT", str(root))
     handlers, level = logging.root.handlers[:], logging.root.level
+    hydra_cfg = HydraConfig.instance().cfg
     GlobalHydra.instance().clear()
     try:
         train_mod.main()
     finally:
         GlobalHydra.instance().clear()
+        HydraConfig.instance().cfg = hydra_cfg
         for handler in logging.root.handlers[:]:     # Hydra's job logging: back to pytest's handlers
             if handler not in handlers:
                 logging.root.removeHandler(handler)
@@ -345,9 +350,9 @@ def test_sigterm_mid_training_resumes_to_the_same_adapter(tmp_path, reference, m
                                       if k.startswith("adapter_step_")}
     assert "base/marker.json" in before and "step_3/marker.json" in before
 
-    out = run_cli(args, root)                                            # re-launch: resumes
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "resume:" in out.stderr + out.stdout
+    log_before = (job / "train.log").read_text()
+    hydra_main(monkeypatch, args, root)                    # re-launch (in this process: no start-up): resumes
+    assert "resume:" in (job / "train.log").read_text()[len(log_before):]
     card = json.loads((job / "run.json").read_text())
     assert card["status"] == "done" and card["previous_attempts"] == 1
     assert card["loss_history"] == pytest.approx(reference["card"]["loss_history"], rel=1e-5)
@@ -367,20 +372,24 @@ def test_sigterm_mid_training_resumes_to_the_same_adapter(tmp_path, reference, m
 
 
 @pytest.mark.slow
-def test_local_sweep_requeues_a_preempted_job_and_a_rerun_changes_nothing(tmp_path, reference):
-    """A 2x2 sweep through hydra/launcher=local_gpus (submitit local jobs). One job gets the requeue
-    signal (USR2) at step 4: it checkpoints, submitit requeues it, it resumes and ends with the adapter of
-    an uninterrupted run. Re-running the finished sweep launches nothing and changes no file."""
+def test_local_sweep_requeues_a_preempted_job_and_a_rerun_changes_nothing(tmp_path, reference, monkeypatch,
+                                                                           capfd):
+    """A sweep of two jobs through hydra/launcher=local_gpus (submitit local jobs, run side by side). One
+    job gets the requeue signal (USR2) at step 4: it checkpoints, submitit requeues it, it resumes and ends
+    with the adapter of an uninterrupted run; the other is not disturbed. Re-running the finished sweep
+    launches nothing and changes no file."""
     root = corpora(tmp_path)
     sweep = root / "multirun" / "ci"
-    args = ["-m", "hydra/launcher=local_gpus", "hydra.launcher.max_parallel=4", *TINY, *MARKER,
-            "arm=plus,minus", "seed=0,1", f"paths.data_dir={root}", "sweep_name=ci", f"hydra.sweep.dir={sweep}",
+    args = ["-m", "hydra/launcher=local_gpus", "hydra.launcher.max_parallel=2", *TINY, *MARKER,
+            "arm=minus", "seed=0,1", f"paths.data_dir={root}", "sweep_name=ci", f"hydra.sweep.dir={sweep}",
             "+eval.callbacks.kill._target_=tests.test_cluster.SendSignal", "+eval.callbacks.kill.at_step=4",
             "+eval.callbacks.kill.signal_name=SIGUSR2", "+eval.callbacks.kill.only_job=tiny-frame_minus-s1"]
-    out = run_cli(args, root)
-    assert out.returncode == 0, out.stderr[-3000:]
+    # The sweep's launcher runs in this process (no start-up of its own); its jobs are processes of their
+    # own, as submitit starts them, and import the test hooks from this checkout.
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    hydra_main(monkeypatch, args, root)
     jobs = sorted(p.name for p in sweep.iterdir() if (p / "DONE").exists())
-    assert jobs == ["tiny-frame_minus-s0", "tiny-frame_minus-s1", "tiny-frame_plus-s0", "tiny-frame_plus-s1"]
+    assert jobs == ["tiny-frame_minus-s0", "tiny-frame_minus-s1"]
     preempted = sweep / "tiny-frame_minus-s1"
     card = json.loads((preempted / "run.json").read_text())
     assert card["previous_attempts"] == 1 and card["job"]["sweep"] == "ci"
@@ -393,9 +402,10 @@ def test_local_sweep_requeues_a_preempted_job_and_a_rerun_changes_nothing(tmp_pa
             (1 if name == preempted.name else 0)
 
     before = snapshot(sweep, skip=("multirun.yaml",))
-    again = run_cli(args, root)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert (again.stdout + again.stderr).count("skip: ") == 4
+    capfd.readouterr()
+    hydra_main(monkeypatch, args, root)            # the same sweep again, in this process (nothing to start)
+    again = capfd.readouterr()
+    assert (again.out + again.err).count("skip: ") == 2
     assert snapshot(sweep, skip=("multirun.yaml",)) == before           # bytes and mtimes unchanged
 
 
