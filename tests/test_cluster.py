@@ -459,9 +459,10 @@ def test_ddp_two_cpu_ranks_started_like_slurm_match_one_process(tmp_path, monkey
     split, in every step, as in a short last step), so rank 0 accumulates g0/T + g2/T, rank 1 has g1/T, and
     the all-reduce adds them: (g0/T + g2/T) + g1/T, T being the step's supervised tokens on all ranks. The
     one process is fed the examples in rank order (0, 2, 1) and accumulates exactly that sum. Equal
-    gradients at every step (compared before Adam, which would hide a wrong constant factor such as the
-    world size) prove the loss is the mean over the global token count, every micro-batch is synced, and
-    a rank with fewer micro-batches does not hang.
+    gradients at every step, as AdamW receives them, prove the loss is the mean over the global token
+    count, every micro-batch is synced, and a rank with fewer micro-batches does not hang. (The adapter
+    alone would not: Adam's update barely changes when every gradient is scaled, so a wrong constant
+    factor such as the world size would not show in it.)
 
     Why not against one process in the plain order: float addition is not associative. With 4 examples,
     one micro-batch per rank and lr 1e-2 (the old form of this test), the first step's gradients agreed
