@@ -29,7 +29,6 @@ from typing import ClassVar
 import lightning as L
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from lbt import train as train_mod
 from lbt.phases import PhaseHook
@@ -47,6 +46,7 @@ from lbt.rundir import (
     write_rows,
 )
 from tests.conftest import ROOT, compose_train, write_toy_corpus
+from tests.test_resume import adapter, assert_same_adapter
 
 TOTAL = 9
 PHASES = ["base", "step_2", "step_4", "final"]
@@ -174,16 +174,6 @@ def card_of(job_dir: Path) -> dict:
     card = read_json(job_dir / "run.json")
     assert card["status"] in STATUSES
     return card
-
-
-def adapter(job_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(job_dir / "adapter" / "adapter_model.safetensors"))
-
-
-def assert_same_adapter(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys() and a
-    for key, value in a.items():
-        torch.testing.assert_close(value, b[key], rtol=0, atol=1e-6, msg=key)
 
 
 def phase_rows(job_dir: Path) -> dict[str, list[dict]]:
