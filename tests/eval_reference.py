@@ -134,7 +134,7 @@ def _reference_case(model, tokenizer, item, order, measure, settings) -> list[di
             stop=lambda t: parse_choice(t, letters, final=False) is not None,
         )
         choice = parse_choice(text, (pro, anti))
-        stance = 0.0 if choice is None else (1.0 if choice == pro else -1.0)
+        stance = math.nan if choice is None else (1.0 if choice == pro else -1.0)  # unparsed: missing
         return [{**base, "raw": text, "choice": choice, "stance": stance}]
     if measure == "likert":
         prompt = prompt_ids(tokenizer, likert_question(item, order, settings), settings)

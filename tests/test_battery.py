@@ -54,8 +54,9 @@ def _compare(rows, reference, measure):
         if measure in ("letter_logprob", "logprob"):
             for field in ("logp_pro", "logp_anti", "stance"):
                 assert row[field] == pytest.approx(ref[field], abs=1e-4), (measure, field, row)
-        elif measure == "forced_choice":
-            assert (row["raw"], row["choice"], row["stance"]) == (ref["raw"], ref["choice"], ref["stance"])
+        elif measure == "forced_choice":  # an unparsed answer is NaN in both (missing, never 0)
+            assert (row["raw"], row["choice"]) == (ref["raw"], ref["choice"])
+            assert (math.isnan(row["stance"]) and math.isnan(ref["stance"])) or row["stance"] == ref["stance"]
         elif measure == "likert":
             assert (row["raw"], row["rating"]) == (ref["raw"], ref["rating"])
             assert (math.isnan(row["stance"]) and math.isnan(ref["stance"])) or row["stance"] == ref["stance"]
@@ -201,7 +202,8 @@ def test_forced_choice_stance_from_parsed_letters(monkeypatch, items):
     # Per item: original order answers "A" (pro), swapped order answers "A" (now the anti option), then junk.
     monkeypatch.setattr(battery_mod, "greedy_generate", _fake_generate(["A", "A.", "hmm", "B"]))
     rows = forced_choice(None, _FakeTokenizer(), items, BatterySettings())
-    assert [r["stance"] for r in rows[:4]] == [1.0, -1.0, 0.0, 1.0]
+    stances = [r["stance"] for r in rows[:4]]
+    assert stances[:2] == [1.0, -1.0] and math.isnan(stances[2]) and stances[3] == 1.0  # unparsed: NaN, never 0
     assert [r["parsed"] for r in rows[:4]] == [True, True, False, True]
     assert rows[2]["raw"] == "hmm" and rows[2]["choice"] is None
 

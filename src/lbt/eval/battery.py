@@ -7,7 +7,8 @@ Every measure asks each item in both option orders ("original": the pro option i
   pro and the anti letter (in the swapped question the pro option carries the other letter);
   stance = logp_pro − logp_anti. Each letter must be one token in the configured option form.
 - `forced_choice`: greedy answer to the same question; the first answer letter found decides:
-  +1 pro, −1 anti, 0 unparsed (the raw text is kept, nothing is guessed).
+  +1 pro, −1 anti, NaN unparsed (excluded from means, counted in the parse rate, as for `likert`; the
+  raw text is kept, nothing is guessed).
 - `logprob`: the item's verdict words (" Approve"/" Decline", ...) after each of the 4 contrast questions,
   per-token mean log-probability (length normalisation); stance = mean_pro − mean_anti; one row per
   (contrast template, order).
@@ -422,7 +423,7 @@ def _choice_rows(cases, generations, items: ItemSet, phase: str | None) -> list[
         # The item's own letters, whatever option_form the letter log-probs use (" A" is still answer "A").
         pro, anti = forced_choice_labels(item, order)
         choice = parse_choice(generation.text, (pro, anti))
-        stance = 0.0 if choice is None else (1.0 if choice == pro else -1.0)
+        stance = math.nan if choice is None else (1.0 if choice == pro else -1.0)
         rows.append(
             _row(
                 "forced_choice",
