@@ -27,9 +27,11 @@ import numpy as np
 
 from lbt.stats.aggregate import FRAMED_ARMS, CellTable, StatsWarning, aggregate_cells
 from lbt.stats.bootstrap import ItemDraw, bootstrap_effects, percentile_ci, share_at_or_below_zero
+from lbt.stats.calibrated import calibrated_table
 from lbt.stats.effect_size import combined_directional, effect_size, sample_sd
 from lbt.stats.holm import holm
 from lbt.stats.tost import tost
+from lbt.stats.variance import table_components
 
 
 def stream_for(seed: int, family: str, measure: str) -> np.random.Generator:
@@ -103,7 +105,14 @@ def analyse_table(
             f"family {table.family!r}, measure {table.measure!r}: combined estimate needs both "
             f"framed arms (present: {list(table.arms)})"
         )
+    components, component_info = table_components(table)
     entry.update(
+        calibrated=calibrated_table(table, alpha, seed),
+        variance_components={
+            "components": components.as_dict() if components else None,
+            "sigma_total": components.sigma_total if components else None,
+            **component_info,
+        },
         n_items=len(table.items),
         n_seeds=len(table.seeds),
         seeds=list(table.seeds),
@@ -142,7 +151,10 @@ def primary_report(
     and `frame_minus` (`{d, ci, tost: {p_lower, p_upper, equivalent}}`, None when the arm is absent),
     `combined_directional` (`{d, ci, p_one_sided}`, None unless both framed arms are present),
     `n_items`, `n_seeds`, and bookkeeping: seeds, resampling, means, neutral_sd, n_rows, nan_excluded,
-    empty_cells, sources, notes.
+    empty_cells, sources, notes; and beside the pre-registered line, `calibrated` (per framed arm and
+    combined: `{d, ci, df, p_one_sided, p_two_sided, n_seeds, n_items, ...}`, lbt.stats.calibrated)
+    and `variance_components` (lbt.stats.variance). `calibrated_holm` is Holm on the calibrated
+    combined p-values.
     """
     if n_resamples < 1:
         raise ValueError(f"n_resamples must be positive, got {n_resamples}")
@@ -166,6 +178,16 @@ def primary_report(
             if measure in per_family
         }
         holm_by_measure[measure] = holm(pvalues, alpha)
+    calibrated_holm = {}
+    for measure in measures:
+        pvalues = {
+            family: ((per_family[measure]["calibrated"] or {}).get("combined_directional") or {}).get(
+                "p_one_sided"
+            )
+            for family, per_family in families.items()
+            if measure in per_family
+        }
+        calibrated_holm[measure] = holm(pvalues, alpha)
     return {
         "settings": {
             "n_resamples": n_resamples,
@@ -178,9 +200,12 @@ def primary_report(
             "bootstrap": "seeds with replacement, then base items within each drawn seed; "
             "one draw for all arms",
             "item_draw": item_draw,
+            "calibrated": "beside the pre-registered line, not instead of it: "
+            "crossed seed × item random effects, small-sample df (lbt.stats.calibrated)",
         },
         "families": dict(families),
         "holm": holm_by_measure,
+        "calibrated_holm": calibrated_holm,
         "nan_counts": {
             family: {measure: entry["nan_excluded"] for measure, entry in per_family.items()}
             for family, per_family in families.items()
