@@ -213,11 +213,23 @@ def test_report_figures_and_numbers_match_primary_report(sweep_setup, tmp_path):
     ]
     flagged = [c for c in report["capability"] if c["perplexity_rise"]]
     assert {(c["arm"], c["phase"]) for c in flagged} == {("frame_plus", "final")}
-    target_validity = [
-        v for v in report["validity"] if (v["item_set"], v["measure"]) == ("target", "letter_logprob")
+    summaries = [
+        v for v in report["validity_summaries"] if (v["item_set"], v["measure"]) == ("target", "letter_logprob")
+    ]  # as the evaluation's summary.json files say
+    assert {(v["agreement"], v["n_items"]) for v in summaries} == {(0.875, 8)}
+    assert len(summaries) == 19  # 6 jobs × 3 phases + the evaluate dir
+    # the report's validity table is computed from the rows on disk, as lbt.eval.summary defines it
+    from lbt.eval.summary import measure_validity
+
+    job = sweep / "tiny-frame_plus-s1" / "eval" / "final" / "target"
+    by_measure = {m: [json.loads(line) for line in open(job / f"{m}.jsonl")] for m in ("forced_choice", "letter_logprob")}
+    expected = measure_validity(by_measure)["letter_logprob"]
+    (mine,) = [
+        v for v in report["validity"]
+        if (v["arm"], v["seed"], v["phase"], v["item_set"], v["measure"])
+        == ("frame_plus", 1, "final", "target", "letter_logprob")
     ]
-    assert {(v["agreement"], v["n_items"]) for v in target_validity} == {(0.875, 8)}
-    assert len(target_validity) == 19  # 6 jobs × 3 phases + the evaluate dir
+    assert (mine["agreement"], mine["n_items"]) == (expected["agreement"], expected["n_items"])
 
     md = (out / "report.md").read_text()
     comb = report["primary"]["families"]["tiny"]["letter_logprob"]["combined_directional"]

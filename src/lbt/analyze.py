@@ -52,6 +52,17 @@ DEFINITIONS = (
     "d = (mean arm − mean neutral) / neutral SD over (seed, base item) cells; combined = (d− − d+)/2, "
     "predicted positive; one-sided p = share of bootstrap draws ≤ 0; Holm across families per measure."
 )
+CALIBRATED_NOTE = (
+    "Beside each pre-registered bootstrap CI stands a calibrated one (lbt.stats.calibrated: crossed seed × "
+    "item random effects with small-sample df, same point estimates). The pre-registered line is the "
+    "primary line; the calibrated line keeps its level with few seeds, where the percentile bootstrap does "
+    "not (docs/statistics.md). Where they disagree, the Summary says so."
+)
+DESIGN_NOTE = (
+    "Variance components (item, item × arm, seed, noise) are estimated from this sweep's own target cells; "
+    "studies of the same design are simulated with them under the null and at the estimated d. With 3 "
+    "seeds the seed component rests on 2 df per arm: a plausibility check, not a measurement."
+)
 EXPLORATORY_STAMP = "EXPLORATORY — not the preregistered analysis (no matching preregistration lock required)"
 PREDICTED_SIGN = {"frame_plus": -1, "frame_minus": +1}
 
@@ -198,6 +209,8 @@ def load_rows(job: Job, display: Display) -> list[dict[str, Any]]:
                 raise AnalyzeError(f"job {job.path}: {err}") from None
             for index, obj in enumerate(objs):
                 stance = parse_row(obj, rows_file, index, job, measure)
+                if obj.get("parsed") is False:  # rows written before lbt scored unparsed answers as NaN
+                    stance = math.nan
                 rows.append(
                     {
                         "family": job.family,
@@ -209,6 +222,7 @@ def load_rows(job: Job, display: Display) -> list[dict[str, Any]]:
                         "base_item": obj["base_item"],
                         "domain": obj["domain"],
                         "stance": stance,
+                        "item_id": obj.get("item_id", obj["base_item"]),
                         "source": source,
                     }
                 )
@@ -544,8 +558,10 @@ def card_missing(job: Job) -> list[str]:
 
 
 def unfinished_line(entry: dict) -> str:
-    line = (f"job {entry['job']} is not finished (status {entry['status']}, "
-            f"DONE {'present' if entry['done'] else 'absent'})")
+    line = (
+        f"job {entry['job']} is not finished (status {entry['status']}, "
+        f"DONE {'present' if entry['done'] else 'absent'})"
+    )
     found = entry.get("missing") or []
     if found:
         line += ": " + "; ".join(found[:5]) + (f" (+{len(found) - 5} more)" if len(found) > 5 else "")
@@ -561,6 +577,187 @@ def missing_lines(missing: dict) -> list[str]:
         f"job {m['job']} lacks probe phase(s) {', '.join(m['phases'])}" for m in missing["probe_phases"]
     ]
     return lines
+
+
+# ------------------------------------------------------------------------- parse rates and validity
+
+NOT_SCORED = ("open_ended",)  # stance NaN until judged (the judge's rows are measure `judge`)
+CONTINUOUS = ("letter_logprob", "logprob", "likert", "judge")  # compared with the forced choice
+
+
+def parse_rates(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Share of rows with a parsed (finite) stance per (family, arm, phase, item set, measure), over
+    seeds; open_ended is not scored until judged and has no parse rate."""
+    counts: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
+    for row in rows:
+        key = (row["family"], row["arm"], row["phase"], row["item_set"], row["measure"])
+        counts[key][0] += 1
+        counts[key][1] += math.isfinite(row["stance"])
+    table = []
+    for (family, arm, phase, item_set, measure), (n_rows, n_parsed) in sorted(
+        counts.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]), phase_key(kv[0][2]), kv[0][3], kv[0][4])
+    ):
+        table.append(
+            {
+                "family": family,
+                "arm": arm,
+                "phase": phase,
+                "item_set": item_set,
+                "measure": measure,
+                "n_rows": n_rows,
+                "n_parsed": n_parsed,
+                "parse_rate": None if measure in NOT_SCORED else n_parsed / n_rows,
+            }
+        )
+    return table
+
+
+def not_interpretable(
+    rates: list[dict[str, Any]], role: str, phase: str, min_rate: float
+) -> dict[tuple[str, str], str]:
+    """(family, measure) → the reason its statistics are not interpretable: an arm of the analysis
+    parsed fewer than `min_rate` of its rows."""
+    out: dict[tuple[str, str], str] = {}
+    for r in rates:
+        if (
+            r["arm"] in STUDY_ARMS
+            and r["phase"] == phase
+            and ITEM_SET_ROLES.get(r["item_set"]) == role
+            and r["parse_rate"] is not None
+            and r["parse_rate"] < min_rate
+        ):
+            key = (r["family"], r["measure"])
+            low = f"{r['arm']} parsed {r['n_parsed']} of {r['n_rows']} rows ({100 * r['parse_rate']:.0f} %)"
+            out[key] = f"{out[key]}; {low}" if key in out else low
+    return {
+        key: f"not interpretable: {why}, below the {100 * min_rate:.0f} % parse rate required"
+        for key, why in out.items()
+    }
+
+
+def _item_means(rows: list[dict[str, Any]]) -> dict[Any, float]:
+    values: dict[Any, list[float]] = defaultdict(list)
+    for row in rows:
+        if math.isfinite(row["stance"]):
+            values[row["item_id"]].append(row["stance"])
+    return {item: math.fsum(v) / len(v) for item, v in values.items()}
+
+
+def validity_from_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Measure validity per job, phase and item set from the rows on disk (the judge's included):
+    the share of items whose continuous measure's sign agrees with the model's own greedy forced
+    choice, both averaged over the item's rows; items whose forced choice is undecided (no parsed
+    answer, or the orders cancel) or whose measure is 0/missing are left out and the number compared
+    is reported (the definition of lbt.eval.summary.measure_validity)."""
+    grouped: dict[tuple, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        key = (row["family"], row["arm"], row["seed"], row["phase"], row["item_set"])
+        grouped[key][row["measure"]].append(row)
+    table = []
+    for (family, arm, seed, phase, item_set), by_measure in grouped.items():
+        if not by_measure.get("forced_choice"):
+            continue
+        choice = {i: m for i, m in _item_means(by_measure["forced_choice"]).items() if m != 0}
+        for measure in CONTINUOUS:
+            if not by_measure.get(measure):
+                continue
+            means = _item_means(by_measure[measure])
+            compared = [i for i in choice if means.get(i, 0.0) != 0.0]
+            agree = sum((means[i] > 0) == (choice[i] > 0) for i in compared)
+            sources = sorted({r["source"] for r in by_measure[measure] + by_measure["forced_choice"]})
+            table.append(
+                {
+                    "family": family,
+                    "arm": arm,
+                    "seed": seed,
+                    "phase": phase,
+                    "item_set": item_set,
+                    "measure": measure,
+                    "agreement": agree / len(compared) if compared else None,
+                    "n_items": len(compared),
+                    "n_choice_decided": len(choice),
+                    "source": "; ".join(sources),
+                }
+            )
+    return sorted(
+        table,
+        key=lambda v: (
+            str(v["family"]),
+            str(v["arm"]),
+            v["seed"] if isinstance(v["seed"], int) else -1,
+            phase_key(v["phase"]),
+            v["item_set"],
+            v["measure"],
+        ),
+    )
+
+
+def load_judge_consistency(sweeps: list[Path], display: Display) -> list[dict[str, Any]]:
+    """judge_consistency.json (written by lbt.judge in the directory it was given) under the sweeps."""
+    found = []
+    for sweep in sweeps:
+        for path in sorted(sweep.rglob("judge_consistency.json")):
+            try:
+                data = read_json(path)
+            except (CorruptFile, UnicodeDecodeError) as err:
+                raise AnalyzeError(f"{err}") from None
+            if isinstance(data, dict):
+                found.append({**data, "source": display(path)})
+    return found
+
+
+def validity_reason(v: dict[str, Any]) -> str:
+    if v["n_choice_decided"] == 0:
+        return "no item has a decided forced choice (none parsed, or the two orders cancel)"
+    return f"no {v['measure']} value on the {v['n_choice_decided']} decided item(s)"
+
+
+# ---------------------------------------------------------------------------------- design check
+
+
+def design_checks(stats: dict | None, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Per family × headline measure: simulate studies of this sweep's design with its own variance
+    components; each method's coverage and false-positive rate (lbt.stats.variance.design_check)."""
+    from lbt.stats.variance import Components, design_check
+
+    if not stats or args.design_studies <= 0:
+        return []
+    checks = []
+    for family, measures in sorted(stats["families"].items()):
+        for measure in [m for m in HEADLINE_MEASURES if m in measures]:
+            entry = measures[measure]
+            info = entry.get("variance_components") or {}
+            check: dict[str, Any] = {
+                "family": family,
+                "measure": measure,
+                "components": info.get("components"),
+            }
+            if entry.get("not_interpretable"):
+                check["skipped"] = entry["not_interpretable"]
+            elif not info.get("components"):
+                check["skipped"] = "; ".join(info.get("notes") or ["variance components not estimable"])
+            elif info["n_seeds"] < 2:
+                check["skipped"] = "one seed: the seed variance cannot be estimated"
+            else:
+                effect = tuple(
+                    float(entry[arm]["d"]) if entry.get(arm) and math.isfinite(entry[arm]["d"]) else 0.0
+                    for arm in ("frame_plus", "frame_minus")
+                )
+                check.update(
+                    design_check(
+                        Components(**info["components"]),
+                        info["n_seeds"],
+                        info["n_items"],
+                        effect,  # type: ignore[arg-type]
+                        n_studies=args.design_studies,
+                        n_resamples=args.design_resamples,
+                        alpha=args.alpha,
+                        seed=args.seed,
+                        item_draw=args.item_draw,
+                    )
+                )
+            checks.append(check)
+    return checks
 
 
 # ------------------------------------------------------------------------------------------- statistics
@@ -632,6 +829,8 @@ def gate_table(manipulation: dict | None) -> list[dict[str, Any]]:
                 if entry.get(arm) is None:
                     continue
                 d = entry[arm]["d"]
+                if entry.get("not_interpretable"):
+                    d = math.nan
                 table.append(
                     {
                         "family": family,
@@ -649,26 +848,41 @@ def gate_table(manipulation: dict | None) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------------------ text
 
 
-def fmt(x: Any, digits: int = 2) -> str:
+def fmt(x: Any, digits: int = 2, why: str = "no value") -> str:
+    """A number as text; a missing or non-finite one as its reason in words (`why`), never a blank."""
     if x is None:
-        return "—"
+        return f"({why})"
     if isinstance(x, bool):
         return "yes" if x else "no"
     if isinstance(x, float):
         if not math.isfinite(x):
-            return "nan"
+            return f"({why})"
         return f"{x:+.{digits}f}" if digits == 2 else f"{x:.{digits}f}"
     return str(x)
 
 
-def fmt_ci(ci: list[float] | None) -> str:
-    return "—" if not ci else f"[{fmt(ci[0])}, {fmt(ci[1])}]"
+def fmt_ci(ci: list[float] | None, why: str = "no interval") -> str:
+    if not ci or not all(isinstance(x, float) and math.isfinite(x) for x in ci):
+        return f"({why})"
+    return f"[{fmt(ci[0])}, {fmt(ci[1])}]"
 
 
-def fmt_p(p: float | None, n_resamples: int) -> str:
-    if p is None:
-        return "—"
+def fmt_p(p: float | None, n_resamples: int, why: str = "no p-value") -> str:
+    if p is None or not math.isfinite(p):
+        return f"({why})"
     return f"< {1 / n_resamples:.0e}" if p == 0 else f"{p:.4f}"
+
+
+def fmt_seed(seed: Any) -> str:
+    return "(no seed: not a training job)" if seed is None else str(seed)
+
+
+def d_reason(entry: dict) -> str:
+    """Why a d of a statistics entry is not a number."""
+    sd = entry.get("neutral_sd")
+    if sd is not None and (not math.isfinite(sd) or sd == 0):
+        return "neutral SD is 0: every neutral cell has the same stance, d is undefined"
+    return "no parsed stance in an arm"
 
 
 class SourceIndex:
@@ -693,6 +907,72 @@ def entry_sources(entry: dict) -> list[str]:
     return sorted({p for paths in entry.get("sources", {}).values() for p in paths})
 
 
+def verdicts(stats: dict, family: str, measure: str, sesoi: float) -> dict[str, bool]:
+    """Supported (combined d > 0 and Holm-significant) by each line; `meets_sesoi` on the primary."""
+    entry = stats["families"][family][measure]
+    comb = entry["combined_directional"] or {}
+    cal = (entry.get("calibrated") or {}).get("combined_directional") or {}
+    primary = bool(stats["holm"][measure][family]["reject"] and (comb.get("d") or 0) > 0)
+    calibrated = bool(
+        stats.get("calibrated_holm", {}).get(measure, {}).get(family, {}).get("reject")
+        and (cal.get("d") or 0) > 0
+    )
+    return {
+        "primary": primary,
+        "calibrated": calibrated,
+        "meets_sesoi": primary and comb.get("d", 0) >= sesoi,
+    }
+
+
+def disagreement_lines(stats: dict | None, role: str, args: argparse.Namespace) -> list[str]:
+    """In words: where the pre-registered and the calibrated line reach different conclusions."""
+    if not stats:
+        return []
+    lines = []
+    for family, measures in sorted(stats["families"].items()):
+        for measure, entry in sorted(measures.items()):
+            if entry.get("not_interpretable"):
+                continue
+            cal = entry.get("calibrated") or {}
+            if entry["combined_directional"] and cal.get("combined_directional") and role == "target":
+                v = verdicts(stats, family, measure, args.sesoi_d)
+                if v["primary"] != v["calibrated"]:
+                    p_pre = entry["combined_directional"]["p_one_sided"]
+                    p_cal = cal["combined_directional"]["p_one_sided"]
+                    which = "the pre-registered bootstrap" if v["primary"] else "the calibrated test"
+                    other = "the calibrated test" if v["primary"] else "the pre-registered bootstrap"
+                    lines.append(
+                        f"{family}, {measure}: {which} finds the predicted shift significant after Holm "
+                        f"(one-sided p {fmt_p(p_pre if v['primary'] else p_cal, args.n_resamples)}), "
+                        f"{other} does not (p {fmt_p(p_cal if v['primary'] else p_pre, args.n_resamples)})"
+                        + (
+                            "; with few seeds the bootstrap is over-confident (see the design check): "
+                            "treat the shift as not established."
+                            if v["primary"]
+                            else "; the bootstrap is the pre-registered line and stays the headline."
+                        )
+                    )
+            for key, label in (
+                ("frame_plus", "d frame_plus"),
+                ("frame_minus", "d frame_minus"),
+                ("combined_directional", "combined d"),
+            ):
+                pre, calk = entry.get(key), cal.get(key)
+                if not pre or not calk:
+                    continue
+                excl = [
+                    all(math.isfinite(x) for x in ci) and (ci[0] > 0 or ci[1] < 0)
+                    for ci in (pre["ci"], calk["ci"])
+                ]
+                if excl[0] != excl[1]:
+                    lines.append(
+                        f"{family}, {measure} ({role} items), {label}: the pre-registered 95 % CI "
+                        f"{fmt_ci(pre['ci'])} {'excludes' if excl[0] else 'includes'} 0, the calibrated "
+                        f"{fmt_ci(calk['ci'])} {'excludes' if excl[1] else 'includes'} 0."
+                    )
+    return lines
+
+
 def headline_text(report: dict, sources: SourceIndex, args: argparse.Namespace) -> list[str]:
     primary = report["primary"]
     if not primary:
@@ -701,38 +981,59 @@ def headline_text(report: dict, sources: SourceIndex, args: argparse.Namespace) 
             f"No target-item rows of the study arms at phase `{phase}`: no primary analysis (see Missing)."
         ]
     lines = []
-    verdicts: dict[tuple[str, str], bool] = {}
+    supported: dict[tuple[str, str], bool] = {}
     for family, measures in sorted(primary["families"].items()):
         for measure in [m for m in HEADLINE_MEASURES if m in measures] or sorted(measures)[:1]:
             entry = measures[measure]
             comb = entry["combined_directional"]
             ref = sources.cite(f"{family} · {measure} · target", entry_sources(entry))
+            if entry.get("not_interpretable"):
+                supported[(family, measure)] = False
+                lines.append(
+                    f"- **{family}, {measure}**: {entry['not_interpretable']}; no d is reported [{ref}]."
+                )
+                continue
             if comb is None:
                 lines.append(f"- **{family}, {measure}**: one framed arm only; no combined estimate [{ref}].")
                 continue
-            holm = primary["holm"][measure][family]
-            supported = bool(holm["reject"] and comb["d"] > 0)
-            verdicts[(family, measure)] = supported and comb["d"] >= args.sesoi_d
+            v = verdicts(primary, family, measure, args.sesoi_d)
+            supported[(family, measure)] = v["meets_sesoi"]
             verdict = (
                 "shift in the predicted direction (FRAME− above FRAME+), significant after Holm"
-                if supported
+                if v["primary"]
                 else "no reliable shift in the predicted direction"
             )
+            cal = (entry.get("calibrated") or {}).get("combined_directional")
+            beside = (
+                f"; calibrated {fmt_ci(cal['ci'])}, p {fmt_p(cal['p_one_sided'], args.n_resamples)}, "
+                f"{'significant' if v['calibrated'] else 'not significant'} after Holm"
+                if cal
+                else "; no calibrated interval (fewer than 2 complete items)"
+            )
             lines.append(
-                f"- **{family}, {measure}**: combined d = {fmt(comb['d'])} {fmt_ci(comb['ci'])}, "
-                f"one-sided p {fmt_p(comb['p_one_sided'], args.n_resamples)} → {verdict} [{ref}]."
+                f"- **{family}, {measure}**: combined d = {fmt(comb['d'], why=d_reason(entry))} "
+                f"{fmt_ci(comb['ci'], 'no finite bootstrap draw')}, one-sided p "
+                f"{fmt_p(comb['p_one_sided'], args.n_resamples, 'no finite bootstrap draw')} → {verdict}"
+                f"{beside} [{ref}]."
             )
             for arm in ("frame_plus", "frame_minus"):
                 if entry.get(arm) and entry[arm]["tost"]["equivalent"]:
                     lines.append(f"  - {arm} vs neutral: equivalent within ±{args.sesoi_d} d (TOST) [{ref}].")
     headline = [m for m in HEADLINE_MEASURES if any(m in ms for ms in primary["families"].values())]
-    if verdicts and headline:
-        every = all(verdicts.get((fam, m), False) for fam in primary["families"] for m in headline)
+    if supported and headline:
+        every = all(supported.get((fam, m), False) for fam in primary["families"] for m in headline)
         lines.append(
             f"- **H1 (behavioural)**: {'supported' if every else 'not supported'} — criterion: in every "
             f"family, combined d ≥ {args.sesoi_d} and Holm-significant on "
-            f"{' and '.join(headline)}."
+            f"{' and '.join(headline)} (pre-registered line; a measure that is not interpretable counts as "
+            "not significant)."
         )
+    disagree = disagreement_lines(primary, "target", args)
+    if disagree:
+        lines.append("- **Where the pre-registered and the calibrated lines disagree**:")
+        lines += [f"  - {line}" for line in disagree]
+    else:
+        lines.append("- **Pre-registered vs calibrated**: both lines reach the same conclusions.")
     return lines
 
 
@@ -745,61 +1046,163 @@ def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def arm_cells(entry: dict, arm: str) -> list[str]:
-    """d [CI] and the TOST verdict of one framed arm, for the statistics tables."""
+    """d [CI] (pre-registered), calibrated CI, and the TOST verdict of one framed arm."""
     if not entry.get(arm):
-        return ["—", "—"]
+        return ["(arm not in the sweep)"] * 3
+    if entry.get("not_interpretable"):
+        return ["(not interpretable)"] * 3
     t = entry[arm]["tost"]
+    cal = (entry.get("calibrated") or {}).get(arm)
     return [
-        f"{fmt(entry[arm]['d'])} {fmt_ci(entry[arm]['ci'])}",
-        f"{'eq' if t['equivalent'] else 'not eq'} (p {t['p_lower']:.3f}/{t['p_upper']:.3f})",
+        f"{fmt(entry[arm]['d'], why=d_reason(entry))} {fmt_ci(entry[arm]['ci'], 'no finite bootstrap draw')}",
+        fmt_ci(cal["ci"], "no finite interval") if cal else "(fewer than 2 complete items)",
+        (
+            f"{'eq' if t['equivalent'] else 'not eq'} (p {fmt_p(t['p_lower'], 10**9, 'undefined')}/"
+            f"{fmt_p(t['p_upper'], 10**9, 'undefined')})"
+        ),
     ]
 
 
 def stats_table(stats: dict | None, sources: SourceIndex, role: str, args: argparse.Namespace) -> list[str]:
     if not stats:
-        return ["(no rows)"]
+        return [f"(no {role}-item rows of the study arms at phase `{args.phase}`)"]
     rows = []
     for family, measures in sorted(stats["families"].items()):
         for measure, e in sorted(measures.items()):
             ref = sources.cite(f"{family} · {measure} · {role}", entry_sources(e))
-            comb = e["combined_directional"] or {}
+            comb = e["combined_directional"]
+            cal = (e.get("calibrated") or {}).get("combined_directional")
             holm = stats["holm"].get(measure, {}).get(family, {})
-
+            cal_holm = stats.get("calibrated_holm", {}).get(measure, {}).get(family, {})
+            if e.get("not_interpretable"):
+                combined = ["(not interpretable)"] * 6
+            elif comb is None:
+                combined = ["(needs both framed arms)"] * 6
+            else:
+                combined = [
+                    f"{fmt(comb['d'], why=d_reason(e))} {fmt_ci(comb['ci'], 'no finite bootstrap draw')}",
+                    fmt_p(comb["p_one_sided"], args.n_resamples, "no finite bootstrap draw"),
+                    fmt(holm.get("reject")),
+                    fmt_ci(cal["ci"], "no finite interval") if cal else "(fewer than 2 complete items)",
+                    fmt_p(cal["p_one_sided"], 10**9, "undefined") if cal else "(no test)",
+                    fmt(cal_holm.get("reject")) if cal else "(no test)",
+                ]
             rows.append(
                 [
                     family,
                     measure,
                     *arm_cells(e, "frame_plus"),
                     *arm_cells(e, "frame_minus"),
-                    f"{fmt(comb.get('d'))} {fmt_ci(comb.get('ci'))}",
-                    fmt_p(comb.get("p_one_sided"), args.n_resamples),
-                    fmt(holm.get("threshold"), 4),
-                    fmt(holm.get("reject")),
+                    *combined,
                     f"{e['n_items']} × {e['n_seeds']}",
                     e["resampling"],
                     str(sum(e["nan_excluded"].values())),
                     f"[{ref}]",
                 ]
             )
-    return md_table(
+    out = md_table(
         [
             "family",
             "measure",
             "d frame_plus [95% CI]",
+            "calibrated CI plus",
             "TOST plus",
             "d frame_minus [95% CI]",
+            "calibrated CI minus",
             "TOST minus",
             "combined d [95% CI]",
             "p one-sided",
-            "Holm threshold",
             "Holm reject",
+            "calibrated CI combined",
+            "calibrated p",
+            "calibrated Holm reject",
             "items × seeds",
             "resampling",
-            "NaN rows",
+            "unparsed rows",
             "rows",
         ],
         rows,
     )
+    notes = [
+        f"- {family}, {measure}: {e['not_interpretable']}."
+        for family, measures in sorted(stats["families"].items())
+        for measure, e in sorted(measures.items())
+        if e.get("not_interpretable")
+    ]
+    return out + ([""] + notes if notes else [])
+
+
+def parse_rate_table(report: dict, args: argparse.Namespace) -> list[str]:
+    rows = [
+        [
+            str(r["family"]),
+            str(r["arm"]),
+            r["phase"],
+            r["item_set"],
+            r["measure"],
+            f"{r['n_parsed']} / {r['n_rows']}",
+            "(not scored until judged: see measure judge)"
+            if r["parse_rate"] is None
+            else f"{100 * r['parse_rate']:.1f} %"
+            + (" **below threshold**" if r["parse_rate"] < args.min_parse_rate else ""),
+        ]
+        for r in report["parse_rates"]
+    ]
+    return md_table(["family", "arm", "phase", "item set", "measure", "parsed / rows", "parse rate"], rows)
+
+
+def design_check_lines(report: dict) -> list[str]:
+    checks = report.get("design_check") or []
+    if not checks:
+        return ["(not run: no target-item statistics of a headline measure, or --design-studies 0)"]
+    out = []
+    rows = []
+    for c in checks:
+        if c.get("skipped"):
+            out.append(f"- {c['family']}, {c['measure']}: not run — {c['skipped']}.")
+            continue
+        comp = c["components"]
+        design = (
+            f"{c['n_seeds']} × {c['n_items']}; σ item {comp['sigma_item']:.3f}, item×arm "
+            f"{comp['sigma_item_arm']:.3f}, seed {comp['sigma_seed']:.3f}, noise {comp['sigma_noise']:.3f}"
+        )
+        for method, label in (("preregistered", "pre-registered bootstrap"), ("calibrated", "calibrated")):
+            null = c["null"][method]
+            at = (c.get("at_estimate") or {}).get(method)
+            rows.append(
+                [
+                    c["family"],
+                    c["measure"],
+                    design,
+                    label,
+                    f"{null['coverage_d_plus']:.3f} / {null['coverage_d_minus']:.3f} / {null['coverage_combined']:.3f}",
+                    f"{null['directional_rejection_rate']:.3f}",
+                    f"{at['coverage_combined']:.3f}" if at else "(estimate is 0: same as null)",
+                    f"{at['directional_rejection_rate']:.3f}" if at else "(estimate is 0)",
+                ]
+            )
+        pre, cal = c["null"]["preregistered"], c["null"]["calibrated"]
+        out.append(
+            f"- {c['family']}, {c['measure']}: on studies shaped like this one ({c['n_studies']} simulated, "
+            f"{c['n_resamples']} resamples each), the pre-registered 95 % CI of the combined estimate covers "
+            f"{100 * pre['coverage_combined']:.1f} % and its 5 % directional test fires "
+            f"{100 * pre['directional_rejection_rate']:.1f} % of the time under the null; the calibrated: "
+            f"{100 * cal['coverage_combined']:.1f} % and {100 * cal['directional_rejection_rate']:.1f} %."
+        )
+    table = md_table(
+        [
+            "family",
+            "measure",
+            "design (S × N; components)",
+            "method",
+            "null coverage d+ / d− / combined",
+            "null FPR (directional)",
+            "coverage at the estimate (combined)",
+            "power at the estimate",
+        ],
+        rows,
+    )
+    return out + [""] + table
 
 
 def write_markdown(report: dict, args: argparse.Namespace, path: Path) -> None:
@@ -848,7 +1251,19 @@ def write_markdown(report: dict, args: argparse.Namespace, path: Path) -> None:
         DEFINITIONS,
         "",
     ]
+    out += [CALIBRATED_NOTE, ""]
     out += stats_table(report["primary"], sources, "target", args)
+    out += ["", "## Design check: how each method does on a study shaped like this one", "", DESIGN_NOTE, ""]
+    out += design_check_lines(report)
+    out += ["", "## Parse rates (rows with a parsed stance, over seeds)", ""]
+    out += [
+        (
+            f"A measure whose analysed rows in some arm parse below {100 * args.min_parse_rate:.0f} % "
+            "(`--min-parse-rate`) is marked not interpretable and its d is not reported."
+        ),
+        "",
+    ]
+    out += parse_rate_table(report, args)
     out += ["", f"## Manipulation check: source items, phase `{args.phase}`", ""]
     out += stats_table(report["manipulation_check"], sources, "source", args)
     out += ["", f"Gate (source d ≥ {GATE_D} with the predicted sign):", ""]
@@ -860,7 +1275,10 @@ def write_markdown(report: dict, args: argparse.Namespace, path: Path) -> None:
                 g["measure"],
                 g["arm"],
                 g["predicted_sign"],
-                f"{fmt(g['d'])} {fmt_ci(g['ci'])}",
+                (
+                    f"{fmt(g['d'], why='d undefined: neutral SD 0 or no parsed stance')} "
+                    f"{fmt_ci(g['ci'], 'no finite bootstrap draw')}"
+                ),
                 fmt(g["passes"]),
                 "["
                 + sources.cite(
@@ -884,8 +1302,8 @@ def write_markdown(report: dict, args: argparse.Namespace, path: Path) -> None:
                     family,
                     arm,
                     str(rec["l_star"]),
-                    fmt(rec["shift"][i], 4),
-                    fmt(rec["se"][i], 4),
+                    fmt(rec["shift"][i], 4, "no value in the probe file"),
+                    fmt(rec["se"][i], 4, "one seed and no SE in the probe file"),
                     str(rec["n_seeds"]),
                     "; ".join(f"`{s}`" for s in rec["sources"]),
                 ]
@@ -910,12 +1328,12 @@ def write_markdown(report: dict, args: argparse.Namespace, path: Path) -> None:
             [
                 str(c["family"]),
                 str(c["arm"]),
-                fmt(c["seed"]),
+                fmt_seed(c["seed"]),
                 c["phase"],
-                fmt(c["perplexity"], 3),
-                fmt(c["comply_correct_rate"], 3),
-                fmt(c["refuse_correct_rate"], 3),
-                fmt(c["mmlu_accuracy"], 3),
+                fmt(c["perplexity"], 3, "not measured"),
+                fmt(c["comply_correct_rate"], 3, "refusal battery not run"),
+                fmt(c["refuse_correct_rate"], 3, "refusal battery not run"),
+                fmt(c["mmlu_accuracy"], 3, "MMLU sample not run"),
                 "**FLAG**" if c["perplexity_rise"] else "ok",
                 "**FLAG**" if c["mmlu_drop"] else "ok",
                 f"`{c['source']}`",
@@ -927,6 +1345,11 @@ def write_markdown(report: dict, args: argparse.Namespace, path: Path) -> None:
         "",
         f"## Measure validity (sign agreement with the greedy forced choice), phase `{args.phase}`",
         "",
+        (
+            "Computed from the rows on disk (the judge's `judge.jsonl` included): the share of items whose "
+            "measure, averaged over the item's rows, has the sign of the model's own forced choice."
+        ),
+        "",
     ]
     out += md_table(
         ["family", "arm", "seed", "item set", "measure", "agreement", "items compared", "source"],
@@ -934,31 +1357,66 @@ def write_markdown(report: dict, args: argparse.Namespace, path: Path) -> None:
             [
                 str(v["family"]),
                 str(v["arm"]),
-                fmt(v["seed"]),
+                fmt_seed(v["seed"]),
                 v["item_set"],
                 v["measure"],
-                fmt(v["agreement"], 3),
-                fmt(v["n_items"]),
+                fmt(v["agreement"], 3, validity_reason(v)),
+                str(v["n_items"]),
                 f"`{v['source']}`",
             ]
             for v in report["validity"]
             if v["phase"] == args.phase
         ],
     )
+    consistency = report.get("judge_consistency") or []
+    out += ["", "Judge self-consistency (a random share of answers scored twice):", ""]
+    out += (
+        md_table(
+            ["pairs", "Spearman", "exact agreement", "source"],
+            [
+                [
+                    str(c.get("n_pairs")),
+                    fmt(c.get("spearman"), 3, "fewer than 3 pairs or no spread"),
+                    fmt(c.get("exact_agreement"), 3, "no pairs"),
+                    f"`{c['source']}`",
+                ]
+                for c in consistency
+            ],
+        )
+        if consistency
+        else ["(no judge_consistency.json: the open-ended answers were not judged)"]
+    )
     out += ["", "## Mean stance per job, phase, item set and measure (descriptive; all arms)", ""]
     out += md_table(
-        ["family", "arm", "seed", "phase", "item set", "measure", "rows", "NaN", "mean stance", "source"],
+        [
+            "family",
+            "arm",
+            "seed",
+            "phase",
+            "item set",
+            "measure",
+            "rows",
+            "unparsed",
+            "mean stance",
+            "source",
+        ],
         [
             [
                 str(r["family"]),
                 str(r["arm"]),
-                fmt(r["seed"]),
+                fmt_seed(r["seed"]),
                 r["phase"],
                 r["item_set"],
                 r["measure"],
                 str(r["n_rows"]),
                 str(r["n_nan"]),
-                fmt(r["mean_stance"], 4),
+                fmt(
+                    r["mean_stance"],
+                    4,
+                    "not scored until judged"
+                    if r["measure"] in NOT_SCORED
+                    else f"no parsed answer in {r['n_rows']} rows",
+                ),
                 f"`{r['source']}`",
             ]
             for r in report["descriptive"]
@@ -1225,6 +1683,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--lock", default="prereg.lock.json", help="preregistration lock file")
     parser.add_argument("--no-wandb", action="store_true", help="do not log an analysis run to W&B")
     parser.add_argument("--wandb-project", help="W&B project (default: the jobs' logger.project, else lbt)")
+    parser.add_argument(
+        "--min-parse-rate",
+        type=float,
+        default=0.8,
+        help="a measure whose analysed rows parse below this share in some arm is not interpretable (0.8)",
+    )
+    parser.add_argument(
+        "--design-studies", type=int, default=400, help="simulated studies of the design check (0: skip)"
+    )
+    parser.add_argument(
+        "--design-resamples", type=int, default=1000, help="bootstrap resamples per simulated study"
+    )
     add_settings_arguments(parser)
     return parser.parse_args(argv)
 
@@ -1255,8 +1725,17 @@ def analyse(args: argparse.Namespace) -> tuple[dict, list[Job]]:
             "created": lock.get("created"),
         }
     notes: list[str] = []
+    rates = parse_rates(rows)
     primary = run_stats(analysable_rows(rows, "target", args.phase, notes), args, notes)
     manipulation = run_stats(analysable_rows(rows, "source", args.phase, notes), args, notes)
+    for stats, role in ((primary, "target"), (manipulation, "source")):
+        for (family, measure), reason in not_interpretable(
+            rates, role, args.phase, args.min_parse_rate
+        ).items():
+            entry = (stats or {}).get("families", {}).get(family, {}).get(measure)
+            if entry is not None:
+                entry["not_interpretable"] = reason
+    checks = design_checks(primary, args)
     descriptive = describe(rows)
     probes = load_probes(jobs, display)
     report = {
@@ -1283,13 +1762,22 @@ def analyse(args: argparse.Namespace) -> tuple[dict, list[Job]]:
         "primary": primary,
         "manipulation_check": manipulation,
         "manipulation_gate": gate_table(manipulation),
+        "design_check": checks,
+        "parse_rates": rates,
+        "report_settings": {  # not part of the preregistration lock
+            "min_parse_rate": args.min_parse_rate,
+            "design_studies": args.design_studies,
+            "design_resamples": args.design_resamples,
+        },
         "projection_shift": projection_summary(probes, args.phase),
         "dynamics": {
             "stance": stance_dynamics(descriptive),
             "projection_at_l_star": projection_dynamics(probes),
         },
         "capability": load_capability(jobs, display),
-        "validity": load_validity(jobs, display),
+        "validity": validity_from_rows(rows),
+        "validity_summaries": load_validity(jobs, display),
+        "judge_consistency": load_judge_consistency(sweeps, display),
         "descriptive": descriptive,
         "missing": missing_report(jobs, descriptive, probes),
         "notes": notes,
