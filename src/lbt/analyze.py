@@ -982,6 +982,11 @@ def headline_text(report: dict, sources: SourceIndex, args: argparse.Namespace) 
         ]
     lines = []
     supported: dict[tuple[str, str], bool] = {}
+    for key, reason in sorted((report.get("not_interpretable") or {}).get("target", {}).items()):
+        family, measure = key.split("/", 1)
+        if measure in HEADLINE_MEASURES and measure not in primary["families"].get(family, {}):
+            supported[(family, measure)] = False  # no stance at all: left out of the statistics
+            lines.append(f"- **{family}, {measure}**: {reason}; no statistics (see Parse rates).")
     for family, measures in sorted(primary["families"].items()):
         for measure in [m for m in HEADLINE_MEASURES if m in measures] or sorted(measures)[:1]:
             entry = measures[measure]
@@ -1019,7 +1024,12 @@ def headline_text(report: dict, sources: SourceIndex, args: argparse.Namespace) 
             for arm in ("frame_plus", "frame_minus"):
                 if entry.get(arm) and entry[arm]["tost"]["equivalent"]:
                     lines.append(f"  - {arm} vs neutral: equivalent within ±{args.sesoi_d} d (TOST) [{ref}].")
-    headline = [m for m in HEADLINE_MEASURES if any(m in ms for ms in primary["families"].values())]
+    flagged = (report.get("not_interpretable") or {}).get("target", {})
+    headline = [
+        m
+        for m in HEADLINE_MEASURES
+        if any(m in ms for ms in primary["families"].values()) or any(k.endswith(f"/{m}") for k in flagged)
+    ]
     if supported and headline:
         every = all(supported.get((fam, m), False) for fam in primary["families"] for m in headline)
         lines.append(
@@ -1728,10 +1738,13 @@ def analyse(args: argparse.Namespace) -> tuple[dict, list[Job]]:
     rates = parse_rates(rows)
     primary = run_stats(analysable_rows(rows, "target", args.phase, notes), args, notes)
     manipulation = run_stats(analysable_rows(rows, "source", args.phase, notes), args, notes)
+    uninterpretable: dict[str, dict[str, str]] = {}
     for stats, role in ((primary, "target"), (manipulation, "source")):
-        for (family, measure), reason in not_interpretable(
-            rates, role, args.phase, args.min_parse_rate
-        ).items():
+        reasons = not_interpretable(rates, role, args.phase, args.min_parse_rate)
+        uninterpretable[role] = {
+            f"{family}/{measure}": reason for (family, measure), reason in reasons.items()
+        }
+        for (family, measure), reason in reasons.items():
             entry = (stats or {}).get("families", {}).get(family, {}).get(measure)
             if entry is not None:
                 entry["not_interpretable"] = reason
@@ -1763,6 +1776,7 @@ def analyse(args: argparse.Namespace) -> tuple[dict, list[Job]]:
         "manipulation_check": manipulation,
         "manipulation_gate": gate_table(manipulation),
         "design_check": checks,
+        "not_interpretable": uninterpretable,
         "parse_rates": rates,
         "report_settings": {  # not part of the preregistration lock
             "min_parse_rate": args.min_parse_rate,
