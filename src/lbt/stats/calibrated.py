@@ -97,10 +97,11 @@ def satterthwaite_df(terms: list[tuple[np.ndarray, int]]) -> np.ndarray:
         return total**2 / denom
 
 
-ITEM_TERM_ALPHA = (
-    0.05  # the item × arm term enters V when its F test (MS_item / MS_res) rejects at this level
-)
-SEED_DF_QUANTILE = 0.3  # in the df only, the seed term is taken at its upper 70 % bound (chi² 30 % quantile)
+# The item × arm term enters V when its F test (MS_item / MS_res) rejects at this level; in the df only,
+# the seed term is taken at its upper 70 % bound (the chi² 30 % quantile). Chosen on the simulation grid of
+# docs/statistics.md (python -m lbt.stats.compare).
+ITEM_TERM_ALPHA = 0.05
+SEED_DF_QUANTILE = 0.3
 
 
 def mean_variance(ms: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:

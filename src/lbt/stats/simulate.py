@@ -16,6 +16,9 @@ d[a] = (mu[a] − mu[neutral]) / sigma_total with sigma_total² the sum of the f
 neutral cell in the population), and combined = (d[minus] − d[plus]) / 2. Families are independent
 studies of the same design.
 
+Beside the pre-registered figures it reports the calibrated method's (`lbt.stats.calibrated`, rows
+`calib.`: coverage of its d intervals, its directional and Holm rejection rates) on the same studies.
+
 Reported over all simulated family-studies, per scenario (null: d = 0; effect: d = ∓0.5; boundary:
 d = ∓SESOI): coverage of the percentile CIs of d(frame_plus), d(frame_minus) and the combined estimate,
 the one-sided directional test's rejection rate (its false-positive rate under the null), Holm's
