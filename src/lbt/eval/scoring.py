@@ -9,7 +9,9 @@ Three operations, each over many prompts at once (token ids, already rendered wi
   cache, so a prompt with two options costs one prompt forward, not two.
 - `greedy_generate`: batched greedy decoding with a key/value cache; a row stops at an end-of-sequence
   token or as soon as its `stop` predicate holds (e.g. an answer letter was parsed), and the batch stops
-  once every row has stopped.
+  once every row has stopped. Its decoding steps run eagerly (the reference), or as one fixed-shape step
+  over a static cache, recorded in a CUDA graph on a GPU (`set_decode`, `hardware.fast.decode`): the same
+  rows, without the host's ~50 ms of Python and kernel launches per step.
 
 Why the numbers equal one-at-a-time scoring: prompts are left-padded, the attention mask hides the pads
 and `position_ids` count real tokens only, so every row sees exactly its own tokens at their own
@@ -23,14 +25,20 @@ explicit: `bare` is what a model emits right after the chat template's generatio
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 import inspect
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
+from transformers import __version__ as transformers_version
+
+log = logging.getLogger(__name__)
 
 OPTION_FORMS = ("bare", "leading_space")
 
@@ -270,6 +278,94 @@ def _score_option_tails(
 
 # -- generation -----------------------------------------------------------------------------------------
 
+DECODE_MODES = ("eager", "static", "graph")
+
+# The mode `greedy_generate` uses when a call names none (`hardware.fast.decode`, through `set_decode`).
+_DECODE: str | None = None
+
+
+def set_decode(mode: str | None) -> None:
+    """How `greedy_generate` runs its decoding steps when a call names no mode (`hardware.fast.decode`):
+
+    eager   the reference: a key/value cache that grows by one position a step, each step's forward issued
+            from Python;
+    static  a preallocated (static) key/value cache and one fixed-shape step that updates its own inputs,
+            positions, mask and cache slot in place;
+    graph   that static step recorded once per batch in a CUDA graph and replayed for every later step: a
+            step then costs the GPU's time instead of the host's (≈ 5,000 kernel launches per 8 steps of a
+            3B model); on a device without CUDA it runs as `static`.
+    None    graph on a CUDA device, eager elsewhere.
+
+    Every mode computes the same rows (tokens, texts, finish reasons, first-step log-probabilities): the
+    prompt runs the same forward in all three, every step attends to exactly the row's own positions, and
+    rows never see each other. In fp32 they are identical (tests/test_decode.py on a CPU; on a GPU
+    benchmarks/decode_graph.py); in bf16 the static step's attention kernel rounds differently from the
+    eager one's, so a near-tie argmax can flip, as between any two batchings (benchmarks/RESULTS.md)."""
+    if mode is not None and mode not in DECODE_MODES:
+        raise ValueError(f"decode={mode!r}: use one of {list(DECODE_MODES)}")
+    global _DECODE
+    _DECODE = mode
+
+
+def decode_mode(model: torch.nn.Module, mode: str | None = None) -> str:
+    """The mode a generation runs in: `mode`, else the `set_decode` mode, else graph on CUDA and eager
+    elsewhere; a model the static cache cannot serve runs eager; graph off CUDA, or on a model with
+    forward hooks, runs static."""
+    device = model_device(model)
+    chosen = mode or _DECODE or ("graph" if device.type == "cuda" else "eager")
+    if chosen not in DECODE_MODES:
+        raise ValueError(f"decode={chosen!r}: use one of {list(DECODE_MODES)}")
+    if chosen == "eager":
+        return chosen
+    reason = _static_unsupported(model)
+    if reason is not None:
+        _log_once(f"decode={chosen}: {reason}; decoding eagerly")
+        return "eager"
+    if chosen == "graph" and device.type != "cuda":
+        return "static"
+    if chosen == "graph" and any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+        # A hook's Python runs once, while the graph is recorded (e.g. a probe intervention's on/off
+        # predicate or position offsets); uncaptured steps run it every step.
+        _log_once("decode=graph: the model has forward hooks; decoding static steps without a CUDA graph")
+        return "static"
+    return chosen
+
+
+def _base_model(model: torch.nn.Module) -> torch.nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _static_unsupported(model: torch.nn.Module) -> str | None:
+    """Why the static path cannot serve this model, or None. It relies on transformers 5's StaticCache
+    (one write position for all rows, kept on the device), sdpa's boolean masks and full attention in
+    every layer, and runs the model in eval mode (dropout would need the graph's own RNG)."""
+    try:
+        from transformers import StaticCache  # noqa: F401
+    except ImportError:
+        return "transformers has no StaticCache"
+    if int(transformers_version.split(".")[0]) < 5:
+        return f"transformers {transformers_version} < 5"
+    base = _base_model(model)
+    config = getattr(base, "config", None)
+    if config is None:
+        return "the model has no config"
+    if model.training:
+        return "the model is in training mode"
+    if getattr(base, "hf_quantizer", None) is not None:
+        return "quantized weights"
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return f"attention {getattr(config, '_attn_implementation', None)!r} (static decoding passes sdpa masks)"
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    layer_types = set(getattr(text, "layer_types", None) or ["full_attention"])
+    if layer_types != {"full_attention"}:
+        return f"layer types {sorted(layer_types)} (static decoding masks full attention only)"
+    return None
+
+
+@functools.cache
+def _log_once(message: str) -> None:
+    log.info(message)
+
 
 @torch.no_grad()
 def greedy_generate(
@@ -280,6 +376,7 @@ def greedy_generate(
     batch_size: int = 32,
     stop: Callable[[str], bool] | Sequence[Callable[[str], bool]] | None = None,
     first_targets: Sequence[Sequence[int]] | None = None,
+    decode: str | None = None,
 ) -> list[Generation]:
     """Greedy continuations of every prompt, in input order.
 
@@ -288,10 +385,12 @@ def greedy_generate(
     have. Because a row's text is cut exactly where its own stop condition first holds, the result does
     not depend on which rows share its batch.
     first_targets: token ids whose log-probabilities at the first generated position are returned too
-    (the same forward that picks the first token: forced choice gets its letter log-probs for free)."""
+    (the same forward that picks the first token: forced choice gets its letter log-probs for free).
+    decode: eager | static | graph (see `set_decode`); None: the process default."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
     device = model_device(model)
+    mode = decode_mode(model, decode)
     pad_id = _pad_id(tokenizer)
     eos = torch.tensor(sorted(eos_token_ids(model, tokenizer)), device=device)
     results: list[Generation | None] = [None] * len(prompts)
@@ -299,11 +398,53 @@ def greedy_generate(
         inputs = left_pad([prompts[i] for i in batch], pad_id, device)
         targets = [first_targets[i] for i in batch] if first_targets is not None else None
         stops = [stop[i] for i in batch] if isinstance(stop, Sequence) else [stop] * len(batch)
-        for i, generation in zip(
-            batch, _greedy_batch(model, tokenizer, inputs, max_new_tokens, eos, stops, targets)
-        ):
+        rows = _Rows(len(batch), tokenizer, stops)
+        if mode == "eager":
+            _greedy_batch(model, inputs, max_new_tokens, eos, rows, targets)
+        else:
+            _greedy_batch_static(model, inputs, max_new_tokens, eos, rows, targets, graph=mode == "graph")
+        for i, generation in zip(batch, rows.generations()):
             results[i] = generation
     return results  # type: ignore[return-value]
+
+
+class _Rows:
+    """The host side of a batch's greedy decoding, the same in every mode: each row's tokens, why it
+    ended, and its stop predicate, fed one step's chosen token and end flag per row at a time."""
+
+    def __init__(self, n: int, tokenizer: PreTrainedTokenizerBase, stops: Sequence[Callable[[str], bool] | None]):
+        self.tokenizer, self.stops = tokenizer, stops
+        self.tokens: list[list[int]] = [[] for _ in range(n)]
+        self.finish: list[str | None] = [None] * n
+        self.first: list[list[float]] = [[] for _ in range(n)]
+        self.open = list(range(n))
+
+    def take(self, chosen_ids: list[int], ended: list[int]) -> bool:
+        """Record one step; True while some row is still open."""
+        still_open = []
+        for row in self.open:
+            if ended[row]:
+                self.finish[row] = "eos"
+                continue
+            self.tokens[row].append(chosen_ids[row])
+            stop = self.stops[row]
+            if stop is not None and stop(self.tokenizer.decode(self.tokens[row], skip_special_tokens=True)):
+                self.finish[row] = "stop"
+                continue
+            still_open.append(row)
+        self.open = still_open
+        return bool(still_open)
+
+    def generations(self) -> list[Generation]:
+        return [
+            Generation(
+                text=self.tokenizer.decode(tokens, skip_special_tokens=True),
+                token_ids=tokens,
+                finish=finish or "length",
+                first_logprobs=first,
+            )
+            for tokens, finish, first in zip(self.tokens, self.finish, self.first)
+        ]
 
 
 # Queue the next decoding step before reading the current one on CPU too (off: on a CPU nothing runs
@@ -313,14 +454,13 @@ _QUEUE_AHEAD = False
 
 def _greedy_batch(
     model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
     inputs: dict[str, torch.Tensor],
     max_new_tokens: int,
     eos: torch.Tensor,
-    stops: Sequence[Callable[[str], bool] | None],
+    rows: _Rows,
     first_targets: list[Sequence[int]] | None,
-) -> list[Generation]:
-    """Greedy decoding of one left-padded batch.
+) -> None:
+    """Greedy decoding of one left-padded batch, eagerly (the reference path).
 
     Speed without changing a number: every step runs the same forward on the same rows as a plain loop
     would (finished rows are still fed, so no tensor shape changes), the step's token ids and end flags
@@ -328,10 +468,6 @@ def _greedy_batch(
     reads the current step's tokens, so the stop predicates and row bookkeeping run while the GPU works
     (when every row has ended, that one queued forward is discarded)."""
     n = inputs["input_ids"].shape[0]
-    tokens: list[list[int]] = [[] for _ in range(n)]
-    finish: list[str | None] = [None] * n
-    first: list[list[float]] = [[] for _ in range(n)]
-    open_rows = list(range(n))
     overlap = inputs["input_ids"].device.type == "cuda"
     host = torch.empty((2, n), dtype=torch.long, pin_memory=True) if overlap else None
 
@@ -351,7 +487,7 @@ def _greedy_batch(
         cache = output_cache(out)
         logits = out.logits[:, -1]
         if step == 0 and first_targets is not None:
-            first = _gather_logprobs(logits, first_targets)
+            rows.first = _gather_logprobs(logits, first_targets)
         chosen = logits.argmax(-1)
         picked = torch.stack([chosen, torch.isin(chosen, eos).long()])
         last = step + 1 == max_new_tokens
@@ -370,26 +506,200 @@ def _greedy_batch(
             chosen_ids, ended = host.tolist()
         else:
             chosen_ids, ended = picked.tolist()
-        still_open = []
-        for row in open_rows:
-            if ended[row]:
-                finish[row] = "eos"
-                continue
-            tokens[row].append(chosen_ids[row])
-            if stops[row] is not None and stops[row](tokenizer.decode(tokens[row], skip_special_tokens=True)):
-                finish[row] = "stop"
-                continue
-            still_open.append(row)
-        open_rows = still_open
-        if not open_rows or last:
+        if not rows.take(chosen_ids, ended) or last:
             break
         out = queued if queued is not None else forward(chosen[:, None], mask, positions, cache)
-    return [
-        Generation(
-            text=tokenizer.decode(tokens[row], skip_special_tokens=True),
-            token_ids=tokens[row],
-            finish=finish[row] or "length",
-            first_logprobs=first[row],
-        )
-        for row in range(n)
-    ]
+
+
+# Decoding steps the host issues ahead of the one whose tokens it reads (static and graph modes on a
+# GPU), so that the stop predicates (a decode of every open row's text) run while the GPU works. Steps
+# issued past the batch's end are discarded (at most this many forwards). Without stop predicates it
+# made no measurable difference (benchmarks/RESULTS.md, graph-ahead0).
+_STEPS_AHEAD = 3
+# Fewer decoding steps than this after the prompt run as `static`: recording the graph costs about as
+# much host time as one eager step, so it repays itself from the third step on.
+_MIN_GRAPH_STEPS = 3
+
+
+def _greedy_batch_static(
+    model: torch.nn.Module,
+    inputs: dict[str, torch.Tensor],
+    max_new_tokens: int,
+    eos: torch.Tensor,
+    rows: _Rows,
+    first_targets: list[Sequence[int]] | None,
+    graph: bool,
+) -> None:
+    """Greedy decoding of one left-padded batch over a static key/value cache, the step optionally
+    recorded in a CUDA graph.
+
+    The prompt runs exactly as in `_greedy_batch` (same forward, same cache, so the first token and
+    `first_targets` log-probabilities are the same numbers); its keys and values are then copied into a
+    static cache of prompt width + max_new_tokens - 1 positions, and every later step is one fixed-shape
+    `_StaticStep`. Tokens reach the host through pinned memory, read a few steps behind the GPU."""
+    n = inputs["input_ids"].shape[0]
+    device = inputs["input_ids"].device
+    out = model(**inputs, use_cache=True, logits_to_keep=1)
+    logits = out.logits[:, -1]
+    if first_targets is not None:
+        rows.first = _gather_logprobs(logits, first_targets)
+    chosen = logits.argmax(-1)
+    chosen_ids, ended = torch.stack([chosen, torch.isin(chosen, eos).long()]).tolist()
+    if not rows.take(chosen_ids, ended) or max_new_tokens == 1:
+        return
+    steps = max_new_tokens - 1  # forwards after the prompt's
+    step = _StaticStep(model, output_cache(out), inputs, chosen, eos, steps)
+    del out, logits
+    if device.type != "cuda":
+        for _ in range(steps):
+            step()
+            if not rows.take(*step.picked.tolist()):
+                return
+        return
+    host = torch.empty((steps, 2, n), dtype=torch.long, pin_memory=True)
+    replay: Callable[[], object] = step
+    pending: collections.deque[tuple[int, torch.cuda.Event]] = collections.deque()
+    issued = 0
+    while True:
+        while issued < steps and len(pending) <= _STEPS_AHEAD:
+            if issued == 0 and graph and steps >= _MIN_GRAPH_STEPS:
+                replay = _record(step)  # runs the first step, then records it
+            else:
+                replay()
+            host[issued].copy_(step.picked, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+            pending.append((issued, copied))
+            issued += 1
+        if not pending:
+            break
+        index, copied = pending.popleft()
+        copied.synchronize()
+        if not rows.take(*host[index].tolist()):
+            break
+    # Steps queued past the end still run: let them finish before their graph and cache are freed.
+    torch.cuda.current_stream(device).synchronize()
+
+
+class _StaticStep:
+    """One decoding step with fixed shapes and addresses: it reads the previous step's tokens from `ids`,
+    writes its own there (and tokens + end flags to `picked`), and advances positions, mask and cache
+    slot in place, so the same call, recorded once in a CUDA graph, replays every later step.
+
+    Every row writes its new key/value at the same slot (prompt width + step; the prompts are
+    left-padded to one width), and a boolean mask over the whole static cache lets each row see its
+    own prompt tokens and the generated slots so far, as the eager path's growing 2D mask does."""
+
+    def __init__(self, model: torch.nn.Module, prompt_cache: Any, inputs: dict[str, torch.Tensor],
+                 chosen: torch.Tensor, eos: torch.Tensor, steps: int):
+        from transformers import StaticCache
+
+        n, width = inputs["input_ids"].shape
+        device = chosen.device
+        self.model, self.eos = model, eos
+        self.cache = StaticCache(config=_base_model(model).config, max_cache_len=width + steps)
+        for index, layer in enumerate(prompt_cache.layers):
+            self.cache.update(layer.keys, layer.values, index)
+        self.ids = chosen[:, None].clone()
+        self.positions = inputs["position_ids"][:, -1:] + 1
+        self.valid = torch.zeros((n, width + steps), dtype=torch.bool, device=device)
+        self.valid[:, :width] = inputs["attention_mask"].bool()
+        self.slot = torch.full((1,), width, dtype=torch.long, device=device)
+        self.picked = torch.empty((2, n), dtype=torch.long, device=device)
+
+    def __call__(self) -> torch.Tensor:
+        """One step; returns its last-position logits (a graph's replay returns nothing: read `picked`)."""
+        self.valid.index_fill_(1, self.slot, True)
+        with _grouped_attention(self.model) if _GROUPED_ATTENTION else contextlib.nullcontext():
+            logits = self.model(
+                input_ids=self.ids,
+                attention_mask=self.valid[:, None, None, :],
+                position_ids=self.positions,
+                use_cache=True,
+                logits_to_keep=1,
+                **cache_kwargs(self.model, self.cache),
+            ).logits[:, -1]
+        chosen = logits.argmax(-1)
+        self.ids.copy_(chosen[:, None])
+        self.picked[0].copy_(chosen)
+        self.picked[1].copy_(torch.isin(chosen, self.eos))
+        self.positions.add_(1)
+        self.slot.add_(1)
+        return logits
+
+
+# The static step's attention reads each key/value head once for all the query heads that share it
+# (`_grouped_decode_attention`); off: transformers' sdpa path, which copies keys and values to every
+# query head whenever a mask is given (8x the cache traffic for Qwen2.5-3B's 16 query / 2 key-value heads).
+_GROUPED_ATTENTION = True
+_GROUPED = "lbt_grouped_decode"
+
+
+def _grouped_decode_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """sdpa for one new position per row: the query heads that share a key/value head become that head's
+    query rows, (batch, kv_heads, heads/kv_heads, dim), so the same scores come from keys and values read
+    in place. A mask of shape (batch, 1, 1, keys) applies to every one of those rows alike."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    if length != 1 or heads % kv_heads or dropout:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)
+    out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask,
+                                                           scale=scaling)
+    return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def _grouped_attention(model: torch.nn.Module):
+    """Inside the block the model's attention layers call `_grouped_decode_attention` (transformers looks
+    the attention function up by the config's name on every forward; a CUDA graph keeps what it recorded)."""
+    from transformers import AttentionInterface
+
+    if _GROUPED not in AttentionInterface._global_mapping:
+        AttentionInterface.register(_GROUPED, _grouped_decode_attention)
+    config = _base_model(model).config
+    saved = config._attn_implementation
+    config._attn_implementation = _GROUPED
+    try:
+        yield
+    finally:
+        config._attn_implementation = saved
+
+
+def _record(step: _StaticStep) -> Callable[[], object]:
+    """Run `step` once on a side stream (the real first decoding step, and the warm-up a CUDA graph
+    needs), then record it in a graph; returns the graph's replay. Autocast (a training job evaluates
+    under bf16 autocast) caches no weight casts while recording: the graph casts the adapters' fp32
+    weights itself, instead of reading a cached copy that autocast frees when its block ends."""
+    device = step.ids.device
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(current)
+    graph = torch.cuda.CUDAGraph()
+    autocast = (
+        torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+        if torch.is_autocast_enabled("cuda")
+        else contextlib.nullcontext()
+    )
+    with torch.cuda.stream(side), autocast:
+        step()
+        side.synchronize()
+        graph.capture_begin(capture_error_mode="thread_local")  # other threads' CUDA calls stay allowed
+        try:
+            step()
+        finally:
+            graph.capture_end()
+    current.wait_stream(side)
+    return graph.replay
