@@ -33,7 +33,7 @@ from omegaconf.errors import OmegaConfBaseException
 from lbt.env import WANDB_MODES, env_value
 from lbt.eval.battery import MEASURES
 from lbt.eval.callback import PHASE_KINDS
-from lbt.eval.scoring import OPTION_FORMS
+from lbt.eval.scoring import DECODE_MODES, OPTION_FORMS
 from lbt.model.load import DTYPES
 from lbt.model.lora import ADAPTER_MODES
 from lbt.probe.callback import INTERVENTIONS
@@ -185,6 +185,7 @@ class Fast:
     pack_tokens: Natural
     ce_chunk: Natural
     compile_layers: bool
+    decode: Annotated[str, one_of(*DECODE_MODES)] | None = None   # null: graph on a GPU, eager on a CPU
 
 
 @dataclass

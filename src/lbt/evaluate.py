@@ -45,6 +45,7 @@ from lbt.eval.battery import (
     score_item_set,
 )
 from lbt.eval.rows import expected_rows
+from lbt.eval.scoring import set_decode
 from lbt.eval.summary import summarize_phase
 from lbt.model.load import load_model, load_tokenizer, resolve_dtype
 from lbt.runcard import git_sha, package_versions, public_config
@@ -148,6 +149,7 @@ def output_directory(cfg: DictConfig) -> Path:
 def load_evaluated_model(cfg: DictConfig, tokenizer, adapter: Path | None) -> torch.nn.Module:
     dtype = resolve_dtype(cfg.model.dtype or cfg.hardware.dtype)
     device = "cuda" if cfg.hardware.accelerator == "gpu" else "cpu"
+    set_decode(cfg.hardware.fast.get("decode"))  # how greedy decoding runs (lbt.eval.scoring)
     model = load_model(cfg.model, tokenizer, dtype, device=device)
     if adapter is not None:
         from peft import PeftModel

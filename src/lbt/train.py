@@ -26,6 +26,7 @@ from lbt.cluster import GracefulStop, RNGState, env_local_rank, env_rank, lock_l
 from lbt.config import check_config
 from lbt.data.datamodule import CorpusDataModule
 from lbt.data.records import file_sha256, load_corpus
+from lbt.eval.scoring import set_decode
 from lbt.loggers import build_logger, finish_wandb, mark_wandb_preempting
 from lbt.model.load import load_model, load_tokenizer, resolve_dtype
 from lbt.model.lora import compile_decoder_layers, wrap_lora
@@ -198,6 +199,7 @@ def run_job(cfg: DictConfig, run: RunDir, card: dict[str, Any]) -> dict[str, Any
     dtype = resolve_dtype(cfg.model.dtype or cfg.hardware.dtype)
     tokenizer = load_tokenizer(cfg.model)
     fast = cfg.hardware.fast
+    set_decode(fast.get("decode"))  # how evaluation's greedy decoding runs (lbt.eval.scoring)
     data = CorpusDataModule(
         corpus["path"], tokenizer, seed=int(cfg.seed), max_length=int(cfg.train.max_length),
         effective_batch=int(cfg.train.effective_batch), micro_batch=int(cfg.train.micro_batch),
