@@ -10,6 +10,9 @@ model, same items, one process.
         --items ../shared/reference/seed-eval/target_items.jsonl --json eval_battery_h100.json
     # exactness on the GPU (fp32: log-probs within 1e-4, identical decisions and texts)
     python benchmarks/eval_battery.py --model qwen --random-init --device cuda --dtype float32
+    # the battery under each decode mode of greedy generation (hardware.fast.decode), same process
+    python benchmarks/eval_battery.py --model qwen --random-init --device cuda --batch-size 512 \
+        --decode eager graph --skip-reference
 
 The battery is the 4 measures letter_logprob, forced_choice, logprob and likert by default (--measures adds
 open_ended). The reference (tests/eval_reference.py) scores one prompt at a time with a full forward of
@@ -22,6 +25,8 @@ In bf16 the two paths round differently, so differences of ~1e-2 in log-probs ar
 
 A random-init model never writes a parsable answer, so generation runs to max_new_tokens for every row on
 both sides (the battery's early stop cannot help it); --max-new-tokens sets both generation lengths.
+--decode times the battery once per greedy-decoding mode (eager | static | graph, see
+lbt.eval.scoring.set_decode) and compares each mode's rows with the first mode's as it does the reference's.
 --json writes the numbers to a file (for benchmarks/RESULTS.md).
 """
 
@@ -44,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
 from lbt.eval.battery import BatterySettings, evaluation_mode, load_item_set, score_item_set
+from lbt.eval.scoring import set_decode
 from lbt.model.load import load_model, load_tokenizer, resolve_dtype
 from tests.eval_reference import reference_rows
 
@@ -110,6 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--decode", nargs="+", default=[None], choices=["eager", "static", "graph"],
+                        help="greedy-decoding modes to time in turn (default: the device's default)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.threads:
@@ -131,37 +139,61 @@ def main(argv: list[str] | None = None) -> dict:
         f"items={len(items)} ({args.items}) measures={args.measures} batch_size={args.batch_size}"
     )
 
+    result = {
+        "model": args.model,
+        "random_init": args.random_init,
+        "dtype": str(dtype),
+        "device": device_name,
+        "items": args.items,
+        "n_items": len(items),
+        "measures": args.measures,
+        "batch_size": args.batch_size,
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
     with evaluation_mode(model):
-        score_item_set(
-            model, tokenizer, load_item_set(args.items, max_items=4), args.measures, settings
-        )  # warm-up
-        times, timings, rows = [], {}, {}
-        for _ in range(max(1, args.repeats)):
-            synchronize(args.device)
-            started = time.perf_counter()
-            timings = {}
-            rows = score_item_set(model, tokenizer, items, args.measures, settings, timings=timings)
-            synchronize(args.device)
-            times.append(time.perf_counter() - started)
-        battery_s = statistics.median(times)
-        print(
-            f"battery:   {battery_s:8.3f} s (median of {len(times)}; min {min(times):.3f} s) "
-            f"per measure: { {k: round(v, 3) for k, v in timings.items()} }"
-        )
-        result = {
-            "model": args.model,
-            "random_init": args.random_init,
-            "dtype": str(dtype),
-            "device": device_name,
-            "items": args.items,
-            "n_items": len(items),
-            "measures": args.measures,
-            "battery_s": battery_s,
-            "battery_min_s": min(times),
-            "battery_per_measure_s": timings,
-            "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d"),
-        }
+        by_mode: dict[str, dict] = {}
+        for mode in args.decode:
+            set_decode(mode)
+            score_item_set(
+                model, tokenizer, load_item_set(args.items, max_items=4), args.measures, settings
+            )  # warm-up
+            times, timings, rows = [], {}, {}
+            for _ in range(max(1, args.repeats)):
+                synchronize(args.device)
+                started = time.perf_counter()
+                timings = {}
+                rows = score_item_set(model, tokenizer, items, args.measures, settings, timings=timings)
+                synchronize(args.device)
+                times.append(time.perf_counter() - started)
+            battery_s = statistics.median(times)
+            print(
+                f"battery{f' (decode={mode})' if mode else ''}:   {battery_s:8.3f} s (median of {len(times)}; "
+                f"min {min(times):.3f} s) per measure: { {k: round(v, 3) for k, v in timings.items()} }"
+            )
+            by_mode[str(mode)] = {"battery_s": battery_s, "battery_min_s": min(times),
+                                  "battery_per_measure_s": timings, "rows": rows}
+        set_decode(None)
+        first = by_mode[str(args.decode[0])]
+        rows, battery_s = first["rows"], first["battery_s"]
+        result.update(battery_s=battery_s, battery_min_s=first["battery_min_s"],
+                      battery_per_measure_s=first["battery_per_measure_s"])
+        if len(args.decode) > 1:
+            result["decode"] = {}
+            for mode, entry in by_mode.items():
+                entry = dict(entry)
+                if mode != str(args.decode[0]):
+                    diff = differences(entry["rows"], rows)
+                    print(f"decode={mode} vs decode={args.decode[0]}: {first['battery_s'] / entry['battery_s']:.2f}x")
+                    for measure, d in diff.items():
+                        print(
+                            f"  {measure:15s} max |diff| {d['max_abs_diff']:.2e}; rows with a different "
+                            f"text/decision/rating: {d['rows_differing']}/{d['rows']}"
+                        )
+                    entry["differences"] = diff
+                    entry["ratio_vs_first"] = first["battery_s"] / entry["battery_s"]
+                del entry["rows"]
+                result["decode"][mode] = entry
         if not args.skip_reference:
             reference_rows(model, tokenizer, items.items[:1], "letter_logprob", settings)  # warm-up
             synchronize(args.device)
