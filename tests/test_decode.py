@@ -130,6 +130,8 @@ def test_mode_resolution(tiny_eval, monkeypatch):
     with monkeypatch.context() as on_cuda:  # what a CUDA device would get (nothing runs here)
         on_cuda.setattr(scoring, "model_device", lambda m: torch.device("cuda"))
         set_decode(None)
+        assert decode_mode(model) == "eager"       # graph is opt-in until a whole GPU job has run with it
+        set_decode("graph")
         assert decode_mode(model) == "graph"
         handle = model.model.layers[0].register_forward_hook(lambda module, args, output: None)
         try:

@@ -294,7 +294,7 @@ def set_decode(mode: str | None) -> None:
     graph   that static step recorded once per batch in a CUDA graph and replayed for every later step: a
             step then costs the GPU's time instead of the host's (≈ 5,000 kernel launches per 8 steps of a
             3B model); on a device without CUDA it runs as `static`.
-    None    graph on a CUDA device, eager elsewhere.
+    None    eager (graph becomes the GPU default once a whole job has run with it on a GPU).
 
     Every mode computes the same rows (tokens, texts, finish reasons, first-step log-probabilities): the
     prompt runs the same forward in all three, every step attends to exactly the row's own positions, and
@@ -308,11 +308,10 @@ def set_decode(mode: str | None) -> None:
 
 
 def decode_mode(model: torch.nn.Module, mode: str | None = None) -> str:
-    """The mode a generation runs in: `mode`, else the `set_decode` mode, else graph on CUDA and eager
-    elsewhere; a model the static cache cannot serve runs eager; graph off CUDA, or on a model with
+    """The mode a generation runs in: `mode`, else the `set_decode` mode, else eager; a model the static cache cannot serve runs eager; graph off CUDA, or on a model with
     forward hooks, runs static."""
     device = model_device(model)
-    chosen = mode or _DECODE or ("graph" if device.type == "cuda" else "eager")
+    chosen = mode or _DECODE or "eager"
     if chosen not in DECODE_MODES:
         raise ValueError(f"decode={chosen!r}: use one of {list(DECODE_MODES)}")
     if chosen == "eager":
