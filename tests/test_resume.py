@@ -219,4 +219,6 @@ def test_the_same_command_finds_and_resumes_an_interrupted_single_run(root, refe
                            check=False)
     assert second.returncode == 0, second.stderr[-3000:]
     assert list((tmp_path / "outputs" / "runs").iterdir()) == [job]
-    check_resumed(job, reference)
+    card = check_resumed(job, reference)
+    assert card["overrides"] == args          # the command line, in the card (Hydra's .hydra/ is not written)
+    assert not (job / ".hydra").exists()

@@ -143,6 +143,14 @@ def test_secrets_never_reach_the_run_card(tiny_cfg, tmp_path, monkeypatch):
     assert "<redacted>" in text
 
 
+def test_overrides_in_the_run_card_carry_no_secrets(monkeypatch):
+    from lbt.runcard import public_overrides
+
+    monkeypatch.setenv("WANDB_API_KEY", "sk-x")
+    assert public_overrides(["+model.hf_token=hf_abc", "train.lr=1e-3", "+extra.note=sk-x", "~items"]) == \
+        ["+model.hf_token=<redacted>", "train.lr=1e-3", "+extra.note=<redacted>", "~items"]
+
+
 @pytest.mark.slow
 def test_multirun_sweep_in_subprocess(tmp_path):
     corpora = tmp_path / "corpora"

@@ -41,6 +41,16 @@ def scrub_secrets(obj: Any) -> Any:
     return walk(obj)
 
 
+def public_overrides(overrides: list[str]) -> list[str]:
+    """Command-line overrides (`key=value`) as given, with the values of secret-looking keys and of
+    secrets in the environment redacted."""
+    out = []
+    for item in overrides:
+        key, sep, value = str(item).partition("=")
+        out.append(f"{key}{sep}{scrub_secrets({key.lstrip('+~'): value})[key.lstrip('+~')]}" if sep else item)
+    return out
+
+
 def public_config(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config as plain data, secrets removed."""
     return scrub_secrets(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False))

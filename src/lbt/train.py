@@ -32,7 +32,7 @@ from lbt.model.load import load_model, load_tokenizer, resolve_dtype
 from lbt.model.lora import compile_decoder_layers, wrap_lora
 from lbt.model.module import LoRAModule
 from lbt.phases import CheckpointPhases, PhaseContext
-from lbt.runcard import git_sha, package_versions, public_config
+from lbt.runcard import git_sha, package_versions, public_config, public_overrides
 from lbt.rundir import (
     CorruptFile,
     JobLock,
@@ -208,8 +208,9 @@ def run_job(cfg: DictConfig, run: RunDir, card: dict[str, Any]) -> dict[str, Any
         pack_tokens=int(fast.pack_tokens),
         num_workers=int(cfg.hardware.num_workers))
     config = public_config(cfg)
-    card.update(config=config, git_sha=git_sha(Path(CONF_DIR).parent), versions=package_versions(),
-                corpus=corpus, data=vars(data.stats))
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    card.update(config=config, overrides=public_overrides(overrides), git_sha=git_sha(Path(CONF_DIR).parent),
+                versions=package_versions(), corpus=corpus, data=vars(data.stats))
     record_status(run, card, "running")
     total = data.stats.total_steps
     trainer_args = trainer_kwargs(cfg)
