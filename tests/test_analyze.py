@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from lbt.analyze import main
+from lbt.rundir import read_rows as read_rows_file
 from lbt.stats import primary_report
 
 ARMS = {"frame_plus": -1.0, "frame_minus": 1.0, "neutral": 0.0}
@@ -222,7 +223,7 @@ def test_report_figures_and_numbers_match_primary_report(sweep_setup, tmp_path):
     from lbt.eval.summary import measure_validity
 
     job = sweep / "tiny-frame_plus-s1" / "eval" / "final" / "target"
-    by_measure = {m: [json.loads(line) for line in open(job / f"{m}.jsonl")] for m in ("forced_choice", "letter_logprob")}
+    by_measure = {m: read_rows_file(job / f"{m}.jsonl") for m in ("forced_choice", "letter_logprob")}
     expected = measure_validity(by_measure)["letter_logprob"]
     (mine,) = [
         v for v in report["validity"]
