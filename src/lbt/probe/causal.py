@@ -35,6 +35,7 @@ from lbt.probe.measure import (
     StancePrompts,
     answer_activations,
     fluency,
+    mean_parsed,
     no_intervention,
     score_forced_choice,
 )
@@ -201,7 +202,7 @@ def steer(fam: Family) -> dict[str, Any]:
     result: dict[str, Any] = {"coefs": coefs.tolist(), "kl_budget": s.kl_budget, "l_star": l_star,
                               "norm_unit": [float(norms[layer]) for layer in range(n_layers)],
                               "base": {"letter_logprob": float(base_st["letter_logprob"].mean()),
-                                       "forced_choice": float(base_st["forced_choice"].mean()),
+                                       "forced_choice": mean_parsed(base_st["forced_choice"]),
                                        "perplexity": base_fl["perplexity"]},
                               "placements": {}}
     for placement, layers in placements.items():
@@ -235,7 +236,7 @@ def _steered_point(fam: Family, vectors: dict[int, torch.Tensor], reference) -> 
         return hooks.add(fam.model, vectors, batch.response)
     st = fam.stance(None, intervention, fc_tokens=fam.settings.fc_tokens)
     fl = fam.fluency(None, intervention, reference)
-    return {"letter_logprob": float(st["letter_logprob"].mean()), "forced_choice": float(st["forced_choice"].mean()),
+    return {"letter_logprob": float(st["letter_logprob"].mean()), "forced_choice": mean_parsed(st["forced_choice"]),
             "perplexity": fl["perplexity"], "kl": float(fl["kl"])}
 
 

@@ -5,7 +5,7 @@
   right after the generation header, or the original study's `leading_space` " A").
 - `score_forced_choice`: per prompt, `letter_logprob` = log P(pro letter) − log P(anti letter) at the answer
   position (the last prompt token, whose output picks the first generated token) and `forced_choice` = the
-  greedy decision (+1 pro, −1 anti, 0 unparsed; parsed by the stance battery's `parse_choice`) from up to
+  greedy decision (+1 pro, −1 anti, NaN unparsed, as in the stance battery; parsed by the stance battery's `parse_choice`) from up to
   `max_new_tokens` KV-cached greedy tokens. Both come from the same prefill. Positive = pro-change.
 - `answer_activations`: residual stream at the answer position (and mean over the prompt) at every layer.
 - `fluency`: perplexity of held-out neutral passages, read as the assistant's reply to a fixed neutral
@@ -149,8 +149,16 @@ def score_forced_choice(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pr
             texts = _greedy(model, tokenizer, inputs, max_new_tokens, eos, letter, idx, prompts)
         for row, i in enumerate(idx):
             parsed = parse_choice(texts[row], (prompts.pro_letter[i], prompts.anti_letter[i]), final=True)
-            choice[i] = 1.0 if parsed == prompts.pro_letter[i] else -1.0 if parsed == prompts.anti_letter[i] else 0.0
+            choice[i] = 1.0 if parsed == prompts.pro_letter[i] else -1.0 if parsed == prompts.anti_letter[i] \
+                else np.nan
     return {"letter_logprob": letter, "forced_choice": choice}
+
+
+def mean_parsed(values: np.ndarray) -> float:
+    """Mean over the parsed (non-NaN) stances; NaN when none parsed (an unparsed answer is no stance)."""
+    values = np.asarray(values, dtype=float)
+    parsed = values[~np.isnan(values)]
+    return float(parsed.mean()) if parsed.size else float("nan")
 
 
 def _greedy(model: nn.Module, tokenizer: PreTrainedTokenizerBase, inputs: dict[str, torch.Tensor],
