@@ -193,10 +193,10 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     device = args.device
-    cfg = OmegaConf.load(ROOT / "conf" / "model" / f"{args.model}.yaml")
+    cfg = OmegaConf.load(ROOT / "src" / "lbt" / "conf" / "model" / f"{args.model}.yaml")
     cfg.random_init = True
     tokenizer = load_tokenizer(cfg)
-    lora = OmegaConf.load(ROOT / "conf" / "train.yaml").train.lora
+    lora = OmegaConf.load(ROOT / "src" / "lbt" / "conf" / "train.yaml").train.lora
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = wrap_lora(load_model(cfg, tokenizer, dtype, device=device), lora, adapters=args.adapters)
     torch.manual_seed(1234)

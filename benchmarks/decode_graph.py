@@ -341,7 +341,7 @@ def main() -> None:
     args = ap.parse_args()
     started = time.time()
     device = args.device
-    cfg = OmegaConf.load(ROOT / "conf" / "model" / f"{args.model}.yaml")
+    cfg = OmegaConf.load(ROOT / "src" / "lbt" / "conf" / "model" / f"{args.model}.yaml")
     cfg.random_init = True
     tokenizer = load_tokenizer(cfg)
     dtype = resolve_dtype(args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
@@ -370,7 +370,7 @@ def main() -> None:
             profile_step(runner, [torch.randint(10, vocab, (args.prompt_tokens - (i % 7),), generator=gen).tolist()
                                   for i in range(args.profile)])
     if args.lora:
-        lora = OmegaConf.load(ROOT / "conf" / "train.yaml").train.lora
+        lora = OmegaConf.load(ROOT / "src" / "lbt" / "conf" / "train.yaml").train.lora
         peft_model = wrap_lora(model, lora, adapters="autocast" if device.startswith("cuda") else "fp32")
         gen = torch.Generator().manual_seed(3)
         for name, param in peft_model.named_parameters():

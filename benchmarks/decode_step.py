@@ -83,7 +83,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     device = args.device
-    cfg = OmegaConf.load(ROOT / "conf" / "model" / f"{args.model}.yaml")
+    cfg = OmegaConf.load(ROOT / "src" / "lbt" / "conf" / "model" / f"{args.model}.yaml")
     cfg.random_init = True
     tokenizer = load_tokenizer(cfg)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -109,7 +109,7 @@ def main() -> None:
               f"{step_ms:8.2f} ms/step (host issue time of one step's forward {1000 * host:7.2f} ms)", flush=True)
 
     measure("hf", model, prompts, autocast=False)
-    lora = OmegaConf.load(ROOT / "conf" / "train.yaml").train.lora
+    lora = OmegaConf.load(ROOT / "src" / "lbt" / "conf" / "train.yaml").train.lora
     peft_model = wrap_lora(model, lora, adapters="autocast").eval()
     auto = device == "cuda"
     measure("peft", peft_model, prompts, autocast=auto)

@@ -62,7 +62,7 @@ def synchronize(device: str) -> None:
 
 
 def load(args: argparse.Namespace):
-    cfg = OmegaConf.load(ROOT / "conf" / "model" / f"{args.model}.yaml")
+    cfg = OmegaConf.load(ROOT / "src" / "lbt" / "conf" / "model" / f"{args.model}.yaml")
     if args.random_init:
         cfg.random_init = True
     if args.path:

@@ -148,10 +148,10 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/lbt-bench")
     args = ap.parse_args()
 
-    model_cfg = OmegaConf.load(ROOT / "conf" / "model" / f"{args.model}.yaml")
+    model_cfg = OmegaConf.load(ROOT / "src" / "lbt" / "conf" / "model" / f"{args.model}.yaml")
     model_cfg.random_init = True
     tokenizer = load_tokenizer(model_cfg)
-    train_cfg = OmegaConf.load(ROOT / "conf" / "train.yaml").train
+    train_cfg = OmegaConf.load(ROOT / "src" / "lbt" / "conf" / "train.yaml").train
     lora_cfg = train_cfg.lora
     effective = int(train_cfg.effective_batch)
     examples = corpus_examples(tokenizer, int(train_cfg.max_length), 3000)

@@ -36,7 +36,7 @@ def tiny_eval_model(init_range: float = 0.3, layers: int = 2):
     A wider init than the default makes greedy text varied (the default model repeats one token)."""
     from lbt.model.load import load_model, load_tokenizer
 
-    cfg = OmegaConf.load(ROOT / "conf" / "model" / "tiny.yaml")
+    cfg = OmegaConf.load(ROOT / "src" / "lbt" / "conf" / "model" / "tiny.yaml")
     cfg.arch.initializer_range = init_range
     cfg.arch.num_hidden_layers = layers
     tokenizer = load_tokenizer(cfg)

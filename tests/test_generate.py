@@ -410,7 +410,7 @@ def test_config_from_file_env_and_dotenv(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("LBT_LLM_BASE_URL", raising=False)
     monkeypatch.delenv("LBT_LLM_MODEL", raising=False)
-    repo_default = Path(__file__).resolve().parents[1] / "conf" / "generate" / "default.yaml"
+    repo_default = Path(__file__).resolve().parents[1] / "src" / "lbt" / "conf" / "generate" / "default.yaml"
     with pytest.raises(G.GenerateError, match="no endpoint.*LBT_LLM_BASE_URL"):
         G.load_config(repo_default)
     (tmp_path / ".env").write_text("LBT_LLM_BASE_URL=http://127.0.0.1:1/v1\nLBT_LLM_MODEL='from-dotenv'\n")

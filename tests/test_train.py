@@ -15,7 +15,7 @@ from hydra.errors import MissingConfigException
 from lbt import train as train_mod
 from lbt.data.records import CorpusError
 from lbt.model import module as module_mod
-from tests.conftest import ROOT, compose_train, write_toy_corpus
+from tests.conftest import CONF, ROOT, compose_train, write_toy_corpus
 
 
 @pytest.mark.parametrize("overrides", [
@@ -224,7 +224,7 @@ def test_gpu_precision_path_runs_on_cpu_with_every_callback(tiny_cfg, tmp_path):
 def run_dir_of(*overrides: str) -> str:
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
     return str(cfg.hydra.run.dir)
 

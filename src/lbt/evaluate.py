@@ -63,7 +63,7 @@ from lbt.rundir import (
 )
 
 log = logging.getLogger("lbt.evaluate")
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # inside the package: a wheel runs anywhere
 
 
 class AdapterError(ValueError):
@@ -298,7 +298,7 @@ def run_card(
             for s in item_sets
         ],
         "config": public_config(cfg),
-        "git_sha": git_sha(Path(CONF_DIR).parent),
+        "git_sha": git_sha(Path(__file__).parent),
         "versions": package_versions(),
     }
     return card

@@ -48,7 +48,7 @@ log = logging.getLogger("lbt.train")
 # Mid-epoch resume is exact here (data.datamodule.ResumeSampler continues the plan at the restored step, and
 # LoRAModule.training_step checks every batch's step): Lightning's generic warning does not apply.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # inside the package: a wheel runs anywhere
 
 
 def job_identity(cfg: DictConfig) -> dict[str, Any]:
@@ -209,7 +209,7 @@ def run_job(cfg: DictConfig, run: RunDir, card: dict[str, Any]) -> dict[str, Any
         num_workers=int(cfg.hardware.num_workers))
     config = public_config(cfg)
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    card.update(config=config, overrides=public_overrides(overrides), git_sha=git_sha(Path(CONF_DIR).parent),
+    card.update(config=config, overrides=public_overrides(overrides), git_sha=git_sha(Path(__file__).parent),
                 versions=package_versions(), corpus=corpus, data=vars(data.stats))
     record_status(run, card, "running")
     total = data.stats.total_steps

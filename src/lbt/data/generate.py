@@ -1,6 +1,6 @@
 """Generate paired framed corpora with any OpenAI-compatible chat endpoint.
 
-    python -m lbt.data.generate --config conf/generate/default.yaml --out data/corpora/generated
+    python -m lbt.data.generate --out data/corpora/generated   # --config: default src/lbt/conf/generate/default.yaml
 
 Paired mode: for every scenario (domain, archetype, topic) one user message is generated, then one answer
 per arm (frame_plus = cautious, frame_minus = eager, neutral = balanced) for that same message. Every
@@ -582,7 +582,8 @@ def generate(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lbt.data.generate", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="conf/generate/default.yaml")
+    default_config = Path(__file__).resolve().parents[1] / "conf" / "generate" / "default.yaml"
+    parser.add_argument("--config", default=str(default_config))
     parser.add_argument("--out", required=True, help="output folder (resumed if it has output already)")
     parser.add_argument(
         "--base-url", dest="base_url", default=None, help=f"overrides config and ${ENV_BASE_URL}"
