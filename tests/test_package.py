@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -29,7 +30,13 @@ def run(command: list, **kwargs) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_the_wheel_installs_and_its_console_script_runs_a_job_elsewhere(tmp_path):
-    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", tmp_path / "dist", ROOT])
+    # Built from a copy: setuptools leaves a build/ folder in the source tree (and reuses it).
+    source = tmp_path / "source"
+    for name in ("pyproject.toml", "README.md"):
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(ROOT / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", tmp_path / "dist", source])
     [wheel] = (tmp_path / "dist").glob("lbt-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
