@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 from scipy import stats as sps
@@ -13,6 +11,7 @@ from lbt.stats import primary_report
 from lbt.stats.calibrated import anova_mean_squares, batch_intervals, calibrated_interval, mean_variance
 from lbt.stats.simulate import ARMS, Design, run, simulate_cells
 from lbt.stats.variance import estimate_components
+from tests.test_simulate import cell_rows
 
 
 def test_anova_mean_squares_by_hand():
@@ -74,20 +73,7 @@ def test_interval_excludes_zero_when_the_two_sided_test_rejects():
 def test_primary_report_carries_the_calibrated_line_with_the_same_point_estimates():
     design = Design(n_seeds=3, n_items=12)
     cells = simulate_cells(design, -0.5, 0.5, 1, np.random.default_rng(5))[0]
-    rows = [
-        {
-            "family": "f",
-            "arm": arm,
-            "seed": s,
-            "base_item": i,
-            "domain": "d",
-            "measure": "m",
-            "stance": float(cells[a, s, i]),
-        }
-        for a, arm in enumerate(ARMS)
-        for s in range(3)
-        for i in range(12)
-    ]
+    rows = cell_rows(cells)
     report = primary_report(rows, n_resamples=200)
     entry = report["families"]["f"]["m"]
     cal = entry["calibrated"]
@@ -112,20 +98,7 @@ def test_primary_report_carries_the_calibrated_line_with_the_same_point_estimate
 def test_an_empty_cell_drops_its_item_from_the_calibrated_block():
     design = Design(n_seeds=3, n_items=6)
     cells = simulate_cells(design, 0, 0, 1, np.random.default_rng(6))[0]
-    rows = [
-        {
-            "family": "f",
-            "arm": arm,
-            "seed": s,
-            "base_item": i,
-            "domain": "d",
-            "measure": "m",
-            "stance": math.nan if (arm, s, i) == ("frame_plus", 1, 4) else float(cells[a, s, i]),
-        }
-        for a, arm in enumerate(ARMS)
-        for s in range(3)
-        for i in range(6)
-    ]
+    rows = cell_rows(cells, missing=(("frame_plus", 1, 4),))
     with pytest.warns(Warning):
         cal = primary_report(rows, n_resamples=50)["families"]["f"]["m"]["calibrated"]
     assert cal["frame_plus"]["n_items"] == 5 and "1 base item" in cal["frame_plus"]["left_out"]

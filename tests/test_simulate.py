@@ -45,25 +45,25 @@ def test_three_seeds_under_cover_and_inflate_false_positives_as_documented():
     assert result["directional_rejection_rate"] > 0.05 + 3 * math.sqrt(0.05 * 0.95 / 300)
 
 
+def cell_rows(cells: np.ndarray, missing: tuple = ()) -> list[dict]:
+    """Rows of one family and measure from simulated (arm, seed, item) cells; the cells named in
+    `missing` as (arm, seed, item) hold NaN."""
+    n_arms, n_seeds, n_items = cells.shape
+    return [
+        {"family": "f", "arm": arm, "seed": s, "base_item": i, "domain": "d", "measure": "m",
+         "stance": math.nan if (arm, s, i) in missing else float(cells[a, s, i])}
+        for a, arm in enumerate(ARMS[:n_arms])
+        for s in range(n_seeds)
+        for i in range(n_items)
+    ]
+
+
 def test_simulated_point_estimates_equal_primary_report():
     design = Design(n_seeds=3, n_items=5, n_resamples=50)
     rng = np.random.default_rng(0)
     cells = simulate_cells(design, -0.5, 0.5, 1, rng)
     batch = analyse_batch(design, cells, rng)
-    rows = [
-        {
-            "family": "f",
-            "arm": arm,
-            "seed": s,
-            "base_item": i,
-            "domain": "d",
-            "measure": "m",
-            "stance": float(cells[0, a, s, i]),
-        }
-        for a, arm in enumerate(ARMS)
-        for s in range(3)
-        for i in range(5)
-    ]
+    rows = cell_rows(cells[0])
     entry = primary_report(rows, n_resamples=50)["families"]["f"]["m"]
     assert entry["frame_plus"]["d"] == pytest.approx(batch["d_plus"][0], rel=1e-12)
     assert entry["frame_minus"]["d"] == pytest.approx(batch["d_minus"][0], rel=1e-12)
