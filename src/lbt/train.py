@@ -98,8 +98,6 @@ def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     hw = cfg.hardware
     kwargs: dict[str, Any] = {"accelerator": hw.accelerator, "devices": hw.devices, "num_nodes": hw.num_nodes,
                               "strategy": hw.strategy, "precision": hw.precision}
-    if hw.accelerator != "cpu" and not torch.cuda.is_available():
-        raise RuntimeError(f"hardware={hw.accelerator}: no CUDA GPU visible; use hardware=cpu")
     # Under SLURM (one GPU or several) SLURM starts the ranks, and GracefulStop/submitit requeue: Lightning's
     # own auto-requeue is switched off so that the two do not fight.
     plugins = slurm_plugins()
