@@ -31,12 +31,12 @@ import pytest
 import torch
 
 from lbt import train as train_mod
+from lbt.joblock import JobLocked
 from lbt.phases import PhaseHook
 from lbt.rundir import (
     STATUSES,
     CorruptFile,
     Expected,
-    JobLocked,
     RunDir,
     file_problem,
     read_json,
@@ -856,7 +856,7 @@ def test_sigkill_keeps_the_metrics_rows_written_and_the_rerun_appends_the_rest(r
 def test_a_process_whose_lock_was_taken_over_ends_without_writing_more(tmp_path):
     """A job stopped (e.g. SIGSTOP) longer than the stale limit loses its folder to another process; when
     it wakes up, its heartbeat sees the new owner and the process ends at once (exit 75)."""
-    code = ("import sys, time; from lbt.rundir import JobLock, RunDir; "
+    code = ("import sys, time; from lbt.joblock import JobLock; from lbt.rundir import RunDir; "
             f"lock = JobLock(RunDir({str(tmp_path)!r}), heartbeat_s=0.2); lock.acquire(); "
             "print('held', flush=True); time.sleep(30); sys.exit(0)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from lbt.joblock import slurm_job_id
+
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
@@ -183,8 +185,7 @@ def _is_submitit_requeue_handler(handler: Any) -> bool:
 
 def requeue_slurm_job() -> bool:
     """`scontrol requeue` this SLURM job (array task aware); True when SLURM accepted it."""
-    array_id = os.environ.get("SLURM_ARRAY_JOB_ID")
-    job_id = f"{array_id}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_id else os.environ["SLURM_JOB_ID"]
+    job_id = slurm_job_id()
     try:
         result = subprocess.run(["scontrol", "requeue", job_id], check=False, capture_output=True, text=True,
                                 timeout=60)

@@ -47,11 +47,11 @@ from lbt.eval.battery import (
 from lbt.eval.rows import expected_rows
 from lbt.eval.scoring import set_decode
 from lbt.eval.summary import summarize_phase
+from lbt.joblock import JobLock
 from lbt.model.load import load_model, load_tokenizer, resolve_dtype
 from lbt.runcard import git_sha, package_versions, public_config
 from lbt.rundir import (
     Expected,
-    JobLock,
     RunDir,
     file_problem,
     incomplete_phases,

@@ -27,6 +27,7 @@ from lbt.config import check_config
 from lbt.data.datamodule import CorpusDataModule
 from lbt.data.records import file_sha256, load_corpus
 from lbt.eval.scoring import set_decode
+from lbt.joblock import JobLock, JobLocked
 from lbt.loggers import build_logger, finish_wandb, mark_wandb_preempting
 from lbt.model.load import load_model, load_tokenizer, resolve_dtype
 from lbt.model.lora import compile_decoder_layers, wrap_lora
@@ -35,8 +36,6 @@ from lbt.phases import CheckpointPhases, PhaseContext
 from lbt.runcard import git_sha, package_versions, public_config, public_overrides
 from lbt.rundir import (
     CorruptFile,
-    JobLock,
-    JobLocked,
     RunDir,
     completeness,
     read_json,
