@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lbt.study import phase_kind, phase_step, step_phase  # noqa: F401  (the job directory names phases)
+
 log = logging.getLogger(__name__)
 
 STATUSES = ("running", "interrupted", "failed", "incomplete", "done")
@@ -135,26 +137,6 @@ register_resolvers()
 
 
 # -- phases ---------------------------------------------------------------------------------------------
-
-def step_phase(step: int) -> str:
-    return f"step_{int(step)}"
-
-
-def phase_step(phase: str, total_steps: int) -> int:
-    """The optimizer step a phase evaluates: base 0, step_<n> n, final the last."""
-    if phase == "base":
-        return 0
-    if phase == "final":
-        return int(total_steps)
-    if phase.startswith("step_") and phase[5:].isdigit():
-        return int(phase[5:])
-    raise ValueError(f"unknown phase {phase!r}: base, step_<n> or final")
-
-
-def phase_kind(phase: str) -> str:
-    """base | step | final, for base, step_<n>, final."""
-    return "step" if phase.startswith("step_") else phase
-
 
 def planned_phases(checkpoint_steps: Sequence[int], total_steps: int) -> list[str]:
     """base, step_<n> at every checkpoint step before the last, final."""

@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from lbt.study import FRAMED_ARMS, STUDY_ARMS  # noqa: F401  (re-exported for the stats package)
+
 REQUIRED_KEYS = ("family", "arm", "seed", "base_item", "domain", "measure", "stance")
-STUDY_ARMS = ("frame_plus", "frame_minus", "neutral")
-FRAMED_ARMS = ("frame_plus", "frame_minus")
 IN_MEMORY = "<rows passed in memory>"
 
 
