@@ -64,3 +64,27 @@ def tiny_cfg(toy_corpus: Path, tmp_path: Path):
             "probe=none", "train.effective_batch=8", "train.micro_batch=4", "train.epochs=1",
             "train.max_length=128", f"+job_dir={tmp_path / 'job'}", "sweep_name=test", *extra])
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One thread for torch and BLAS for a whole test module: on a shared 2-core machine, two threads
+    contend over tiny matmuls and run many times slower. Use it with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """(cfg, tokenizer, model) of the default tiny model in fp32, composed from the real config tree."""
+    from lbt.model.load import load_model, load_tokenizer
+
+    cfg = compose_train(["model=tiny"])
+    tokenizer = load_tokenizer(cfg.model)
+    return cfg, tokenizer, load_model(cfg.model, tokenizer, torch.float32)
