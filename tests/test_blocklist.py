@@ -8,7 +8,6 @@ from lbt.data.blocklist import (
     Blocklist,
     BlocklistError,
     default_blocklist,
-    find_hits,
     lemma_pattern,
     load_blocklist,
 )
@@ -126,9 +125,9 @@ def test_project_blocklist_loads_and_catches_examples():
         ("the local Council", "council_services"),
         ("as an AI", "ai"),
     ]:
-        assert domain in {h.domain for h in find_hits(text)}, text
+        assert domain in {h.domain for h in bl.find_hits(text)}, text
     clean = "Knead the dough for ten minutes, then let it rest somewhere warm until doubled."
-    assert find_hits(clean) == []
+    assert bl.find_hits(clean) == []
 
 
 def test_bad_blocklist_file(tmp_path):

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from lbt.data import generate as G
-from lbt.data.corpora import ARMS
 from lbt.data.records import load_corpus
 from lbt.data.validate import gate_pairing, record_problems
 from lbt.llm_client import ChatClient, LLMConfig, LLMError
+from lbt.study import STUDY_ARMS
 
 FILLER = [
     "Keep",
@@ -246,14 +246,15 @@ def config(url: str, **kw) -> G.GenerateConfig:
 
 def arm_bytes(out: Path) -> dict[str, bytes]:
     return {
-        arm: (out / f"{arm}.jsonl").read_bytes() if (out / f"{arm}.jsonl").exists() else b"" for arm in ARMS
+        arm: (out / f"{arm}.jsonl").read_bytes() if (out / f"{arm}.jsonl").exists() else b""
+        for arm in STUDY_ARMS
     }
 
 
 def check_paired(out: Path, n: int) -> None:
-    arms = {arm: load_corpus(out / f"{arm}.jsonl") for arm in ARMS}
+    arms = {arm: load_corpus(out / f"{arm}.jsonl") for arm in STUDY_ARMS}
     assert all(len(records) == n for records in arms.values())
-    assert gate_pairing(arms, {a: out / f"{a}.jsonl" for a in ARMS})["passed"]
+    assert gate_pairing(arms, {a: out / f"{a}.jsonl" for a in STUDY_ARMS})["passed"]
     for arm, records in arms.items():
         for r in records:
             assert r.id == f"{arm}-{r.scenario_id}" and record_problems(r.user, r.assistant) == []
@@ -267,7 +268,7 @@ def test_generate_end_to_end_with_provenance(llm, tmp_path):
     cfg = config(llm.url)
     assert cfg.target_per_domain == 3
     run = G.generate(cfg, tmp_path)
-    assert run["status"] == "done" and run["added"] == {a: 6 for a in ARMS}
+    assert run["status"] == "done" and run["added"] == {a: 6 for a in STUDY_ARMS}
     check_paired(tmp_path, 6)
     meta = json.loads((tmp_path / "neutral.meta.json").read_text())
     assert meta["sha256"] == G.file_sha256(tmp_path / "neutral.jsonl")
@@ -286,7 +287,7 @@ def test_generate_end_to_end_with_provenance(llm, tmp_path):
     # a second run has nothing to do and changes no byte
     before = arm_bytes(tmp_path)
     again = G.generate(cfg, tmp_path)
-    assert again["added"] == {a: 0 for a in ARMS} and arm_bytes(tmp_path) == before
+    assert again["added"] == {a: 0 for a in STUDY_ARMS} and arm_bytes(tmp_path) == before
     assert len(json.loads((tmp_path / "neutral.meta.json").read_text())["runs"]) == 2
 
 
@@ -320,7 +321,7 @@ def test_endpoint_failure_keeps_finished_lines_and_resume_appends(llm, tmp_path)
     llm.default = "ok"
     G.generate(cfg, tmp_path)
     after = arm_bytes(tmp_path)
-    assert all(after[a].startswith(before[a]) for a in ARMS)
+    assert all(after[a].startswith(before[a]) for a in STUDY_ARMS)
     check_paired(tmp_path, 6)
 
 
@@ -382,7 +383,7 @@ def test_kill_mid_run_then_resume_is_byte_identical(llm, tmp_path):
     cfg = G.load_config(cfg_path, {"base_url": llm.url, "model": "canned"})
     G.generate(cfg, out)
     after = arm_bytes(out)
-    for arm in ARMS:
+    for arm in STUDY_ARMS:
         cut = before[arm][: before[arm].rfind(b"\n") + 1]  # finished lines only
         assert after[arm].startswith(cut)
     check_paired(out, 12)
@@ -433,11 +434,11 @@ def test_config_from_file_env_and_dotenv(tmp_path, monkeypatch):
 def test_templates_cover_every_triple():
     t = G.load_templates(None)
     for domain in G.SOURCE_DOMAINS:
-        for arm in ARMS:
+        for arm in STUDY_ARMS:
             for archetype in t.archetypes:
                 prompt = t.answer_messages(domain, arm, archetype, "USER TEXT")[1]["content"]
                 assert "USER TEXT" in prompt and "{" not in prompt
-    hashes = {t.template_hash("cooking", arm, "switch_method") for arm in ARMS}
+    hashes = {t.template_hash("cooking", arm, "switch_method") for arm in STUDY_ARMS}
     assert len(hashes) == 3
 
 

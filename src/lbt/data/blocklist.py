@@ -125,16 +125,7 @@ def load_blocklist(path: str | Path = DEFAULT_BLOCKLIST) -> Blocklist:
     return Blocklist(entries, source=str(path), version=raw.get("version"))
 
 
-@lru_cache(maxsize=4)
-def _cached(path: str) -> Blocklist:
-    return load_blocklist(path)
-
-
+@lru_cache(maxsize=1)
 def default_blocklist() -> Blocklist:
-    """The project's data/blocklist.yaml, compiled once per process."""
-    return _cached(str(DEFAULT_BLOCKLIST))
-
-
-def find_hits(text: str, blocklist: Blocklist | None = None) -> list[Hit]:
-    """Every blocklist hit in `text` (default: the project's data/blocklist.yaml)."""
-    return (blocklist or default_blocklist()).find_hits(text)
+    """The project's data/blocklist.yaml, compiled once per process (compiling takes a while)."""
+    return load_blocklist(DEFAULT_BLOCKLIST)

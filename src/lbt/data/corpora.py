@@ -18,11 +18,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 
-from lbt.data.records import CorpusError, file_sha256, iter_json_objects
+from lbt.data.records import CorpusError, file_sha256, iter_json_objects, relative_path
+from lbt.rundir import atomic_write
+from lbt.study import STUDY_ARMS
 
 SOURCE_DOMAINS = (
     "cooking",
@@ -34,14 +35,28 @@ SOURCE_DOMAINS = (
     "travel_planning",
     "small_business",
 )
-ARMS = ("frame_plus", "frame_minus", "neutral")
-AUTHORED_FIELDS = ("scenario_id", "domain", "user", *ARMS)
+AUTHORED_FIELDS = ("scenario_id", "domain", "user", *STUDY_ARMS)  # one answer column per arm
 HOW_MADE = "authored by the lbt developers, paired"
 META_FORMAT = 1
 
 
 class CorpusChangedError(RuntimeError):
     """Assembly would change an existing corpus and --force was not given."""
+
+
+def corpus_path(folder: str | Path, arm: str) -> Path:
+    """An arm's corpus in a corpora folder: `<arm>.jsonl`, named after the arm in lbt.study."""
+    return Path(folder) / f"{arm}.jsonl"
+
+
+def meta_path(folder: str | Path, arm: str) -> Path:
+    """The provenance file next to an arm's corpus: `<arm>.meta.json`."""
+    return Path(folder) / f"{arm}.meta.json"
+
+
+def corpus_paths(folder: str | Path) -> dict[str, Path]:
+    """Every study arm's corpus in a corpora folder, in the study's arm order."""
+    return {arm: corpus_path(folder, arm) for arm in STUDY_ARMS}
 
 
 def read_authored(path: Path) -> list[dict]:
@@ -121,64 +136,45 @@ def build_meta(
         "sha256": sha,
         "records": sum(len(rows) for rows in by_domain.values()),
         "counts_per_domain": {d: len(rows) for d, rows in by_domain.items()},
-        "paired_with": [a for a in ARMS if a != arm],
+        "paired_with": [a for a in STUDY_ARMS if a != arm],
         "pairing": "same scenario_id and identical user message on the same line of every arm",
-        "sources": [{"path": _relative(p, root), "sha256": file_sha256(p)} for p in sources],
+        "sources": [{"path": relative_path(p, root), "sha256": file_sha256(p)} for p in sources],
         "assembled_by": "python -m lbt.data.corpora",
         "meta_format": META_FORMAT,
     }
-
-
-def _relative(path: Path, root: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(root.resolve()))
-    except ValueError:
-        return str(path)
-
-
-def _write_atomic(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def assemble(authored_dir: str | Path, out_dir: str | Path, force: bool = False) -> dict[str, str]:
     """Write the three corpora and their meta; returns {arm: "written"|"unchanged"|"overwritten"}."""
     authored_dir, out_dir = Path(authored_dir), Path(out_dir)
     by_domain, sources = collect_authored(authored_dir)
-    payloads = {arm: render_arm(arm, by_domain) for arm in ARMS}
-    changed = [
-        arm
-        for arm in ARMS
-        if (out_dir / f"{arm}.jsonl").exists() and (out_dir / f"{arm}.jsonl").read_bytes() != payloads[arm]
-    ]
+    payloads = {arm: render_arm(arm, by_domain) for arm in STUDY_ARMS}
+    corpora = corpus_paths(out_dir)
+    changed = [arm for arm, path in corpora.items() if path.exists() and path.read_bytes() != payloads[arm]]
     if changed and not force:
         # All-or-nothing: refuse before writing anything so the three arms stay paired.
         raise CorpusChangedError(
-            f"{', '.join(str(out_dir / (a + '.jsonl')) for a in changed)} would change; "
+            f"{', '.join(str(corpora[a]) for a in changed)} would change; "
             "corpora are append-only "
             "(a changed corpus invalidates its validation report and every run trained on it). "
             "Re-run with --force to replace them deliberately."
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     status = {}
-    for arm in ARMS:
-        corpus, meta_path = out_dir / f"{arm}.jsonl", out_dir / f"{arm}.meta.json"
-        if corpus.exists() and arm not in changed and meta_path.exists():
+    for arm, corpus in corpora.items():
+        meta_file = meta_path(out_dir, arm)
+        if corpus.exists() and arm not in changed and meta_file.exists():
             status[arm] = "unchanged"
             continue
         previous = (
-            json.loads(meta_path.read_text(encoding="utf-8"))
-            if meta_path.exists() and arm in changed
+            json.loads(meta_file.read_text(encoding="utf-8"))
+            if meta_file.exists() and arm in changed
             else None
         )
         meta = build_meta(arm, payloads[arm], by_domain, sources, out_dir.parent, previous)
         if not corpus.exists() or arm in changed:
-            _write_atomic(corpus, payloads[arm])
-        _write_atomic(meta_path, (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+            atomic_write(corpus, payloads[arm].decode("utf-8"))
+        atomic_write(meta_file, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
         status[arm] = "overwritten" if arm in changed else "written"
     return status
 
@@ -195,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for arm, state in status.items():
-        meta = json.loads((Path(args.out) / f"{arm}.meta.json").read_text(encoding="utf-8"))
+        meta = json.loads(meta_path(args.out, arm).read_text(encoding="utf-8"))
         print(
             f"{arm}: {state} ({meta['records']} records, sha256 {meta['sha256'][:12]}, "
             f"version {meta['version']})"

@@ -40,11 +40,12 @@ from pathlib import Path
 import yaml
 
 from lbt.data.blocklist import default_blocklist
-from lbt.data.corpora import ARMS, SOURCE_DOMAINS
+from lbt.data.corpora import SOURCE_DOMAINS
 from lbt.data.records import file_sha256
 from lbt.data.validate import Thresholds, anomalies, record_problems, text_hash
 from lbt.env import load_env
 from lbt.llm_client import ChatClient, LLMConfig, LLMError
+from lbt.study import STUDY_ARMS as ARMS
 
 DEFAULT_TEMPLATES = Path(__file__).with_name("prompt_templates.yaml")
 ENV_BASE_URL, ENV_MODEL = "LBT_LLM_BASE_URL", "LBT_LLM_MODEL"

@@ -1,6 +1,7 @@
 """Corpus records: one JSON object per line, `{id, domain, scenario_id, user, assistant}`.
 
 Every error names the file, the 1-based line and the field, and is raised before any model loads.
+The one JSONL reader of lbt.data (`iter_json_objects`) and the file helpers its writers share live here.
 """
 
 from __future__ import annotations
@@ -37,9 +38,20 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def iter_json_objects(path: str | Path, error: type[Exception] = ValueError) -> Iterator[tuple[int, dict]]:
+def relative_path(path: str | Path, root: str | Path) -> str:
+    """`path` relative to `root` when it lies below it, else as given: recorded paths stay portable."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(root).resolve()))
+    except ValueError:
+        return str(path)
+
+
+def iter_json_objects(
+    path: str | Path, error: type[Exception] = ValueError, skip_malformed: bool = False
+) -> Iterator[tuple[int, dict]]:
     """(1-based line number, object) for every non-blank line of a JSONL file; a line that is not valid
-    JSON or not an object raises `error` naming the file and line."""
+    JSON or not an object raises `error` naming the file and line. With `skip_malformed` such a line is
+    skipped instead: in an append-only log a write cut off by a kill costs that one entry, not the log."""
     with open(path, encoding="utf-8") as handle:
         for line_no, raw in enumerate(handle, start=1):
             if not raw.strip():
@@ -47,8 +59,12 @@ def iter_json_objects(path: str | Path, error: type[Exception] = ValueError) -> 
             try:
                 obj = json.loads(raw)
             except json.JSONDecodeError as err:
+                if skip_malformed:
+                    continue
                 raise error(f"{path}:{line_no}: malformed JSON ({err.msg} at column {err.colno})") from None
             if not isinstance(obj, dict):
+                if skip_malformed:
+                    continue
                 raise error(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
             yield line_no, obj
 

@@ -52,8 +52,8 @@ from pathlib import Path
 import numpy as np
 
 from lbt.data.blocklist import DEFAULT_BLOCKLIST, Blocklist, default_blocklist, load_blocklist
-from lbt.data.corpora import ARMS
 from lbt.data.records import CorpusError, CorpusRecord, file_sha256, iter_json_objects, load_corpus
+from lbt.study import STUDY_ARMS as ARMS
 
 REPORT_NAME = "validation_report.json"
 HELDOUT_NAME = "heldout_neutral.jsonl"  # perplexity passages: must not be training text either
