@@ -1813,7 +1813,7 @@ def main(argv: list[str] | None = None) -> int:
     except (AnalyzeError, LockError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from lbt.report_figures import make_figures
+    from lbt.analyze.figures import make_figures  # matplotlib only when figures are drawn
 
     figures = make_figures(report, out_dir / "figures", args)
     report["figures"] = sorted(figures)
@@ -1831,6 +1831,3 @@ def main(argv: list[str] | None = None) -> int:
         log_to_wandb(report, figures, out_dir, jobs, args)
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -20,10 +20,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from lbt.analyze import phase_key
+from lbt.study import FRAMED_ARMS, GATE_D, arm_colour, phase_key
 
 FIGURE_STAMP = "EXPLORATORY — not the preregistered analysis"
-ARM_COLOURS = {"frame_plus": "#1f77b4", "frame_minus": "#d62728", "neutral": "#7f7f7f", "base": "#2ca02c"}
 
 
 def finish(fig: plt.Figure, path: Path, exploratory: bool) -> Path:
@@ -89,7 +88,7 @@ def asymmetry(report: dict, path: Path, gate_d: float) -> Path | None:
             measures = sorted(stats["families"].get(family, {}))
             for y, measure in enumerate(measures):
                 entry = stats["families"][family][measure]
-                for offset, arm in ((-0.15, "frame_plus"), (0.15, "frame_minus")):
+                for offset, arm in zip((-0.15, 0.15), FRAMED_ARMS):
                     if entry.get(arm):
                         d, (lo, hi) = entry[arm]["d"], entry[arm]["ci"]
                         ax.errorbar(
@@ -97,7 +96,7 @@ def asymmetry(report: dict, path: Path, gate_d: float) -> Path | None:
                             y + offset,
                             xerr=[[d - lo], [hi - d]],
                             fmt="o",
-                            color=ARM_COLOURS[arm],
+                            color=arm_colour(arm),
                             capsize=2,
                             label=arm if y == 0 else None,
                         )
@@ -123,7 +122,7 @@ def projection_shift(report: dict, path: Path) -> Path | None:
         for arm, rec in sorted(data[family].items()):
             layers, shift = rec["layers"], rec["shift"]
             se = [s if s is not None and math.isfinite(s) else 0.0 for s in rec["se"]]
-            colour = ARM_COLOURS.get(arm, None)
+            colour = arm_colour(arm)
             ax.plot(layers, shift, marker=".", color=colour, label=f"{arm} (n={rec['n_seeds']})")
             ax.fill_between(
                 layers,
@@ -174,7 +173,7 @@ def dynamics(report: dict, path: Path) -> Path | None:
             for arm, values in sorted(by_arm.items()):
                 xs = [phases.index(ph) for ph in phases if values.get(ph) is not None]
                 ys = [values[ph] for ph in phases if values.get(ph) is not None]
-                ax.plot(xs, ys, marker="o", color=ARM_COLOURS.get(arm), label=arm)
+                ax.plot(xs, ys, marker="o", color=arm_colour(arm), label=arm)
             ax.set_xticks(range(len(phases)), phases, rotation=30, fontsize=7)
             ax.set_title(f"{family}: {label}", fontsize=9)
             ax.legend(fontsize=7)
@@ -183,8 +182,6 @@ def dynamics(report: dict, path: Path) -> Path | None:
 
 def make_figures(report: dict, fig_dir: Path, args: argparse.Namespace) -> dict[str, Path]:
     """Draw every figure the report has data for; returns {name: path}."""
-    from lbt.analyze import GATE_D
-
     fig_dir.mkdir(parents=True, exist_ok=True)
     drawn = {
         "forest": forest(report, fig_dir / "forest.png", args.sesoi_d),

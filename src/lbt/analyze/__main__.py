@@ -1,0 +1,5 @@
+"""python -m lbt.analyze"""
+
+from lbt.analyze import main
+
+raise SystemExit(main())
