@@ -33,13 +33,23 @@ import sys
 import time
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lbt import __version__
-from lbt.rundir import CorruptFile, RunDir, read_json, read_rows
+from lbt.analyze.collect import (
+    ITEM_SET_ROLES,
+    AnalyzeError,
+    Job,
+    find_jobs,
+    load_capability,
+    load_job,  # noqa: F401  (lbt.analyze.load_job: read by tests/test_evaluate.py)
+    load_judge_consistency,
+    load_probes,
+    load_rows,
+    load_validity,
+)
+from lbt.analyze.missing import missing_lines, missing_report
 from lbt.stats import StatsInputError, StatsWarning, primary_report
 from lbt.stats.aggregate import STUDY_ARMS
 from lbt.stats.prereg import LockError, check_lock, write_lock
@@ -47,7 +57,6 @@ from lbt.stats.prereg import LockError, check_lock, write_lock
 PRIMARY_PHASE = "final"
 HEADLINE_MEASURES = ("letter_logprob", "forced_choice")
 GATE_D = 0.5
-ITEM_SET_ROLES = {"target": "target", "target_items": "target", "source": "source", "source_items": "source"}
 DEFINITIONS = (
     "d = (mean arm − mean neutral) / neutral SD over (seed, base item) cells; combined = (d− − d+)/2, "
     "predicted positive; one-sided p = share of bootstrap draws ≤ 0; Holm across families per measure."
@@ -67,38 +76,7 @@ EXPLORATORY_STAMP = "EXPLORATORY — not the preregistered analysis (no matching
 PREDICTED_SIGN = {"frame_plus": -1, "frame_minus": +1}
 
 
-Display = Callable[[Path], str]  # a path as shown in the report (relative to the sweeps' parent)
-
-
-class AnalyzeError(RuntimeError):
-    """Input the analysis cannot use; the message names the job directory and file."""
-
-
 # ----------------------------------------------------------------------------------------------- jobs
-
-
-@dataclass
-class Job:
-    path: Path
-    family: str | None
-    arm: str | None
-    seed: int | None
-    status: str | None
-    done: bool
-    card: dict[str, Any]
-    phases: list[str] = field(default_factory=list)
-
-    @property
-    def run(self) -> RunDir:
-        return RunDir(self.path)
-
-    @property
-    def is_study_job(self) -> bool:
-        return self.arm in STUDY_ARMS and isinstance(self.seed, int) and self.family is not None
-
-    @property
-    def label(self) -> str:
-        return f"({self.family}, {self.arm}, seed {self.seed})"
 
 
 def phase_key(phase: str) -> tuple[int, int, str]:
@@ -118,115 +96,7 @@ def is_phase(name: str) -> bool:
     return phase_key(name)[0] < 3
 
 
-def read_json_file(path: Path, job_dir: Path) -> Any:
-    """lbt.rundir.read_json, its CorruptFile (file and line) as an AnalyzeError naming the job too."""
-    try:
-        return read_json(path)
-    except (CorruptFile, UnicodeDecodeError) as err:
-        raise AnalyzeError(f"job {job_dir}: {err}") from None
-
-
-def eval_phases(run: RunDir) -> list[str]:
-    """Phases with an eval/<phase>/ folder, in order (any name: `lbt.evaluate phase=<name>` too)."""
-    eval_dir = run.phase_dir("base").parent
-    if not eval_dir.is_dir():
-        return []
-    return sorted((p.name for p in eval_dir.iterdir() if p.is_dir()), key=phase_key)
-
-
-def load_job(run_json: Path) -> Job:
-    run = RunDir(run_json.parent)
-    card = read_json_file(run.card, run.root)
-    job = card.get("job") if isinstance(card, dict) else None
-    if not isinstance(job, dict):
-        raise AnalyzeError(f"job {run.root}: run.json has no 'job' object")
-    seed = job.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise AnalyzeError(f"job {run.root}: run.json job.seed must be an integer, got {seed!r}")
-    return Job(
-        path=run.root,
-        family=job.get("model"),
-        arm=job.get("arm"),
-        seed=seed,
-        status=card.get("status"),
-        done=run.is_done(),
-        card=card,
-        phases=eval_phases(run),
-    )
-
-
-def find_jobs(sweeps: list[Path]) -> list[Job]:
-    jobs = []
-    for sweep in sweeps:
-        if not sweep.is_dir():
-            raise AnalyzeError(f"sweep directory {sweep} does not exist")
-        found = sorted(sweep.rglob("run.json"))
-        if not found:
-            raise AnalyzeError(f"no job directories (a directory containing run.json) under {sweep}")
-        jobs.extend(load_job(path) for path in found)
-    return jobs
-
-
 # ----------------------------------------------------------------------------------------------- rows
-
-
-def row_line(path: Path, index: int) -> int:
-    """The line of the index-th row of a rows file (lbt.rundir.read_rows skips blank lines)."""
-    with open(path, "rb") as handle:  # lines as read_rows counts them
-        lines = [number for number, raw in enumerate(handle, start=1) if raw.strip()]
-    return lines[index] if index < len(lines) else index + 1
-
-
-def parse_row(obj: Any, path: Path, index: int, job: Job, measure: str) -> float:
-    """The stance of the index-th row; AnalyzeError naming job dir, file, line and field for anything
-    malformed."""
-    where = f"job {job.path}: {path.relative_to(job.path)}:{row_line(path, index)}"
-    if not isinstance(obj, dict):
-        raise AnalyzeError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    for key in ("base_item", "domain", "stance"):
-        if key not in obj:
-            raise AnalyzeError(f"{where}: field '{key}' is missing")
-    if obj.get("measure", measure) != measure:
-        raise AnalyzeError(f"{where}: field 'measure' is {obj['measure']!r} in file {measure}.jsonl")
-    stance = obj["stance"]
-    if stance is None:
-        return math.nan
-    if isinstance(stance, bool) or not isinstance(stance, (int, float)):
-        raise AnalyzeError(f"{where}: field 'stance' must be a number or NaN, got {stance!r}")
-    return float(stance)
-
-
-def load_rows(job: Job, display: Display) -> list[dict[str, Any]]:
-    """Every row of every phase, item set and measure of a job, reduced to what the analysis reads."""
-    rows = []
-    for phase in job.phases:
-        for rows_file in sorted(job.run.phase_dir(phase).glob("*/*.jsonl")):
-            item_set, measure = rows_file.parent.name, rows_file.stem
-            source = display(rows_file)
-            try:
-                objs = read_rows(rows_file)
-            except (CorruptFile, UnicodeDecodeError) as err:
-                raise AnalyzeError(f"job {job.path}: {err}") from None
-            for index, obj in enumerate(objs):
-                stance = parse_row(obj, rows_file, index, job, measure)
-                if obj.get("parsed") is False:  # rows written before lbt scored unparsed answers as NaN
-                    stance = math.nan
-                rows.append(
-                    {
-                        "family": job.family,
-                        "arm": job.arm,
-                        "seed": job.seed,
-                        "phase": phase,
-                        "item_set": item_set,
-                        "measure": measure,
-                        "base_item": obj["base_item"],
-                        "domain": obj["domain"],
-                        "stance": stance,
-                        "item_id": obj.get("item_id", obj["base_item"]),
-                        "source": source,
-                    }
-                )
-    return rows
 
 
 # ------------------------------------------------------------------------------------ descriptive parts
@@ -290,51 +160,6 @@ def stance_dynamics(descriptive: list[dict[str, Any]]) -> dict[str, dict]:
     }
 
 
-def probe_files(job: Job) -> list[Path]:
-    """probe/<phase>.json of every phase the job probed (not train_intervention.json or set-aside copies)."""
-    folder = job.run.probe("base").parent
-    phases = sorted((p.stem for p in folder.glob("*.json") if is_phase(p.stem)), key=phase_key)
-    return [job.run.probe(phase) for phase in phases]
-
-
-def load_probes(jobs: list[Job], display: Display) -> list[dict[str, Any]]:
-    records = []
-    for job in jobs:
-        for path in probe_files(job):
-            data = read_json_file(path, job.path)
-            try:
-                layers = list(data["layers"])
-                l_star = int(data["l_star"])
-                projection = [float(x) for x in data["projection"]["answer"]]
-                shift = [float(x) for x in data["shift"]["answer"]]
-                shift_se = [float(x) for x in data.get("shift_se", {}).get("answer", [math.nan] * len(shift))]
-            except (KeyError, TypeError, ValueError) as err:
-                raise AnalyzeError(
-                    f"job {job.path}: probe/{path.name}: missing or malformed field ({err!r}); "
-                    "expected layers, l_star, projection.answer, shift.answer"
-                ) from None
-            if not (len(layers) == len(projection) == len(shift)):
-                raise AnalyzeError(
-                    f"job {job.path}: probe/{path.name}: layers, projection.answer and "
-                    "shift.answer differ in length"
-                )
-            records.append(
-                {
-                    "family": job.family,
-                    "arm": job.arm,
-                    "seed": job.seed,
-                    "phase": data.get("phase", path.stem),
-                    "layers": layers,
-                    "l_star": l_star,
-                    "projection": projection,
-                    "shift": shift,
-                    "shift_se": shift_se,
-                    "source": display(path),
-                }
-            )
-    return records
-
-
 def projection_summary(probes: list[dict[str, Any]], phase: str) -> dict[str, dict]:
     """Per family → arm: per-layer shift at `phase`, mean over seeds, with SE across seeds (or the
     probe's own SE when there is one seed), and the sources."""
@@ -383,200 +208,7 @@ def projection_dynamics(probes: list[dict[str, Any]]) -> dict[str, dict]:
     }
 
 
-PHASE_FILES: dict[str, Callable[[RunDir, str], Path]] = {
-    "summary.json": RunDir.summary,
-    "capability.json": RunDir.capability,
-}
-
-
-def phase_json_files(jobs: list[Job], name: str) -> Iterator[tuple[Job, str, Path, dict[str, Any]]]:
-    """(job, phase, path, object) for every eval/<phase>/<name> a job wrote; a non-object is an error."""
-    for job in jobs:
-        for phase in job.phases:
-            path = PHASE_FILES[name](job.run, phase)
-            if not path.exists():
-                continue
-            data = read_json_file(path, job.path)
-            if not isinstance(data, dict):
-                raise AnalyzeError(f"job {job.path}: eval/{phase}/{name} is not a JSON object")
-            yield job, phase, path, data
-
-
-def load_capability(jobs: list[Job], display: Display) -> list[dict[str, Any]]:
-    table = []
-    for job, phase, path, data in phase_json_files(jobs, "capability.json"):
-        refusal = data.get("refusal") or {}
-        flags = data.get("flags") or {}
-        table.append(
-            {
-                "family": job.family,
-                "arm": job.arm,
-                "seed": job.seed,
-                "phase": phase,
-                "perplexity": data.get("perplexity"),
-                "comply_correct_rate": refusal.get("comply_correct_rate"),
-                "refuse_correct_rate": refusal.get("refuse_correct_rate"),
-                "mmlu_accuracy": data.get("mmlu_accuracy"),
-                "perplexity_rise": bool(flags.get("perplexity_rise", False)),
-                "mmlu_drop": bool(flags.get("mmlu_drop", False)),
-                "source": display(path),
-            }
-        )
-    return table
-
-
-def flatten_numbers(obj: Any, prefix: str = "") -> list[tuple[str, float]]:
-    if isinstance(obj, dict):
-        return [pair for key, value in obj.items() for pair in flatten_numbers(value, f"{prefix}{key}/")]
-    if isinstance(obj, (int, float)) and not isinstance(obj, bool):
-        return [(prefix.rstrip("/"), float(obj))]
-    return []
-
-
-def validity_entries(data: dict) -> list[tuple[str, str, float | None, int | None]]:
-    """(item_set, measure, agreement, n_items) from a summary.json.
-
-    The evaluation writes `{"item_sets": {set: {"validity": {measure: {"agreement", "n_items"}}}}}`;
-    for other writers, every number under a top-level key containing "validity" is taken, with its key
-    path as the measure.
-    """
-    entries = []
-    for item_set, summary in (data.get("item_sets") or {}).items():
-        for measure, stats in ((summary or {}).get("validity") or {}).items():
-            if isinstance(stats, dict):
-                entries.append((item_set, measure, stats.get("agreement"), stats.get("n_items")))
-    for key, value in data.items():
-        if "validity" in key:
-            entries += [
-                ("", f"{key}/{name}" if name else key, number, None)
-                for name, number in flatten_numbers(value)
-            ]
-    return entries
-
-
-def load_validity(jobs: list[Job], display: Display) -> list[dict[str, Any]]:
-    """Measure validity (sign agreement with the model's greedy forced choice) from every summary.json."""
-    table = []
-    for job, phase, path, data in phase_json_files(jobs, "summary.json"):
-        for item_set, measure, agreement, n_items in validity_entries(data):
-            table.append(
-                {
-                    "family": job.family,
-                    "arm": job.arm,
-                    "seed": job.seed,
-                    "phase": phase,
-                    "item_set": item_set,
-                    "measure": measure,
-                    "agreement": agreement,
-                    "n_items": n_items,
-                    "source": display(path),
-                }
-            )
-    return table
-
-
 # ---------------------------------------------------------------------------------------------- missing
-
-
-def missing_report(jobs: list[Job], descriptive: list[dict[str, Any]], probes: list[dict[str, Any]]) -> dict:
-    """What a complete sweep would have that this one lacks: jobs, phases, measures, probe files."""
-    study = [job for job in jobs if job.is_study_job]
-    families = sorted({job.family for job in study})
-    seeds = sorted({job.seed for job in study})
-    present = {(job.family, job.arm, job.seed) for job in study}
-    missing_jobs = [
-        {"family": f, "arm": a, "seed": s}
-        for f in families
-        for a in STUDY_ARMS
-        for s in seeds
-        if (f, a, s) not in present
-    ]
-    incomplete = [
-        {"job": str(job.path), "status": job.status, "done": job.done, "missing": card_missing(job)}
-        for job in study
-        if not job.done or job.status not in (None, "done")
-    ]
-    all_phases = sorted({ph for job in study for ph in job.phases}, key=phase_key)
-    missing_phases = [
-        {"job": job.label, "phases": [ph for ph in all_phases if ph not in job.phases]}
-        for job in study
-        if any(ph not in job.phases for ph in all_phases)
-    ]
-    measures_seen: dict[tuple, set] = defaultdict(set)
-    by_job: dict[tuple, set] = defaultdict(set)
-    for row in descriptive:
-        if row["arm"] in STUDY_ARMS:
-            measures_seen[(row["phase"], row["item_set"])].add(row["measure"])
-            by_job[(row["family"], row["arm"], row["seed"])].add(
-                (row["phase"], row["item_set"], row["measure"])
-            )
-    missing_measures = []
-    for job in study:
-        have = by_job[(job.family, job.arm, job.seed)]
-        lacking = [
-            f"{ph}/{iset}/{m}"
-            for (ph, iset), ms in sorted(
-                measures_seen.items(), key=lambda kv: (phase_key(kv[0][0]), kv[0][1])
-            )
-            if ph in job.phases
-            for m in sorted(ms)
-            if (ph, iset, m) not in have
-        ]
-        if lacking:
-            missing_measures.append({"job": job.label, "rows": lacking})
-    probe_phases = sorted({p["phase"] for p in probes}, key=phase_key)
-    probe_have = defaultdict(set)
-    for p in probes:
-        probe_have[(p["family"], p["arm"], p["seed"])].add(p["phase"])
-    missing_probes = [
-        {
-            "job": job.label,
-            "phases": [ph for ph in probe_phases if ph not in probe_have[(job.family, job.arm, job.seed)]],
-        }
-        for job in study
-        if probe_phases and any(ph not in probe_have[(job.family, job.arm, job.seed)] for ph in probe_phases)
-    ]
-    return {
-        "jobs": missing_jobs,
-        "incomplete_jobs": incomplete,
-        "phases": missing_phases,
-        "measures": missing_measures,
-        "probe_phases": missing_probes,
-        "expected": {"families": families, "arms": list(STUDY_ARMS), "seeds": seeds},
-    }
-
-
-def card_missing(job: Job) -> list[str]:
-    """What the job's run card says is missing (status incomplete), or its error (status failed)."""
-    missing = job.card.get("missing")
-    if isinstance(missing, list):
-        return [str(m) for m in missing]
-    error = job.card.get("error")
-    if isinstance(error, dict) and error.get("type"):
-        return [f"{error['type']}: {error.get('message', '')}"]
-    return []
-
-
-def unfinished_line(entry: dict) -> str:
-    line = (
-        f"job {entry['job']} is not finished (status {entry['status']}, "
-        f"DONE {'present' if entry['done'] else 'absent'})"
-    )
-    found = entry.get("missing") or []
-    if found:
-        line += ": " + "; ".join(found[:5]) + (f" (+{len(found) - 5} more)" if len(found) > 5 else "")
-    return line
-
-
-def missing_lines(missing: dict) -> list[str]:
-    lines = [f"job ({m['family']}, {m['arm']}, seed {m['seed']}) is missing" for m in missing["jobs"]]
-    lines += [unfinished_line(m) for m in missing["incomplete_jobs"]]
-    lines += [f"job {m['job']} lacks phase(s) {', '.join(m['phases'])}" for m in missing["phases"]]
-    lines += [f"job {m['job']} lacks rows {', '.join(m['rows'])}" for m in missing["measures"]]
-    lines += [
-        f"job {m['job']} lacks probe phase(s) {', '.join(m['phases'])}" for m in missing["probe_phases"]
-    ]
-    return lines
 
 
 # ------------------------------------------------------------------------- parse rates and validity
@@ -690,20 +322,6 @@ def validity_from_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             v["measure"],
         ),
     )
-
-
-def load_judge_consistency(sweeps: list[Path], display: Display) -> list[dict[str, Any]]:
-    """judge_consistency.json (written by lbt.judge in the directory it was given) under the sweeps."""
-    found = []
-    for sweep in sweeps:
-        for path in sorted(sweep.rglob("judge_consistency.json")):
-            try:
-                data = read_json(path)
-            except (CorruptFile, UnicodeDecodeError) as err:
-                raise AnalyzeError(f"{err}") from None
-            if isinstance(data, dict):
-                found.append({**data, "source": display(path)})
-    return found
 
 
 def validity_reason(v: dict[str, Any]) -> str:
