@@ -1,0 +1,5 @@
+import sys
+
+from lbt.data.validate.cli import main
+
+sys.exit(main())
