@@ -1,0 +1,5 @@
+import sys
+
+from lbt.data.generate.cli import main
+
+sys.exit(main())
