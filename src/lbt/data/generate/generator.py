@@ -27,12 +27,16 @@ from lbt.data.generate.config import GenerateConfig, GenerateError
 from lbt.data.generate.prompts import Templates, clean_completion, load_templates
 from lbt.data.generate.provenance import check_provenance, now_utc, write_meta
 from lbt.data.generate.state import REJECTS_FILE, SCENARIO_LOG, OutputState, read_state
-from lbt.data.validate import Thresholds, anomalies, record_problems, text_hash
+from lbt.data.validate.gate import Thresholds
+from lbt.data.validate.record_checks import anomalies, record_problems
+from lbt.data.validate.text import text_hash
 from lbt.llm_client import ChatClient, LLMConfig, LLMError
 from lbt.study import STUDY_ARMS
 
 
 class Generator:
+    """Drafts scenarios on `cfg.concurrency` threads; one lock guards the appends and the shared state."""
+
     def __init__(self, cfg: GenerateConfig, templates: Templates, out: Path, client: ChatClient):
         self.cfg, self.templates, self.out, self.client = cfg, templates, out, client
         self.thresholds = Thresholds(min_words=cfg.min_words, max_words=cfg.max_words)
@@ -111,7 +115,7 @@ class Generator:
             complete = len(state.written.get(scenario_id, {})) == len(STUDY_ARMS)
             if complete:
                 entry = self._log_entry(scenario_id, domain, plan)
-                self._append(self.out / SCENARIO_LOG, entry, ensure_ascii=True)
+                self._append(self.out / SCENARIO_LOG, entry, ensure_ascii=True)  # as the log always was
         return complete
 
     def _user_message(

@@ -24,6 +24,8 @@ DEFAULT_TEMPLATES = Path(__file__).resolve().parents[1] / "prompt_templates.yaml
 
 @dataclass
 class Templates:
+    """The prompt templates file, loaded: each scenario's plan, its user-message and answer prompts."""
+
     raw: dict
     path: Path
     sha256: str

@@ -26,6 +26,7 @@ def now_utc() -> str:
 
 
 def generator_identity(cfg: GenerateConfig, templates: Templates) -> dict:
+    """What every run into one folder must share: the model and the exact templates."""
     return {"model": cfg.model, "template_version": templates.version, "templates_sha256": templates.sha256}
 
 
@@ -51,6 +52,7 @@ def write_meta(
     run: dict,
     config_path: str | None,
 ) -> None:
+    """Rewrite every arm's meta: counts, incomplete scenarios, generator settings, and this run appended."""
     incomplete = sorted(sid for sid, arms in state.written.items() if len(arms) < len(STUDY_ARMS))
     for arm in STUDY_ARMS:
         path, meta_file = corpus_path(out, arm), meta_path(out, arm)

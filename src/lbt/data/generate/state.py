@@ -15,7 +15,7 @@ from pathlib import Path
 from lbt.data.corpora import corpus_path
 from lbt.data.generate.config import GenerateError
 from lbt.data.records import REQUIRED_FIELDS, iter_json_objects
-from lbt.data.validate import text_hash
+from lbt.data.validate.text import text_hash
 from lbt.study import STUDY_ARMS
 
 REJECTS_FILE = "rejects.jsonl"
@@ -61,6 +61,7 @@ def read_arm_file(path: Path) -> list[dict]:
 
 
 def read_state(out: Path) -> OutputState:
+    """What a run into `out` resumes from; arm files that disagree on a scenario are refused."""
     written: dict[str, dict] = {}
     for arm in STUDY_ARMS:
         path = corpus_path(out, arm)
