@@ -294,3 +294,18 @@ def test_templates_cover_every_triple():
 )
 def test_clean_completion(raw, cleaned):
     assert clean_completion(raw) == cleaned
+
+
+def test_package_keeps_the_names_the_module_had():
+    import lbt.data.generate as package
+
+    for name, obj in {
+        "GenerateConfig": GenerateConfig,
+        "GenerateError": GenerateError,
+        "Generator": Generator,
+        "clean_completion": clean_completion,
+        "generate": generate,
+        "load_config": load_config,
+        "load_templates": load_templates,
+    }.items():
+        assert getattr(package, name) is obj, name
