@@ -92,3 +92,8 @@ def test_chat_many_keeps_order_and_reports_failures(llm):
     llm.default = "400"
     failed = client(llm.url).chat_many(requests[:2], concurrency=2)
     assert all(isinstance(r, LLMError) for r in failed)
+
+
+def test_client_needs_an_endpoint():
+    with pytest.raises(LLMError, match="needs base_url and model.*LBT_LLM_BASE_URL / LBT_LLM_MODEL"):
+        ChatClient(LLMConfig(base_url="", model="canned"))

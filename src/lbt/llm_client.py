@@ -23,7 +23,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-API_KEY_ENV = "LBT_LLM_API_KEY"
+# The environment variables every endpoint user reads (lbt.data.generate, lbt.judge).
+BASE_URL_ENV, MODEL_ENV, API_KEY_ENV = "LBT_LLM_BASE_URL", "LBT_LLM_MODEL", "LBT_LLM_API_KEY"
 RETRY_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 
 
@@ -64,9 +65,7 @@ class _Retryable(Exception):
 class ChatClient:
     def __init__(self, config: LLMConfig, sleep: Callable[[float], None] = time.sleep):
         if not config.base_url or not config.model:
-            raise LLMError(
-                "LLM endpoint needs base_url and model (config or LBT_LLM_BASE_URL / LBT_LLM_MODEL)"
-            )
+            raise LLMError(f"LLM endpoint needs base_url and model (config or {BASE_URL_ENV} / {MODEL_ENV})")
         self.config = config
         self.url = config.base_url.rstrip("/") + "/chat/completions"
         self.api_key = config.api_key if config.api_key is not None else os.environ.get(API_KEY_ENV)

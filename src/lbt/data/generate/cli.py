@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lbt.data.generate.config import DEFAULT_CONFIG, ENV_BASE_URL, ENV_MODEL, GenerateError, load_config
+from lbt.data.generate.config import DEFAULT_CONFIG, GenerateError, load_config
 from lbt.data.generate.generator import generate
+from lbt.llm_client import BASE_URL_ENV, MODEL_ENV
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,9 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG))
     parser.add_argument("--out", required=True, help="output folder (resumed if it has output already)")
     parser.add_argument(
-        "--base-url", dest="base_url", default=None, help=f"overrides config and ${ENV_BASE_URL}"
+        "--base-url", dest="base_url", default=None, help=f"overrides config and ${BASE_URL_ENV}"
     )
-    parser.add_argument("--model", default=None, help=f"overrides config and ${ENV_MODEL}")
+    parser.add_argument("--model", default=None, help=f"overrides config and ${MODEL_ENV}")
     parser.add_argument("--n-per-domain", dest="n_per_domain", type=int, default=None)
     parser.add_argument("--concurrency", type=int, default=None)
     parser.add_argument("--domains", nargs="+", default=None)

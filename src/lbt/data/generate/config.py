@@ -16,9 +16,9 @@ import yaml
 
 from lbt.data.corpora import SOURCE_DOMAINS
 from lbt.env import load_env
+from lbt.llm_client import BASE_URL_ENV, MODEL_ENV
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "conf" / "generate" / "default.yaml"
-ENV_BASE_URL, ENV_MODEL = "LBT_LLM_BASE_URL", "LBT_LLM_MODEL"
 
 
 class GenerateError(RuntimeError):
@@ -78,11 +78,11 @@ def load_config(path: str | Path | None, overrides: dict | None = None) -> Gener
         if value is not None:
             setattr(cfg, key, value)
     load_env()  # ./.env and $LBT_ROOT/.env; the shell's variables win
-    cfg.base_url = cfg.base_url or os.environ.get(ENV_BASE_URL)
-    cfg.model = cfg.model or os.environ.get(ENV_MODEL)
+    cfg.base_url = cfg.base_url or os.environ.get(BASE_URL_ENV)
+    cfg.model = cfg.model or os.environ.get(MODEL_ENV)
     if not cfg.base_url or not cfg.model:
         raise GenerateError(
-            f"no endpoint: set endpoint.base_url/model in the config or {ENV_BASE_URL}/{ENV_MODEL} "
+            f"no endpoint: set endpoint.base_url/model in the config or {BASE_URL_ENV}/{MODEL_ENV} "
             "in the environment or .env"
         )
     bad = [d for d in cfg.domains if d not in SOURCE_DOMAINS]
