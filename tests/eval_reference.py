@@ -17,16 +17,12 @@ from omegaconf import OmegaConf
 from transformers import GenerationConfig
 
 from lbt.data.chat import render_prompt
-from lbt.eval.battery import (
-    ORDERS,
-    BatterySettings,
-    forced_choice_labels,
-    forced_choice_question,
-    likert_question,
-    parse_choice,
-    parse_rating,
-)
-from lbt.eval.scoring import eos_token_ids, option_text
+from lbt.eval.batching import eos_token_ids
+from lbt.eval.parse import parse_choice, parse_rating
+from lbt.eval.prompts import forced_choice_labels, forced_choice_question, likert_question
+from lbt.eval.scoring import option_text
+from lbt.eval.settings import BatterySettings
+from lbt.study import ORDERS
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,27 +10,15 @@ import random
 import pytest
 import torch
 
-from lbt.eval import battery as battery_mod
-from lbt.eval.battery import (
-    MEASURES,
-    BatterySettings,
-    ItemSet,
-    MeasureError,
-    as_item_set,
-    check_measures,
-    forced_choice,
-    letter_logprob,
-    likert,
-    load_item_set,
-    logprob,
-    parse_choice,
-    parse_rating,
-    run_battery,
-    score_item_set,
-    spread_subset,
-)
-from lbt.eval.items import ItemError
-from lbt.eval.scoring import Generation
+from lbt.eval.battery import check_measures, score_item_set
+from lbt.eval.items import ItemError, ItemSet, as_item_set, load_item_set, spread_subset
+from lbt.eval.measures import forced_choice, letter_logprob, likert, logprob
+from lbt.eval.parse import parse_choice, parse_rating
+from lbt.eval.scoring import Engine, Generation
+from lbt.eval.settings import BatterySettings, MeasureError
+from lbt.eval.summary import summarize_phase
+from lbt.model.modes import evaluation_mode
+from lbt.study import MEASURES
 from tests.eval_reference import make_item, make_items, reference_rows, write_items
 
 SHORT = {"forced_choice_max_new_tokens": 5, "likert_max_new_tokens": 5, "open_ended_max_new_tokens": 6}
@@ -40,6 +28,10 @@ SHORT = {"forced_choice_max_new_tokens": 5, "likert_max_new_tokens": 5, "open_en
 def items(tmp_path_factory):
     path = write_items(tmp_path_factory.mktemp("items") / "toy_items.jsonl", make_items(per_domain=2))
     return load_item_set(path)
+
+
+def _engine(model, tokenizer, settings):
+    return Engine(model, tokenizer, settings.batch_size)
 
 
 def _key(row):
@@ -78,7 +70,7 @@ def test_every_measure_equals_the_plain_reference(tiny_eval, items, form):
 def test_standalone_letter_logprob_equals_the_shared_forward(tiny_eval, items):
     model, tokenizer = tiny_eval
     settings = BatterySettings(batch_size=3, **SHORT)
-    alone = letter_logprob(model, tokenizer, items, settings)
+    alone = letter_logprob(_engine(model, tokenizer, settings), items, settings)
     shared = score_item_set(model, tokenizer, items, ["letter_logprob", "forced_choice"], settings)[
         "letter_logprob"
     ]
@@ -112,7 +104,7 @@ def test_shuffling_and_rebatching_change_nothing(tiny_eval, items):
 
 def test_letter_logprob_is_oriented_to_the_pro_option(tiny_eval, items):
     model, tokenizer = tiny_eval
-    rows = letter_logprob(model, tokenizer, items, BatterySettings())
+    rows = letter_logprob(_engine(model, tokenizer, BatterySettings()), items, BatterySettings())
     first = [r for r in rows if r["item_id"] == items.items[0]["id"]]
     original, swapped = first
     assert (original["pro_option"], original["anti_option"]) == ("A", "B")
@@ -123,7 +115,7 @@ def test_letter_logprob_is_oriented_to_the_pro_option(tiny_eval, items):
 
 def test_logprob_is_length_normalised(tiny_eval, items):
     model, tokenizer = tiny_eval
-    rows = logprob(model, tokenizer, items, BatterySettings())
+    rows = logprob(_engine(model, tokenizer, BatterySettings()), items, BatterySettings())
     go = next(r for r in rows if r["template"] == 3)
     assert (go["pro_option"], go["anti_option"]) == ("Go ahead now", "Wait")
     assert go["n_tokens_pro"] > go["n_tokens_anti"]
@@ -185,23 +177,22 @@ def test_parse_rating(text, expected):
     assert parse_rating(text) == expected
 
 
-def _fake_generate(texts):
-    """greedy_generate stand-in returning the given texts in prompt order (parsing on forced cases)."""
+class _FakeEngine:
+    """An engine whose generations are the given texts in request order (parsing on forced cases)."""
 
-    def fake(model, tokenizer, prompts, max_new_tokens, batch_size=32, stop=None, first_targets=None):
-        out = []
-        for k in range(len(prompts)):
-            text = texts[k % len(texts)]
-            out.append(Generation(text, [], "eos", [0.0, 0.0] if first_targets is not None else []))
-        return out
+    def __init__(self, texts):
+        self.texts, self.tokenizer = texts, _FakeTokenizer()
 
-    return fake
+    def generate(self, requests, intervention=None):
+        return [
+            Generation(self.texts[k % len(self.texts)], [], "eos", [0.0, 0.0] if r.first_targets else [])
+            for k, r in enumerate(requests)
+        ]
 
 
 def test_forced_choice_stance_from_parsed_letters(monkeypatch, items):
     # Per item: original order answers "A" (pro), swapped order answers "A" (now the anti option), then junk.
-    monkeypatch.setattr(battery_mod, "greedy_generate", _fake_generate(["A", "A.", "hmm", "B"]))
-    rows = forced_choice(None, _FakeTokenizer(), items, BatterySettings())
+    rows = forced_choice(_FakeEngine(["A", "A.", "hmm", "B"]), items, BatterySettings())
     stances = [r["stance"] for r in rows[:4]]
     assert stances[:2] == [1.0, -1.0] and math.isnan(stances[2]) and stances[3] == 1.0  # unparsed: NaN, never 0
     assert [r["parsed"] for r in rows[:4]] == [True, True, False, True]
@@ -211,7 +202,8 @@ def test_forced_choice_stance_from_parsed_letters(monkeypatch, items):
 @pytest.mark.parametrize("form", ["bare", "leading_space"])
 def test_forced_choice_shares_the_forward_with_letters_in_either_form(monkeypatch, tiny_eval, items, form):
     model, tokenizer = tiny_eval
-    monkeypatch.setattr(battery_mod, "greedy_generate", _fake_generate(["A", "A"]))
+    fake = _FakeEngine(["A", "A"])
+    monkeypatch.setattr(Engine, "generate", lambda self, requests, intervention=None: fake.generate(requests))
     rows = score_item_set(
         model, tokenizer, items, ["letter_logprob", "forced_choice"], BatterySettings(option_form=form)
     )
@@ -222,8 +214,7 @@ def test_forced_choice_shares_the_forward_with_letters_in_either_form(monkeypatc
 
 
 def test_likert_orients_the_reversed_scale_and_keeps_unparsed_as_nan(monkeypatch, items):
-    monkeypatch.setattr(battery_mod, "greedy_generate", _fake_generate(["6", "6", "no idea", "1"]))
-    rows = likert(None, _FakeTokenizer(), items, BatterySettings())
+    rows = likert(_FakeEngine(["6", "6", "no idea", "1"]), items, BatterySettings())
     assert [r["rating"] for r in rows[:4]] == [6, 6, None, 1]
     assert rows[0]["stance"] == pytest.approx(2 / 3)  # original: 6 → (6 − 4) / 3
     assert rows[1]["stance"] == pytest.approx(-2 / 3)  # swapped: 6 means disagree → 8 − 6 = 2
@@ -244,21 +235,18 @@ class _FakeTokenizer:
 # -- run_battery and bad input ------------------------------------------------------------------------------
 
 
-def test_run_battery_summary_and_mode_restored(tiny_eval, items):
+def test_scored_in_evaluation_mode_summary_and_mode_restored(tiny_eval, items):
     model, tokenizer = tiny_eval
     model.train()
-    rows, summary = run_battery(
-        model,
-        tokenizer,
-        [items],
-        ["letter_logprob", "forced_choice"],
-        BatterySettings(**SHORT),
-        phase="final",
-    )
+    with evaluation_mode(model):
+        assert not any(m.training for m in model.modules()) and not torch.is_grad_enabled()
+        rows = score_item_set(model, tokenizer, items, ["letter_logprob", "forced_choice"],
+                              BatterySettings(**SHORT), phase="final")
     assert model.training and all(m.training for m in model.modules())
     model.eval()
+    summary = summarize_phase({items.name: rows}, "final")
     stats = summary["item_sets"]["toy_items"]["measures"]["letter_logprob"]
-    stances = [r["stance"] for r in rows["toy_items"]["letter_logprob"]]
+    stances = [r["stance"] for r in rows["letter_logprob"]]
     assert stats["mean_stance"] == pytest.approx(sum(stances) / len(stances))
     assert stats["n_rows"] == 2 * len(items) and stats["parse_rate"] == 1.0
     assert set(summary["item_sets"]["toy_items"]["validity"]) == {"letter_logprob"}
@@ -302,7 +290,7 @@ def test_inexpressible_option_names_file_line_item_field(tiny_eval, tmp_path):
         match=r"letters\.jsonl:2: item 'urban_transit-001-p0', field "
         r"'forced_choice\.pro_label'.*2 tokens",
     ):
-        letter_logprob(model, tokenizer, items, BatterySettings())
+        letter_logprob(_engine(model, tokenizer, BatterySettings()), items, BatterySettings())
 
 
 def test_max_items_takes_domains_in_turn():
@@ -312,38 +300,45 @@ def test_max_items_takes_domains_in_turn():
     assert spread_subset(items, None) == items
 
 
+def _oom_above(model, monkeypatch, limit):
+    """The model's forward raises a GPU out-of-memory error on prompt batches (the forwards without a
+    key/value cache) of more than `limit` rows; the prompt batch sizes it saw are recorded."""
+    seen = []
+    forward = model.forward
+
+    def tight(*args, **kwargs):
+        if any(kwargs.get(key) is not None for key in ("cache", "past_key_values")):
+            return forward(*args, **kwargs)
+        rows = kwargs["input_ids"].shape[0]
+        seen.append(rows)
+        if rows > limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", tight)
+    return seen
+
+
 def test_out_of_memory_retries_with_half_the_batch_and_same_rows(tiny_eval, monkeypatch, caplog):
-    """A measure that runs out of GPU memory is retried with half the batch; the rows are the same as a run
-    at that batch from the start, and later measures keep the smaller batch."""
+    """A call that runs out of GPU memory is retried with half the batch; the rows are the same as a run
+    at that batch from the start, and later measures and phases keep the smaller batch."""
     model, tokenizer = tiny_eval
     items = as_item_set(make_items(3), "target")
     plain = score_item_set(model, tokenizer, items, ["likert", "logprob"], BatterySettings(batch_size=2))
-    calls = []
-    original = battery_mod.MEASURE_FUNCTIONS["likert"]
-
-    def tight(model_, tokenizer_, items_, settings_, phase=None):
-        calls.append(settings_.batch_size)
-        if settings_.batch_size > 2:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return original(model_, tokenizer_, items_, settings_, phase=phase)
-
-    monkeypatch.setitem(battery_mod.MEASURE_FUNCTIONS, "likert", tight)
+    seen = _oom_above(model, monkeypatch, 2)
     settings = BatterySettings(batch_size=8)
     with caplog.at_level("WARNING"):
         rows = score_item_set(model, tokenizer, items, ["likert", "logprob"], settings)
-    assert calls == [8, 4, 2]
+    assert seen[:2] == [8, 4] and max(seen[2:]) == 2  # the first batch at 8 prompts, then 4, then 2 on
     assert settings.batch_size == 2
     assert rows == plain
     assert "out of GPU memory at 8 prompts per batch; retrying with 4" in caplog.text
+    assert "retrying with 2" in caplog.text and "retrying with 1" not in caplog.text
 
 
 def test_out_of_memory_at_one_prompt_is_raised(tiny_eval, monkeypatch):
     model, tokenizer = tiny_eval
-
-    def never(*args, **kwargs):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-
-    monkeypatch.setitem(battery_mod.MEASURE_FUNCTIONS, "likert", never)
+    _oom_above(model, monkeypatch, 0)
     settings = BatterySettings(batch_size=2)
     with pytest.raises(torch.cuda.OutOfMemoryError):
         score_item_set(model, tokenizer, as_item_set(make_items(1), "t"), ["likert"], settings)

@@ -122,7 +122,7 @@ def test_bad_mmlu_files_name_line_and_field(tmp_path, content, suffix, needle):
 def test_mmlu_accuracy_is_the_argmax_letter(tiny_eval, tmp_path):
     model, tokenizer = tiny_eval
     questions = cap.load_mmlu(_write_mmlu(tmp_path)[0])
-    from lbt.eval.battery import BatterySettings
+    from lbt.eval.settings import BatterySettings
 
     settings = BatterySettings()
     expected = 0

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from lbt.config import ConfigError, check_config
-from lbt.eval import scoring
-from lbt.eval.battery import evaluation_mode
-from lbt.eval.scoring import decode_mode, greedy_generate, set_decode
+from lbt.eval import decode
+from lbt.eval.decode import decode_mode, set_decode
+from lbt.eval.scoring import greedy_generate
+from lbt.model.modes import evaluation_mode
 from tests.conftest import compose_train
 from tests.eval_reference import greedy, tiny_eval_model
 
@@ -128,7 +129,7 @@ def test_mode_resolution(tiny_eval, monkeypatch):
     finally:
         model.eval()
     with monkeypatch.context() as on_cuda:  # what a CUDA device would get (nothing runs here)
-        on_cuda.setattr(scoring, "model_device", lambda m: torch.device("cuda"))
+        on_cuda.setattr(decode, "model_device", lambda m: torch.device("cuda"))
         set_decode(None)
         assert decode_mode(model) == "eager"       # graph is opt-in until a whole GPU job has run with it
         set_decode("graph")
@@ -151,5 +152,5 @@ def test_hardware_fast_decode_is_checked():
 def test_queued_eager_path_unchanged(tiny_eval, prompts, monkeypatch):
     model, tokenizer = tiny_eval
     plain = generate(model, tokenizer, prompts, "eager")
-    monkeypatch.setattr(scoring, "_QUEUE_AHEAD", True)
+    monkeypatch.setattr(decode, "_QUEUE_AHEAD", True)
     assert rows(generate(model, tokenizer, prompts, "eager")) == rows(plain)

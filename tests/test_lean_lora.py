@@ -6,10 +6,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lbt.eval.battery import evaluation_mode
 from lbt.eval.scoring import greedy_generate
 from lbt.model.load import load_model, load_tokenizer
 from lbt.model.lora import lean_lora, wrap_lora
+from lbt.model.modes import evaluation_mode
 from tests.conftest import CONF
 
 

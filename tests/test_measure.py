@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from lbt.data.chat import render_prompt
-from lbt.eval.battery import BatterySettings, forced_choice, letter_logprob
-from lbt.eval.items import load_items, load_texts
+from lbt.eval.items import as_item_set, load_items, load_texts
+from lbt.eval.measures import forced_choice, letter_logprob
+from lbt.eval.scoring import Engine
+from lbt.eval.settings import BatterySettings
 from lbt.model.load import load_model, load_tokenizer
 from lbt.probe import hooks, measure
 from tests.conftest import ROOT, compose_train
@@ -42,8 +44,9 @@ def test_letter_logprob_and_forced_choice_match_the_battery(tiny):
     with torch.no_grad():
         ours = measure.score_forced_choice(model, tokenizer, prompts, batch_size=3, max_new_tokens=8)
         settings = BatterySettings(batch_size=5, forced_choice_max_new_tokens=8)
-        letters = letter_logprob(model, tokenizer, items, settings)
-        choices = forced_choice(model, tokenizer, items, settings)
+        engine = Engine(model, tokenizer, settings.batch_size)
+        letters = letter_logprob(engine, as_item_set(items), settings)
+        choices = forced_choice(engine, as_item_set(items), settings)
     theirs = {(r["item_id"], r["order"]): r["stance"] for r in letters}
     want = np.array([theirs[(i, o)] for i, o in zip(prompts.item_ids, prompts.orders)])
     np.testing.assert_allclose(ours["letter_logprob"], want, atol=1e-4)

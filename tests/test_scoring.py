@@ -7,14 +7,12 @@ import random
 
 import pytest
 
+from lbt.eval.batching import eos_token_ids, left_pad, length_batches
 from lbt.eval.scoring import (
     OptionError,
     continuation_logprobs,
     encode_option,
-    eos_token_ids,
     greedy_generate,
-    left_pad,
-    length_batches,
     next_token_logprobs,
     option_text,
 )

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from lbt.eval.battery import ItemSet
+from lbt.eval.items import ItemSet
 from lbt.eval.summary import StanceMetric, flat_metrics, measure_summary, measure_validity, summarize_phase
 from tests.eval_reference import make_items
 

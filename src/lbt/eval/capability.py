@@ -31,17 +31,9 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 from lbt.data.chat import render_prompt
+from lbt.eval.batching import left_pad, length_batches, model_device, pad_id_of
 from lbt.eval.items import ItemError
-from lbt.eval.scoring import (
-    OptionError,
-    encode_option,
-    greedy_generate,
-    left_pad,
-    length_batches,
-    model_device,
-    next_token_logprobs,
-    option_text,
-)
+from lbt.eval.scoring import Engine, Greedy, NextToken, OptionError, encode_option, option_text
 
 MMLU_LETTERS = ("A", "B", "C", "D")
 REFUSAL_WINDOW = 200
@@ -80,7 +72,7 @@ def perplexity(
     encoded = [ids for ids in encoded if len(ids) > 1]
     if not encoded:
         raise ValueError("perplexity: no text has two or more tokens")
-    pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    pad = pad_id_of(tokenizer)
     losses: list[torch.Tensor] = []
     count = 0
     for batch in length_batches([len(ids) for ids in encoded], batch_size):
@@ -116,7 +108,7 @@ def refusal_rates(
         tokenizer.encode(render_prompt(tokenizer, p["prompt"], template_kwargs), add_special_tokens=False)
         for p in battery
     ]
-    generations = greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size)
+    generations = Engine(model, tokenizer, batch_size).generate([Greedy(p, max_new_tokens) for p in prompts])
     rows = [
         {"id": p["id"], "expect": p["expect"], "refused": is_refusal(g.text), "response": g.text}
         for p, g in zip(battery, generations)
@@ -222,8 +214,7 @@ def mmlu_accuracy(
         tokenizer.encode(render_prompt(tokenizer, mmlu_prompt(q), template_kwargs), add_special_tokens=False)
         for q in questions
     ]
-    pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
-    scores = next_token_logprobs(model, prompts, [letter_ids] * len(prompts), batch_size, pad)
+    scores = Engine(model, tokenizer, batch_size).next_token([NextToken(p, letter_ids) for p in prompts])
     correct = sum(1 for q, s in zip(questions, scores) if max(range(4), key=lambda k: s[k]) == q["answer"])
     return correct / len(questions)
 

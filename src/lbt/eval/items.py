@@ -11,13 +11,23 @@
 Every check failure raises `ItemError` naming the file, the 1-based line and the field (nested fields as
 `contrasts[2].pro`), before any model loads. Blank lines are skipped; an empty file is an error; ids must be
 unique. Extra keys are kept, so files carrying more than the schema still load unchanged.
+
+`load_item_set(path, name, max_items)`: the checked items of one file as an `ItemSet` (name = item_set in
+rows; it remembers each item's line for error messages), optionally the first max_items taking domains
+in turn (`spread_subset`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lbt.data.records import iter_json_objects
+from lbt.eval.settings import MeasureError
 
 REFUSAL_EXPECT = ("comply", "refuse")
 ITEM_TEXT_FIELDS = ("id", "domain", "base_item", "scenario", "likert_statement", "open_ended")
@@ -142,3 +152,75 @@ def load_texts(path: str | Path) -> list[dict]:
             _require_text(obj, field, where)
     _check_unique_ids(path, rows)
     return [obj for _, obj in rows]
+
+
+# -- item sets ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ItemSet:
+    """Items of one file (name = item_set in rows) and where each came from, for error messages."""
+
+    name: str
+    items: list[dict]
+    path: Path | None = None
+    lines: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def where(self, item: Mapping[str, Any], field_name: str) -> str:
+        place = (
+            f"{self.path}:{self.lines[item['id']]}"
+            if self.path and item["id"] in self.lines
+            else str(self.path or f"item set {self.name!r}")
+        )
+        return f"{place}: item {item['id']!r}, field '{field_name}'"
+
+    def shard(self, rank: int, world: int) -> ItemSet:
+        """Every world-th item from rank on: disjoint shards that together hold every item once."""
+        return ItemSet(self.name, self.items[rank::world], self.path, self.lines)
+
+
+def _item_lines(path: Path) -> dict[str, int]:
+    lines: dict[str, int] = {}
+    with open(path, encoding="utf-8") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if raw.strip():
+                lines.setdefault(json.loads(raw).get("id"), number)
+    return lines
+
+
+def spread_subset(items: list[dict], max_items: int | None) -> list[dict]:
+    """The first max_items items taking domains in turn (every domain represented in small runs)."""
+    if max_items is None or max_items >= len(items):
+        return list(items)
+    by_domain: dict[str, list[dict]] = {}
+    for item in items:
+        by_domain.setdefault(item["domain"], []).append(item)
+    chosen: list[dict] = []
+    queues = list(by_domain.values())
+    while len(chosen) < max_items:
+        for queue in queues:
+            if queue and len(chosen) < max_items:
+                chosen.append(queue.pop(0))
+    order = {id(item): k for k, item in enumerate(items)}
+    return sorted(chosen, key=lambda item: order[id(item)])
+
+
+def load_item_set(path: str | Path, name: str | None = None, max_items: int | None = None) -> ItemSet:
+    """Checked items of one file (ItemError names file, line and field); name defaults to the file stem."""
+    path = Path(path)
+    items = load_items(path)
+    if max_items is not None and int(max_items) < 1:
+        raise MeasureError(f"max_items must be ≥ 1 or null, got {max_items}")
+    items = spread_subset(items, int(max_items) if max_items is not None else None)
+    return ItemSet(name or path.stem, items, path, _item_lines(path))
+
+
+def as_item_set(items: ItemSet | Iterable[Mapping[str, Any]], name: str = "items") -> ItemSet:
+    return items if isinstance(items, ItemSet) else ItemSet(name, [dict(i) for i in items])
+

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lbt.rundir import RunDir, read_rows, write_json_once, write_rows
+from lbt.study import MEASURES, ORDERS
 
 __all__ = ["expected_rows", "phase_dir", "read_rows", "rows_path", "write_json_once", "write_rows"]
 
@@ -24,8 +25,6 @@ def expected_rows(items: Iterable[Mapping[str, Any]], measure: str) -> int:
     """Rows `lbt.eval.battery` writes for `measure` on these items: one per question and option order.
     One question per item, except `logprob` (one per contrast template); every order of `ORDERS`,
     except `open_ended` (the advice is asked once, in the original order)."""
-    from lbt.eval.battery import MEASURES, ORDERS
-
     if measure not in MEASURES:
         raise ValueError(f"unknown measure {measure!r}; known: {list(MEASURES)}")
     orders = 1 if measure == "open_ended" else len(ORDERS)

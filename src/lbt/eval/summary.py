@@ -22,9 +22,7 @@ from typing import Any
 import torch
 from torchmetrics import Metric
 
-from lbt.eval.battery import CONTINUOUS, ORDERS
-
-PARSED_MEASURES = ("forced_choice", "likert", "judge")  # measures whose rows carry `parsed`
+from lbt.study import CONTINUOUS_MEASURES, ORDERS, PARSED_MEASURES
 
 
 class StanceMetric(Metric):
@@ -130,7 +128,7 @@ def measure_validity(rows_by_measure: Mapping[str, Sequence[Mapping[str, Any]]])
         return {}
     choice = {item: mean for item, mean in _item_means(rows_by_measure["forced_choice"]).items() if mean != 0}
     table: dict[str, dict[str, Any]] = {}
-    for measure in CONTINUOUS:
+    for measure in CONTINUOUS_MEASURES:
         if not rows_by_measure.get(measure):
             continue
         means = _item_means(rows_by_measure[measure])

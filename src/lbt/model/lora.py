@@ -11,6 +11,8 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from lbt.model.layers import decoder_layers
+
 
 def lora_config(lora_cfg: DictConfig) -> LoraConfig:
     return LoraConfig(
@@ -46,15 +48,6 @@ def wrap_lora(model: torch.nn.Module, lora_cfg: DictConfig, adapters: str = "fp3
             if isinstance(module, BaseTunerLayer):
                 module.cast_input_dtype_enabled = False
     return wrapped
-
-
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The decoder layer list of a (peft-wrapped) HF causal LM."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = getattr(getattr(inner, "model", None), "layers", None)
-    if layers is None:
-        raise ValueError(f"cannot find decoder layers in {type(inner).__name__}")
-    return layers
 
 
 def compile_decoder_layers(model: torch.nn.Module) -> None:

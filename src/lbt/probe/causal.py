@@ -13,7 +13,6 @@ positive coefficients should raise stance. Random controls: `isotropic` (uniform
 
 from __future__ import annotations
 
-import copy
 import logging
 import zlib
 from collections import defaultdict
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from lbt.model.modes import evaluation_mode
 from lbt.probe import hooks, weights
 from lbt.probe.directions import Directions
 from lbt.probe.measure import (
@@ -39,10 +39,10 @@ from lbt.probe.measure import (
     no_intervention,
     score_forced_choice,
 )
+from lbt.study import FRAMED_ARMS, REFERENCE_ARM
 
 log = logging.getLogger(__name__)
 
-FRAMED = ("frame_plus", "frame_minus")
 RANDOM_KINDS = ("isotropic", "covariance")
 
 
@@ -83,17 +83,11 @@ class Family:
 
     @contextmanager
     def use(self, job: Job | None) -> Iterator[nn.Module]:
-        """The base model (job None: adapters off) or a job's fine-tuned model, eval mode, no grad."""
-        model = self.model
-        model.eval()
-        if job is None:
-            off = model.disable_adapter() if hasattr(model, "disable_adapter") else _null()
-            with off, torch.no_grad():
-                yield model
-        else:
-            model.set_adapter(job.name)
-            with torch.no_grad():
-                yield model
+        """The base model (job None: adapters off) or a job's fine-tuned model, in `evaluation_mode`."""
+        if job is not None:
+            self.model.set_adapter(job.name)
+        with evaluation_mode(self.model, adapters=job is not None) as model:
+            yield model
 
     @property
     def layers(self) -> list[int]:
@@ -127,16 +121,6 @@ class Family:
                 self._acts[key] = answer_activations(model, self.tokenizer, self.prompts.ids,
                                                      self.settings.batch_size)["answer"]
         return self._acts[key]
-
-
-@contextmanager
-def _null() -> Iterator[None]:
-    yield
-
-
-def summary(values: np.ndarray) -> dict[str, float]:
-    return {"mean": float(np.mean(values)), "se": float(np.std(values, ddof=1) / np.sqrt(len(values)))
-            if len(values) > 1 else float("nan")}
 
 
 def band(values: Sequence[float]) -> dict[str, float]:
@@ -280,7 +264,7 @@ def ablation_conditions(fam: Family) -> list[tuple[str, str, Any]]:
 
 def ablate(fam: Family) -> dict[str, Any]:
     arms = fam.arms()
-    reference_arm = "neutral" if "neutral" in arms else None
+    reference_arm = REFERENCE_ARM if REFERENCE_ARM in arms else None
     conds = ablation_conditions(fam)
     models: list[Job | None] = [None, *fam.jobs]
     stance: dict[str, dict[str, float]] = {}
@@ -299,7 +283,7 @@ def ablate(fam: Family) -> dict[str, Any]:
         return float(np.mean([stance[j.name][cond] for j in jobs])) if jobs else stance["base"][cond]
 
     gaps: dict[str, Any] = {}
-    for arm in [a for a in FRAMED if a in arms]:
+    for arm in [a for a in FRAMED_ARMS if a in arms]:
         gap = {name: arm_mean(arm, name) - arm_mean(reference_arm, name) for name, _, _ in conds}
         removed = {name: 1 - gap[name] / gap["none"] if gap["none"] else float("nan") for name in gap}
         gaps[arm] = {
@@ -316,9 +300,9 @@ def ablate(fam: Family) -> dict[str, Any]:
 def weight_equivalence(fam: Family) -> dict[str, Any]:
     """All-layer ablation by hooks vs by orthogonalised weights, on one framed model merged into plain
     weights and cast to fp32 (in bf16 the rounding of the edited weights alone would hide the comparison)."""
-    job = next((j for j in fam.jobs if j.arm in FRAMED), fam.jobs[0] if fam.jobs else None)
+    job = next((j for j in fam.jobs if j.arm in FRAMED_ARMS), fam.jobs[0] if fam.jobs else None)
     unit = fam.directions.unit()[fam.directions.l_star()]
-    merged = merged_copy(fam.model, job).float()
+    merged = weights.merged_copy(fam.model, job.name if job else None).float()
     with torch.no_grad():
         hooked = score_forced_choice(merged, fam.tokenizer, fam.prompts, fam.settings.batch_size, 1,
                                      lambda b, m=merged: hooks.ablate_writes(m, unit))["letter_logprob"]
@@ -331,18 +315,6 @@ def weight_equivalence(fam: Family) -> dict[str, Any]:
             "hooked_mean": float(hooked.mean()), "orthogonalized_mean": float(orth.mean())}
 
 
-def merged_copy(model: nn.Module, job: Job | None) -> nn.Module:
-    """A plain model with the job's adapter merged into the weights (the base model for None)."""
-    clone = copy.deepcopy(model)
-    if hasattr(clone, "merge_and_unload"):
-        if job is None:
-            clone = clone.unload()
-        else:
-            clone.set_adapter(job.name)
-            clone = clone.merge_and_unload(adapter_names=[job.name])
-    return clone.eval()
-
-
 # -- 3. activation patching --------------------------------------------------------------------------------
 
 def patch(fam: Family) -> dict[str, Any]:
@@ -351,7 +323,7 @@ def patch(fam: Family) -> dict[str, Any]:
     distance in a random direction."""
     base_acts = fam.answer_acts(None)
     base_stance = fam.stance(None)["letter_logprob"]
-    framed = [j for j in fam.jobs if j.arm in FRAMED]
+    framed = [j for j in fam.jobs if j.arm in FRAMED_ARMS]
     rows = []
     for job in framed:
         acts = fam.answer_acts(job)

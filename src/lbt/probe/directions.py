@@ -35,7 +35,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,14 +48,15 @@ from transformers import PreTrainedTokenizerBase
 
 from lbt.data.chat import IGNORE_INDEX, encode_example
 from lbt.data.records import CorpusRecord, file_sha256, load_corpus
+from lbt.model.modes import evaluation_mode
 from lbt.probe import hooks
 from lbt.rundir import write_json_atomic
+from lbt.study import FRAME_MINUS, FRAME_PLUS, FRAMED_ARMS
 
 log = logging.getLogger(__name__)
 
 VERSION = 1  # bump when the extraction changes: old cache entries are then ignored
 SUMMARIES = ("assistant_mean", "assistant_last", "user_mean")
-ARMS = ("frame_plus", "frame_minus")
 TIE = 1e-9
 
 
@@ -70,17 +71,9 @@ class DirectionSettings:
 
 # -- activations ---------------------------------------------------------------------------------------
 
-@contextmanager
-def base_model(model: nn.Module) -> Iterator[nn.Module]:
-    """The model with peft adapters switched off, in eval mode, without gradients."""
-    was_training = model.training
-    adapters_off = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
-    model.eval()
-    try:
-        with adapters_off, torch.no_grad():
-            yield model
-    finally:
-        model.train(was_training)
+def base_model(model: nn.Module) -> AbstractContextManager[nn.Module]:
+    """The model with peft adapters switched off, in `evaluation_mode` (eval mode, no gradients)."""
+    return evaluation_mode(model, adapters=False)
 
 
 def _right_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -356,10 +349,10 @@ def get_directions(model: nn.Module, tokenizer: PreTrainedTokenizerBase, model_c
     """The direction set of this base model (adapters off), from the cache or computed now."""
     if settings.variant not in SUMMARIES:
         raise ValueError(f"probe direction variant {settings.variant!r}: use one of {list(SUMMARIES)}")
-    missing = [arm for arm in ARMS if arm not in corpora]
+    missing = [arm for arm in FRAMED_ARMS if arm not in corpora]
     if missing:
-        raise ValueError(f"probe corpora: {missing} missing (need paths for {list(ARMS)})")
-    paths = {arm: Path(str(corpora[arm])) for arm in ARMS}
+        raise ValueError(f"probe corpora: {missing} missing (need paths for {list(FRAMED_ARMS)})")
+    paths = {arm: Path(str(corpora[arm])) for arm in FRAMED_ARMS}
     for arm, path in paths.items():
         if not path.is_file():
             raise FileNotFoundError(f"probe corpora.{arm}: {path} not found")
@@ -373,9 +366,9 @@ def get_directions(model: nn.Module, tokenizer: PreTrainedTokenizerBase, model_c
         records = {arm: load_corpus(path) for arm, path in paths.items()}
         with base_model(model):
             acts = {arm: corpus_activations(model, tokenizer, recs, settings) for arm, recs in records.items()}
-        fitted = fit_directions(acts["frame_plus"], acts["frame_minus"],
-                                [r.scenario_id for r in records["frame_plus"]],
-                                [r.scenario_id for r in records["frame_minus"]], settings.probe_folds)
+        fitted = fit_directions(acts[FRAME_PLUS.name], acts[FRAME_MINUS.name],
+                                [r.scenario_id for r in records[FRAME_PLUS.name]],
+                                [r.scenario_id for r in records[FRAME_MINUS.name]], settings.probe_folds)
         fitted.update(identity=identity, corpora={arm: {"path": str(p), "sha256": shas[arm]} for arm, p in
                                                   paths.items()},
                       settings={"variant": settings.variant, "max_length": settings.max_length,

@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-ARM_COLOURS = {"frame_plus": "tab:blue", "frame_minus": "tab:red", "neutral": "tab:gray", "base": "black"}
+from lbt.study import arm_colour
 
 
 def _save(fig, path: Path) -> Path:
@@ -91,7 +91,7 @@ def ablation(result: dict[str, Any], out: Path, family: str) -> list[Path]:
     ax = axes[0]
     for arm, g in gaps.items():
         lo, hi = _summary_edges(g["per_layer_random"])
-        colour = ARM_COLOURS.get(arm, "tab:purple")
+        colour = arm_colour(arm)
         ax.fill_between(layers, lo, hi, color=colour, alpha=0.2)
         ax.plot(layers, g["per_layer"], "o-", color=colour, label=f"{arm} (band: random)")
     ax.axhline(0, color="gray", lw=0.5)
@@ -102,7 +102,7 @@ def ablation(result: dict[str, Any], out: Path, family: str) -> list[Path]:
     ax = axes[1]
     for i, (arm, g) in enumerate(gaps.items()):
         rand = g["all_layers_random"]
-        ax.bar(i, g["all_layers"], color=ARM_COLOURS.get(arm, "tab:purple"), alpha=0.8)
+        ax.bar(i, g["all_layers"], color=arm_colour(arm), alpha=0.8)
         ax.errorbar(i + 0.3, rand["median"], yerr=[[rand["median"] - rand["min"]], [rand["max"] - rand["median"]]],
                     fmt="s", color="tab:green", capsize=4, label="random (min–max)" if i == 0 else None)
     ax.set_xticks(range(len(gaps)), list(gaps))
@@ -126,7 +126,7 @@ def patching(result: dict[str, Any], out: Path, family: str) -> list[Path]:
     fig.colorbar(image, ax=ax)
     ax = axes[1]
     for j in jobs:
-        colour = ARM_COLOURS.get(j["arm"], "tab:purple")
+        colour = arm_colour(j["arm"])
         lo, hi = _summary_edges(j["random"])
         ax.fill_between(layers, lo, hi, color=colour, alpha=0.15)
         ax.plot(layers, j["recovery"], "o-", color=colour, lw=1, label=j["job"])
@@ -144,14 +144,14 @@ def logit_lens(result: dict[str, Any], out: Path, family: str) -> list[Path]:
     ax = axes[0]
     ax.plot(layers, result["base"], "o-", color="black", label="base")
     for arm, data in result["arms"].items():
-        ax.plot(layers, data["gap"], "o-", color=ARM_COLOURS.get(arm, "tab:purple"), label=arm)
+        ax.plot(layers, data["gap"], "o-", color=arm_colour(arm), label=arm)
     ax.set_xlabel("layer")
     ax.set_ylabel("log P(pro) − log P(anti)")
     ax.set_title(f"{family}: logit lens at the answer position", fontsize=9)
     ax.legend(fontsize=7)
     ax = axes[1]
     for arm, data in result["arms"].items():
-        colour = ARM_COLOURS.get(arm, "tab:purple")
+        colour = arm_colour(arm)
         lo, hi = _summary_edges(data["random_minus_base"])
         ax.fill_between(layers, lo, hi, color=colour, alpha=0.15)
         ax.plot(layers, data["minus_base"], "o-", color=colour, label=f"{arm} (band: random token pairs)")
@@ -175,7 +175,7 @@ def lora_delta(result: dict[str, Any], out: Path, family: str) -> list[Path]:
     for arm, by_kind in result["amplification_by_arm"].items():
         for kind, by_layer in by_kind.items():
             ax.plot([int(k) for k in by_layer], list(by_layer.values()), ".-", lw=1,
-                    color=ARM_COLOURS.get(arm, "tab:purple"), alpha=0.7)
+                    color=arm_colour(arm), alpha=0.7)
     ax.axhline(1, color="gray", ls="--", lw=0.5)
     ax.set_xlabel("layer")
     ax.set_ylabel("amplification of the direction")
@@ -184,12 +184,12 @@ def lora_delta(result: dict[str, Any], out: Path, family: str) -> list[Path]:
     for job in result["modules"].values():
         rows = job["modules"]
         ax.scatter([r["layer"] for r in rows], [r["effective_rank"] for r in rows], s=6,
-                   color=ARM_COLOURS.get(job["arm"], "tab:purple"), alpha=0.5)
+                   color=arm_colour(job["arm"]), alpha=0.5)
     ax.set_xlabel("layer")
     ax.set_ylabel("effective rank of ΔW")
     ax = axes[2]
     for name, data in result["activation_delta"].items():
-        colour = ARM_COLOURS.get(data["arm"], "tab:purple")
+        colour = arm_colour(data["arm"])
         layers = np.arange(len(data["cosine"]))
         lo, hi = _summary_edges(data["random"])
         ax.fill_between(layers, lo, hi, color=colour, alpha=0.1)

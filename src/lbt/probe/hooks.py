@@ -27,54 +27,14 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+
+from lbt.model.layers import decoder_layers, unwrap
 
 # (hidden (B, T, D), selected (B, T) bool or None = every position, column offset of the call) -> hidden
 Edit = Callable[[torch.Tensor, "torch.Tensor | None", int], torch.Tensor]
 
 
 # -- finding the modules -------------------------------------------------------------------------------
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain transformers model inside peft, DDP and Lightning wrappers."""
-    for _ in range(8):
-        if hasattr(model, "get_base_model") and callable(model.get_base_model):  # peft
-            model = model.get_base_model()
-        elif isinstance(model, PreTrainedModel):
-            return model
-        elif isinstance(getattr(model, "module", None), nn.Module):  # DDP, FSDP
-            model = model.module
-        elif isinstance(getattr(model, "model", None), nn.Module):  # a LightningModule holding the model
-            model = model.model
-        else:
-            return model
-    return model
-
-
-def _layer_list(model: nn.Module) -> nn.ModuleList | None:
-    for path in ("model.layers", "layers", "model.decoder.layers", "transformer.h"):
-        obj: object = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.ModuleList) and len(obj) > 0:
-            return obj
-    return None
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers, found through peft/DDP/Lightning wrappers."""
-    base = unwrap(model)
-    layers = _layer_list(base)
-    if layers is not None:
-        return layers
-    # Unknown layout: the longest ModuleList named "...layers".
-    candidates = [m for n, m in base.named_modules() if isinstance(m, nn.ModuleList) and n.endswith("layers")]
-    if not candidates:
-        raise ValueError(f"no decoder layers found in {type(base).__name__}")
-    return max(candidates, key=len)
-
 
 def final_norm(model: nn.Module) -> nn.Module:
     base = unwrap(model)

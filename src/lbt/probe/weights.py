@@ -5,6 +5,7 @@ and the LoRA updates ΔW = scaling · B A of each adapted module.
   (token embeddings, attention o_proj, MLP down_proj, their biases); a tied output head is untied first so
   that reading the vocabulary is unchanged. Equivalent to `hooks.ablate_writes` (tested).
 - `lora_updates(peft_model, adapter)`: each adapted module's (B, A, scaling), without forming ΔW.
+- `merged_copy(peft_model, adapter)`: a plain model with one adapter merged into its weights.
 - `effective_rank`: exp(entropy of the normalised singular values) (Roy & Vetterli 2007): 1 for a rank-1
   update, r for r equal singular values.
 - `amplification`: how strongly ΔW acts on the direction compared with a random direction. Modules that
@@ -14,6 +15,7 @@ and the LoRA updates ΔW = scaling · B A of each adapted module.
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass
 
@@ -78,6 +80,18 @@ class LoraUpdate:
     def apply_t(self, y: torch.Tensor) -> torch.Tensor:
         """ΔWᵀ y for y (out,) or (n, out) → (…, in)."""
         return self.scaling * (y.float() @ self.B.float()) @ self.A.float()
+
+
+def merged_copy(model: nn.Module, adapter: str | None) -> nn.Module:
+    """A plain model with the adapter merged into the weights (the base model for None), in eval mode."""
+    clone = copy.deepcopy(model)
+    if hasattr(clone, "merge_and_unload"):
+        if adapter is None:
+            clone = clone.unload()
+        else:
+            clone.set_adapter(adapter)
+            clone = clone.merge_and_unload(adapter_names=[adapter])
+    return clone.eval()
 
 
 def lora_updates(model: nn.Module, adapter: str) -> list[LoraUpdate]:
