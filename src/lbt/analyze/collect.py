@@ -48,6 +48,11 @@ class Job:
         return self.arm in STUDY_ARMS and isinstance(self.seed, int) and self.family is not None
 
     @property
+    def identity(self) -> dict[str, Any]:
+        """family, arm and seed: the first fields of every record read from the job."""
+        return {"family": self.family, "arm": self.arm, "seed": self.seed}
+
+    @property
     def label(self) -> str:
         return f"({self.family}, {self.arm}, seed {self.seed})"
 
@@ -144,9 +149,7 @@ def load_rows(job: Job, display: Display) -> list[dict[str, Any]]:
                     stance = math.nan
                 rows.append(
                     {
-                        "family": job.family,
-                        "arm": job.arm,
-                        "seed": job.seed,
+                        **job.identity,
                         "phase": phase,
                         "item_set": item_set,
                         "measure": measure,
@@ -190,9 +193,7 @@ def load_probes(jobs: list[Job], display: Display) -> list[dict[str, Any]]:
                 )
             records.append(
                 {
-                    "family": job.family,
-                    "arm": job.arm,
-                    "seed": job.seed,
+                    **job.identity,
                     "phase": data.get("phase", path.stem),
                     "layers": layers,
                     "l_star": l_star,
@@ -229,9 +230,7 @@ def load_capability(jobs: list[Job], display: Display) -> list[dict[str, Any]]:
         flags = data.get("flags") or {}
         table.append(
             {
-                "family": job.family,
-                "arm": job.arm,
-                "seed": job.seed,
+                **job.identity,
                 "phase": phase,
                 "perplexity": data.get("perplexity"),
                 "comply_correct_rate": refusal.get("comply_correct_rate"),
@@ -281,9 +280,7 @@ def load_validity(jobs: list[Job], display: Display) -> list[dict[str, Any]]:
         for item_set, measure, agreement, n_items in validity_entries(data):
             table.append(
                 {
-                    "family": job.family,
-                    "arm": job.arm,
-                    "seed": job.seed,
+                    **job.identity,
                     "phase": phase,
                     "item_set": item_set,
                     "measure": measure,

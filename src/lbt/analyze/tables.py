@@ -13,6 +13,11 @@ from lbt.study import CONTINUOUS_MEASURES, STUDY_ARMS, phase_key
 NOT_SCORED = ("open_ended",)  # stance NaN until judged (the judge's rows are measure `judge`)
 
 
+def table_order(family: Any, arm: Any, seed: Any, phase: str, *rest: str) -> tuple:
+    """Sort key of a table's rows: family, arm, seed (none first), phase in order, then the rest."""
+    return (str(family), str(arm), seed if isinstance(seed, int) else -1, phase_key(phase), *rest)
+
+
 def describe(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean stance per (family, arm, seed, phase, item set, measure): the descriptive table."""
     groups: dict[tuple, list[float]] = defaultdict(list)
@@ -22,19 +27,7 @@ def describe(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         groups[key].append(row["stance"])
         sources[key] = row["source"]
     table = []
-
-    def order(key: tuple) -> tuple:
-        family, arm, seed, phase, item_set, measure = key
-        return (
-            str(family),
-            str(arm),
-            seed if isinstance(seed, int) else -1,
-            phase_key(phase),
-            item_set,
-            measure,
-        )
-
-    for key, stances in sorted(groups.items(), key=lambda kv: order(kv[0])):
+    for key, stances in sorted(groups.items(), key=lambda kv: table_order(*kv[0])):
         finite = [s for s in stances if math.isfinite(s)]
         table.append(
             dict(
@@ -53,6 +46,11 @@ def mean(values: list[float]) -> float | None:
     return math.fsum(values) / len(values) if values else None
 
 
+def phase_means(phases: dict[str, list[float]]) -> dict[str, float | None]:
+    """Phase → mean of its finite values, phases in order."""
+    return {ph: mean(v) for ph, v in sorted(phases.items(), key=lambda kv: phase_key(kv[0]))}
+
+
 def stance_dynamics(descriptive: list[dict[str, Any]]) -> dict[str, dict]:
     """Target stance per family → measure → arm → phase, mean over seeds of each job's mean."""
     acc: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(lambda: defaultdict(list))))
@@ -62,7 +60,7 @@ def stance_dynamics(descriptive: list[dict[str, Any]]) -> dict[str, dict]:
     return {
         fam: {
             m: {
-                arm: {ph: mean(v) for ph, v in sorted(phases.items(), key=lambda kv: phase_key(kv[0]))}
+                arm: phase_means(phases)
                 for arm, phases in arms.items()
             }
             for m, arms in measures.items()
@@ -112,7 +110,7 @@ def projection_dynamics(probes: list[dict[str, Any]]) -> dict[str, dict]:
             acc[rec["family"]][rec["arm"]][rec["phase"]].append(rec["projection"][rec["l_star"]])
     return {
         fam: {
-            arm: {ph: mean(v) for ph, v in sorted(phases.items(), key=lambda kv: phase_key(kv[0]))}
+            arm: phase_means(phases)
             for arm, phases in arms.items()
         }
         for fam, arms in acc.items()
@@ -215,12 +213,5 @@ def validity_from_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             )
     return sorted(
         table,
-        key=lambda v: (
-            str(v["family"]),
-            str(v["arm"]),
-            v["seed"] if isinstance(v["seed"], int) else -1,
-            phase_key(v["phase"]),
-            v["item_set"],
-            v["measure"],
-        ),
+        key=lambda v: table_order(v["family"], v["arm"], v["seed"], v["phase"], v["item_set"], v["measure"]),
     )
