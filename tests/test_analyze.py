@@ -1,5 +1,6 @@
-"""python -m lbt.analyze on a tiny fake sweep written in tmp_path: report, figures, numbers equal to
-primary_report, partial sweeps, malformed rows, the preregistration lock and the exploratory stamp."""
+"""python -m lbt.analyze on a tiny fake sweep written in tmp_path through lbt.rundir's writers: report,
+figures, numbers equal to primary_report, partial sweeps, malformed rows, the preregistration lock and the
+exploratory stamp."""
 
 from __future__ import annotations
 
@@ -13,19 +14,16 @@ import numpy as np
 import pytest
 
 from lbt.analyze import main
-from lbt.rundir import read_rows as read_rows_file
+from lbt.analyze.collect import find_jobs, load_rows
+from lbt.rundir import RunDir, read_json, read_rows, write_json_atomic, write_json_once, write_rows
 from lbt.stats import primary_report
+from lbt.study import STUDY_ARMS
 
 ARMS = {"frame_plus": -1.0, "frame_minus": 1.0, "neutral": 0.0}
 SEEDS = (0, 1)
 PHASES = {"base": 0.0, "step_2": 0.5, "final": 1.0}
 BASE_ITEMS = ("t1", "t2", "t3", "t4")
 N_RESAMPLES = 200
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
 def stance_rows(rng, arm: str, phase: str, item_set: str, measure: str) -> list[dict]:
@@ -67,21 +65,17 @@ def write_job(
     rng_seed: int = 0,
 ) -> None:
     rng = np.random.default_rng(rng_seed)
-    job_dir.mkdir(parents=True)
+    run = RunDir(job_dir)
     card = {
         "job": {"model": family, "arm": arm, "seed": seed, "experiment": None, "sweep": sweep},
         "config": {"logger": {"project": "lbt-test"}},
         "status": "done",
     }
-    (job_dir / "run.json").write_text(json.dumps(card), encoding="utf-8")
-    (job_dir / "DONE").write_text("done\n")
+    write_json_atomic(run.card, card)
     for phase in phases:
         for item_set in item_sets:
             for measure in measures:
-                write_jsonl(
-                    job_dir / "eval" / phase / item_set / f"{measure}.jsonl",
-                    stance_rows(rng, arm, phase, item_set, measure),
-                )
+                write_rows(run.rows(phase, item_set, measure), stance_rows(rng, arm, phase, item_set, measure))
         shift = [0.0, 0.01, 0.05, 0.1] if phase == "base" else [0.0, 0.02, 0.1 * ARMS.get(arm, 0), 0.2]
         probe = {
             "phase": phase,
@@ -96,15 +90,14 @@ def write_job(
             "shift_se": {"answer": [0.01] * 4, "prompt_mean": [0.01] * 4},
             "n_prompts": 16,
         }
-        (job_dir / "probe").mkdir(exist_ok=True)
-        (job_dir / "probe" / f"{phase}.json").write_text(json.dumps(probe))
+        write_json_once(run.probe(phase), probe)
         capability = {
             "perplexity": 12.5 + (arm == "frame_plus"),
             "mmlu_accuracy": None,
             "refusal": {"comply_correct_rate": 1.0, "refuse_correct_rate": 0.9, "n_comply": 5, "n_refuse": 5},
             "flags": {"perplexity_rise": arm == "frame_plus" and phase == "final", "mmlu_drop": False},
         }
-        (job_dir / "eval" / phase / "capability.json").write_text(json.dumps(capability))
+        write_json_once(run.capability(phase), capability)
         summary = {  # the layout lbt.eval.summary writes
             "phase": phase,
             "item_sets": {
@@ -112,7 +105,8 @@ def write_job(
                 "source": {"n_items": 8, "validity": {"letter_logprob": {"agreement": 1.0, "n_items": 6}}},
             },
         }
-        (job_dir / "eval" / phase / "summary.json").write_text(json.dumps(summary))
+        write_json_once(run.summary(phase), summary)
+    run.done.write_text("done\n", encoding="utf-8")  # last, as lbt.train writes it after its checks
 
 
 def make_sweep(root: Path, name: str = "sweepA") -> Path:
@@ -136,23 +130,22 @@ def make_sweep(root: Path, name: str = "sweepA") -> Path:
 
 def make_items(root: Path) -> Path:
     items = root / "items"
-    write_jsonl(items / "target_items.jsonl", [{"id": "t1-p0", "base_item": "t1"}])
-    write_jsonl(items / "source_items.jsonl", [{"id": "s1-p0", "base_item": "s1"}])
+    write_rows(items / "target_items.jsonl", [{"id": "t1-p0", "base_item": "t1"}])
+    write_rows(items / "source_items.jsonl", [{"id": "s1-p0", "base_item": "s1"}])
     return items
 
 
-def read_rows(sweep: Path, item_set: str = "target", phase: str = "final") -> list[dict]:
-    """The rows the primary analysis should use, read independently of lbt.analyze."""
-    rows = []
-    for run_json in sorted(sweep.glob("*/run.json")):
-        job = json.loads(run_json.read_text())["job"]
-        if job["arm"] not in ARMS:
-            continue
-        for path in sorted((run_json.parent / "eval" / phase / item_set).glob("*.jsonl")):
-            for line in path.read_text().splitlines():
-                row = json.loads(line)
-                rows.append({**row, "family": job["model"], "arm": job["arm"], "seed": job["seed"]})
-    return [r for r in rows if r["measure"] != "open_ended"]
+def study_rows(sweep: Path, item_set: str = "target", phase: str = "final") -> list[dict]:
+    """The rows the primary analysis should use: the study arms' rows of one item set and phase, read by
+    lbt.analyze's own reader, less open_ended (no stance before judging)."""
+    return [
+        row
+        for job in find_jobs([sweep])
+        for row in load_rows(job, str)
+        if row["arm"] in STUDY_ARMS
+        and (row["item_set"], row["phase"]) == (item_set, phase)
+        and row["measure"] != "open_ended"
+    ]
 
 
 @pytest.fixture
@@ -181,7 +174,19 @@ def test_report_figures_and_numbers_match_primary_report(sweep_setup, tmp_path):
         assert (out / "figures" / f"{name}.png").stat().st_size > 1000
     assert report["exploratory"] is False and report["lock"]["settings_sha256"]
 
-    expected = primary_report(read_rows(sweep), n_resamples=N_RESAMPLES)
+    # the reader gives back what the job wrote: stance (NaN kept), item and paraphrase of every row
+    run = RunDir(sweep / "tiny-frame_plus-s1")
+    (job,) = [j for j in find_jobs([sweep]) if j.path == run.root]
+    for measure in ("letter_logprob", "open_ended"):
+        written = read_rows(run.rows("final", "target", measure))
+        read = [r for r in load_rows(job, str) if (r["phase"], r["item_set"], r["measure"]) ==
+                ("final", "target", measure)]
+        assert [(r["base_item"], r["item_id"], r["domain"]) for r in read] == [
+            (w["base_item"], w["item_id"], w["domain"]) for w in written]
+        np.testing.assert_array_equal([r["stance"] for r in read], [w["stance"] for w in written])
+        assert {(r["family"], r["arm"], r["seed"]) for r in read} == {("tiny", "frame_plus", 1)}
+
+    expected = primary_report(study_rows(sweep), n_resamples=N_RESAMPLES)
     for measure in ("letter_logprob", "forced_choice"):
         got, want = report["primary"]["families"]["tiny"][measure], expected["families"]["tiny"][measure]
         for arm in ("frame_plus", "frame_minus"):
@@ -194,7 +199,7 @@ def test_report_figures_and_numbers_match_primary_report(sweep_setup, tmp_path):
     assert "open_ended" not in report["primary"]["families"]["tiny"]
     assert any("open_ended" in note for note in report["notes"])
 
-    manipulation = primary_report(read_rows(sweep, "source"), n_resamples=N_RESAMPLES)
+    manipulation = primary_report(study_rows(sweep, "source"), n_resamples=N_RESAMPLES)
     gate = {(g["measure"], g["arm"]): g for g in report["manipulation_gate"]}
     d_plus = manipulation["families"]["tiny"]["letter_logprob"]["frame_plus"]["d"]
     assert gate[("letter_logprob", "frame_plus")]["d"] == d_plus
@@ -222,8 +227,7 @@ def test_report_figures_and_numbers_match_primary_report(sweep_setup, tmp_path):
     # the report's validity table is computed from the rows on disk, as lbt.eval.summary defines it
     from lbt.eval.summary import measure_validity
 
-    job = sweep / "tiny-frame_plus-s1" / "eval" / "final" / "target"
-    by_measure = {m: read_rows_file(job / f"{m}.jsonl") for m in ("forced_choice", "letter_logprob")}
+    by_measure = {m: read_rows(run.rows("final", "target", m)) for m in ("forced_choice", "letter_logprob")}
     expected = measure_validity(by_measure)["letter_logprob"]
     (mine,) = [
         v for v in report["validity"]
@@ -373,9 +377,11 @@ def test_corrupt_files_name_job_file_and_line(sweep_setup, tmp_path, capsys):
                  job / "eval" / "step_2" / "summary.json"):
         intact = path.read_text()
         path.write_text(intact[: len(intact) // 2])
+        with pytest.raises(json.JSONDecodeError) as cut:  # where the json module itself stops
+            json.loads(intact[: len(intact) // 2])
         assert main([str(sweep), "--out", str(tmp_path / path.stem), "--no-wandb", *common]) == 2
         err = capsys.readouterr().err
-        assert f"job {job}" in err and f"{path}: not JSON" in err and "line 1" in err
+        assert f"job {job}" in err and f"{path}: not JSON" in err and f"line {cut.value.lineno})" in err
         path.write_text(intact)
 
 
@@ -385,7 +391,7 @@ def test_set_aside_copies_and_other_probe_files_are_not_read(sweep_setup, tmp_pa
     assert main([str(sweep), "--out", str(out), "--no-wandb", *common]) == 0
     clean = json.loads((out / "report.json").read_text())
     job = sweep / "tiny-frame_plus-s0"
-    (job / "probe" / "train_intervention.json").write_text(json.dumps({"mode": "ablate", "layer": 2}))
+    write_json_once(RunDir(job).probe("train_intervention"), {"mode": "ablate", "layer": 2})
     (job / "probe" / "final.json.corrupt-20260101-000000-1").write_text("{")
     (job / "eval" / "final" / "target" / "letter_logprob.jsonl.corrupt-20260101-000000-1").write_text("{")
     (job / "eval" / "final" / "summary.json.corrupt-20260101-000000-1").mkdir()
@@ -398,9 +404,9 @@ def test_set_aside_copies_and_other_probe_files_are_not_read(sweep_setup, tmp_pa
 def test_unfinished_job_is_flagged_with_what_its_card_says_is_missing(sweep_setup, tmp_path, capsys):
     sweep, _, _, common = sweep_setup
     job = sweep / "tiny-frame_minus-s1"
-    card = json.loads((job / "run.json").read_text())
+    card = read_json(RunDir(job).card)
     card.update(status="incomplete", missing=["phase final: eval/final/target/likert.jsonl: missing"])
-    (job / "run.json").write_text(json.dumps(card))
+    write_json_atomic(RunDir(job).card, card)
     (job / "DONE").unlink()
     out = tmp_path / "flagged"
     assert main([str(sweep), "--out", str(out), "--no-wandb", *common]) == 0

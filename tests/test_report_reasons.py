@@ -8,18 +8,21 @@ import json
 import math
 
 from lbt.analyze import main
+from lbt.rundir import RunDir, read_rows, write_rows
 from tests.test_analyze import make_sweep
 
 
 def test_low_parse_rate_is_not_interpretable_and_blanks_carry_reasons(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     sweep = make_sweep(tmp_path)
-    for path in sweep.glob("tiny-frame_plus-s*/eval/final/target/forced_choice.jsonl"):
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for job in sweep.glob("tiny-frame_plus-s*"):
+        path = RunDir(job).rows("final", "target", "forced_choice")
+        rows = read_rows(path)
         for k, row in enumerate(rows):
             if k % 4:  # 25 % parsed
                 row.update(stance=math.nan, parsed=False)
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        path.unlink()  # rows are written once: the rewritten file replaces the job's
+        write_rows(path, rows)
     out = tmp_path / "analysis"
     args = [
         str(sweep),
