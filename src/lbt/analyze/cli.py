@@ -22,6 +22,7 @@ DESCRIPTION = (
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """The settings a preregistration lock fixes, shared by both commands."""
     parser.add_argument(
         "--n-resamples", type=int, default=N_RESAMPLES, help=f"bootstrap resamples (default {N_RESAMPLES})"
     )
@@ -48,6 +49,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def lock_main(argv: list[str]) -> int:
+    """`prereg-lock`: write the lock of the settings and the item files (never overwritten)."""
     parser = argparse.ArgumentParser(
         prog="python -m lbt.analyze prereg-lock",
         description="Lock the analysis settings and the frozen item files.",
@@ -113,6 +115,7 @@ def output_dir(args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Both commands; 0 on success, 2 for input the analysis cannot use (the message says why)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "prereg-lock":
         return lock_main(argv[1:])

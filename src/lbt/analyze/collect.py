@@ -30,6 +30,8 @@ class AnalyzeError(RuntimeError):
 
 @dataclass
 class Job:
+    """A job directory as the analysis sees it: its identity from run.json, status, DONE and eval phases."""
+
     path: Path
     family: str | None
     arm: str | None
@@ -74,6 +76,7 @@ def eval_phases(run: RunDir) -> list[str]:
 
 
 def load_job(run_json: Path) -> Job:
+    """The job whose run card is `run_json`; AnalyzeError for a card without a usable `job` object."""
     run = RunDir(run_json.parent)
     card = read_json_file(run.card, run.root)
     job = card.get("job") if isinstance(card, dict) else None
@@ -95,6 +98,7 @@ def load_job(run_json: Path) -> Job:
 
 
 def find_jobs(sweeps: list[Path]) -> list[Job]:
+    """Every job directory (one holding run.json) under the sweep directories, in path order."""
     jobs = []
     for sweep in sweeps:
         if not sweep.is_dir():
@@ -171,6 +175,7 @@ def probe_files(job: Job) -> list[Path]:
 
 
 def load_probes(jobs: list[Job], display: Display) -> list[dict[str, Any]]:
+    """Every probe/<phase>.json of the jobs, reduced to what the projection tables read."""
     records = []
     for job in jobs:
         for path in probe_files(job):
@@ -224,6 +229,7 @@ def phase_json_files(jobs: list[Job], name: str) -> Iterator[tuple[Job, str, Pat
 
 
 def load_capability(jobs: list[Job], display: Display) -> list[dict[str, Any]]:
+    """The capability checks (perplexity, refusal, MMLU, flags) of every job and phase."""
     table = []
     for job, phase, path, data in phase_json_files(jobs, "capability.json"):
         refusal = data.get("refusal") or {}
@@ -245,6 +251,7 @@ def load_capability(jobs: list[Job], display: Display) -> list[dict[str, Any]]:
 
 
 def flatten_numbers(obj: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """(key/path, number) of every number nested in `obj`."""
     if isinstance(obj, dict):
         return [pair for key, value in obj.items() for pair in flatten_numbers(value, f"{prefix}{key}/")]
     if isinstance(obj, (int, float)) and not isinstance(obj, bool):

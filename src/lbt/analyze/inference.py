@@ -51,6 +51,7 @@ def analysable_rows(
 
 
 def run_stats(rows: list[dict[str, Any]], args: argparse.Namespace, notes: list[str]) -> dict | None:
+    """lbt.stats.primary_report on the rows (None without rows); its warnings stay in the result."""
     if not rows:
         return None
     with warnings.catch_warnings():

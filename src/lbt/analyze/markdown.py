@@ -58,6 +58,7 @@ def arm_cells(entry: dict, arm: str) -> list[str]:
 
 
 def stats_table(stats: dict | None, sources: SourceIndex, role: str, args: argparse.Namespace) -> list[str]:
+    """The statistics table of one item-set role, with the reasons of entries not interpretable."""
     if not stats:
         return [f"(no {role}-item rows of the study arms at phase `{args.phase}`)"]
     rows = []
@@ -126,6 +127,7 @@ def stats_table(stats: dict | None, sources: SourceIndex, role: str, args: argpa
 
 
 def parse_rate_table(report: dict, args: argparse.Namespace) -> list[str]:
+    """Parsed rows per (family, arm, phase, item set, measure), the low ones marked."""
     rows = [
         [
             str(r["family"]),
@@ -145,6 +147,7 @@ def parse_rate_table(report: dict, args: argparse.Namespace) -> list[str]:
 
 
 def design_check_lines(report: dict) -> list[str]:
+    """Each design check in words and as a table (or why it did not run)."""
     checks = report.get("design_check") or []
     if not checks:
         return ["(not run: no target-item statistics of a headline measure, or --design-studies 0)"]
@@ -199,6 +202,7 @@ def design_check_lines(report: dict) -> list[str]:
 
 
 def write_markdown(report: dict, args: argparse.Namespace, path: Path) -> None:
+    """report.md from the report dict; every number cites the rows behind it ([S<n>], see Sources)."""
     sources = SourceIndex()
     out: list[str] = []
     title = "lbt analysis — " + ", ".join(report["sweeps"])

@@ -100,6 +100,7 @@ def unfinished_line(entry: dict) -> str:
 
 
 def missing_lines(missing: dict) -> list[str]:
+    """The missing-data report as one line per gap (report.md and stderr)."""
     lines = [f"job ({m['family']}, {m['arm']}, seed {m['seed']}) is missing" for m in missing["jobs"]]
     lines += [unfinished_line(m) for m in missing["incomplete_jobs"]]
     lines += [f"job {m['job']} lacks phase(s) {', '.join(m['phases'])}" for m in missing["phases"]]

@@ -76,6 +76,7 @@ def disagreement_lines(stats: dict | None, role: str, args: argparse.Namespace) 
 
 
 def headline_text(report: dict, sources: SourceIndex, args: argparse.Namespace) -> list[str]:
+    """The Summary's lines: each family's headline measures, H1, and the two lines compared."""
     primary = report["primary"]
     if not primary:
         phase = args.phase

@@ -24,6 +24,7 @@ def sweep_group(jobs: list[Job], sweeps: list[Path]) -> str:
 
 
 def wandb_project(jobs: list[Job], args: argparse.Namespace) -> str:
+    """--wandb-project, else the jobs' logger.project, else $WANDB_PROJECT, else lbt."""
     if args.wandb_project:
         return args.wandb_project
     for job in jobs:
@@ -81,6 +82,7 @@ def log_to_wandb(
 
 
 def wandb_tables(report: dict) -> dict[str, tuple[list[str], list[list[Any]]]]:
+    """The report's tables for W&B: name → (columns, rows)."""
     exploratory = report["exploratory"]
     tables: dict[str, tuple[list[str], list[list[Any]]]] = {}
     for name, stats in (("primary", report["primary"]), ("manipulation_check", report["manipulation_check"])):
@@ -161,6 +163,7 @@ def wandb_tables(report: dict) -> dict[str, tuple[list[str], list[list[Any]]]]:
 
 
 def headline_numbers(report: dict) -> dict[tuple[str, str], float]:
+    """(family, measure) → combined directional d of the primary analysis."""
     out = {}
     for family, measures in (report["primary"] or {}).get("families", {}).items():
         for measure, e in measures.items():
