@@ -45,11 +45,12 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from lbt.eval import scoring
-from lbt.eval.battery import evaluation_mode
-from lbt.eval.scoring import eos_token_ids, greedy_generate, left_pad
+from lbt.eval import static_decode
+from lbt.eval.batching import eos_token_ids, left_pad
+from lbt.eval.scoring import greedy_generate
 from lbt.model.load import load_model, load_tokenizer, resolve_dtype
 from lbt.model.lora import wrap_lora
+from lbt.model.modes import evaluation_mode
 
 LBT_MODES = {"eager": "eager", "static": "static", "graph": "graph", "graph-ahead0": "graph", "graph-repeatkv": "graph"}
 ALL = ["eager", "static", "graph", "graph-ahead0", "graph-repeatkv", "hf-static", "hf-static-compile"]
@@ -118,11 +119,11 @@ def run_variant(runner: Runner, name: str, prompts, new_tokens: int) -> dict:
     else:
         def call(n):
             return runner.hf(prompts, n, compile_forward=name == "hf-static-compile")
-    ahead, grouped = scoring._STEPS_AHEAD, scoring._GROUPED_ATTENTION
+    ahead, grouped = static_decode._STEPS_AHEAD, static_decode._GROUPED_ATTENTION
     if name == "graph-ahead0":
-        scoring._STEPS_AHEAD = 0
+        static_decode._STEPS_AHEAD = 0
     if name == "graph-repeatkv":
-        scoring._GROUPED_ATTENTION = False
+        static_decode._GROUPED_ATTENTION = False
     try:
         sync(runner.device)
         started = time.perf_counter()
@@ -132,7 +133,7 @@ def run_variant(runner: Runner, name: str, prompts, new_tokens: int) -> dict:
         prompt_only, _ = runner.timed(lambda: call(1))
         full, tokens = runner.timed(lambda: call(new_tokens))
     finally:
-        scoring._STEPS_AHEAD, scoring._GROUPED_ATTENTION = ahead, grouped
+        static_decode._STEPS_AHEAD, static_decode._GROUPED_ATTENTION = ahead, grouped
     step_ms = 1000 * (full - prompt_only) / max(1, new_tokens - 1)
     return {"first_call_s": first, "prompt_s": prompt_only, "full_s": full, "ms_per_step": step_ms,
             "decode_tokens_per_s": len(prompts) * 1000 / step_ms if step_ms > 0 else float("nan"),
@@ -142,7 +143,7 @@ def run_variant(runner: Runner, name: str, prompts, new_tokens: int) -> dict:
 def record_time(device: str) -> dict:
     """Host seconds of each CUDA-graph recording (the first decoding step run eagerly + the capture)."""
     spent: list[float] = []
-    original = scoring._record
+    original = static_decode._record
 
     def timed(step):
         sync(device)
@@ -152,8 +153,8 @@ def record_time(device: str) -> dict:
         spent.append(time.perf_counter() - started)
         return replay
 
-    scoring._record = timed
-    return {"spent": spent, "restore": lambda: setattr(scoring, "_record", original)}
+    static_decode._record = timed
+    return {"spent": spent, "restore": lambda: setattr(static_decode, "_record", original)}
 
 
 def profile_step(runner: Runner, prompts, steps: int = 4, rows: int = 12) -> None:
@@ -162,11 +163,11 @@ def profile_step(runner: Runner, prompts, steps: int = 4, rows: int = 12) -> Non
     model, device = runner.model, runner.device
     inputs = left_pad(prompts, runner.tokenizer.pad_token_id, device)
     eos = torch.tensor(runner.eos, device=device)
-    grouped = scoring._GROUPED_ATTENTION
+    grouped = static_decode._GROUPED_ATTENTION
     try:
-        for scoring._GROUPED_ATTENTION in (True, False):
+        for static_decode._GROUPED_ATTENTION in (True, False):
             out = model(**inputs, use_cache=True, logits_to_keep=1)
-            step = scoring._StaticStep(model, scoring.output_cache(out), inputs, out.logits[:, -1].argmax(-1), eos,
+            step = static_decode._StaticStep(model, static_decode.output_cache(out), inputs, out.logits[:, -1].argmax(-1), eos,
                                        steps + 1)
             del out
             step()
@@ -179,11 +180,11 @@ def profile_step(runner: Runner, prompts, steps: int = 4, rows: int = 12) -> Non
             events = prof.key_averages()
             kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
             total = sum(e.self_device_time_total for e in kernels) / 1000 / steps  # kernels only, not their ops
-            print(f"\nprofile: {len(prompts)} rows, grouped attention {scoring._GROUPED_ATTENTION}: "
+            print(f"\nprofile: {len(prompts)} rows, grouped attention {static_decode._GROUPED_ATTENTION}: "
                   f"{total:.2f} ms of kernels per step")
             print(events.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=70))
     finally:
-        scoring._GROUPED_ATTENTION = grouped
+        static_decode._GROUPED_ATTENTION = grouped
 
 
 class _AttentionModule:
@@ -221,7 +222,7 @@ def check_attention(device: str, dtype: torch.dtype, batch: int = 64, heads: int
     mask = valid[:, None, None, :].to(device)
     args = [t.to(device, dtype) for t in (q, k, v)]
     result = {}
-    for name, attend in (("grouped", scoring._grouped_decode_attention), ("transformers sdpa", sdpa_attention_forward)):
+    for name, attend in (("grouped", static_decode._grouped_decode_attention), ("transformers sdpa", sdpa_attention_forward)):
         out, _ = attend(_AttentionModule(groups), *args, mask, scaling=scale)
         error = (out.double().cpu() - reference).norm() / reference.norm()
         result[name] = float(error)
@@ -239,21 +240,21 @@ def check_first_step(runner: Runner, prompts) -> dict:
     eos = torch.tensor(runner.eos, device=device)
     n = len(prompts)
     result = {}
-    grouped = scoring._GROUPED_ATTENTION
+    grouped = static_decode._GROUPED_ATTENTION
     try:
-        for scoring._GROUPED_ATTENTION in (True, False):
+        for static_decode._GROUPED_ATTENTION in (True, False):
             out = model(**inputs, use_cache=True, logits_to_keep=1)
             chosen = out.logits[:, -1].argmax(-1)
-            cache = scoring.output_cache(out)
-            step = scoring._StaticStep(model, cache, inputs, chosen, eos, 2)
+            cache = static_decode.output_cache(out)
+            step = static_decode._StaticStep(model, cache, inputs, chosen, eos, 2)
             static = step().float()
             mask = torch.cat([inputs["attention_mask"], inputs["attention_mask"].new_ones((n, 1))], dim=-1)
             eager = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=inputs["position_ids"][:, -1:] + 1,
-                          use_cache=True, logits_to_keep=1, **scoring.cache_kwargs(model, cache)).logits[:, -1].float()
+                          use_cache=True, logits_to_keep=1, **static_decode.cache_kwargs(model, cache)).logits[:, -1].float()
             delta = (static - eager).abs().amax(-1)
             top2 = eager.topk(2, dim=-1).values
             margin = top2[:, 0] - top2[:, 1]
-            name = "grouped" if scoring._GROUPED_ATTENTION else "transformers sdpa"
+            name = "grouped" if static_decode._GROUPED_ATTENTION else "transformers sdpa"
             result[name] = {
                 "max_abs_logit_diff": float(delta.max()), "median_row_max_abs_diff": float(delta.median()),
                 "logit_std": float(eager.std()), "median_top2_margin": float(margin.median()),
@@ -266,7 +267,7 @@ def check_first_step(runner: Runner, prompts) -> dict:
                   flush=True)
             del out, cache, step
     finally:
-        scoring._GROUPED_ATTENTION = grouped
+        static_decode._GROUPED_ATTENTION = grouped
     return result
 
 

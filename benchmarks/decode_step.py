@@ -33,7 +33,8 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from lbt.eval.scoring import cache_kwargs, greedy_generate, left_pad, output_cache
+from lbt.eval.batching import cache_kwargs, left_pad, output_cache
+from lbt.eval.scoring import greedy_generate
 from lbt.model.load import load_model, load_tokenizer
 from lbt.model.lora import lean_lora, wrap_lora
 

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from lbt.model.load import load_model, load_tokenizer
 from lbt.probe import directions as dirs
 from lbt.probe.directions import DirectionSettings
 from tests.conftest import compose_train
@@ -23,16 +22,7 @@ EAGER = ["now", "jump", "upside", "fast", "bold", "switch", "try", "today", "reg
 SHARED = ["soil", "water", "seed", "tomato", "basil", "compost", "oven", "flour", "dough", "bake"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread for torch and BLAS: on a shared 2-core machine, two threads contend and run ~30× slower."""
-    from threadpoolctl import threadpool_limits
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_paired_corpora(folder: Path, n: int = 12, seed: int = 0) -> dict[str, Path]:
@@ -176,16 +166,8 @@ def test_parallel_jobs_compute_once(tmp_path):
     assert not list((tmp_path / "directions").glob("*.tmp"))
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    cfg = compose_train(["model=tiny"])
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, tokenizer, torch.float32)
-    return cfg, tokenizer, model
-
-
-def test_tiny_model_end_to_end_and_cached(tiny, tmp_path, monkeypatch):
-    cfg, tokenizer, model = tiny
+def test_tiny_model_end_to_end_and_cached(tiny_model, tmp_path, monkeypatch):
+    cfg, tokenizer, model = tiny_model
     corpora = write_paired_corpora(tmp_path)
     settings = DirectionSettings(max_length=96, batch_size=5)
     d = dirs.get_directions(model, tokenizer, cfg.model, corpora, tmp_path / "cache", settings)
@@ -204,8 +186,8 @@ def test_tiny_model_end_to_end_and_cached(tiny, tmp_path, monkeypatch):
     torch.testing.assert_close(again.unit(), d.unit())
 
 
-def test_batching_does_not_change_activations(tiny, tmp_path):
-    _, tokenizer, model = tiny
+def test_batching_does_not_change_activations(tiny_model, tmp_path):
+    _, tokenizer, model = tiny_model
     corpora = write_paired_corpora(tmp_path, n=5)
     from lbt.data.records import load_corpus
     records = load_corpus(corpora["frame_plus"])
@@ -215,8 +197,8 @@ def test_batching_does_not_change_activations(tiny, tmp_path):
         torch.testing.assert_close(one[summary], many[summary], atol=1e-4, rtol=1e-4)
 
 
-def test_missing_corpus_is_a_clear_error(tiny, tmp_path):
-    cfg, tokenizer, model = tiny
+def test_missing_corpus_is_a_clear_error(tiny_model, tmp_path):
+    cfg, tokenizer, model = tiny_model
     with pytest.raises(FileNotFoundError, match="corpora.frame_plus"):
         dirs.get_directions(model, tokenizer, cfg.model, {"frame_plus": tmp_path / "nope.jsonl",
                                                           "frame_minus": tmp_path / "nope2.jsonl"}, tmp_path)

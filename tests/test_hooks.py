@@ -15,16 +15,7 @@ from lbt.probe.hooks import Positions
 LAYERS = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread for torch and BLAS: on a shared 2-core machine, two threads contend and run ~30× slower."""
-    from threadpoolctl import threadpool_limits
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(kind: str, peft: bool = False) -> nn.Module:

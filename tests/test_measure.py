@@ -9,32 +9,19 @@ import torch
 from lbt.data.chat import render_prompt
 from lbt.eval.items import as_item_set, load_items, load_texts
 from lbt.eval.measures import forced_choice, letter_logprob
-from lbt.eval.scoring import Engine
+from lbt.eval.scoring import Engine, greedy_generate
 from lbt.eval.settings import BatterySettings
-from lbt.model.load import load_model, load_tokenizer
 from lbt.probe import hooks, measure
-from tests.conftest import ROOT, compose_train
+from tests.conftest import ROOT
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread for torch and BLAS: on a shared 2-core machine, two threads contend and run ~30× slower."""
-    from threadpoolctl import threadpool_limits
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    cfg = compose_train(["model=tiny"])
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, tokenizer, torch.float32).eval()
+def tiny(tiny_model):
+    _, tokenizer, model = tiny_model
     items = load_items(ROOT / "data" / "eval" / "target_items.jsonl")[:4]
-    return model, tokenizer, items
+    return model.eval(), tokenizer, items
 
 
 def test_letter_logprob_and_forced_choice_match_the_battery(tiny):
@@ -119,3 +106,21 @@ def test_steering_at_response_positions_leaves_the_prompt_alone(tiny):
     lengths = torch.tensor([len(p) for p in prompts.ids], dtype=torch.float32)
     torch.testing.assert_close(steered["prompt_mean"][:, 2] - base["prompt_mean"][:, 2],
                                vec[2][None, :] / lengths[:, None], atol=1e-4, rtol=0)
+
+
+def test_forced_choice_ends_at_the_generation_configs_end_tokens_as_the_battery(tiny, monkeypatch):
+    """The steered stance (H3) and the battery's (H1) are one measurement: a reply ends at any end-of-turn
+    token of the generation config, not only at the tokenizer's (the probe's old decoder missed these)."""
+    model, tokenizer, items = tiny
+    prompts = measure.forced_choice_prompts(items, tokenizer)
+    first = greedy_generate(model, tokenizer, prompts.ids[:1], 1)[0].token_ids[0]
+    assert first != tokenizer.eos_token_id
+    monkeypatch.setattr(model.generation_config, "eos_token_id", [tokenizer.eos_token_id, first])
+    ours = measure.score_forced_choice(model, tokenizer, prompts, batch_size=3, max_new_tokens=8)
+    settings = BatterySettings(batch_size=5, forced_choice_max_new_tokens=8)
+    rows = forced_choice(Engine(model, tokenizer, settings.batch_size), as_item_set(items), settings)
+    theirs = {(r["item_id"], r["order"]): r for r in rows}
+    first_row = theirs[(prompts.item_ids[0], prompts.orders[0])]
+    assert (first_row["raw"], first_row["finish"]) == ("", "eos") and np.isnan(ours["forced_choice"][0])
+    np.testing.assert_array_equal(ours["forced_choice"],
+                                  [theirs[(i, o)]["stance"] for i, o in zip(prompts.item_ids, prompts.orders)])

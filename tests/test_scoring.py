@@ -3,19 +3,26 @@ depends on batch composition, order or the tokenizer's padding side."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import pytest
+import torch
 
 from lbt.eval.batching import eos_token_ids, left_pad, length_batches
 from lbt.eval.scoring import (
+    Engine,
+    Greedy,
+    NextToken,
     OptionError,
+    PaddedBatch,
     continuation_logprobs,
     encode_option,
     greedy_generate,
     next_token_logprobs,
     option_text,
 )
+from lbt.probe import hooks
 from tests.eval_reference import greedy, option_logprobs
 
 
@@ -139,3 +146,58 @@ def test_encode_option_has_no_special_tokens(tiny_eval):
     _, tokenizer = tiny_eval
     ids = encode_option(tokenizer, "A")
     assert len(ids) == 1 and ids[0] not in tokenizer.all_special_ids
+
+
+# -- the engine: requests, order, interventions ---------------------------------------------------------
+
+
+def test_engine_batches_by_length_and_enters_the_intervention_once_per_batch(tiny_eval, prompts):
+    model, tokenizer = tiny_eval
+    seen = []
+
+    @contextlib.contextmanager
+    def record(batch: PaddedBatch):
+        seen.append(batch)
+        yield
+
+    engine = Engine(model, tokenizer, batch_size=4)
+    targets = [[35, 36]] * len(prompts)
+    got = engine.next_token([NextToken(p, t) for p, t in zip(prompts, targets)], intervention=record)
+    assert sorted(i for batch in seen for i in batch.indices) == list(range(len(prompts)))
+    assert [len(batch.indices) for batch in seen] == [4, 4, 3]
+    for batch in seen:
+        assert batch.width == max(len(prompts[i]) for i in batch.indices)
+    assert seen[0].width == max(len(p) for p in prompts)  # longest first: an out-of-memory shows at once
+    assert got == next_token_logprobs(model, prompts, targets, batch_size=4, pad_id=engine.pad_id)
+
+
+def test_intervention_acts_on_the_prompt_and_every_decoding_step(tiny_eval, prompts):
+    """Steering through the engine equals steering a plain one-at-a-time run under the same hook."""
+    model, tokenizer = tiny_eval
+    vector = {0: 4.0 * torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(5))}
+    engine = Engine(model, tokenizer, batch_size=3)
+
+    def steer(batch: PaddedBatch):
+        return hooks.add(model, vector)
+
+    requests = [Greedy(p, 5) for p in prompts[:5]]
+    steered = engine.generate(requests, intervention=steer)
+    plain = engine.generate(requests)
+    assert [g.text for g in steered] != [g.text for g in plain]
+    with hooks.add(model, vector):
+        for prompt, generation in zip(prompts, steered):
+            assert generation.text == greedy(model, tokenizer, prompt, 5)
+        alone = [option_logprobs(model, p, [35]) for p in prompts[:5]]
+    scored = engine.next_token([NextToken(p, [35]) for p in prompts[:5]], intervention=steer)
+    for a, b in zip(scored, alone):
+        assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_requests_with_different_lengths_come_back_in_order(tiny_eval, prompts):
+    model, tokenizer = tiny_eval
+    engine = Engine(model, tokenizer, batch_size=4)
+    lengths = [1 + k % 3 for k in range(len(prompts))]
+    got = engine.generate([Greedy(p, n) for p, n in zip(prompts, lengths)])
+    for prompt, n, generation in zip(prompts, lengths, got):
+        assert generation.text == greedy(model, tokenizer, prompt, n)
+        assert len(generation.token_ids) <= n

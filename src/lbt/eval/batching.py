@@ -72,24 +72,40 @@ def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def left_pad(
-    sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
-) -> dict[str, torch.Tensor]:
-    """input_ids, attention_mask and position_ids of left-padded rows; positions count real tokens."""
+def _padded(sequences: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     if any(len(s) == 0 for s in sequences):
         raise ValueError("cannot score an empty prompt")
     width = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), width), int(pad_id), dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
-        input_ids[row, width - len(seq) :] = torch.as_tensor(list(seq), dtype=torch.long)
-        attention_mask[row, width - len(seq) :] = 1
+        columns = slice(width - len(seq), width) if left else slice(0, len(seq))
+        input_ids[row, columns] = torch.as_tensor(list(seq), dtype=torch.long)
+        attention_mask[row, columns] = 1
+    return input_ids, attention_mask
+
+
+def left_pad(
+    sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask and position_ids of left-padded rows; positions count real tokens."""
+    input_ids, attention_mask = _padded(sequences, pad_id, left=True)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     return {
         "input_ids": input_ids.to(device),
         "attention_mask": attention_mask.to(device),
         "position_ids": position_ids.to(device),
     }
+
+
+def right_pad(
+    sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """input_ids and attention_mask of right-padded rows (teacher-forced text): every row starts at column
+    0, so the default positions count its tokens, and causal attention keeps the pads after the last real
+    token from changing any real position."""
+    input_ids, attention_mask = _padded(sequences, pad_id, left=False)
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
 
 
 def pad_id_of(tokenizer: PreTrainedTokenizerBase) -> int:

@@ -48,6 +48,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lbt.data.chat import IGNORE_INDEX, encode_example
 from lbt.data.records import CorpusRecord, file_sha256, load_corpus
+from lbt.eval.batching import length_batches, pad_id_of, right_pad
 from lbt.model.modes import evaluation_mode
 from lbt.probe import hooks
 from lbt.rundir import write_json_atomic
@@ -76,16 +77,6 @@ def base_model(model: nn.Module) -> AbstractContextManager[nn.Module]:
     return evaluation_mode(model, adapters=False)
 
 
-def _right_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, :len(row)] = torch.as_tensor(list(row))
-        mask[i, :len(row)] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-
-
 @torch.no_grad()
 def corpus_activations(model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: Sequence[CorpusRecord],
                        settings: DirectionSettings) -> dict[str, torch.Tensor]:
@@ -97,13 +88,11 @@ def corpus_activations(model: nn.Module, tokenizer: PreTrainedTokenizerBase, rec
             raise ValueError(f"record {record.id} (line {record.line}): no assistant token within "
                              f"max_length={settings.max_length}")
     device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_id_of(tokenizer)
     n_layers = hooks.num_layers(model)
     out: dict[str, list[torch.Tensor | None]] = {s: [None] * len(records) for s in SUMMARIES}
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
-    for start in range(0, len(order), settings.batch_size):
-        idx = order[start:start + settings.batch_size]
-        batch = _right_pad([examples[i].input_ids for i in idx], pad_id, device)
+    for idx in length_batches([len(e.input_ids) for e in examples], settings.batch_size):
+        batch = right_pad([examples[i].input_ids for i in idx], pad_id, device)
         labels = [examples[i].labels for i in idx]
         width = batch["input_ids"].shape[1]
         assistant = torch.zeros(len(idx), width, dtype=torch.bool)

@@ -34,7 +34,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lbt.data.chat import render_conversation, render_prompt
-from lbt.eval.batching import pad_id_of
+from lbt.eval.batching import pad_id_of, right_pad
 from lbt.eval.items import as_item_set
 from lbt.eval.measures import choice_requests
 from lbt.eval.prompts import ChoiceCase, choice_cases, choice_stance
@@ -210,12 +210,9 @@ def fluency(model: nn.Module, tokenizer: PreTrainedTokenizerBase, neutral: Neutr
     kept: list[torch.Tensor] = []
     for b, start in enumerate(range(0, len(neutral.ids), batch_size)):
         rows = neutral.ids[start:start + batch_size]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)], mask[i, :len(r)] = torch.as_tensor(r), 1
-        ids, mask = ids.to(device), mask.to(device)
+        padded = right_pad(rows, pad, device)
+        ids, mask = padded["input_ids"], padded["attention_mask"]
+        width = ids.shape[1]
         # Right padding, one fixed prompt: the reply starts at column p0 in every row; the answer position
         # p0 − 1 predicts its first token.
         batch = Batch(list(range(start, start + len(rows))), width, Positions.starting_at(p0 - 1), None)
