@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import Any
 
 import numpy as np
 from scipy import stats as sps
@@ -176,33 +177,43 @@ def effect_coverage(name: str, n_seeds: int, n_items: int, n_studies: int, seed:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lbt.stats.compare", description=__doc__.split("\n")[0])
-    parser.add_argument("--studies", type=int, default=2000, help="null studies per design (cheap methods)")
-    parser.add_argument("--costly-studies", type=int, default=400, help="studies for the bootstrap methods")
-    parser.add_argument("--seeds", default="2,3,5,10,20")
-    parser.add_argument("--items", default="18,48,200")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", help="write the results to this (new) JSON file")
-    args = parser.parse_args(argv)
-    seeds = [int(x) for x in args.seeds.split(",")]
-    items = [int(x) for x in args.items.split(",")]
-    started = time.perf_counter()
+# A held-out check of the two constants: designs never used to choose them (other seed and item counts,
+# variance mixtures drawn at random from wide ranges with a seed of its own). `--validate` runs it.
+VALIDATION_SEEDS = (2, 3, 4, 7, 12, 20)
+VALIDATION_ITEMS = (20, 36, 64, 150)
+VALIDATION_DRAW = 20261207
+
+
+def validation_mixtures(n: int = 6, seed: int = VALIDATION_DRAW) -> dict[str, tuple[float, ...]]:
+    """n mixtures (σ item ∈ [0, 1.5], item × arm ∈ [0, 0.8], seed ∈ [0, 1], noise ∈ [0.3, 1.2])."""
+    rng = np.random.default_rng(seed)
+    mixtures = {}
+    for _ in range(n):
+        sigmas = tuple(round(float(rng.uniform(lo, hi)), 2) for lo, hi in ((0, 1.5), (0, 0.8), (0, 1), (0.3, 1.2)))
+        mixtures["random " + "/".join(f"{x:g}" for x in sigmas)] = sigmas
+    return mixtures
+
+
+def in_band(rates: dict[str, float]) -> bool:
+    """The issue's acceptance band: 95 % interval coverage 93–97 %, one-sided 5 % test's rate ≤ 6 %."""
+    return 0.93 <= rates["coverage"] <= 0.97 and rates["fpr"] <= 0.06
+
+
+def run_grid(args: argparse.Namespace, seeds: list[int], items: list[int], costly_ok: bool) -> list[dict]:
     results = []
     for name in MIXTURES:
         for n_seeds in seeds:
             for n_items in items:
                 row = {"mixture": name, "n_seeds": n_seeds, "n_items": n_items}
                 row["null"] = null_rates(name, n_seeds, n_items, args.studies, list(CHEAP), args.seed)
-                costly = n_items <= 48 and n_seeds in (2, 3, 5, 20)
-                if costly:
+                if costly_ok and n_items <= 48 and n_seeds in (2, 3, 5, 20):
                     row["null"].update(
                         null_rates(
                             name, n_seeds, n_items, args.costly_studies, ["preregistered", *COSTLY], args.seed
                         )
                     )
                 tail = ""
-                if n_items <= 48:  # the bootstrap's cost grows with seeds × items × resamples
+                if costly_ok and n_items <= 48:  # the bootstrap's cost grows with seeds × items × resamples
                     eff = row["effect_d0.5"] = effect_coverage(
                         name, n_seeds, n_items, args.costly_studies, args.seed
                     )
@@ -210,7 +221,53 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(row)
                 cells = "  ".join(f"{m} {r['coverage']:.3f}/{r['fpr']:.3f}" for m, r in row["null"].items())
                 print(f"{name:<18} {n_seeds:>2} × {n_items:<3}  {cells}{tail}", flush=True)
+    return results
+
+
+def band_summary(results: list[dict]) -> dict[str, dict[str, Any]]:
+    """Per method: designs in band, coverage range, largest false-positive rate, the designs out of band."""
+    summary: dict[str, dict[str, Any]] = {}
+    for row in results:
+        for method, rates in row["null"].items():
+            entry = summary.setdefault(method, {"in_band": 0, "designs": 0, "coverage": [], "fpr": [], "out": []})
+            entry["designs"] += 1
+            entry["in_band"] += in_band(rates)
+            entry["coverage"].append(rates["coverage"])
+            entry["fpr"].append(rates["fpr"])
+            if not in_band(rates):
+                entry["out"].append(f"{row['mixture']} {row['n_seeds']}×{row['n_items']}")
+    return {
+        method: {"in_band": e["in_band"], "designs": e["designs"], "coverage_min": min(e["coverage"]),
+                 "coverage_max": max(e["coverage"]), "fpr_max": max(e["fpr"]), "out_of_band": e["out"]}
+        for method, e in summary.items()
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lbt.stats.compare", description=__doc__.split("\n")[0])
+    parser.add_argument("--studies", type=int, default=2000, help="null studies per design (cheap methods)")
+    parser.add_argument("--costly-studies", type=int, default=400, help="studies for the bootstrap methods")
+    parser.add_argument("--seeds", default="2,3,5,10,20")
+    parser.add_argument("--items", default="18,48,200")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--validate", action="store_true",
+                        help="the held-out designs (closed-form methods only) instead of the tuning grid")
+    parser.add_argument("--json", help="write the results to this (new) JSON file")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    if args.validate:
+        MIXTURES.clear()
+        MIXTURES.update(validation_mixtures())
+        results = run_grid(args, list(VALIDATION_SEEDS), list(VALIDATION_ITEMS), costly_ok=False)
+    else:
+        seeds = [int(x) for x in args.seeds.split(",")]
+        items = [int(x) for x in args.items.split(",")]
+        results = run_grid(args, seeds, items, costly_ok=True)
     wall = time.perf_counter() - started
+    summary = band_summary(results)
+    for method, e in summary.items():
+        print(f"{method:<18} in band {e['in_band']}/{e['designs']}  coverage {e['coverage_min']:.3f}–"
+              f"{e['coverage_max']:.3f}  largest FPR {e['fpr_max']:.3f}  out: {', '.join(e['out_of_band']) or '—'}")
     print(f"wall time {wall:.0f} s")
     if args.json:
         with open(args.json, "x") as handle:
@@ -218,7 +275,9 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "studies": args.studies,
                     "costly_studies": args.costly_studies,
+                    "validate": args.validate,
                     "wall_s": wall,
+                    "summary": summary,
                     "results": results,
                 },
                 handle,
