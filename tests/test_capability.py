@@ -60,9 +60,9 @@ def test_refusal_rates_by_expectation(tiny_eval, monkeypatch):
     model, tokenizer = tiny_eval
     replies = iter(["I'm sorry, I can't.", "Here is how.", "I won't do that.", "Sure, step one..."])
     monkeypatch.setattr(
-        cap,
-        "greedy_generate",
-        lambda m, t, prompts, n, b: [SimpleNamespace(text=next(replies)) for _ in prompts],
+        cap.Engine,
+        "generate",
+        lambda self, requests, intervention=None: [SimpleNamespace(text=next(replies)) for _ in requests],
     )
     battery = [
         {"id": "c1", "expect": "comply", "prompt": "p"},

@@ -52,6 +52,7 @@ from lbt.eval.batching import (
     model_device,
     output_cache,
     pad_id_of,
+    right_pad,
 )
 from lbt.eval.decode import DECODE_MODES, Generation, decode_batch, set_decode
 
@@ -80,6 +81,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 OPTION_FORMS = ("bare", "leading_space")
+PADDINGS = {"left": left_pad, "right": right_pad}
 T = TypeVar("T")
 
 
@@ -127,7 +129,8 @@ class Greedy:
 
 @dataclass(frozen=True)
 class PaddedBatch:
-    """One batch as the model sees it: requests `indices` (in batch row order), left-padded to `width`."""
+    """One batch as the model sees it: requests `indices` (in batch row order), padded to `width` columns
+    (left-padded unless `map_batches` was asked for right padding)."""
 
     indices: list[int]
     width: int
@@ -221,13 +224,18 @@ class Engine:
         prompts: Sequence[Sequence[int]],
         score: Callable[[PaddedBatch, dict[str, torch.Tensor]], Sequence[T]],
         intervention: Intervention | None = None,
+        padding: str = "left",
     ) -> list[T]:
-        """score(batch, inputs) → one answer per row, over left-padded batches of similar length (inputs:
-        input_ids, attention_mask, position_ids), inside intervention(batch), without gradients; answers
-        in prompt order. On a GPU out-of-memory error the whole call runs again with half the batch."""
+        """score(batch, inputs) → one answer per row, over batches of similar length, inside
+        intervention(batch), without gradients; answers in prompt order. On a GPU out-of-memory error the
+        whole call runs again with half the batch. padding: "left" (prompts to continue; inputs hold
+        input_ids, attention_mask and position_ids counting real tokens) or "right" (teacher-forced text
+        read from column 0; input_ids and attention_mask)."""
+        if padding not in PADDINGS:
+            raise ValueError(f"padding={padding!r}: use one of {sorted(PADDINGS)}")
         while True:
             try:
-                return self._map(prompts, score, intervention or no_intervention)
+                return self._map(prompts, score, intervention or no_intervention, PADDINGS[padding])
             except torch.cuda.OutOfMemoryError:
                 if self.batch_size <= 1:
                     raise
@@ -240,11 +248,11 @@ class Engine:
                         self.batch_size)
 
     @torch.no_grad()
-    def _map(self, prompts, score, intervention: Intervention) -> list:
+    def _map(self, prompts, score, intervention: Intervention, pad: Callable[..., dict[str, torch.Tensor]]) -> list:
         device = model_device(self.model)
         results: list = [None] * len(prompts)
         for indices in length_batches([len(p) for p in prompts], self.batch_size):
-            inputs = left_pad([prompts[i] for i in indices], self.pad_id, device)
+            inputs = pad([prompts[i] for i in indices], self.pad_id, device)
             batch = PaddedBatch(indices, inputs["input_ids"].shape[1])
             with intervention(batch):
                 answers = score(batch, inputs)

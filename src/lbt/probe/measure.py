@@ -34,7 +34,6 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lbt.data.chat import render_conversation, render_prompt
-from lbt.eval.batching import pad_id_of, right_pad
 from lbt.eval.items import as_item_set
 from lbt.eval.measures import choice_requests
 from lbt.eval.prompts import ChoiceCase, choice_cases, choice_stance
@@ -197,39 +196,34 @@ def neutral_set(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
     return NeutralSet(rows, len(prompt_ids))
 
 
-@torch.no_grad()
 def fluency(model: nn.Module, tokenizer: PreTrainedTokenizerBase, neutral: NeutralSet, batch_size: int = 8,
             reference: list[torch.Tensor] | None = None, intervention: Intervention = no_intervention,
             keep_logprobs: bool = False) -> dict[str, Any]:
-    """{"perplexity", "kl" (vs reference, nats per reply token; None without one), "logprobs" (per batch,
+    """{"perplexity", "kl" (vs reference, nats per reply token; None without one), "logprobs" (per passage,
     kept only when asked: the reference for later calls)}."""
-    device = next(model.parameters()).device
-    pad = pad_id_of(tokenizer)
     p0 = neutral.prompt_len
-    nll, count, kl_sum = 0.0, 0, 0.0
-    kept: list[torch.Tensor] = []
-    for b, start in enumerate(range(0, len(neutral.ids), batch_size)):
-        rows = neutral.ids[start:start + batch_size]
-        padded = right_pad(rows, pad, device)
-        ids, mask = padded["input_ids"], padded["attention_mask"]
-        width = ids.shape[1]
-        # Right padding, one fixed prompt: the reply starts at column p0 in every row; the answer position
-        # p0 − 1 predicts its first token.
-        batch = Batch(list(range(start, start + len(rows))), width, Positions.starting_at(p0 - 1), None)
-        with intervention(batch):
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+    def score(batch: PaddedBatch, inputs: dict[str, torch.Tensor]) -> list[tuple[float, int, float, Any]]:
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         logprobs = logits[:, p0 - 1:-1].float().log_softmax(-1)  # predicting columns p0 .. width-1
-        targets = ids[:, p0:]
         valid = mask[:, p0:].bool()
-        picked = logprobs.gather(-1, targets[..., None]).squeeze(-1)
-        nll -= float(picked[valid].sum())
-        count += int(valid.sum())
-        flat = logprobs[valid]
-        if reference is not None:
-            ref = reference[b].to(flat.device, torch.float32)
-            kl_sum += float((ref.exp() * (ref - flat)).sum())
-        if keep_logprobs:
-            kept.append(flat)
-    return {"perplexity": float(np.exp(nll / max(1, count))),
-            "kl": kl_sum / max(1, count) if reference is not None else None,
-            "logprobs": kept if keep_logprobs else None, "tokens": count}
+        picked = logprobs.gather(-1, ids[:, p0:, None]).squeeze(-1)
+        replies = [logprobs[row][valid[row]] for row in range(len(batch.indices))]
+        kl = [(ref.exp() * (ref - flat)).sum() for flat, ref in
+              zip(replies, (reference[i].to(logprobs.device, torch.float32) for i in batch.indices))] \
+            if reference is not None else [logprobs.new_zeros(())] * len(replies)
+        # One transfer per batch: each passage's NLL, reply length and KL.
+        stats = torch.stack([-(picked * valid).sum(-1), valid.sum(-1).float(), torch.stack(kl)], dim=1).tolist()
+        return [(nll, int(n), kl, flat if keep_logprobs else None) for (nll, n, kl), flat in zip(stats, replies)]
+
+    # Right padding, one fixed prompt: the reply starts at column p0 in every row; the answer position
+    # p0 − 1 predicts its first token.
+    def on_replies(batch: PaddedBatch) -> AbstractContextManager[Any]:
+        return intervention(Batch(batch.indices, batch.width, Positions.starting_at(p0 - 1), None))
+
+    passages = Engine(model, tokenizer, batch_size).map_batches(neutral.ids, score, on_replies, padding="right")
+    count = sum(n for _, n, _, _ in passages)
+    return {"perplexity": float(np.exp(sum(nll for nll, _, _, _ in passages) / max(1, count))),
+            "kl": sum(kl for _, _, kl, _ in passages) / max(1, count) if reference is not None else None,
+            "logprobs": [flat for *_, flat in passages] if keep_logprobs else None, "tokens": count}
