@@ -1,0 +1,5 @@
+"""python -m lbt.dashboard"""
+
+from lbt.dashboard import main
+
+raise SystemExit(main())
