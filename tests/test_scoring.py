@@ -11,15 +11,14 @@ import torch
 
 from lbt.eval.batching import eos_token_ids, left_pad, length_batches
 from lbt.eval.scoring import (
+    Continuation,
     Engine,
     Greedy,
     NextToken,
     OptionError,
     PaddedBatch,
-    continuation_logprobs,
     encode_option,
     greedy_generate,
-    next_token_logprobs,
     option_text,
 )
 from lbt.probe import hooks
@@ -68,10 +67,20 @@ def test_eos_ids_join_tokenizer_and_generation_config(tiny_eval):
         model.generation_config.eos_token_id = tokenizer.eos_token_id
 
 
+def _next_token(model, prompts, targets, batch_size):
+    return Engine(model, batch_size=batch_size, pad=0).next_token([NextToken(p, t) for p, t in zip(prompts, targets)])
+
+
+def _continuation(model, prompts, options, batch_size):
+    return Engine(model, batch_size=batch_size, pad=0).continuation(
+        [Continuation(p, o) for p, o in zip(prompts, options)]
+    )
+
+
 def test_next_token_logprobs_match_full_forward(tiny_eval, prompts):
     model, _ = tiny_eval
     targets = [[3, 100 + k, 2000] for k in range(len(prompts))]
-    got = next_token_logprobs(model, prompts, targets, batch_size=4)
+    got = _next_token(model, prompts, targets, batch_size=4)
     for prompt, target, values in zip(prompts, targets, got):
         for token, value in zip(target, values):
             assert value == pytest.approx(option_logprobs(model, prompt, [token])[0], abs=1e-4)
@@ -83,7 +92,7 @@ def test_continuation_logprobs_match_full_forward(tiny_eval, prompts):
     options = [
         [[rng.randrange(3, 2048) for _ in range(rng.randrange(1, 5))] for _ in range(2)] for _ in prompts
     ]
-    got = continuation_logprobs(model, prompts, options, batch_size=3)
+    got = _continuation(model, prompts, options, batch_size=3)
     for prompt, opts, values in zip(prompts, options, got):
         for option, per_token in zip(opts, values):
             assert len(per_token) == len(option)
@@ -93,13 +102,13 @@ def test_continuation_logprobs_match_full_forward(tiny_eval, prompts):
 def test_scores_do_not_depend_on_batching_order_or_padding_side(tiny_eval, prompts):
     model, tokenizer = tiny_eval
     options = [[[7], [11, 12, 13]] for _ in prompts]
-    reference = continuation_logprobs(model, prompts, options, batch_size=len(prompts))
+    reference = _continuation(model, prompts, options, batch_size=len(prompts))
     order = list(range(len(prompts)))
     random.Random(2).shuffle(order)
     for batch_size in (1, 2, 5):
         for side in ("left", "right"):
             tokenizer.padding_side = side
-            shuffled = continuation_logprobs(
+            shuffled = _continuation(
                 model, [prompts[i] for i in order], [options[i] for i in order], batch_size=batch_size
             )
             for position, i in enumerate(order):
@@ -137,7 +146,7 @@ def test_first_step_logprobs_equal_next_token_logprobs(tiny_eval, prompts):
     model, tokenizer = tiny_eval
     targets = [[35, 36]] * len(prompts)
     generations = greedy_generate(model, tokenizer, prompts, 2, batch_size=4, first_targets=targets)
-    direct = next_token_logprobs(model, prompts, targets, batch_size=5)
+    direct = _next_token(model, prompts, targets, batch_size=5)
     for generation, values in zip(generations, direct):
         assert generation.first_logprobs == pytest.approx(values, abs=1e-5)
 
@@ -168,7 +177,8 @@ def test_engine_batches_by_length_and_enters_the_intervention_once_per_batch(tin
     for batch in seen:
         assert batch.width == max(len(prompts[i]) for i in batch.indices)
     assert seen[0].width == max(len(p) for p in prompts)  # longest first: an out-of-memory shows at once
-    assert got == next_token_logprobs(model, prompts, targets, batch_size=4, pad_id=engine.pad_id)
+    unseen = Engine(model, tokenizer, batch_size=4).next_token([NextToken(p, t) for p, t in zip(prompts, targets)])
+    assert got == unseen  # the recording intervention changes nothing
 
 
 def test_intervention_acts_on_the_prompt_and_every_decoding_step(tiny_eval, prompts):

@@ -41,12 +41,12 @@ class Generation:
 
 DECODE_MODES = ("eager", "static", "graph")
 
-# The mode `greedy_generate` uses when a call names none (`hardware.fast.decode`, through `set_decode`).
+# The mode generation uses when the engine names none (`hardware.fast.decode`, through `set_decode`).
 _DECODE: str | None = None
 
 
 def set_decode(mode: str | None) -> None:
-    """How `greedy_generate` runs its decoding steps when a call names no mode (`hardware.fast.decode`):
+    """How generation runs its decoding steps when the engine names no mode (`hardware.fast.decode`):
 
     eager   the reference: a key/value cache that grows by one position a step, each step's forward issued
             from Python;

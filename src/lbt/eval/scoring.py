@@ -69,10 +69,8 @@ __all__ = [
     "NextToken",
     "OptionError",
     "PaddedBatch",
-    "continuation_logprobs",
     "encode_option",
     "greedy_generate",
-    "next_token_logprobs",
     "no_intervention",
     "option_text",
     "set_decode",
@@ -297,38 +295,7 @@ class Engine:
         return out
 
 
-# -- one-call forms ---------------------------------------------------------------------------------------
-
-
-def _paired(prompts: Sequence[Any], other: Sequence[Any], what: str) -> None:
-    if len(prompts) != len(other):
-        raise ValueError(f"prompts and {what} differ in length")
-
-
-def next_token_logprobs(
-    model: torch.nn.Module,
-    prompts: Sequence[Sequence[int]],
-    targets: Sequence[Sequence[int]],
-    batch_size: int = 32,
-    pad_id: int = 0,
-) -> list[list[float]]:
-    """`Engine.next_token` in one call: log P(token | prompt) for every token id in targets[i]."""
-    _paired(prompts, targets, "targets")
-    engine = Engine(model, batch_size=batch_size, pad=pad_id)
-    return engine.next_token([NextToken(p, t) for p, t in zip(prompts, targets)])
-
-
-def continuation_logprobs(
-    model: torch.nn.Module,
-    prompts: Sequence[Sequence[int]],
-    options: Sequence[Sequence[Sequence[int]]],
-    batch_size: int = 32,
-    pad_id: int = 0,
-) -> list[list[list[float]]]:
-    """`Engine.continuation` in one call: result[i][j][t] = log P(options[i][j][t] | prompts[i] + ...)."""
-    _paired(prompts, options, "options")
-    engine = Engine(model, batch_size=batch_size, pad=pad_id)
-    return engine.continuation([Continuation(p, o) for p, o in zip(prompts, options)])
+# -- one call ---------------------------------------------------------------------------------------------
 
 
 def greedy_generate(
@@ -341,7 +308,8 @@ def greedy_generate(
     first_targets: Sequence[Sequence[int]] | None = None,
     decode: str | None = None,
 ) -> list[Generation]:
-    """`Engine.generate` in one call: one stop predicate for all prompts or one per prompt."""
+    """`Engine.generate` in one call (the benchmarks' and tests' form): one stop predicate for all prompts
+    or one per prompt."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
     stops = list(stop) if isinstance(stop, Sequence) else [stop] * len(prompts)
