@@ -303,7 +303,7 @@ def weight_equivalence(fam: Family) -> dict[str, Any]:
     job = next((j for j in fam.jobs if j.arm in FRAMED_ARMS), fam.jobs[0] if fam.jobs else None)
     unit = fam.directions.unit()[fam.directions.l_star()]
     merged = weights.merged_copy(fam.model, job.name if job else None).float()
-    with torch.no_grad():
+    with evaluation_mode(merged):
         hooked = score_forced_choice(merged, fam.tokenizer, fam.prompts, fam.settings.batch_size, 1,
                                      lambda b, m=merged: hooks.ablate_writes(m, unit))["letter_logprob"]
         weights.orthogonalize_writes(merged, unit)
