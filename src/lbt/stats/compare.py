@@ -252,12 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--validate", action="store_true",
                         help="the held-out designs (closed-form methods only) instead of the tuning grid")
+    parser.add_argument("--draw", type=int, default=VALIDATION_DRAW,
+                        help=f"seed of the held-out mixtures' draw (default {VALIDATION_DRAW})")
     parser.add_argument("--json", help="write the results to this (new) JSON file")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     if args.validate:
         MIXTURES.clear()
-        MIXTURES.update(validation_mixtures())
+        MIXTURES.update(validation_mixtures(seed=args.draw))
         results = run_grid(args, list(VALIDATION_SEEDS), list(VALIDATION_ITEMS), costly_ok=False)
     else:
         seeds = [int(x) for x in args.seeds.split(",")]
