@@ -31,9 +31,8 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 from lbt.data.chat import render_prompt
-from lbt.eval.batching import left_pad, length_batches, model_device, pad_id_of
 from lbt.eval.items import ItemError
-from lbt.eval.scoring import Engine, Greedy, NextToken, OptionError, encode_option, option_text
+from lbt.eval.scoring import Engine, Greedy, NextToken, OptionError, PaddedBatch, encode_option, option_text
 
 MMLU_LETTERS = ("A", "B", "C", "D")
 REFUSAL_WINDOW = 200
@@ -58,7 +57,6 @@ def is_refusal(text: str) -> bool:
     return _REFUSAL.search(opening) is not None
 
 
-@torch.no_grad()
 def perplexity(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -67,32 +65,25 @@ def perplexity(
     max_length: int = 512,
 ) -> tuple[float, int]:
     """(perplexity, predicted tokens) over all texts together."""
-    device = model_device(model)
     encoded = [list(tokenizer(text)["input_ids"])[:max_length] for text in texts]
     encoded = [ids for ids in encoded if len(ids) > 1]
     if not encoded:
         raise ValueError("perplexity: no text has two or more tokens")
-    pad = pad_id_of(tokenizer)
-    losses: list[torch.Tensor] = []
-    count = 0
-    for batch in length_batches([len(ids) for ids in encoded], batch_size):
-        inputs = left_pad([encoded[i] for i in batch], pad, device)
+
+    def losses(batch: PaddedBatch, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         logits = model(**inputs, use_cache=False).logits
-        width = inputs["input_ids"].shape[1]
-        for row, i in enumerate(batch):
+        width, out = inputs["input_ids"].shape[1], []
+        for row, i in enumerate(batch.indices):
             n = len(encoded[i])
             # Left padding: the text occupies the last n positions; position t predicts t + 1.
-            row_logits = logits[row, width - n : width - 1].float()
-            targets = inputs["input_ids"][row, width - n + 1 :]
-            losses.append(F.cross_entropy(row_logits, targets, reduction="sum"))
-            count += n - 1
-        del logits  # a (batch, length, vocabulary) tensor: free it before the next batch's forward
-    # One device-to-host transfer instead of one per passage; summed in Python in the same order as
-    # before, so the number is the same to the last bit.
-    loss_sum = 0.0
-    for value in torch.stack(losses).tolist():
-        loss_sum += value
-    return math.exp(loss_sum / count), count
+            out.append(F.cross_entropy(logits[row, width - n : width - 1].float(),
+                                       inputs["input_ids"][row, width - n + 1 :], reduction="sum"))
+        return out
+
+    # One device-to-host transfer for all passages, summed in Python in passage order.
+    per_text = torch.stack(Engine(model, tokenizer, batch_size).map_batches(encoded, losses)).tolist()
+    count = sum(len(ids) - 1 for ids in encoded)
+    return math.exp(sum(per_text) / count), count
 
 
 def refusal_rates(
