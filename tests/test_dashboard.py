@@ -233,3 +233,58 @@ def test_saving_without_a_key_is_one_line(tmp_path, job_config):
                          text=True, timeout=120, check=False)
     assert out.returncode == 2 and out.stdout == "", out
     assert out.stderr.count("\n") == 1 and "WANDB_API_KEY" in out.stderr, out.stderr
+
+
+# -- what W&B receives (its server calls replaced) --------------------------------------------------------
+
+def test_report_serialises_with_group_filter_and_arm_colours(tmp_path, job_config, monkeypatch):
+    from wandb_workspaces.reports.v2 import interface
+
+    # The library looks up the project's internal id on the server while serialising a run set.
+    monkeypatch.setattr(interface, "_get_api", lambda: None)
+    monkeypatch.setattr(interface, "execute_graphql", lambda api, query, variables: {"project": {"internalId": "P"}})
+    report = build_report(read_sweep(write_sweep(tmp_path / SWEEP, job_config, families=("qwen",))))
+    model = report._to_model().model_dump(by_alias=True, exclude_none=True)
+    grids = [b["metadata"] for b in model["spec"]["blocks"] if b.get("type") == "panel-grid"]
+    (runset,) = grids[0]["runSets"]
+    leaves = {(f["key"]["name"], json.dumps(f["value"])) for f in runset["filters"]["filters"]}
+    # Filters name config keys as flattened (arm.name); grouping and colours insert W&B's `value` level.
+    assert leaves == {("group", json.dumps(SWEEP)), ("arm.name", json.dumps(list(STUDY_ARMS))),
+                      ("model.name", json.dumps("qwen"))}
+    assert [(g["section"], g["name"]) for g in runset["grouping"]] == [("config", "arm.value.name")]
+    assert grids[0]["customRunColors"] == {f"{runset['id']}-config:arm.value.name:{arm}": colour
+                                           for arm, colour in ARM_HEX.items()}
+    metrics = [p["config"]["metrics"] for p in grids[0]["panelBankSectionConfig"]["panels"]]
+    assert metrics[0] == [keys.shift_vs_base("target", HEADLINE_MEASURES[0])]
+
+
+def test_saving_uses_the_default_entity_and_prints_both_urls(tmp_path, monkeypatch, capsys):
+    import wandb
+    import wandb_workspaces.reports.v2 as wr
+    import wandb_workspaces.workspaces as ws
+
+    saved = []
+
+    def fake_save(self, *args, **kwargs):
+        saved.append(self)
+        return self
+
+    class Api:
+        default_entity = "me"
+
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.delenv("WANDB_ENTITY", raising=False)
+    monkeypatch.setattr(wandb, "Api", Api)
+    for cls in (ws.Workspace, wr.Report):
+        monkeypatch.setattr(cls, "save", fake_save)
+        monkeypatch.setattr(cls, "url", property(lambda self: f"{type(self).__name__}:{self.entity}/{self.project}"))
+    assert main(["--project", "p", "--group", "g1"]) == 0
+    assert capsys.readouterr().out == "workspace: Workspace:me/p\nreport: Report:me/p\n"
+    assert [(type(o).__name__, o.entity) for o in saved] == [("Workspace", "me"), ("Report", "me")]
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError("project p: no write access")
+
+    monkeypatch.setattr(ws.Workspace, "save", refuse)
+    assert main(["--project", "p", "--group", "g1"]) == 1
+    assert "saving to W&B failed: PermissionError: project p: no write access" in one_error_line(capsys)
