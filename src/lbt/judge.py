@@ -30,7 +30,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import random
 import re
 import sys
@@ -40,7 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lbt.llm_client import ChatClient, LLMConfig, LLMError
+from lbt.env import env_value
+from lbt.llm_client import BASE_URL_ENV, MODEL_ENV, ChatClient, LLMConfig, LLMError
 from lbt.rundir import Expected, RunDir, file_problem, read_rows, set_aside, write_json_once, write_rows
 
 log = logging.getLogger("lbt.judge")
@@ -236,11 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("root", type=Path, help="a job, evaluate or sweep directory")
     parser.add_argument(
         "--base-url",
-        default=os.environ.get("LBT_LLM_BASE_URL"),
-        help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (env LBT_LLM_BASE_URL)",
+        default=env_value(BASE_URL_ENV),
+        help=f"OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (env {BASE_URL_ENV})",
     )
     parser.add_argument(
-        "--model", default=os.environ.get("LBT_LLM_MODEL"), help="judge model (env LBT_LLM_MODEL)"
+        "--model", default=env_value(MODEL_ENV), help=f"judge model (env {MODEL_ENV})"
     )
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-p", type=float, default=1.0)
