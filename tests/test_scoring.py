@@ -207,7 +207,17 @@ def test_requests_with_different_lengths_come_back_in_order(tiny_eval, prompts):
     model, tokenizer = tiny_eval
     engine = Engine(model, tokenizer, batch_size=4)
     lengths = [1 + k % 3 for k in range(len(prompts))]
-    got = engine.generate([Greedy(p, n) for p, n in zip(prompts, lengths)])
+    seen = []
+
+    @contextlib.contextmanager
+    def record(batch: PaddedBatch):
+        seen.append(batch.indices)
+        yield
+
+    got = engine.generate([Greedy(p, n) for p, n in zip(prompts, lengths)], intervention=record)
+    # A batch holds one max_new_tokens; the intervention is told the requests' own indices.
+    assert sorted(i for indices in seen for i in indices) == list(range(len(prompts)))
+    assert all(len({lengths[i] for i in indices}) == 1 for indices in seen)
     for prompt, n, generation in zip(prompts, lengths, got):
         assert generation.text == greedy(model, tokenizer, prompt, n)
         assert len(generation.token_ids) <= n

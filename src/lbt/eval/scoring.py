@@ -212,8 +212,12 @@ class Engine:
                 return decode_batch(self.model, self.tokenizer, inputs, n, [r.stop for r in chosen],
                                     [list(r.first_targets) for r in chosen], self.decode)
 
+            def around(batch: PaddedBatch, members=members) -> AbstractContextManager[Any]:
+                # The intervention sees request indices, not positions within this group.
+                return (intervention or no_intervention)(PaddedBatch([members[i] for i in batch.indices], batch.width))
+
             for i, generation in zip(members, self.map_batches([requests[i].prompt for i in members], decode,
-                                                               intervention)):
+                                                               around)):
                 results[i] = generation
         return results  # type: ignore[return-value]
 
