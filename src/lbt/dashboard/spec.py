@@ -74,8 +74,8 @@ def build_workspace(info: SweepInfo) -> Any:
                     if nested})
     stance = [line(f"{s} items · {m}: mean stance", [keys.stance(s, m)], not nested)
               for s in info.item_sets for m in info.measures]
-    training = [line("training loss", [keys.TRAIN_LOSS], not nested), line("validation loss", [keys.VAL_LOSS],
-                not nested), line("tokens/s", [keys.TRAIN_TOKENS_PER_S], not nested)]
+    training = [line(title, [key], not nested) for title, key in (
+        ("training loss", keys.TRAIN_LOSS), ("validation loss", keys.VAL_LOSS), ("tokens/s", keys.TRAIN_TOKENS_PER_S))]
     sections = [
         ws.Section(name="shift from base", panels=shift_panels(info, not nested), is_open=True),
         ws.Section(name="probe at ℓ*", panels=probe_panels(info, not nested), is_open=True),
