@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from lbt import cluster
 from lbt import train as train_mod
-from lbt.phases import PhaseHook
+from lbt.eval.session import Evaluator
 from tests.conftest import CONF, ROOT, compose_train, write_toy_corpus
 
 # A tiny job: 24 toy records, 4 per step -> 6 steps; a resumable checkpoint after every step; a large lr
@@ -30,19 +30,19 @@ from tests.conftest import CONF, ROOT, compose_train, write_toy_corpus
 TINY = ["data.require_validation=false", "eval=none", "probe=none", "logger=none", "train.effective_batch=4",
         "train.micro_batch=4", "train.epochs=1", "train.max_length=128", "train.resume_every_steps=1",
         "train.checkpoint_fractions=[0.5,1.0]", "train.lr=1e-2", "train.lora.dropout=0.2"]
-MARKER = ["+eval.callbacks.marker._target_=tests.test_cluster.MarkerPhase"]
+MARKER = ["+eval.marker._target_=tests.test_cluster.MarkerPhase"]
 
 
-# -- test hooks, instantiated inside job processes through the eval.callbacks config group ----------
+# -- test evaluators and callbacks, instantiated inside job processes through the eval and callbacks entries
 
-class MarkerPhase(PhaseHook):
+class MarkerPhase(Evaluator):
     """Writes eval/<phase>/marker.json with exclusive create: a phase dispatched twice fails the job."""
 
-    def run_phase(self, trainer: L.Trainer, module: L.LightningModule, phase: str) -> None:
-        folder = self.context.job_dir / "eval" / phase
+    def evaluate(self, model, phase: str, session) -> None:
+        folder = session.run.root / "eval" / phase
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / "marker.json", "x", encoding="utf-8") as handle:
-            json.dump({"phase": phase, "step": trainer.global_step, "pid": os.getpid()}, handle)
+            json.dump({"phase": phase, "step": session.step, "pid": os.getpid()}, handle)
 
 
 class SendSignal(L.Callback):
@@ -327,7 +327,7 @@ def test_sigterm_mid_training_resumes_to_the_same_adapter(tmp_path, reference, m
     root = corpora(tmp_path)
     job = root / "job"
     args = [*TINY, *MARKER, f"paths.data_dir={root}", "arm=minus", "seed=1", f"hydra.run.dir={job}",
-            "+eval.callbacks.slow._target_=tests.test_cluster.SlowSteps", "+eval.callbacks.slow.seconds=0.5"]
+            "+callbacks.slow._target_=tests.test_cluster.SlowSteps", "+callbacks.slow.seconds=0.5"]
     env = dict(os.environ, LBT_ROOT=str(root), PYTHONPATH=str(ROOT))
     with open(tmp_path / "first.log", "w") as first_log:             # a file: a full pipe would block the job
         proc = subprocess.Popen([sys.executable, "-m", "lbt.train", *args], cwd=ROOT, env=env,
@@ -382,8 +382,8 @@ def test_local_sweep_requeues_a_preempted_job_and_a_rerun_changes_nothing(tmp_pa
     sweep = root / "multirun" / "ci"
     args = ["-m", "hydra/launcher=local_gpus", "hydra.launcher.max_parallel=2", *TINY, *MARKER,
             "arm=minus", "seed=0,1", f"paths.data_dir={root}", "sweep_name=ci", f"hydra.sweep.dir={sweep}",
-            "+eval.callbacks.kill._target_=tests.test_cluster.SendSignal", "+eval.callbacks.kill.at_step=4",
-            "+eval.callbacks.kill.signal_name=SIGUSR2", "+eval.callbacks.kill.only_job=tiny-frame_minus-s1"]
+            "+callbacks.kill._target_=tests.test_cluster.SendSignal", "+callbacks.kill.at_step=4",
+            "+callbacks.kill.signal_name=SIGUSR2", "+callbacks.kill.only_job=tiny-frame_minus-s1"]
     # The sweep's launcher runs in this process (no start-up of its own); its jobs are processes of their
     # own, as submitit starts them, and import the test hooks from this checkout.
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
@@ -474,7 +474,7 @@ def test_ddp_two_cpu_ranks_started_like_slurm_match_one_process(tmp_path, monkey
     root = corpora(tmp_path)
     common = [*TINY, f"paths.data_dir={root}", "arm=plus", "seed=0", "train.lora.dropout=0",
               "train.effective_batch=3", "train.micro_batch=1",
-              "+eval.callbacks.gradients._target_=tests.test_cluster.StepGradients"]
+              "+callbacks.gradients._target_=tests.test_cluster.StepGradients"]
     with monkeypatch.context() as patch:
         in_rank_order(patch, world=2)
         single = train_mod.train(compose_train([*common, f"+job_dir={root / 'single'}"]))

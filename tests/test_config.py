@@ -72,11 +72,10 @@ def test_schedule_typo_is_refused_before_warmup():   # was: failed only after wa
     assert "train.schedule=cosin: must be one of cosine, linear, constant" in config_error("train.schedule=cosin")
 
 
-@pytest.mark.parametrize("override", ["probe.variant=assistant_men", "probe.callbacks.probe.variant=assistant_men"])
-def test_probe_variant_typo_is_refused(override):   # was: failed only after the base evaluation
-    key = override.split("=")[0]
-    message = config_error(override)
-    assert f"{key}=assistant_men: must be" in message
+def test_direction_variant_typo_is_refused_once():   # was: failed only after the base evaluation
+    # probe.directions and intervention.directions repeat ${directions}: one line, naming the key set
+    message = config_error("directions.variant=assistant_men", "intervention=ablate")
+    assert "directions.variant=assistant_men: must be" in message
     assert "assistant_mean, assistant_last, user_mean" in message
     assert message.count("config error") == 1
 
@@ -116,20 +115,21 @@ def test_cli_refuses_a_bad_value_in_one_line_before_the_model_loads(tmp_path):
 # -- the schema: types, ranges, allowed values, unknown keys --------------------------------------------
 
 def test_shipped_configs_pass(monkeypatch):
-    for overrides in ([], ["model=qwen"], ["model=llama"], ["experiment=paper"], ["experiment=smoke"],
+    for overrides in ([], ["model=qwen"], ["model=llama"], ["experiment=smoke"],
                       ["eval=none", "probe=none", "logger=csv"], ["logger=none"], ["arm=minus", "seed=2"],
                       ["train.max_steps=3", "train.grad_clip=null", "sweep_name=2024"]):
         check_config(compose_train(overrides))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for hardware in ("gpu", "multi_gpu"):
         check_config(compose_train([f"hardware={hardware}", "model=qwen", "model.quantization=4bit"]))
+    check_config(compose_train(["experiment=paper", "model=llama"]))   # the study's recipe: GPU
 
 
 def test_keys_tests_and_users_add_are_accepted():
     # tests/test_cluster.py's hook callbacks, the in-process job directory, free-form notes, a token
     check_config(compose_train([
-        "+eval.callbacks.marker._target_=tests.test_cluster.MarkerPhase", "+eval.callbacks.kill.at_step=4",
-        "+eval.callbacks.kill._target_=tests.test_cluster.SendSignal", "+probe.callbacks.spy._target_=x.Spy",
+        "+eval.marker._target_=tests.test_cluster.MarkerPhase", "+callbacks.kill.at_step=4",
+        "+callbacks.kill._target_=tests.test_cluster.SendSignal", "+eval.spy._target_=x.Spy", "+eval.spy.any=1",
         "+job_dir=/tmp/job", "+extra.note=hello", "+model.hf_token=hf_x", "+model.chat_template_kwargs.a=1"]))
 
 
@@ -137,7 +137,15 @@ def test_keys_tests_and_users_add_are_accepted():
     ("+train.lora.rr=3", "train.lora.rr: unknown key; known keys here: r, alpha, dropout, targets"),
     ("+trian.max_steps=3", "trian: unknown key"),
     ("+hardware.fast.compile=true", "hardware.fast.compile: unknown key"),
-    ("+eval.callbacks.bad.seconds=1", "eval.callbacks.bad._target_: missing (required)"),
+    ("+eval.bad.seconds=1", "eval.bad._target_: missing (required)"),
+    ("+callbacks.bad.seconds=1", "callbacks.bad._target_: missing (required)"),
+    ("+eval.stance.max_item=3", "eval.stance.max_item: unknown key; known keys here: _target_, item_sets"),
+    ("+model.eval_limits.max_items=3", "model.eval_limits: unknown key"),
+    ("eval.stance.max_items=0", "eval.stance.max_items=0: must be null or an integer >= 1"),
+    ("~eval.stance.item_sets", "eval.stance.item_sets: missing (required)"),
+    ("eval.capability.batch_size=0", "eval.capability.batch_size=0: must be an integer >= 1"),
+    ("probe.max_items=0", "probe.max_items=0: must be null or an integer >= 1"),
+    ("~probe.items", "probe.items: missing (required)"),
     ("train.checkpoint_fractions=[0.5]", "train.checkpoint_fractions=[0.5]: must contain 1.0"),
     ("train.checkpoint_fractions=[0,1.0]", "train.checkpoint_fractions[0]=0: must be a number > 0 and <= 1"),
     ("train.checkpoint_fractions=[0.5,1.5]", "train.checkpoint_fractions[1]=1.5: must be a number > 0 and <= 1"),
@@ -153,13 +161,16 @@ def test_keys_tests_and_users_add_are_accepted():
     ("data.val_fraction=-0.1", "data.val_fraction=-0.1: must be a number >= 0 and < 1"),
     ("data.require_validation=maybe", "data.require_validation=maybe: must be true or false (got str)"),
     ("seed=-1", "seed=-1: must be an integer >= 0"),
-    ("eval.measures=[letter_logprob,foo]", "eval.measures[1]=foo: must be one of letter_logprob, forced_choice"),
-    ("eval.measures=[likert,likert]", "eval.measures=[likert, likert]: lists a measure twice"),
-    ("+eval.measure_phases.bogus=[final]", "eval.measure_phases.bogus: not a measure"),
-    ("eval.measure_phases.open_ended=[last]", "eval.measure_phases.open_ended[0]=last: must be one of base, step"),
-    ("eval.option_form=space", "eval.option_form=space: must be null or one of bare, leading_space"),
+    ("eval.stance.measures=[letter_logprob,foo]",
+     "eval.stance.measures[1]=foo: must be one of letter_logprob, forced_choice"),
+    ("eval.stance.measures=[likert,likert]", "eval.stance.measures=[likert, likert]: lists a measure twice"),
+    ("+eval.stance.measure_phases.bogus=[final]", "eval.stance.measure_phases.bogus: not a measure"),
+    ("eval.stance.measure_phases.open_ended=[last]",
+     "eval.stance.measure_phases.open_ended[0]=last: must be one of base, step"),
+    ("eval.stance.option_form=space", "eval.stance.option_form=space: must be one of bare, leading_space"),
     ("eval.capability.phases=[final]", "eval.capability.phases=[final]: must contain base"),
-    ("probe.train_intervention=ablat", "probe.train_intervention=ablat: must be null or one of none, ablate"),
+    ("intervention=ablate intervention.mode=ablat", "intervention.mode=ablat: must be one of ablate, ablate_random"),
+    ("intervention=ablate ~intervention.directions", "intervention.directions: missing (required)"),
     ("logger.kind=tensorboard", "logger.kind=tensorboard: must be one of wandb, csv, none"),
     ("logger.mode=ofline", "logger.mode=ofline: must be null or one of auto, online, offline, disabled"),
     ("model.dtype=f32", "model.dtype=f32: must be null or one of float32, fp32, bfloat16"),
@@ -215,22 +226,23 @@ def test_evaluate_config_is_checked_before_any_file_or_model(no_cuda, tmp_path, 
         check_evaluate_config(compose_evaluate("hardware=gpu"))
     with pytest.raises(ConfigError, match=r"items=\[\]: must be a non-empty list"):
         check_evaluate_config(compose_evaluate("items=[]"))
-    with pytest.raises(ConfigError, match="eval.measures: missing"):
+    with pytest.raises(ConfigError, match="eval.stance: missing; lbt.evaluate runs the stance evaluator"):
         check_evaluate_config(compose_evaluate("eval=none"))
 
     def unreachable(*args, **kwargs):
         raise AssertionError("read before the config was checked")
 
-    monkeypatch.setattr(evaluate_mod, "load_item_set", unreachable)
+    monkeypatch.setattr(evaluate_mod, "load_tokenizer", unreachable)
     monkeypatch.setattr(evaluate_mod, "load_model", unreachable)
-    with pytest.raises(ConfigError, match="eval.measures\\[0\\]=letter: must be one of"):
-        evaluate_mod.evaluate(compose_evaluate("eval.measures=[letter]", f"out_dir={tmp_path / 'out'}"))
+    with pytest.raises(ConfigError, match="eval.stance.measures\\[0\\]=letter: must be one of"):
+        evaluate_mod.evaluate(compose_evaluate("eval.stance.measures=[letter]", f"out_dir={tmp_path / 'out'}"))
     assert not (tmp_path / "out").exists()
 
 
 def test_every_shipped_group_option_passes(monkeypatch):
     """Each file of each config group composes into a config the schema accepts (a new option is checked)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    for group in ("model", "arm", "hardware", "logger", "eval", "probe", "experiment"):
+    for group in ("paths", "model", "arm", "hardware", "logger", "eval", "directions", "probe", "intervention",
+                  "experiment"):
         for option in sorted((CONF / group).glob("*.yaml")):
             check_config(compose_train([f"{group}={option.stem}"]))

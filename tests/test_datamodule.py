@@ -3,6 +3,7 @@ objective unchanged (tiny model, fp32)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -10,20 +11,16 @@ from lbt import train as train_mod
 from lbt.data.chat import IGNORE_INDEX, encode_example
 from lbt.data.datamodule import CorpusDataModule, micro_batches, split_records, step_plan
 from lbt.data.records import load_corpus
-from lbt.model.load import load_model, load_tokenizer
+from lbt.model.load import load_model
 from lbt.model.lora import wrap_lora
 from lbt.model.module import supervised_token_loss
-from tests.conftest import CONF, write_toy_corpus
+from tests.conftest import write_toy_corpus
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny():
-    model_cfg = OmegaConf.load(CONF / "model" / "tiny.yaml")
-    tokenizer = load_tokenizer(model_cfg)
-    return model_cfg, tokenizer
-
-
-def test_only_assistant_tokens_are_supervised():
-    _, tok = tiny()
+def test_only_assistant_tokens_are_supervised(tiny_model):
+    _, tok, _ = tiny_model
     ex = encode_example(tok, "r1", "How long should I rest dough?", "About an hour, covered.", 512)
     supervised = [t for t, label in zip(ex.input_ids, ex.labels) if label != IGNORE_INDEX]
     assert tok.decode(supervised) == "About an hour, covered.<|im_end|>"
@@ -32,8 +29,8 @@ def test_only_assistant_tokens_are_supervised():
     assert ex.truncated_tokens == 0
 
 
-def test_truncation_is_counted():
-    _, tok = tiny()
+def test_truncation_is_counted(tiny_model):
+    _, tok, _ = tiny_model
     ex = encode_example(tok, "r1", "Question?", "word " * 200, 64)
     assert len(ex.input_ids) == 64 and ex.truncated_tokens > 0
 
@@ -53,8 +50,8 @@ def test_validation_split_is_the_same_scenarios_in_every_arm(tmp_path):
     assert val_p == val_m and 0 < len(val_p) < 60
 
 
-def test_datamodule_step_tokens_count_the_whole_step(tmp_path):
-    _, tok = tiny()
+def test_datamodule_step_tokens_count_the_whole_step(tmp_path, tiny_model):
+    _, tok, _ = tiny_model
     dm = CorpusDataModule(str(write_toy_corpus(tmp_path / "c.jsonl", n=20)), tok, seed=0, max_length=128,
                           effective_batch=8, micro_batch=3, epochs=1)
     item = dm.train_dataloader().dataset[0]
@@ -62,8 +59,8 @@ def test_datamodule_step_tokens_count_the_whole_step(tmp_path):
     assert [m["input_ids"].shape[0] for m in item["micro_batches"]] == [3, 3, 2]
 
 
-def test_packed_rows_keep_every_token_and_restart_positions(tmp_path):
-    _, tok = tiny()
+def test_packed_rows_keep_every_token_and_restart_positions(tmp_path, tiny_model):
+    _, tok, _ = tiny_model
     examples = [encode_example(tok, str(i), "Q" * (i + 1), "answer " * (5 + i), 256) for i in range(6)]
     packed = micro_batches(examples, micro_batch=2, pad_id=tok.pad_token_id, pack_tokens=128, pad_multiple=16)
     assert sum(int(m["n_real_tokens"]) for m in packed) == sum(len(e.input_ids) for e in examples)
@@ -74,8 +71,9 @@ def test_packed_rows_keep_every_token_and_restart_positions(tmp_path):
     assert supervised == sum(e.n_supervised for e in examples)
 
 
-def test_fast_loss_variants_equal_the_plain_loss_and_gradients(tmp_path):
-    model_cfg, tok = tiny()
+def test_fast_loss_variants_equal_the_plain_loss_and_gradients(tmp_path, tiny_model):
+    cfg, tok, _ = tiny_model
+    model_cfg = cfg.model
     examples = [encode_example(tok, str(i), f"Question {i}?", "word and more " * (3 + 2 * i), 256)
                 for i in range(5)]
     padded = micro_batches(examples, 5, tok.pad_token_id)
@@ -112,11 +110,12 @@ def test_packed_training_curve_equals_padded_curve(tiny_cfg, tmp_path):
     assert max(abs(a - b) for a, b in zip(plain, fast)) < 1e-4
 
 
-def test_compiled_layers_train_exactly_like_eager_with_dropout():
+def test_compiled_layers_train_exactly_like_eager_with_dropout(tiny_model):
     """torch.compile must not change what LoRA learns (dropout included): see compile_decoder_layers."""
     from lbt.model.lora import compile_decoder_layers
 
-    model_cfg, tok = tiny()
+    cfg, tok, _ = tiny_model
+    model_cfg = cfg.model
     ids = torch.randint(3, 2000, (2, 48), generator=torch.Generator().manual_seed(5))
     batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
     losses = []

@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from lbt import evaluate as evaluate_mod
+from lbt.eval import evaluators as evaluators_mod
 from lbt.eval.items import ItemError
 from lbt.eval.rows import read_rows
 from tests.conftest import CONF, ROOT
@@ -22,18 +23,11 @@ from tests.eval_reference import make_item, make_items, write_items
 
 SEED_ITEMS = ROOT.parent / "shared" / "reference" / "seed-eval" / "target_items.jsonl"
 SHORT = [
-    "eval.forced_choice.max_new_tokens=2",
-    "eval.likert.max_new_tokens=2",
-    "eval.open_ended.max_new_tokens=2",
+    "eval.stance.forced_choice.max_new_tokens=2",
+    "eval.stance.likert.max_new_tokens=2",
+    "eval.stance.open_ended.max_new_tokens=2",
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def compose_evaluate(*overrides: str):
@@ -94,7 +88,7 @@ def test_adapter_takes_arm_and_phase_from_its_job(toy_items, tmp_path):
     adapter = _adapter(tmp_path)
     base = evaluate_mod.evaluate(
         compose_evaluate(
-            f"items=[{toy_items}]", f"out_dir={tmp_path / 'b'}", "eval.measures=[letter_logprob]"
+            f"items=[{toy_items}]", f"out_dir={tmp_path / 'b'}", "eval.stance.measures=[letter_logprob]"
         )
     )
     tuned = evaluate_mod.evaluate(
@@ -102,7 +96,7 @@ def test_adapter_takes_arm_and_phase_from_its_job(toy_items, tmp_path):
             f"items=[{toy_items}]",
             f"out_dir={tmp_path / 'a'}",
             f"adapter={adapter}",
-            "eval.measures=[letter_logprob]",
+            "eval.stance.measures=[letter_logprob]",
         )
     )
     card = json.loads((tmp_path / "a/run.json").read_text())
@@ -120,7 +114,7 @@ def test_published_items_score_unchanged(tmp_path):
             f"items=[{SEED_ITEMS}]",
             f"out_dir={out}",
             *SHORT,
-            "eval.measures=[letter_logprob,forced_choice,likert]",
+            "eval.stance.measures=[letter_logprob,forced_choice,likert]",
         )
     )
     stats = summary["item_sets"]["target"]
@@ -131,7 +125,7 @@ def test_published_items_score_unchanged(tmp_path):
     rows = read_rows(out / "eval/base/target/letter_logprob.jsonl")
     assert {r["pro_option"] for r in rows} == {"A", "B"} and len({r["domain"] for r in rows}) == 6
     full = evaluate_mod.evaluate(
-        compose_evaluate(f"items=[{SEED_ITEMS}]", f"out_dir={tmp_path / 'all'}", *SHORT, "eval.max_items=6")
+        compose_evaluate(f"items=[{SEED_ITEMS}]", f"out_dir={tmp_path / 'all'}", *SHORT, "eval.stance.max_items=6")
     )
     assert set(full["item_sets"]["target"]["measures"]) == {
         "letter_logprob",
@@ -175,7 +169,7 @@ def test_bad_adapter_and_duplicate_stems_fail_before_the_model_loads(toy_items, 
 
 
 def test_item_sets_are_named_as_the_training_callback_names_them(tmp_path):
-    configured = OmegaConf.to_container(compose_evaluate().eval.item_sets, resolve=True)
+    configured = OmegaConf.to_container(compose_evaluate().eval.stance.item_sets, resolve=True)
     project = ROOT / "data" / "eval"
     names = evaluate_mod.item_files(
         [project / "target_items.jsonl", project / "source_items.jsonl", tmp_path / "extra.jsonl"], configured
@@ -194,28 +188,30 @@ def test_item_sets_are_named_as_the_training_callback_names_them(tmp_path):
         "mine": project / "target_items.jsonl"}
 
 
-def test_evaluate_and_the_training_callback_write_the_same_rows(tmp_path):
-    """Both writers of eval rows, on the same model and item files: the same files, item sets and rows,
-    and lbt.analyze reads them alike (item set role `target` / `source`)."""
-    from types import SimpleNamespace
-
+def test_evaluate_and_a_training_job_write_the_same_rows(tmp_path):
+    """lbt.evaluate and a training job's stance evaluator (built from conf/train.yaml as lbt.train builds
+    it), on the same model and item files: the same files, item sets and rows, and lbt.analyze reads them
+    alike (item set role `target` / `source`)."""
     from lbt import analyze
-    from lbt.eval.callback import StanceEvalCallback
+    from lbt import train as train_mod
+    from lbt.data.chat_format import ChatFormat
+    from lbt.eval.evaluators import StanceEvaluator
+    from lbt.eval.session import Session
     from lbt.model.load import load_model, load_tokenizer
-    from lbt.phases import PhaseContext
+    from lbt.rundir import RunDir
+    from tests.conftest import compose_train
 
     project = ROOT / "data" / "eval"
     cfg = compose_evaluate(f"items=[{project / 'target_items.jsonl'},{project / 'source_items.jsonl'}]",
-                           "eval.max_items=2", "eval.measures=[letter_logprob,logprob]", "phase=final",
+                           "eval.stance.max_items=2", "eval.stance.measures=[letter_logprob,logprob]", "phase=final",
                            f"out_dir={tmp_path / 'evaluate'}")
     evaluate_mod.evaluate(cfg)
-    tokenizer = load_tokenizer(cfg.model)
-    callback = StanceEvalCallback(cfg.eval.item_sets, cfg.eval.measures, max_items=2, log_tables=False)
-    callback.setup_context(PhaseContext(job_dir=tmp_path / "train", tokenizer=tokenizer, cfg=cfg))
-    strategy = SimpleNamespace(broadcast=lambda value, src=0: value, barrier=lambda: None)
-    trainer = SimpleNamespace(global_rank=0, world_size=1, is_global_zero=True, strategy=strategy, loggers=[],
-                              global_step=0)
-    callback.run_phase(trainer, SimpleNamespace(model=load_model(cfg.model, tokenizer, torch.float32)), "final")
+    train_cfg = compose_train(["eval=default", "eval.stance.max_items=2", "probe=none",
+                               "eval.stance.measures=[letter_logprob,logprob]"])
+    tokenizer = load_tokenizer(train_cfg.model)
+    (stance, *_) = [e for e in train_mod.job_evaluators(train_cfg, ChatFormat.of(tokenizer, train_cfg.model))
+                    if isinstance(e, StanceEvaluator)]
+    stance.evaluate(load_model(train_cfg.model, tokenizer, torch.float32), "final", Session(RunDir(tmp_path / "train")))
 
     def rows_files(root):
         return sorted(p.relative_to(root) for p in (root / "eval").rglob("*.jsonl"))
@@ -234,24 +230,24 @@ def test_evaluate_and_the_training_callback_write_the_same_rows(tmp_path):
 
 def test_done_only_after_the_check_and_a_rerun_completes_what_is_missing(toy_items, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    args = (f"items=[{toy_items}]", f"out_dir={out}", "eval.measures=[letter_logprob,likert]", *SHORT)
-    real_write = evaluate_mod.write_rows
+    args = (f"items=[{toy_items}]", f"out_dir={out}", "eval.stance.measures=[letter_logprob,likert]", *SHORT)
+    real_write = evaluators_mod.write_rows
 
     def short_likert(path, rows):  # a writer that loses the last row of one file
         real_write(path, rows[:-1] if path.name == "likert.jsonl" else rows)
 
-    monkeypatch.setattr(evaluate_mod, "write_rows", short_likert)
+    monkeypatch.setattr(evaluators_mod, "write_rows", short_likert)
     with pytest.raises(evaluate_mod.IncompleteEvaluation, match="likert.jsonl: 3 rows, 4 expected"):
         evaluate_mod.evaluate(compose_evaluate(*args))
     card = json.loads((out / "run.json").read_text())
     assert card["status"] == "incomplete" and not (out / "DONE").exists()
     assert any("likert.jsonl: 3 rows, 4 expected" in m for m in card["missing"])
-    monkeypatch.setattr(evaluate_mod, "write_rows", real_write)
+    monkeypatch.setattr(evaluators_mod, "write_rows", real_write)
     letter = out / "eval/base/toy/letter_logprob.jsonl"
     kept = (letter.read_bytes(), letter.stat().st_mtime_ns)
     asked = []
-    real_score = evaluate_mod.score_item_set
-    monkeypatch.setattr(evaluate_mod, "score_item_set", lambda m, t, items, measures, *a, **k: asked.append(
+    real_score = evaluators_mod.score_item_set
+    monkeypatch.setattr(evaluators_mod, "score_item_set", lambda m, t, items, measures, *a, **k: asked.append(
         list(measures)) or real_score(m, t, items, measures, *a, **k))
     evaluate_mod.evaluate(compose_evaluate(*args))  # the same command again
     assert asked == [["likert"]] and (letter.read_bytes(), letter.stat().st_mtime_ns) == kept
@@ -272,10 +268,10 @@ def test_a_failure_is_recorded_in_the_run_card(toy_items, tmp_path, monkeypatch)
     def boom(*args, **kwargs):
         raise RuntimeError("scoring broke")
 
-    monkeypatch.setattr(evaluate_mod, "score_item_set", boom)
+    monkeypatch.setattr(evaluators_mod, "score_item_set", boom)
     with pytest.raises(RuntimeError, match="scoring broke"):
         evaluate_mod.evaluate(compose_evaluate(f"items=[{toy_items}]", f"out_dir={out}",
-                                               "eval.measures=[letter_logprob]"))
+                                               "eval.stance.measures=[letter_logprob]"))
     card = json.loads((out / "run.json").read_text())
     assert card["status"] == "failed" and card["error"]["type"] == "RuntimeError"
     assert "scoring broke" in card["error"]["message"] and "boom" in card["error"]["traceback"]
@@ -297,7 +293,7 @@ def test_cli(toy_items, tmp_path):
         "lbt.evaluate",
         f"items=[{toy_items}]",
         f"out_dir={out}",
-        "eval.measures=[letter_logprob]",
+        "eval.stance.measures=[letter_logprob]",
         f"hydra.run.dir={tmp_path / 'hydra'}",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny matmuls on a shared box: one thread is faster

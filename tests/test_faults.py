@@ -3,7 +3,7 @@
 A job directory never lies: DONE only when every planned step and phase ran and its files are complete;
 a failure is recorded in the run card; rows are written once; nothing valid is overwritten; re-running
 the same command completes exactly what is missing. Each test injects one fault (through the eval
-callbacks group, `+eval.callbacks.<name>._target_=...`, or by damaging a file between two launches) and
+groups, `+eval.<name>._target_=...` and `+callbacks.<name>._target_=...`, or by damaging a file between two launches) and
 checks what the user sees, what the run card says, what is kept, and what the re-run does.
 
 The job: 34 toy records, 4 per step -> 9 optimizer steps, a resumable checkpoint after every step,
@@ -29,10 +29,11 @@ from typing import ClassVar
 import lightning as L
 import pytest
 import torch
+from hydra.utils import get_object
 
 from lbt import train as train_mod
+from lbt.eval.session import Evaluator
 from lbt.joblock import JobLocked
-from lbt.phases import PhaseHook
 from lbt.rundir import (
     STATUSES,
     CorruptFile,
@@ -53,29 +54,27 @@ PHASES = ["base", "step_2", "step_4", "final"]
 JOB = ["data.require_validation=false", "eval=none", "probe=none", "logger=csv", "train.effective_batch=4",
        "train.micro_batch=4", "train.epochs=1", "train.max_length=96", "train.resume_every_steps=1",
        "train.checkpoint_fractions=[0.25,0.5,1.0]", "train.lr=1e-2", "train.lora.dropout=0.2", "seed=3",
-       "+eval.callbacks.rows._target_=tests.test_faults.RowsPhase"]
+       "+eval.rows._target_=tests.test_faults.RowsPhase"]
 
 
-# -- hooks and faults, instantiated inside the job through the eval.callbacks config group ---------------
+# -- evaluators and faults, instantiated inside the job through the eval and callbacks entries ----------
 
-class RowsPhase(PhaseHook):
+class RowsPhase(Evaluator):
     """An evaluation hook: eval/<phase>/faults/value.jsonl (3 rows) and eval/<phase>/summary.json, each
     written once and only when missing; the value is the model's logit sum on a fixed prompt."""
 
     runs: ClassVar[list[tuple[str, str, str]]] = []     # (job, phase, "wrote" | "skipped")
 
-    def planned_files(self, phase: str) -> list[Expected]:
-        run = RunDir(self.context.job_dir)
+    def planned_files(self, run: RunDir, phase: str) -> list[Expected]:
         return [Expected(run.rows(phase, "faults", "value"), 3), Expected(run.summary(phase))]
 
-    def run_phase(self, trainer, module, phase) -> None:
+    def evaluate(self, model, phase, session) -> None:
         # A corrupt file was set aside before the phase runs again (CheckpointPhases.repair, on_train_end).
-        rows, summary = (e.path for e in self.planned_files(phase))
+        rows, summary = (e.path for e in self.planned_files(session.run, phase))
         todo = not rows.exists() or not summary.exists()
-        RowsPhase.runs.append((self.context.job_dir.name, phase, "wrote" if todo else "skipped"))
+        RowsPhase.runs.append((session.run.root.name, phase, "wrote" if todo else "skipped"))
         if not todo:
             return
-        model = module.model
         training = model.training
         model.eval()
         with torch.no_grad():
@@ -99,38 +98,38 @@ class NaNAt(L.Callback):
                 next(p for p in pl_module.parameters() if p.requires_grad).fill_(float("nan"))
 
 
-class RaiseInPhase(PhaseHook):
-    """An evaluation hook that fails in `phase`."""
+class RaiseInPhase(Evaluator):
+    """An evaluator that fails in `phase`."""
 
     def __init__(self, phase: str):
         self.phase = phase
 
-    def run_phase(self, trainer, module, phase) -> None:
+    def evaluate(self, model, phase, session) -> None:
         if phase == self.phase:
             raise RuntimeError(f"evaluation broke in phase {phase}")
 
 
-class SignalInPhase(PhaseHook):
-    """The job sends itself `signal_name` while phase `phase` runs (after the hooks before this one)."""
+class SignalInPhase(Evaluator):
+    """The job sends itself `signal_name` while phase `phase` runs (after the evaluators before this one)."""
 
     def __init__(self, phase: str, signal_name: str = "SIGTERM"):
         self.phase, self.signal_name = phase, signal_name
 
-    def run_phase(self, trainer, module, phase) -> None:
+    def evaluate(self, model, phase, session) -> None:
         if phase == self.phase:
             os.kill(os.getpid(), getattr(signal, self.signal_name))
 
 
-class DamageInPhase(PhaseHook):
+class DamageInPhase(Evaluator):
     """While phase `phase` runs, damages `target` (relative to the job directory): delete or truncate
     (a folder: its safetensors file). Stands for a disk or a hand that loses a file mid-job."""
 
     def __init__(self, phase: str, target: str, how: str = "delete"):
         self.phase, self.target, self.how = phase, target, how
 
-    def run_phase(self, trainer, module, phase) -> None:
+    def evaluate(self, model, phase, session) -> None:
         if phase == self.phase:
-            damage(self.context.job_dir / self.target, self.how)
+            damage(session.run.root / self.target, self.how)
 
 
 def damage(path: Path, how: str) -> None:
@@ -149,8 +148,10 @@ def damage(path: Path, how: str) -> None:
 
 
 def fault(name: str, cls: str, /, **args) -> list[str]:
-    """Overrides that add callback `cls` as eval.callbacks.<name> with its arguments."""
-    return [f"+eval.callbacks.{name}._target_={cls}", *(f"+eval.callbacks.{name}.{k}={v}" for k, v in args.items())]
+    """Overrides that add `cls` with its arguments: an evaluator as eval.<name>, a Lightning callback as
+    callbacks.<name>."""
+    group = "eval" if issubclass(get_object(cls), Evaluator) else "callbacks"
+    return [f"+{group}.{name}._target_={cls}", *(f"+{group}.{name}.{k}={v}" for k, v in args.items())]
 
 
 def sigterm_at(k: int) -> list[str]:
@@ -658,20 +659,20 @@ def test_ctrl_c_records_an_interruption_and_the_rerun_resumes(root, reference):
 ])
 def test_a_failing_evaluation_phase_fails_the_job_and_a_rerun_writes_each_phase_once(root, reference, phase,
                                                                                       order):
-    """A hook raises in a phase (before or after RowsPhase wrote that phase): status failed with the
+    """An evaluator raises in a phase (before or after RowsPhase wrote that phase): status failed with the
     error; the re-run resumes from the last checkpoint and each phase's files end up written exactly once."""
     job = f"phase_raises_{phase}_{order}"
     boom = fault("boom", "tests.test_faults.RaiseInPhase", phase=phase)
     overrides = [*boom, *JOB] if order == "before_rows" else [*JOB, *boom]
     cfg = compose_train([*overrides, f"arm.corpus={root / 'toy.jsonl'}", f"+job_dir={root / job}"])
-    assert next(iter(cfg.eval.callbacks)) == ("boom" if order == "before_rows" else "rows")
+    assert next(iter(cfg.eval)) == ("boom" if order == "before_rows" else "rows")
     run = RunDir(root / job)
     with pytest.raises(RuntimeError, match=f"evaluation broke in phase {phase}"):
         train_mod.train(cfg)
     card = card_of(run.root)
     assert card["status"] == "failed" and card["error"]["type"] == "RuntimeError"
     assert card["error"]["message"] == f"evaluation broke in phase {phase}"
-    assert "run_phase" in card["error"]["traceback"] and not run.done.exists() and not run.lock.exists()
+    assert "in evaluate" in card["error"]["traceback"] and not run.done.exists() and not run.lock.exists()
     # step_4's phase runs before step 4's checkpoint; the final phase after the last one.
     assert torch.load(run.last_ckpt, weights_only=False)["global_step"] == (3 if phase == "step_4" else TOTAL)
     before = PHASES[:PHASES.index(phase) + (order == "after_rows")]
@@ -690,10 +691,10 @@ class DoneWhenSignalled(SignalInPhase):
 
     seen: ClassVar[list[bool]] = []
 
-    def run_phase(self, trainer, module, phase) -> None:
+    def evaluate(self, model, phase, session) -> None:
         if phase == self.phase:
-            DoneWhenSignalled.seen.append(RunDir(self.context.job_dir).done.exists())
-        super().run_phase(trainer, module, phase)
+            DoneWhenSignalled.seen.append(session.run.done.exists())
+        super().evaluate(model, phase, session)
 
 
 @pytest.mark.parametrize("phase", ["base", "step_4"])
@@ -751,7 +752,7 @@ def test_a_corpus_that_does_not_parse_fails_naming_file_and_line_before_any_mode
 # -- 5, with the real hooks: stance rows, capability checks, probe -----------------------------------------
 
 def real_config(folder: Path, job: str, *extra: str):
-    """A tiny job with the real evaluation and probe hooks (2 items per set, 2 texts, 2 refusal prompts):
+    """A tiny job with the real evaluators and probe (2 items per set, 2 texts, 2 refusal prompts):
     16 paired records, 4 per step -> 4 steps, phases base, step_2, final."""
     from tests.test_directions import write_paired_corpora
 
@@ -759,12 +760,12 @@ def real_config(folder: Path, job: str, *extra: str):
     return compose_train([
         "data.require_validation=false", "logger=none", "train.effective_batch=4", "train.micro_batch=4",
         "train.epochs=1", "train.max_length=96", "train.resume_every_steps=1",
-        "train.checkpoint_fractions=[0.5,1.0]", "eval.measures=[letter_logprob,likert]", "eval.measure_phases={}",
-        "++model.eval_limits.max_items=2", "++model.eval_limits.likert_max_new_tokens=2",
-        "++model.eval_limits.max_texts=2", "++model.eval_limits.max_refusal=2",
-        "++model.eval_limits.refusal_max_new_tokens=2", "probe.batch_size=4", "hardware.cpu_threads=1",
-        f"probe.callbacks.probe.corpora.frame_plus={corpora['frame_plus']}",
-        f"probe.callbacks.probe.corpora.frame_minus={corpora['frame_minus']}",
+        "train.checkpoint_fractions=[0.5,1.0]", "eval.stance.measures=[letter_logprob,likert]",
+        "eval.stance.measure_phases=null", "eval.stance.max_items=2", "eval.stance.likert.max_new_tokens=2",
+        "eval.capability.max_texts=2", "eval.capability.max_refusal=2",
+        "eval.capability.refusal_max_new_tokens=2", "probe.batch_size=4", "hardware.cpu_threads=1",
+        f"directions.arms.plus.corpus={corpora['frame_plus']}",
+        f"directions.arms.minus.corpus={corpora['frame_minus']}",
         f"paths.cache_dir={folder / 'cache'}", f"arm.corpus={corpora['frame_plus']}",
         f"+job_dir={folder / job}", *extra])
 

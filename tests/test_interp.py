@@ -21,16 +21,7 @@ ITEMS = ROOT / "data" / "eval" / "target_items.jsonl"
 NEUTRAL = ROOT / "data" / "eval" / "heldout_neutral.jsonl"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread for torch and BLAS: on a shared 2-core machine, two threads contend and run ~30× slower."""
-    from threadpoolctl import threadpool_limits
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- pieces -------------------------------------------------------------------------------------------------
@@ -152,8 +143,8 @@ def sweep(tmp_path_factory):
         cfg = compose_train([
             f"arm={arm}", f"arm.corpus={corpus}", "data.require_validation=false", "logger=none", "eval=none",
             "probe=default", f"probe.items={ITEMS}", "probe.max_items=3",
-            f"probe.callbacks.probe.corpora.frame_plus={corpora['frame_plus']}",
-            f"probe.callbacks.probe.corpora.frame_minus={corpora['frame_minus']}",
+            f"directions.arms.plus.corpus={corpora['frame_plus']}",
+            f"directions.arms.minus.corpus={corpora['frame_minus']}",
             f"paths.cache_dir={tmp / 'cache'}", "train.effective_batch=8", "train.micro_batch=8",
             "train.epochs=1", "train.max_steps=2", "train.lr=0.01", "train.warmup_fraction=0",
             "train.checkpoint_fractions=[1.0]", "train.max_length=96", f"+job_dir={sweep_dir / f'tiny-{arm}-s0'}",
@@ -222,6 +213,24 @@ def test_interp_end_to_end(sweep, capsys):
     interp.main([*args, "--parts", "lens"])
     assert (fam / "lens.json").stat().st_mtime_ns == before
     assert "skipped" in capsys.readouterr().out
+
+
+def test_job_settings_come_from_the_run_cards_sections(sweep):
+    """interp reads a job's settings from its run card's resolved config: the directions section (as the
+    job's probe did), the probe's items; without those sections, the project layout under data_dir."""
+    card = json.loads((sweep / "tiny-plus-s0" / "run.json").read_text())
+    settings = interp.job_settings(card["config"])
+    assert settings.directions.corpora == {
+        arm["name"]: arm["corpus"] for arm in card["config"]["directions"]["arms"].values()}
+    assert settings.directions.cache_dir == card["config"]["directions"]["cache_dir"]
+    assert settings.items == str(ITEMS) and settings.model.name == "tiny" and settings.dtype == "float32"
+    bare = {"model": card["config"]["model"], "paths": {"data_dir": "/d", "cache_dir": "/c"},
+            "train": {"max_length": 64}}
+    fallback = interp.job_settings(bare)
+    assert fallback.directions.corpora == {"frame_plus": "/d/corpora/frame_plus.jsonl",
+                                           "frame_minus": "/d/corpora/frame_minus.jsonl"}
+    assert (fallback.directions.max_length, fallback.directions.cache_dir) == (64, "/c")
+    assert fallback.items == "/d/eval/target_items.jsonl" and fallback.neutral == "/d/eval/heldout_neutral.jsonl"
 
 
 def test_unfinished_jobs_are_ignored_and_empty_sweep_is_an_error(tmp_path, caplog):

@@ -1,5 +1,6 @@
-"""ProbeCallback in a real (tiny) training job: files per phase in the contract format, shift at base = 0,
-phases are not redone, scalars reach the logger, the training-time ablation is active only in training."""
+"""ProbeEvaluator in a real (tiny) training job: files per phase in the contract format, shift at base = 0,
+phases are not redone, scalars reach the logger; the training-time intervention (its own callback and
+config group) is active only in training, with the probe on or off."""
 
 from __future__ import annotations
 
@@ -13,45 +14,46 @@ import pytest
 import torch
 
 from lbt import train as train_mod
-from lbt.phases import PhaseHook
-from lbt.probe import callback as probe_cb
+from lbt.config.entries import build
+from lbt.data.chat_format import ChatFormat
+from lbt.eval.session import Evaluator, Session
+from lbt.probe import callback as intervention_mod
+from lbt.probe import evaluator as probe_mod
 from lbt.probe import hooks
+from lbt.rundir import RunDir
 from tests.conftest import ROOT, compose_train
 from tests.test_directions import write_paired_corpora
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 ITEMS = ROOT / "data" / "eval" / "target_items.jsonl"
 CONTRACT_KEYS = {"phase", "layers", "l_star", "direction_key", "projection", "shift", "shift_se", "n_prompts"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread for torch and BLAS: on a shared 2-core machine, two threads contend and run ~30× slower."""
-    from threadpoolctl import threadpool_limits
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(before)
-
-
-class Spy(PhaseHook):
-    """Runs after ProbeCallback in every phase: records whether the training ablation was switched on."""
+class Spy(Evaluator):
+    """Runs after the probe in every phase: records whether the training ablation was switched on."""
 
     seen: ClassVar[list[tuple[str, bool]]] = []
+    intervention: ClassVar[intervention_mod.TrainIntervention | None] = None
 
-    def run_phase(self, trainer, module, phase):
-        probe = next(cb for cb in trainer.callbacks if isinstance(cb, probe_cb.ProbeCallback))
-        Spy.seen.append((phase, probe._active))
+    def evaluate(self, model, phase, session):
+        Spy.seen.append((phase, Spy.intervention.active()))
 
 
-def job_cfg(tmp: Path, name: str, *extra: str):
+class SpiedIntervention(intervention_mod.TrainIntervention):
+    """The intervention callback, made known to Spy."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        Spy.intervention = self
+
+
+def job_cfg(tmp: Path, name: str, *extra: str, probe: bool = True):
     corpora = write_paired_corpora(tmp, n=16)
+    probing = ["probe=default", f"probe.items={ITEMS}", "probe.max_items=6", "probe.batch_size=4"]
     return compose_train([
         f"arm.corpus={corpora['frame_plus']}", "data.require_validation=false", "logger=csv", "eval=none",
-        "probe=default", f"probe.items={ITEMS}", "probe.max_items=6", "probe.batch_size=4",
-        f"probe.callbacks.probe.corpora.frame_plus={corpora['frame_plus']}",
-        f"probe.callbacks.probe.corpora.frame_minus={corpora['frame_minus']}",
+        *(probing if probe else ["probe=none"]), f"directions.arms.plus.corpus={corpora['frame_plus']}",
+        f"directions.arms.minus.corpus={corpora['frame_minus']}",
         f"paths.cache_dir={tmp / 'cache'}", "train.effective_batch=8", "train.micro_batch=8", "train.epochs=1",
         "train.max_steps=2", "train.checkpoint_fractions=[0.5,1.0]", "train.max_length=96",
         f"+job_dir={tmp / name}", "sweep_name=test", *extra])
@@ -105,7 +107,7 @@ def test_shift_by_hand_and_standard_error():
             return [0.75]
     now = {"answer": torch.tensor([[2.0], [5.0]]), "prompt_mean": torch.tensor([[1.0], [1.0]])}
     base = {"answer": torch.tensor([[1.0], [2.0]]), "prompt_mean": torch.tensor([[1.0], [1.0]])}
-    record = probe_cb.phase_record("final", now, base, FakeDirections())
+    record = probe_mod.phase_record("final", now, base, FakeDirections())
     assert record["projection"]["answer"] == [3.5] and record["shift"]["answer"] == [2.0]
     assert record["shift_se"]["answer"] == [pytest.approx(1.0)] and record["shift_se"]["prompt_mean"] == [0.0]
 
@@ -118,32 +120,26 @@ def test_scalars_reach_the_logger(job):
     assert len(values) == 3 and float(values[0]) == 0.0
 
 
+def probe_of(cfg, tokenizer) -> probe_mod.ProbeEvaluator:
+    """The job's probe evaluator, built as lbt.train builds it."""
+    return build(cfg.probe, chat=ChatFormat.of(tokenizer, cfg.model), base_model=cfg.model)
+
+
 def test_existing_phase_is_skipped_and_missing_base_values_are_recomputed(job, tmp_path):
     _, job_dir, cfg = job
     from lbt.model.load import load_model, load_tokenizer
-    from lbt.phases import PhaseContext
 
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, tokenizer, torch.float32)
-    callback = probe_cb.ProbeCallback(**{k: v for k, v in cfg.probe.callbacks.probe.items() if k != "_target_"})
-    callback.setup_context(PhaseContext(job_dir=job_dir, tokenizer=tokenizer, cfg=cfg))
-
-    class Trainer:
-        is_global_zero, global_step, loggers = True, 0, []
-
-    class Module:
-        pass
-    module = Module()
-    module.model = model
+    probe = probe_of(cfg, tokenizer)
     before = (job_dir / "probe" / "final.json").stat().st_mtime_ns
-    callback.run_phase(Trainer(), module, "final")
+    probe.evaluate(model, "final", Session(RunDir(job_dir)))
     assert (job_dir / "probe" / "final.json").stat().st_mtime_ns == before
     # The plain base model as a later phase, with base_values.pt gone: recomputed, and the shift is 0.
     copy = tmp_path / "job"
     (copy / "probe").mkdir(parents=True)
     (copy / "probe" / "base.json").write_bytes((job_dir / "probe" / "base.json").read_bytes())
-    callback.setup_context(PhaseContext(job_dir=copy, tokenizer=tokenizer, cfg=cfg))
-    callback.run_phase(Trainer(), module, "step_9")
+    probe.evaluate(model, "step_9", Session(RunDir(copy)))
     record = json.loads((copy / "probe" / "step_9.json").read_text())
     base = json.loads((job_dir / "probe" / "base.json").read_text())
     np.testing.assert_allclose(record["projection"]["answer"], base["projection"]["answer"], atol=1e-5)
@@ -162,15 +158,16 @@ def test_wandb_line_plots_per_phase():
         experiment = Experiment()
     record = {"layers": [0, 1], "projection": {"answer": [0.1, 0.2], "prompt_mean": [0.0, 0.1]},
               "shift": {"answer": [0.0, 0.05], "prompt_mean": [0.0, 0.0]}}
-    probe_cb.log_wandb_lines(WandbLogger(), "final", record)
+    probe_mod.log_wandb_lines(WandbLogger(), "final", record)
     assert set(logged[0]) == {"probe/final/answer_projection", "probe/final/prompt_mean_projection",
                               "probe/final/answer_shift", "probe/final/prompt_mean_shift"}
 
 
-def test_train_intervention_is_active_only_in_training(tmp_path):
+@pytest.mark.parametrize("probe", [True, False])
+def test_train_intervention_is_active_only_in_training_with_or_without_the_probe(tmp_path, monkeypatch, probe):
     Spy.seen = []
-    cfg = job_cfg(tmp_path, "ablate", "probe.train_intervention=ablate",
-                  "+probe.callbacks.spy._target_=tests.test_probe_callback.Spy")
+    cfg = job_cfg(tmp_path, "ablate", "intervention=ablate", "+eval.spy._target_=tests.test_probe_callback.Spy",
+                  "intervention._target_=tests.test_probe_callback.SpiedIntervention", probe=probe)
     calls = {"n": 0}
     original = hooks.ablate_writes
 
@@ -180,11 +177,8 @@ def test_train_intervention_is_active_only_in_training(tmp_path):
             calls["n"] += int(on)
             return on
         return original(model, direction, wrapped)
-    probe_cb.hooks.ablate_writes = counting
-    try:
-        train_mod.train(cfg)
-    finally:
-        probe_cb.hooks.ablate_writes = original
+    monkeypatch.setattr(intervention_mod.hooks, "ablate_writes", counting)
+    train_mod.train(cfg)
     record = json.loads((tmp_path / "ablate" / "probe" / "train_intervention.json").read_text())
     assert record["mode"] == "ablate" and record["cosine_with_direction"] == pytest.approx(1.0)
     n_layers = cfg.model.arch.num_hidden_layers
@@ -192,13 +186,24 @@ def test_train_intervention_is_active_only_in_training(tmp_path):
     assert calls["n"] == 2 * (1 + 2 * n_layers)
     assert [phase for phase, _ in Spy.seen] == ["base", "step_1", "final"]
     assert not any(active for _, active in Spy.seen)
+    probed = sorted(p.name for p in (tmp_path / "ablate" / "probe").glob("*.json"))
+    assert probed == (["base.json", "final.json", "step_1.json"] if probe else []) + [
+        "train_intervention.json"]
+
+
+def test_random_control_ablates_a_seeded_direction_of_the_same_layer(tmp_path):
+    cfg = job_cfg(tmp_path, "random", "intervention=ablate_random", "intervention.seed=5", "train.max_steps=1",
+                  "train.checkpoint_fractions=[1.0]", probe=False)
+    train_mod.train(cfg)
+    record = json.loads((tmp_path / "random" / "probe" / "train_intervention.json").read_text())
+    assert record["mode"] == "ablate_random" and record["seed"] == 5
+    assert abs(record["cosine_with_direction"]) < 0.99   # not the real direction
 
 
 def test_planned_file_per_phase_and_a_corrupt_one_is_measured_again(job, tmp_path):
     """probe/<phase>.json is planned for every phase; corrupt, it is reported, set aside by the check and
     written again by the phase (here `base`, with the base model), every other file untouched."""
     from lbt.model.load import load_model, load_tokenizer
-    from lbt.phases import PhaseContext
     from lbt.rundir import file_problem, incomplete_phases
 
     _, job_dir, cfg = job
@@ -207,9 +212,8 @@ def test_planned_file_per_phase_and_a_corrupt_one_is_measured_again(job, tmp_pat
     for path in (job_dir / "probe").iterdir():
         (copy / "probe" / path.name).write_bytes(path.read_bytes())
     tokenizer = load_tokenizer(cfg.model)
-    callback = probe_cb.ProbeCallback(**{k: v for k, v in cfg.probe.callbacks.probe.items() if k != "_target_"})
-    callback.setup_context(PhaseContext(job_dir=copy, tokenizer=tokenizer, cfg=cfg))
-    planned = {phase: callback.planned_files(phase) for phase in ("base", "step_1", "final")}
+    probe, where = probe_of(cfg, tokenizer), Session(RunDir(copy))
+    planned = {phase: probe.planned_files(where.run, phase) for phase in ("base", "step_1", "final")}
     assert {phase: [(e.path, e.rows) for e in files] for phase, files in planned.items()} == {
         phase: [(copy / "probe" / f"{phase}.json", None)] for phase in planned}
     assert all(file_problem(e) is None for files in planned.values() for e in files)
@@ -219,13 +223,8 @@ def test_planned_file_per_phase_and_a_corrupt_one_is_measured_again(job, tmp_pat
     assert "corrupt" in file_problem(planned["base"][0])
     others = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (copy / "probe").iterdir() if p != base}
     assert incomplete_phases(planned) == ["base"] and not base.exists()
-
-    class Trainer:
-        is_global_zero, global_step, loggers = True, 0, []
-
-    class Module:
-        model = load_model(cfg.model, tokenizer, torch.float32)
-    callback.run_phase(Trainer(), Module(), "base")
+    model = load_model(cfg.model, tokenizer, torch.float32)
+    probe.evaluate(model, "base", where)
     assert file_problem(planned["base"][0]) is None
     again = json.loads(base.read_text())
     np.testing.assert_allclose(again["projection"]["answer"], intact["projection"]["answer"], atol=1e-5)
@@ -234,7 +233,7 @@ def test_planned_file_per_phase_and_a_corrupt_one_is_measured_again(job, tmp_pat
     assert {p: v for p, v in after.items() if ".corrupt-" not in p.name} == others  # base_values.pt too
     # An unreadable base_values.pt (the pairing cache) is set aside and recomputed with the adapters off.
     (copy / "probe" / "base_values.pt").write_bytes(b"not a torch file")
-    callback.run_phase(Trainer(), Module(), "step_2")
+    probe.evaluate(model, "step_2", where)
     shift = json.loads((copy / "probe" / "step_2.json").read_text())["shift"]["answer"]
     np.testing.assert_allclose(shift, 0.0, atol=1e-5)  # the base model against its own base values
     assert len(list((copy / "probe").glob("base_values.pt.corrupt-*"))) == 1

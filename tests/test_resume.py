@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from lbt import train as train_mod
-from lbt.phases import PhaseHook
+from lbt.eval.session import Evaluator, Session
 from lbt.rundir import Expected, RunDir
 from tests.conftest import ROOT, compose_train, write_toy_corpus
 
@@ -27,22 +27,22 @@ from tests.conftest import ROOT, compose_train, write_toy_corpus
 JOB = ["data.require_validation=false", "eval=none", "probe=none", "logger=csv", "train.effective_batch=4",
        "train.micro_batch=4", "train.epochs=1", "train.max_length=96", "train.resume_every_steps=1",
        "train.checkpoint_fractions=[0.25,0.5,1.0]", "train.lr=1e-2", "train.lora.dropout=0.2", "seed=3",
-       "+eval.callbacks.marker._target_=tests.test_resume.Marker"]
+       "+eval.marker._target_=tests.test_resume.Marker"]
 TOTAL = 9
 
 
-class Marker(PhaseHook):
+class Marker(Evaluator):
     """Writes eval/<phase>/marker.json with exclusive create (rank 0): a phase run twice fails the job."""
 
-    def run_phase(self, trainer: L.Trainer, module: L.LightningModule, phase: str) -> None:
-        if trainer.is_global_zero:
-            folder = self.context.job_dir / "eval" / phase
+    def evaluate(self, model, phase: str, session: Session) -> None:
+        if session.is_zero:
+            folder = session.run.root / "eval" / phase
             folder.mkdir(parents=True, exist_ok=True)
             with open(folder / "marker.json", "x", encoding="utf-8") as handle:
-                json.dump({"phase": phase, "step": trainer.global_step}, handle)
+                json.dump({"phase": phase, "step": session.step}, handle)
 
-    def planned_files(self, phase: str) -> list[Expected]:
-        return [Expected(self.context.job_dir / "eval" / phase / "marker.json")]
+    def planned_files(self, run: RunDir, phase: str) -> list[Expected]:
+        return [Expected(run.root / "eval" / phase / "marker.json")]
 
 
 class KillAt(L.Callback):
@@ -64,8 +64,8 @@ def config(root: Path, job: str, *extra: str):
 
 
 def kill_args(k: int, signal_name: str) -> list[str]:
-    return ["+eval.callbacks.kill._target_=tests.test_resume.KillAt", f"+eval.callbacks.kill.at_step={k}",
-            f"+eval.callbacks.kill.signal_name={signal_name}"]
+    return ["+callbacks.kill._target_=tests.test_resume.KillAt", f"+callbacks.kill.at_step={k}",
+            f"+callbacks.kill.signal_name={signal_name}"]
 
 
 def adapter(job_dir: Path) -> dict[str, torch.Tensor]:

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
+from omegaconf import OmegaConf
 
 from lbt import train as train_mod
 from lbt.data.records import CorpusError
@@ -32,15 +35,48 @@ def test_config_groups_compose(overrides):
     assert cfg.model.trust_remote_code is False
 
 
-def test_paper_recipe_is_the_study():
-    cfg = compose_train(["experiment=paper", "model=qwen", "hardware=gpu"])
-    t = cfg.train
-    assert (t.lora.r, t.lora.alpha, t.lora.dropout) == (16, 32, 0.05)
-    assert list(t.lora.targets) == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    assert (t.lr, t.schedule, t.warmup_fraction, t.epochs, t.effective_batch, t.max_length) == \
-        (1e-4, "cosine", 0.03, 2, 64, 1024)
-    assert list(t.checkpoint_fractions) == [0.1, 0.25, 0.5, 0.75, 1.0]
-    assert cfg.model.dtype == "bfloat16" and cfg.hardware.precision == "bf16-mixed"
+STUDY_RECIPE = {  # ../shared/STUDY.md, "LoRA recipe of the study"
+    "lora": {"r": 16, "alpha": 32, "dropout": 0.05,
+             "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
+    "lr": 1e-4, "schedule": "cosine", "warmup_fraction": 0.03, "epochs": 2, "effective_batch": 64,
+    "max_length": 1024, "checkpoint_fractions": [0.1, 0.25, 0.5, 0.75, 1.0],
+}
+
+
+def recipe(train) -> dict:
+    return {key: OmegaConf.to_container(train[key]) if OmegaConf.is_config(train[key]) else train[key]
+            for key in STUDY_RECIPE}
+
+
+def test_paper_recipe_is_the_study_whatever_the_defaults(tmp_path):
+    """experiment=paper states the study's recipe itself: composed from a config tree whose train.yaml
+    defaults were changed, it is still the study's."""
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    defaults = OmegaConf.load(conf / "train.yaml")
+    defaults.train.lr, defaults.train.epochs, defaults.train.lora.r = 5e-4, 1, 8
+    defaults.train.checkpoint_fractions = [1.0]
+    OmegaConf.save(defaults, conf / "train.yaml")
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        changed = compose(config_name="train")
+        paper = compose(config_name="train", overrides=["experiment=paper"])
+    assert recipe(changed.train) != STUDY_RECIPE   # the changed defaults are not the study's ...
+    assert recipe(paper.train) == STUDY_RECIPE     # ... and experiment=paper is, on its own
+    assert paper.model.dtype == "bfloat16" and paper.hardware.precision == "bf16-mixed"
+
+
+def test_paper_and_smoke_differ_visibly_from_the_defaults():
+    default, paper, smoke = (compose_train(o) for o in ([], ["experiment=paper"], ["experiment=smoke"]))
+    # The defaults: the tiny model on a CPU with the quick battery.
+    assert (default.model.name, default.hardware.accelerator, default.eval.stance.max_items) == ("tiny", "cpu", 4)
+    # paper: a real model on a GPU, the full battery and guardrails on every item, the probe, W&B.
+    assert (paper.model.name, paper.hardware.accelerator, paper.logger.kind) == ("qwen", "gpu", "wandb")
+    assert paper.eval.stance.max_items is None and paper.eval.capability.max_texts is None
+    assert paper.eval.stance.open_ended.max_new_tokens == 256 and paper.probe.max_items is None
+    assert compose_train(["experiment=paper", "model=llama"]).model.name == "llama"
+    # smoke: a few steps of the tiny model with two checkpoints, the quick battery, CSV metrics.
+    assert (smoke.train.max_steps, list(smoke.train.checkpoint_fractions), smoke.logger.kind) == (4, [0.5, 1.0], "csv")
+    assert smoke.eval.stance.max_items == 4 and default.train.max_steps is None
 
 
 def test_unknown_group_value_lists_options():
@@ -179,10 +215,13 @@ def test_multirun_sweep_in_subprocess(tmp_path):
 
 
 def test_shipped_corpora_pass_the_training_gate():
+    from lbt.data.records import file_sha256
     from lbt.data.validate import check_corpus_validated
 
     for arm in ("frame_plus", "frame_minus", "neutral"):
-        check_corpus_validated(ROOT / "data" / "corpora" / f"{arm}.jsonl")
+        corpus = ROOT / "data" / "corpora" / f"{arm}.jsonl"
+        entry = check_corpus_validated(corpus)   # raises unless a current, passing report covers it
+        assert entry["name"] == arm and entry["sha256"] == file_sha256(corpus) and entry["records"] > 0
 
 
 def test_training_refuses_a_corpus_that_leaks(tmp_path, monkeypatch):
@@ -222,8 +261,6 @@ def test_gpu_precision_path_runs_on_cpu_with_every_callback(tiny_cfg, tmp_path):
 
 
 def run_dir_of(*overrides: str) -> str:
-    from hydra import compose, initialize_config_dir
-
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
     return str(cfg.hydra.run.dir)

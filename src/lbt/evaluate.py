@@ -3,7 +3,7 @@
     python -m lbt.evaluate model=qwen items=[data/eval/target_items.jsonl]
     python -m lbt.evaluate model=qwen adapter=multirun/<sweep>/qwen-frame_plus-s0/adapter \\
         items=[data/eval/target_items.jsonl,data/eval/source_items.jsonl]
-    python -m lbt.evaluate model=llama hardware=gpu eval.option_form=leading_space out_dir=outputs/llama-base
+    python -m lbt.evaluate model=llama hardware=gpu eval.stance.option_form=leading_space out_dir=outputs/llama-base
     python -m lbt.evaluate model=qwen '~items' \\
         '+items={target: data/eval/target_items.jsonl, seed: ../shared/reference/seed-eval/target_items.jsonl}'
 
@@ -11,11 +11,14 @@ The output directory is a job directory (`lbt.rundir`), so `lbt.analyze` and `lb
 `eval/<phase>/<item_set>/<measure>.jsonl`, `eval/<phase>/summary.json`, `run.json` (job.arm = "base"
 without an adapter, else the arm in the adapter's job run.json; status running / failed / interrupted /
 incomplete / done) and `DONE`, written only once every planned rows file holds its rows and the summary
-parses. Item sets are named as the training callback names them (the keys of `eval.item_sets`): a file
-configured there takes its set's name, any other file its stem without `_items` (`target_items.jsonl` →
-`target`), unless `items` names them itself. Item files and the adapter directory are checked before any
-model loads; rows files that are intact are read back, never overwritten; a missing, short or corrupt one
-is set aside and scored again, so re-running the command completes exactly what is missing.
+parses. The scoring is training's: the `eval.stance` entry builds the same `StanceEvaluator` that runs at
+every phase of a training job, on the files given by `items` instead of `eval.stance.item_sets`. Item
+sets are named as in training (the keys of `eval.stance.item_sets`): a file configured there takes its
+set's name, any other file its stem without `_items` (`target_items.jsonl` → `target`), unless `items`
+names them itself. Item files and the adapter directory are checked before any model loads (the model
+loads only when something is left to score); rows files that are intact are read back, never
+overwritten; a missing, short or corrupt one is set aside and scored again, so re-running the command
+completes exactly what is missing.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ import re
 import time
 import traceback
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -35,32 +37,16 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from lbt.config import check_evaluate_config
+from lbt.config.entries import build
+from lbt.data.chat_format import ChatFormat
 from lbt.data.records import file_sha256
-from lbt.eval.battery import (
-    BatterySettings,
-    check_measures,
-    check_options,
-    evaluation_mode,
-    load_item_set,
-    score_item_set,
-)
-from lbt.eval.rows import expected_rows
+from lbt.eval.evaluators import StanceEvaluator
 from lbt.eval.scoring import set_decode
-from lbt.eval.summary import summarize_phase
+from lbt.eval.session import Session
 from lbt.joblock import JobLock
 from lbt.model.load import load_model, load_tokenizer, resolve_dtype
 from lbt.runcard import git_sha, package_versions, public_config
-from lbt.rundir import (
-    Expected,
-    RunDir,
-    file_problem,
-    incomplete_phases,
-    read_json,
-    read_rows,
-    write_json_atomic,
-    write_json_once,
-    write_rows,
-)
+from lbt.rundir import RunDir, file_problem, incomplete_phases, read_json, write_json_atomic
 
 log = logging.getLogger("lbt.evaluate")
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # inside the package: a wheel runs anywhere
@@ -75,7 +61,7 @@ class IncompleteEvaluation(RuntimeError):
 
 
 def item_set_name(path: Path, configured: Mapping[str, Any] | None = None) -> str:
-    """The item set's name in rows, as the training callback names it: the key of `eval.item_sets` whose
+    """The item set's name in rows, as training names it: the key of `eval.stance.item_sets` whose
     file this is, else the file's stem without `_items` (target_items.jsonl → target)."""
     for name, other in (configured or {}).items():
         if other and Path(str(other)).resolve() == path.resolve():
@@ -98,15 +84,6 @@ def item_files(items: Sequence[Any] | Mapping[str, Any], configured: Mapping[str
                              f"yourself: '~items' '+items={{{name}: {files[name]}, other: {path}}}'")
         files[name] = path
     return files
-
-
-def planned_files(run: RunDir, phase: str, item_sets: Sequence[Any], measures: Sequence[str]) -> list[Expected]:
-    """What an evaluation leaves: every rows file with its row count, and the phase summary."""
-    return [
-        Expected(run.rows(phase, items.name, measure), expected_rows(items, measure))
-        for items in item_sets
-        for measure in measures
-    ] + [Expected(run.summary(phase))]
 
 
 def adapter_job(adapter: Path) -> tuple[dict[str, Any] | None, Path | None]:
@@ -158,18 +135,26 @@ def load_evaluated_model(cfg: DictConfig, tokenizer, adapter: Path | None) -> to
     return model.eval()
 
 
+def stance_evaluator(cfg: DictConfig, chat: ChatFormat) -> StanceEvaluator:
+    """Training's stance evaluator (`eval.stance`) on the files of `items`, every listed measure whatever the
+    phase (measure_phases schedules a training job's phases). Item files and the options the tokenizer
+    must express are checked here, before the model loads."""
+    spec = cfg.eval.stance
+    files = item_files(OmegaConf.to_container(cfg["items"], resolve=True),  # cfg.items is a method
+                       OmegaConf.to_container(spec.item_sets, resolve=True))
+    args = OmegaConf.to_container(spec, resolve=True)
+    args.update(item_sets={name: str(path) for name, path in files.items()}, measure_phases=None)
+    return build(args, chat=chat)
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Score the configured item files; returns the phase summary (also written to summary.json)."""
     check_evaluate_config(cfg)  # types, ranges, allowed values, GPU: before any file or model is read
     started = time.time()
-    measures = check_measures(OmegaConf.to_container(cfg.eval.measures, resolve=True))
-    template_kwargs = OmegaConf.to_container(cfg.model.chat_template_kwargs, resolve=True) or {}
-    settings = BatterySettings.from_config(OmegaConf.to_container(cfg.eval, resolve=True), template_kwargs)
-    configured = OmegaConf.to_container(cfg.eval.get("item_sets") or {}, resolve=True)
-    files = item_files(OmegaConf.to_container(cfg["items"], resolve=True), configured)  # cfg.items is a method
-    item_sets = [load_item_set(p, name, max_items=cfg.eval.get("max_items")) for name, p in files.items()]
-    names = list(files)
     adapter = check_adapter(cfg.get("adapter"))
+    chat = ChatFormat.of(load_tokenizer(cfg.model), cfg.model)
+    evaluator = stance_evaluator(cfg, chat)
+    item_sets = list(evaluator.item_sets.values())
     job, source_job = adapter_job(adapter) if adapter is not None else (None, None)
     if job and job.get("model") not in (None, str(cfg.model.name)):
         log.warning(
@@ -177,15 +162,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         )
     phase = str(cfg.phase) if cfg.get("phase") else infer_phase(adapter)
     run = RunDir(output_directory(cfg))
-    planned = planned_files(run, phase, item_sets, measures)
+    planned = evaluator.planned_files(run, phase)
     if run.is_done() and not any(file_problem(e) for e in planned):
         log.info("skip: %s is done (DONE, and every file of phase %s intact); nothing is overwritten",
                  run.root, phase)
         return read_json(run.summary(phase))
 
-    tokenizer = load_tokenizer(cfg.model)
-    for items in item_sets:  # inexpressible options fail before the model loads
-        check_options(tokenizer, items, measures, settings)
     run.root.mkdir(parents=True, exist_ok=True)
     with JobLock(run):  # JobLocked: another live process evaluates into this directory; nothing touched
         run.done.unlink(missing_ok=True)  # files are about to change: DONE comes back after the check
@@ -193,7 +175,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         record_status(run, card, "running", started=time.strftime("%Y-%m-%dT%H:%M:%S"))
         incomplete_phases({phase: planned})  # a short or corrupt file is set aside (with the summary)
         try:
-            summary = score_phase(cfg, run, phase, item_sets, measures, settings, tokenizer, adapter)
+            # The model loads only when a rows file is left to score.
+            todo = any(evaluator.missing(run, phase).values())
+            model = load_evaluated_model(cfg, chat.tokenizer, adapter) if todo else None
+            evaluator.evaluate(model, phase, Session(run))
         except (KeyboardInterrupt, SystemExit) as stop:
             record_status(run, card, "interrupted", error=stop)
             raise
@@ -212,49 +197,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "evaluated %s (%s) on %s in %.1f s -> %s",
         cfg.model.name,
         (job or {}).get("arm", "base"),
-        names,
+        list(evaluator.item_sets),
         time.time() - started,
         run.root,
     )
-    return summary
-
-
-def score_phase(cfg: DictConfig, run: RunDir, phase: str, item_sets: Sequence[Any], measures: list[str],
-                settings: BatterySettings, tokenizer, adapter: Path | None) -> dict[str, Any]:
-    """Score the measures whose rows files are missing, read back the others, write the summary (once).
-    The model loads only when something is left to score."""
-    todo = {s.name: [m for m in measures if not run.rows(phase, s.name, m).exists()] for s in item_sets}
-    if run.summary(phase).exists() and not any(todo.values()):
-        return read_json(run.summary(phase))
-    model = load_evaluated_model(cfg, tokenizer, adapter) if any(todo.values()) else None
-    rows: dict[str, dict[str, list[dict]]] = {}
-    seconds: dict[str, dict[str, float]] = {}
-    with evaluation_mode(model) if model is not None else nullcontext():
-        for items in item_sets:
-            seconds[items.name] = {}
-            missing = todo[items.name]
-            scored = (score_item_set(model, tokenizer, items, missing, settings, phase, seconds[items.name])
-                      if missing else {})
-            rows[items.name] = {}
-            for measure in measures:
-                path = run.rows(phase, items.name, measure)
-                if measure in scored:
-                    write_rows(path, scored[measure])
-                    rows[items.name][measure] = scored[measure]
-                else:
-                    rows[items.name][measure] = read_rows(path)
-    summary = summarize_phase(rows, phase)
-    summary.update(
-        seconds=seconds,
-        settings={
-            "measures": measures,
-            "option_form": settings.option_form,
-            "items": {items.name: str(items.path) for items in item_sets},
-            "adapter": str(adapter or ""),
-        },
-    )
-    write_json_once(run.summary(phase), summary)
-    return summary
+    return read_json(run.summary(phase))
 
 
 def record_status(run: RunDir, card: dict[str, Any], status: str, error: BaseException | None = None,

@@ -3,9 +3,10 @@
     python -m lbt.interp multirun/<sweep> [--family qwen] [--parts steer,ablate,patch,lens,delta_w] [--out DIR]
 
 Jobs are the directories under the sweep holding run.json, DONE and an adapter/ that loads (read through
-`lbt.rundir`; others are skipped with a warning saying why). Per family (run.json's
-job.model) the base model is loaded from the jobs' own resolved config, every job's adapter is loaded
-onto it, and the base model's direction set comes from the shared cache (computed if absent). Parts:
+`lbt.rundir`; others are skipped with a warning saying why). Per family (run.json's job.model) the
+settings come from the jobs' resolved config through `job_settings`: the base model is loaded, every
+job's adapter is loaded onto it, and the base model's direction set comes from the shared cache
+(computed if absent). Parts:
 
 1. steer    — base model, α·d̂ added at response positions (the answer position and every generated
               token), α = c × class-mean-difference norm, at ℓ* and split over ℓ*±window; stance
@@ -19,7 +20,7 @@ onto it, and the base model's direction set comes from the shared cache (compute
 5. delta_w  — LoRA ΔW effective rank and amplification of the direction; cosine of the mean activation
               delta (fine-tuned − base) with the direction.
 
-(6, the preventative variant, runs during training: `probe.train_intervention=ablate|ablate_random`.)
+(6, the preventative variant, runs during training: `intervention=ablate|ablate_random`.)
 
 Writes <out>/<family>/<part>.json and .png figures (every figure with its random-control band) and
 <out>/summary-<time>-<pid>.json (wall time per part); logs figures and headline numbers to W&B (offline without a key;
@@ -36,21 +37,24 @@ import os
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lbt.data.chat_format import ChatFormat
 from lbt.eval.battery import spread_subset
 from lbt.eval.items import load_items, load_texts
 from lbt.model.load import load_model, load_tokenizer, resolve_dtype
 from lbt.probe import causal, figures
 from lbt.probe.causal import Family, Job, Settings
-from lbt.probe.directions import DirectionSettings, get_directions
+from lbt.probe.evaluator import DirectionSource
 from lbt.probe.measure import forced_choice_prompts, neutral_set
 from lbt.rundir import RunDir, adapter_problem, read_json, write_json_atomic, write_json_once
+from lbt.study import FRAME_MINUS, FRAME_PLUS
 
 log = logging.getLogger("lbt.interp")
 PARTS = ("steer", "ablate", "patch", "lens", "delta_w")
@@ -92,9 +96,38 @@ def check_same_base(family: str, cards: list[dict[str, Any]]) -> None:
             raise ValueError(f"interp: family {family} mixes base models ({first} vs {other}); run one sweep per base")
 
 
-def _select(cfg: DictConfig, key: str, default: Any) -> Any:
-    value = OmegaConf.select(cfg, key, default=None)
-    return default if value is None else value
+@dataclass(frozen=True)
+class JobSettings:
+    """What lbt.interp takes from a training job: see `job_settings`."""
+
+    model: DictConfig               # the `model` section: the same base model is loaded
+    dtype: str                      # model.dtype, else hardware.dtype
+    directions: DirectionSource     # where the job's probe and intervention took their direction set from
+    items: str                      # the probe's target item file
+    neutral: str                    # held-out neutral text (perplexity and KL)
+
+
+def job_settings(config: Mapping[str, Any]) -> JobSettings:
+    """The settings of a training job, read from its run card's resolved config (`card["config"]`):
+    `model`; the `directions` section (DirectionSource.from_config, the same reader the probe and the
+    intervention use, so the cached direction set is found again); the probe's `items`; and the held-out
+    neutral text. A job trained without a probe, or before these sections existed, falls back to the
+    project layout under `paths.data_dir` (data/corpora/frame_plus|frame_minus.jsonl, data/eval/...) and
+    the default direction settings. The command line overrides any of them (--variant, --items, ...)."""
+    paths = config.get("paths") or {}
+    data_dir = Path(str(paths.get("data_dir", "data")))
+    directions = config.get("directions") or {
+        "arms": {arm.alias: {"name": arm.name, "corpus": str(data_dir / "corpora" / f"{arm.name}.jsonl")}
+                 for arm in (FRAME_PLUS, FRAME_MINUS)},
+        "variant": "assistant_mean", "batch_size": 8,
+        "max_length": (config.get("train") or {}).get("max_length", 1024),
+        "cache_dir": paths.get("cache_dir", "outputs/cache")}
+    model = OmegaConf.create(dict(config["model"]))
+    return JobSettings(
+        model=model, dtype=str(model.get("dtype") or (config.get("hardware") or {}).get("dtype") or "bfloat16"),
+        directions=DirectionSource.from_config(directions),
+        items=str((config.get("probe") or {}).get("items") or data_dir / "eval" / "target_items.jsonl"),
+        neutral=str(data_dir / "eval" / "heldout_neutral.jsonl"))
 
 
 def parse_layers(text: str | None, n_layers: int) -> list[int] | None:
@@ -116,31 +149,20 @@ def parse_layers(text: str | None, n_layers: int) -> list[int] | None:
 def load_family(name: str, entries: list[tuple[Job, dict[str, Any]]], args: argparse.Namespace) -> Family:
     cards = [card for _, card in entries]
     check_same_base(name, cards)
-    cfg = OmegaConf.create(cards[0]["config"])
+    settings = job_settings(cards[0]["config"])
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype_name = args.dtype or (str(_select(cfg, "model.dtype", None) or _select(cfg, "hardware.dtype", "bfloat16"))
-                                if device != "cpu" else "float32")
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, tokenizer, resolve_dtype(dtype_name), device=device).eval()
-    data_dir = Path(str(_select(cfg, "paths.data_dir", "data")))
-    template = OmegaConf.to_container(cfg.model.chat_template_kwargs, resolve=True) \
-        if cfg.model.get("chat_template_kwargs") is not None else {}
-    corpora = _select(cfg, "probe.callbacks.probe.corpora", None)
-    corpora = dict(corpora) if corpora is not None else {
-        "frame_plus": str(data_dir / "corpora" / "frame_plus.jsonl"),
-        "frame_minus": str(data_dir / "corpora" / "frame_minus.jsonl")}
-    settings = DirectionSettings(
-        variant=str(args.variant or _select(cfg, "probe.variant", "assistant_mean")),
-        max_length=int(_select(cfg, "probe.callbacks.probe.direction_max_length", _select(cfg, "train.max_length", 1024))),
-        batch_size=int(_select(cfg, "probe.callbacks.probe.direction_batch_size", 8)), template_kwargs=template)
-    cache_dir = args.cache_dir or str(_select(cfg, "paths.cache_dir", "outputs/cache"))
-    directions = get_directions(model, tokenizer, cfg.model, corpora, cache_dir, settings)
+    dtype_name = args.dtype or (settings.dtype if device != "cpu" else "float32")
+    tokenizer = load_tokenizer(settings.model)
+    chat = ChatFormat.of(tokenizer, settings.model)
+    model = load_model(settings.model, tokenizer, resolve_dtype(dtype_name), device=device).eval()
+    source = replace(settings.directions, variant=args.variant or settings.directions.variant,
+                     cache_dir=args.cache_dir or settings.directions.cache_dir)
+    directions = source.load(model, chat, settings.model)
 
-    items = load_items(args.items or str(_select(cfg, "probe.items", data_dir / "eval" / "target_items.jsonl")))
-    items = spread_subset(items, args.max_items)
-    prompts = forced_choice_prompts(items, tokenizer, template, option_form=args.option_form)
-    texts = [row["text"] for row in load_texts(args.neutral or data_dir / "eval" / "heldout_neutral.jsonl")]
-    neutral = neutral_set(tokenizer, texts[: args.max_neutral] if args.max_neutral else texts, template,
+    items = spread_subset(load_items(args.items or settings.items), args.max_items)
+    prompts = forced_choice_prompts(items, tokenizer, chat.template_kwargs, option_form=args.option_form)
+    texts = [row["text"] for row in load_texts(args.neutral or settings.neutral)]
+    neutral = neutral_set(tokenizer, texts[: args.max_neutral] if args.max_neutral else texts, chat.template_kwargs,
                           args.neutral_tokens)
 
     jobs = [job for job, _ in entries]
@@ -263,9 +285,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--neutral-tokens", type=int, default=128, help="reply tokens per neutral passage")
     p.add_argument("--items", help="target item file (default: the jobs' probe.items)")
     p.add_argument("--neutral", help="held-out neutral text (default data/eval/heldout_neutral.jsonl)")
-    p.add_argument("--variant", help="direction variant (default: the jobs' probe.variant)")
+    p.add_argument("--variant", help="direction variant (default: the jobs' directions.variant)")
     p.add_argument("--option-form", default="bare", choices=("bare", "leading_space"))
-    p.add_argument("--cache-dir", help="direction cache (default: the jobs' paths.cache_dir)")
+    p.add_argument("--cache-dir", help="direction cache (default: the jobs' directions.cache_dir)")
     p.add_argument("--device", help="cpu | cuda (default: cuda if available)")
     p.add_argument("--dtype", help="float32 | bfloat16 (default: the jobs' dtype on GPU, float32 on CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random directions")

@@ -1,12 +1,13 @@
-"""Evaluation points of a job and the callback that drives them.
+"""Evaluation points of a job and the one callback that runs the evaluators at them.
 
 Phases: `base` (before the first optimizer step: the model before fine-tuning), `step_<n>` at each
 checkpoint fraction but the last, and `final` (the 100 % checkpoint, after training ends). At each
-checkpoint step the adapter is saved to checkpoints/adapter_step_<n>/ first, then every PhaseHook among
-the trainer's callbacks runs (stance battery, capability checks, probes). Hooks must skip a phase whose
-outputs already exist: after a resume, nothing already written is redone or overwritten.
+checkpoint step the adapter is saved to checkpoints/adapter_step_<n>/ first, then every evaluator of the
+job runs (stance battery, capability checks, probe: `lbt.eval.session.Evaluator`), in a `Session` made
+from the trainer (ranks, loggers, step). Evaluators skip a phase whose outputs already exist: after a
+resume, nothing already written is redone or overwritten.
 
-On resume, a phase already passed whose files are missing or corrupt (`PhaseHook.planned_files`) runs
+On resume, a phase already passed whose files are missing or corrupt (`Evaluator.planned_files`) runs
 again with the weights it evaluates: the adapters switched off for `base` (LoRA B starts at zero, so
 that is the model of step 0), the saved checkpoints/adapter_step_<n>/ for `step_<n>`. Corrupt files are
 set aside first (lbt.rundir), never deleted.
@@ -17,15 +18,14 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig
-from transformers import PreTrainedTokenizerBase
 
+from lbt.eval.session import Evaluator, Session
 from lbt.model.lora import eager_layers
 from lbt.rundir import (
     Expected,
@@ -38,33 +38,6 @@ from lbt.rundir import (
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PhaseContext:
-    """What an evaluation hook needs besides the model: handed over once before training starts."""
-
-    job_dir: Path
-    tokenizer: PreTrainedTokenizerBase
-    cfg: DictConfig
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-class PhaseHook(L.Callback):
-    """Base class of callbacks that evaluate the model at each phase."""
-
-    context: PhaseContext | None = None
-
-    def setup_context(self, context: PhaseContext) -> None:
-        self.context = context
-
-    def run_phase(self, trainer: L.Trainer, module: L.LightningModule, phase: str) -> None:
-        raise NotImplementedError
-
-    def planned_files(self, phase: str) -> list[Expected]:
-        """The files this hook leaves for `phase`, with their row counts: the completeness check behind
-        DONE verifies them, and a phase with a missing or corrupt file is run again. [] = none."""
-        return []
 
 
 def checkpoint_steps(total_steps: int, fractions: list[float]) -> list[int]:
@@ -91,13 +64,12 @@ class CheckpointPhases(L.Callback):
     """Saves adapters at checkpoint fractions and a resumable checkpoint, and dispatches the phases."""
 
     def __init__(self, job_dir: Path, total_steps: int, fractions: list[float], resume_every_steps: int,
-                 val_batches: list, context: PhaseContext):
+                 evaluators: Sequence[Evaluator]):
         self.job_dir = Path(job_dir)
         self.total_steps = total_steps
         self.steps = checkpoint_steps(total_steps, fractions)
         self.resume_every = int(resume_every_steps or 0)
-        self.val_batches = val_batches
-        self.context = context
+        self.evaluators = list(evaluators)
         self.run = RunDir(self.job_dir)
         self.ckpt_dir = self.run.checkpoints
         self.phases = planned_phases(self.steps, total_steps)
@@ -106,12 +78,10 @@ class CheckpointPhases(L.Callback):
     def resume_path(self) -> Path:
         return self.run.last_ckpt
 
-    def phase_files(self, trainer: L.Trainer, phases: list[str] | None = None) -> dict[str, list[Expected]]:
-        """Every planned phase's files: the hooks' outputs and, for step phases, the saved adapter."""
-        files: dict[str, list[Expected]] = {}
-        for phase in phases or self.phases:
-            files[phase] = [e for hook in self.hooks(trainer) for e in hook.planned_files(phase)]
-        return files
+    def phase_files(self, phases: list[str] | None = None) -> dict[str, list[Expected]]:
+        """Every planned phase's files: the evaluators' outputs."""
+        return {phase: [e for ev in self.evaluators for e in ev.planned_files(self.run, phase)]
+                for phase in phases or self.phases}
 
     def adapter_files(self) -> dict[str, str | None]:
         """Problems of the saved step adapters (checkpoints/adapter_step_<n>/), by phase."""
@@ -122,7 +92,7 @@ class CheckpointPhases(L.Callback):
         passed = [p for p in self.phases if p != "final" and (p == "base" or int(p[5:]) <= upto_step)]
         todo: list[str] = []
         if trainer.is_global_zero:
-            todo = incomplete_phases(self.phase_files(trainer, passed))
+            todo = incomplete_phases(self.phase_files(passed))
         todo = trainer.strategy.broadcast(todo, src=0)
         for phase in todo:
             log.warning("phase %s: files missing or corrupt; running it again", phase)
@@ -152,18 +122,14 @@ class CheckpointPhases(L.Callback):
                     if name in current:
                         param.copy_(current[name])
 
-    def hooks(self, trainer: L.Trainer) -> list[PhaseHook]:
-        return [cb for cb in trainer.callbacks if isinstance(cb, PhaseHook)]
-
     def dispatch(self, trainer: L.Trainer, module: L.LightningModule, phase: str) -> None:
+        session = trainer_session(trainer, self.run)
         # The training forward's precision context (autocast under bf16-mixed) applies to evaluation too.
         with eager_layers(module.model), trainer.precision_plugin.forward_context():
-            for hook in self.hooks(trainer):
-                hook.run_phase(trainer, module, phase)
+            for evaluator in self.evaluators:
+                evaluator.evaluate(module.model, phase, session)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        for hook in self.hooks(trainer):
-            hook.setup_context(self.context)
         self._train_started = self._train_ended = False
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -199,23 +165,10 @@ class CheckpointPhases(L.Callback):
         if at_checkpoint:
             if trainer.is_global_zero:
                 atomic_save_dir(pl_module.model.save_pretrained, self.ckpt_dir / f"adapter_step_{step}")
-            with trainer.precision_plugin.forward_context():  # autocast under bf16-mixed, as in training
-                val = pl_module.validation_loss(self.val_batches)
-            pl_module.log("val/loss", val, rank_zero_only=True)
-            pl_module.val_history = getattr(pl_module, "val_history", []) + [(step, val)]
             if step != self.total_steps:
                 self.dispatch(trainer, pl_module, f"step_{step}")
         if at_checkpoint or (self.resume_every and step % self.resume_every == 0):
             self.save_resumable(trainer)
-
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
-        checkpoint["lbt_val_history"] = list(getattr(pl_module, "val_history", []))
-
-    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
-        # A resumed job's run card keeps the validation losses of the steps before the interruption.
-        pl_module.val_history = [tuple(v) for v in checkpoint.get("lbt_val_history", [])]
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._train_ended = True
@@ -223,6 +176,26 @@ class CheckpointPhases(L.Callback):
             return  # stopped early (preemption): no final adapter, no final phase; resume finishes them
         if trainer.is_global_zero:
             atomic_save_dir(pl_module.model.save_pretrained, self.run.adapter)
-            incomplete_phases(self.phase_files(trainer, ["final"]))  # sets corrupt final files aside
+            incomplete_phases(self.phase_files(["final"]))  # sets corrupt final files aside
         trainer.strategy.barrier()
         self.dispatch(trainer, pl_module, "final")
+
+
+def trainer_session(trainer: L.Trainer, run: RunDir) -> Session:
+    """The evaluators' view of a trainer: its rank and world size, rank 0's loggers, the step, and the
+    strategy's broadcast and barrier (rows are gathered with torch.distributed)."""
+    world = trainer.world_size
+
+    def broadcast(value: Any) -> Any:
+        return trainer.strategy.broadcast(value, src=0) if world > 1 else value
+
+    def gather(rows: list) -> list:
+        if world == 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+            return rows
+        parts: list[list | None] = [None] * world
+        torch.distributed.all_gather_object(parts, rows)
+        return [row for part in parts for row in (part or [])] if trainer.is_global_zero else []
+
+    return Session(run=run, rank=trainer.global_rank, world=world, step=trainer.global_step,
+                   loggers=list(trainer.loggers) if trainer.is_global_zero else [], broadcast=broadcast,
+                   gather=gather, barrier=trainer.strategy.barrier)

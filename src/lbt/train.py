@@ -18,21 +18,23 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from lbt.cluster import GracefulStop, RNGState, env_local_rank, env_rank, lock_local_gpus, slurm_plugins
 from lbt.config import check_config
+from lbt.config.entries import build
+from lbt.data.chat_format import ChatFormat
 from lbt.data.datamodule import CorpusDataModule
 from lbt.data.records import file_sha256, load_corpus
 from lbt.eval.scoring import set_decode
+from lbt.eval.session import Evaluator
 from lbt.joblock import JobLock, JobLocked
 from lbt.loggers import build_logger, finish_wandb, mark_wandb_preempting
 from lbt.model.load import load_model, load_tokenizer, resolve_dtype
 from lbt.model.lora import compile_decoder_layers, wrap_lora
 from lbt.model.module import LoRAModule
-from lbt.phases import CheckpointPhases, PhaseContext
+from lbt.phases import CheckpointPhases
 from lbt.runcard import git_sha, package_versions, public_config, public_overrides
 from lbt.rundir import (
     CorruptFile,
@@ -81,16 +83,22 @@ def check_corpus(cfg: DictConfig) -> dict[str, Any]:
     return info
 
 
-def instantiate_callbacks(cfg: DictConfig) -> list[L.Callback]:
-    """Callbacks of the eval and probe groups: dicts of {_target_: ...}; a null entry is switched off."""
-    callbacks = []
-    for group in ("eval", "probe"):
-        entries = (cfg.get(group) or {}).get("callbacks") or {}
-        for name, spec in entries.items():
-            if spec is not None:
-                callbacks.append(instantiate(spec))
-                log.info("callback %s.%s: %s", group, name, spec._target_)
-    return callbacks
+def job_evaluators(cfg: DictConfig, chat: ChatFormat) -> list[Evaluator]:
+    """What runs at every phase: the eval group's evaluators ({name: entry}; a null entry is switched off)
+    and the probe group's one (probe=none: none). Item files are read and checked here."""
+    specs = [spec for spec in (cfg.eval or {}).values() if spec is not None]
+    specs += [cfg.probe] if cfg.probe else []
+    evaluators = [build(spec, chat=chat, base_model=cfg.model) for spec in specs]
+    log.info("evaluators: %s", ", ".join(type(e).__name__ for e in evaluators) or "none")
+    return evaluators
+
+
+def job_callbacks(cfg: DictConfig, chat: ChatFormat) -> list[L.Callback]:
+    """Lightning callbacks besides the phases: the intervention group's (intervention=none: none) and the
+    `callbacks` entries ({name: {_target_: ...}}; a null entry is switched off)."""
+    specs = [cfg.intervention] if cfg.intervention else []
+    specs += [spec for spec in (cfg.get("callbacks") or {}).values() if spec is not None]
+    return [build(spec, chat=chat, base_model=cfg.model) for spec in specs]
 
 
 def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
@@ -191,17 +199,19 @@ def run_job(cfg: DictConfig, run: RunDir, card: dict[str, Any]) -> dict[str, Any
     if cfg.hardware.get("cpu_threads"):
         torch.set_num_threads(int(cfg.hardware.cpu_threads))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    # Callbacks read and check their item files now, so bad eval input also fails before the model loads.
-    callbacks = instantiate_callbacks(cfg)
     dtype = resolve_dtype(cfg.model.dtype or cfg.hardware.dtype)
     tokenizer = load_tokenizer(cfg.model)
+    chat = ChatFormat.of(tokenizer, cfg.model)
+    # Evaluators read and check their item files now, so bad eval input also fails before the model loads.
+    evaluators = job_evaluators(cfg, chat)
+    callbacks = job_callbacks(cfg, chat)
     fast = cfg.hardware.fast
     set_decode(fast.get("decode"))  # how evaluation's greedy decoding runs (lbt.eval.scoring)
     data = CorpusDataModule(
         corpus["path"], tokenizer, seed=int(cfg.seed), max_length=int(cfg.train.max_length),
         effective_batch=int(cfg.train.effective_batch), micro_batch=int(cfg.train.micro_batch),
         epochs=int(cfg.train.epochs), max_steps=cfg.train.max_steps, val_fraction=float(cfg.data.val_fraction),
-        template_kwargs=OmegaConf.to_container(cfg.model.chat_template_kwargs, resolve=True),
+        template_kwargs=chat.template_kwargs,
         pack_tokens=int(fast.pack_tokens),
         num_workers=int(cfg.hardware.num_workers))
     config = public_config(cfg)
@@ -219,10 +229,10 @@ def run_job(cfg: DictConfig, run: RunDir, card: dict[str, Any]) -> dict[str, Any
     model = wrap_lora(model, cfg.train.lora, adapters=str(fast.adapters))
     if fast.compile_layers:
         compile_decoder_layers(model)
-    module = LoRAModule(model, cfg.train, total_steps=total, ce_chunk=int(fast.ce_chunk))
-    context = PhaseContext(job_dir=job_dir, tokenizer=tokenizer, cfg=cfg, extra={"data": data})
     phases = CheckpointPhases(job_dir, total, list(cfg.train.checkpoint_fractions),
-                              int(cfg.train.resume_every_steps or 0), data.val_micro_batches(), context)
+                              int(cfg.train.resume_every_steps or 0), evaluators)
+    module = LoRAModule(model, cfg.train, total_steps=total, ce_chunk=int(fast.ce_chunk),
+                        val_batches=data.val_micro_batches(), validation_steps=phases.steps)
     logger = build_logger(cfg.logger, job_dir, card["job"], config, rank_zero=rank_zero)
     # GracefulStop last: its preemption checkpoint is taken after every other callback's step-end work.
     stop = GracefulStop(phases.save_resumable)
@@ -249,9 +259,9 @@ def run_job(cfg: DictConfig, run: RunDir, card: dict[str, Any]) -> dict[str, Any
                   "tokens_per_s": round(module.tokens_per_second, 1),
                   "final_loss": module.loss_history[-1] if module.loss_history else None,
                   "loss_history": module.loss_history,
-                  "val_loss": [{"step": s, "loss": v} for s, v in getattr(module, "val_history", [])]}
+                  "val_loss": [{"step": s, "loss": v} for s, v in module.val_history]}
     if trainer.is_global_zero:
-        check = completeness(run, total, trainer.global_step, phases.phase_files(trainer))
+        check = completeness(run, total, trainer.global_step, phases.phase_files())
         check.missing += [f"checkpoint of {p}: {why}" for p, why in phases.adapter_files().items() if why]
         if not check.ok:
             record_status(run, card, "incomplete", missing=check.missing, **fields)

@@ -9,12 +9,17 @@ Under DDP the gradients are summed across ranks once per optimizer step, by this
 micro-batch's backward pass: DDP's own reducer is switched off for the step. Its reducer syncs on the
 first backward after a forward only, so with several micro-batches per rank the later ones were never
 synced, and a rank with fewer micro-batches than another (a short last step) waited forever.
+
+The module also keeps its validation loss: at each step of `validation_steps` (the checkpoint steps),
+right after the optimizer step, the mean token loss over the held-out micro-batches is logged as
+`val/loss` and appended to `val_history`, which travels in the resumable checkpoint.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -96,7 +101,8 @@ def supervised_token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]
 
 class LoRAModule(L.LightningModule):
     def __init__(self, model: torch.nn.Module, train_cfg: DictConfig, total_steps: int,
-                 supervised_logits_only: bool = False, ce_chunk: int = 0):
+                 supervised_logits_only: bool = False, ce_chunk: int = 0,
+                 val_batches: Sequence[dict[str, torch.Tensor]] = (), validation_steps: Sequence[int] = ()):
         super().__init__()
         self.model = model
         self.train_cfg = train_cfg
@@ -107,6 +113,9 @@ class LoRAModule(L.LightningModule):
         # The Lightning checkpoint holds only trainable weights; the frozen base is rebuilt from config.
         self.strict_loading = False
         self.loss_history: list[float] = []
+        self.val_batches = list(val_batches)
+        self.validation_steps = frozenset(int(s) for s in validation_steps)
+        self.val_history: list[tuple[int, float]] = []
         self.tokens_seen = 0
         self._train_seconds = 0.0
 
@@ -118,13 +127,16 @@ class LoRAModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = self.trainable_state_dict()
         checkpoint["lbt"] = {"loss_history": list(self.loss_history), "tokens_seen": self.tokens_seen,
-                             "train_seconds": self._train_seconds}
+                             "train_seconds": self._train_seconds, "val_history": list(self.val_history)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         extra = checkpoint.get("lbt", {})
         self.loss_history = list(extra.get("loss_history", []))
         self.tokens_seen = int(extra.get("tokens_seen", 0))
         self._train_seconds = float(extra.get("train_seconds", 0.0))
+        # A resumed job's run card keeps the validation losses of the steps before the interruption
+        # (checkpoints written before the module kept them hold them under lbt_val_history).
+        self.val_history = [tuple(v) for v in extra.get("val_history", checkpoint.get("lbt_val_history", []))]
 
     # -- optimisation ------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -175,6 +187,10 @@ class LoRAModule(L.LightningModule):
         self.log_dict({"train/loss": loss, "train/lr": scheduler.get_last_lr()[0],
                        "train/tokens_per_s": self.tokens_per_second}, on_step=True, prog_bar=True,
                       rank_zero_only=True)
+        if self.global_step in self.validation_steps:  # the optimizer step is counted: this is step n's model
+            val = self.validation_loss(self.val_batches)
+            self.log("val/loss", val, rank_zero_only=True)
+            self.val_history.append((self.global_step, val))
         return loss
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

@@ -1,0 +1,332 @@
+"""The evaluators of the `eval` config group: the stance battery and the capability guardrails.
+
+`StanceEvaluator` writes `<job dir>/eval/<phase>/<item_set>/<measure>.jsonl` and `eval/<phase>/summary.json`,
+logs the summary's scalars and (with W&B) the rows as Tables. `CapabilityEvaluator` writes
+`eval/<phase>/capability.json` (perplexity, refusal rates, MMLU accuracy, flags against phase base).
+Each is built from its config entry's own keys and the model's `ChatFormat`; item files are read and
+checked at construction, so bad input fails before any model loads.
+
+Both declare what they leave (`planned_files`) for the completeness check behind DONE, and both are
+append-only: a phase whose planned files all exist and hold their rows is skipped; a file found missing,
+corrupt or short is set aside (`lbt.rundir.incomplete_phases`; a phase summary goes with its rows) and
+only it is produced again; a measure file that is intact is read back rather than scored again.
+
+Across ranks (a multi-GPU job): every rank scores its own shard of the items (item k goes to rank k mod
+world size, so no item is scored twice), rank 0 gathers the rows and writes the files, and the stance
+means come from `StanceMetric`s (sum/count states) that torchmetrics adds across ranks. The capability
+checks are small and run on rank 0 alone; the other ranks wait at the barrier. The model is scored in
+evaluation mode (dropout off) under no_grad, and every module's mode is restored afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from lbt.data.chat_format import ChatFormat
+from lbt.eval.battery import (
+    BatterySettings,
+    ItemSet,
+    check_measures,
+    check_options,
+    evaluation_mode,
+    load_item_set,
+    score_item_set,
+)
+from lbt.eval.items import load_refusal, load_texts
+from lbt.eval.rows import expected_rows
+from lbt.eval.session import Evaluator, Session
+from lbt.eval.summary import StanceMetric, flat_metrics, summarize_phase
+from lbt.rundir import (
+    Expected,
+    RunDir,
+    file_problem,
+    incomplete_phases,
+    read_json,
+    read_rows,
+    set_aside,
+    write_json_once,
+    write_rows,
+)
+from lbt.study import PHASE_KINDS, phase_kind
+
+log = logging.getLogger(__name__)
+
+
+def plain(value: Any) -> Any:
+    """Hydra hands over DictConfig/ListConfig; the evaluators keep plain Python data."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def check_phase_kinds(key: str, kinds: Sequence[str]) -> list[str]:
+    kinds = [str(k) for k in kinds]
+    if set(kinds) - set(PHASE_KINDS):
+        raise ValueError(f"{key}: phase kinds must be among {PHASE_KINDS}, got {kinds}")
+    return kinds
+
+
+class StanceEvaluator(Evaluator):
+    """The stance battery on the configured item sets at every phase (a measure at the phase kinds that
+    `measure_phases` gives it; every phase when it is not listed)."""
+
+    def __init__(
+        self,
+        chat: ChatFormat,
+        item_sets: Mapping[str, str],
+        measures: Sequence[str],
+        measure_phases: Mapping[str, Sequence[str]] | None = None,
+        max_items: int | None = None,
+        option_form: str = "bare",
+        batch_size: int = 128,
+        forced_choice: Mapping[str, Any] | None = None,
+        likert: Mapping[str, Any] | None = None,
+        open_ended: Mapping[str, Any] | None = None,
+        log_tables: bool = True,
+    ):
+        self.chat = chat
+        self.measures = check_measures(plain(measures))
+        self.measure_phases = {m: check_phase_kinds(f"eval.stance.measure_phases.{m}", kinds)
+                               for m, kinds in (plain(measure_phases) or {}).items()}
+        battery = {"option_form": option_form, "batch_size": batch_size, "forced_choice": plain(forced_choice),
+                   "likert": plain(likert), "open_ended": plain(open_ended)}
+        self.settings = BatterySettings.from_config(battery, chat.template_kwargs)
+        # Item files are read and checked now (errors name file, line, field), and so are options the
+        # tokenizer cannot express: before any model loads.
+        self.item_sets = {name: load_item_set(path, name, max_items) for name, path in plain(item_sets).items()}
+        for items in self.item_sets.values():
+            check_options(chat.tokenizer, items, self.measures, self.settings)
+        self.log_tables = bool(log_tables)
+
+    def measures_at(self, phase: str) -> list[str]:
+        kind = phase_kind(phase)
+        return [m for m in self.measures if kind in self.measure_phases.get(m, PHASE_KINDS)]
+
+    def planned_files(self, run: RunDir, phase: str) -> list[Expected]:
+        """Every rows file of the phase (all items: rank 0 writes the gathered shards) and the summary."""
+        return [
+            Expected(run.rows(phase, name, measure), expected_rows(items, measure))
+            for name, items in self.item_sets.items()
+            for measure in self.measures_at(phase)
+        ] + [Expected(run.summary(phase))]
+
+    def missing(self, run: RunDir, phase: str) -> dict[str, list[str]]:
+        """{item_set: measures whose rows file is not there}: what scoring this phase needs the model for."""
+        return {name: [m for m in self.measures_at(phase) if not run.rows(phase, name, m).exists()]
+                for name in self.item_sets}
+
+    def evaluate(self, model: torch.nn.Module | None, phase: str, session: Session) -> dict[str, Any] | None:
+        """Score what is missing and write the summary; None when every planned file was intact. `model`
+        may be None when nothing is left to score (lbt.evaluate loads it only when needed)."""
+        run = session.run
+        # Rank 0 checks the phase's files; a bad one is set aside (with the summary built from it).
+        incomplete = incomplete_phases({phase: self.planned_files(run, phase)}) if session.is_zero else None
+        if not session.broadcast(incomplete):
+            log.info("eval %s: every planned file is there, skipped", phase)
+            return None
+        started = time.perf_counter()
+        measures = self.measures_at(phase)
+        rows, metrics, seconds = self._score(model, phase, measures, session)
+        summary = summarize_phase(rows, phase, metrics)  # compute() adds the ranks' metric states
+        summary.update(
+            seconds=seconds,
+            wall_s=round(time.perf_counter() - started, 3),
+            settings={
+                "measures": measures,
+                "option_form": self.settings.option_form,
+                "item_sets": {n: str(s.path) for n, s in self.item_sets.items()},
+                "n_items": {n: len(s) for n, s in self.item_sets.items()},
+            },
+        )
+        if session.is_zero:
+            write_json_once(run.summary(phase), summary)
+            session.log_metrics({**flat_metrics(summary), "eval/seconds": summary["wall_s"]})
+            if self.log_tables:
+                log_row_tables(session, phase, rows)
+            log.info("eval %s: %s in %.1f s", phase, _brief(summary), summary["wall_s"])
+        session.barrier()
+        return summary
+
+    def _score(self, model: torch.nn.Module | None, phase: str, measures: list[str], session: Session):
+        run = session.run
+        device = next(model.parameters()).device if model is not None else torch.device("cpu")
+        rows: dict[str, dict[str, list[dict]]] = {}
+        metrics: dict[str, dict[str, StanceMetric]] = {}
+        seconds: dict[str, dict[str, float]] = {}
+        with evaluation_mode(model) if model is not None else nullcontext():
+            for name, items in self.item_sets.items():
+                paths = {m: run.rows(phase, name, m) for m in measures}
+                missing = session.broadcast([m for m in measures if not paths[m].exists()])
+                seconds[name] = {}
+                local = (score_item_set(model, self.chat.tokenizer, items.shard(session.rank, session.world),
+                                        missing, self.settings, phase, seconds[name]) if missing else {})
+                domains = sorted({item["domain"] for item in items})
+                rows[name], metrics[name] = {}, {}
+                for measure in measures:
+                    metric = StanceMetric(domains).to(device)
+                    if measure in missing:
+                        metric.update_rows(local[measure])
+                        rows[name][measure] = _in_item_order(session.gather(local[measure]), items)
+                        if session.is_zero:
+                            write_rows(paths[measure], rows[name][measure])
+                    else:  # written before a resume: read back on rank 0, which alone adds it to the metric
+                        rows[name][measure] = read_rows(paths[measure]) if session.is_zero else []
+                        metric.update_rows(rows[name][measure])
+                    metrics[name][measure] = metric
+        return rows, metrics, seconds
+
+
+def _in_item_order(rows: list[dict], items: ItemSet) -> list[dict]:
+    """Rows of interleaved shards back in file order (item, then template, then order)."""
+    position = {item["id"]: k for k, item in enumerate(items)}
+    return sorted(
+        rows, key=lambda r: (position[r["item_id"]], r.get("template", 0), r["order"] != "original")
+    )
+
+
+def log_row_tables(session: Session, phase: str, rows: Mapping[str, Mapping[str, list[dict]]]) -> None:
+    """Rows as W&B Tables (key eval_rows/<phase>/<item_set>/<measure>) when a WandbLogger is attached."""
+    for logger in session.wandb_loggers():
+        for item_set, by_measure in rows.items():
+            for measure, measure_rows in by_measure.items():
+                if not measure_rows:
+                    continue
+                columns = list(dict.fromkeys(k for row in measure_rows for k in row))
+                data = [[row.get(c) for c in columns] for row in measure_rows]
+                try:  # the rows are on disk already: a W&B hiccup must not stop training
+                    logger.log_table(key=f"eval_rows/{phase}/{item_set}/{measure}", columns=columns, data=data)
+                except Exception as err:  # noqa: BLE001
+                    log.warning("W&B table eval_rows/%s/%s/%s not logged: %s", phase, item_set, measure, err)
+
+
+def _brief(summary: Mapping[str, Any]) -> str:
+    parts = []
+    for name, item_set in summary["item_sets"].items():
+        for measure, stats in item_set["measures"].items():
+            if stats["mean_stance"] is not None:
+                parts.append(f"{name}/{measure}={stats['mean_stance']:+.3f}")
+    return ", ".join(parts) or "no scored rows"
+
+
+class CapabilityEvaluator(Evaluator):
+    """Perplexity, refusal rates and (when a file is given) MMLU accuracy, at the phase kinds `phases`
+    (base among them: the flags compare with it)."""
+
+    def __init__(
+        self,
+        chat: ChatFormat,
+        heldout_path: str | None,
+        refusal_path: str | None,
+        mmlu_path: str | None = None,
+        batch_size: int = 16,
+        max_length: int = 512,
+        refusal_max_new_tokens: int = 48,
+        generation_batch_size: int | None = None,
+        max_texts: int | None = None,
+        max_refusal: int | None = None,
+        mmlu_max_items: int | None = None,
+        option_form: str = "bare",
+        perplexity_rise: float = 0.05,
+        mmlu_drop: float = 0.02,
+        phases: Sequence[str] = PHASE_KINDS,
+    ):
+        from lbt.eval.capability import load_mmlu
+
+        self.chat = chat
+        self.phases = check_phase_kinds("eval.capability.phases", plain(phases))
+        if "base" not in self.phases:
+            raise ValueError(f"eval.capability.phases must include base (the guardrails compare with it), "
+                             f"got {self.phases}")
+        # Files are read and checked at construction, before training starts.
+        self.texts = load_texts(heldout_path)[:max_texts] if heldout_path else []
+        self.refusal = _spread_refusal(load_refusal(refusal_path), max_refusal) if refusal_path else []
+        self.mmlu = load_mmlu(mmlu_path)[:mmlu_max_items] if mmlu_path else []
+        self.paths = {"heldout": heldout_path, "refusal": refusal_path, "mmlu": mmlu_path}
+        self.batch_size, self.max_length = int(batch_size), int(max_length)
+        # Perplexity holds (batch, length, vocabulary) logits: small batches. Refusal generation and MMLU read
+        # one position per prompt (host-bound decoding steps): as many prompts at once as the stance battery.
+        self.generation_batch_size = int(generation_batch_size or batch_size)
+        self.refusal_max_new_tokens = int(refusal_max_new_tokens)
+        self.option_form = option_form
+        self.thresholds = {"perplexity_rise": float(perplexity_rise), "mmlu_drop": float(mmlu_drop)}
+
+    def planned_files(self, run: RunDir, phase: str) -> list[Expected]:
+        return [Expected(run.capability(phase))] if phase_kind(phase) in self.phases else []
+
+    def evaluate(self, model: torch.nn.Module, phase: str, session: Session) -> dict[str, Any] | None:
+        planned = self.planned_files(session.run, phase)
+        record = None
+        problem = file_problem(planned[0]) if planned and session.is_zero else None
+        if problem:
+            out = planned[0].path
+            if out.exists():  # corrupt: kept for inspection, measured again
+                set_aside(out, problem)
+            started = time.perf_counter()
+            with evaluation_mode(model):
+                record = self.measure(model, phase, session.run)
+            record["wall_s"] = round(time.perf_counter() - started, 3)
+            write_json_once(out, record)
+            scalars = {
+                "cap/perplexity": record["perplexity"],
+                "cap/mmlu_accuracy": record["mmlu_accuracy"],
+                "cap/comply_correct_rate": record["refusal"]["comply_correct_rate"],
+                "cap/refuse_correct_rate": record["refusal"]["refuse_correct_rate"],
+            }
+            session.log_metrics({k: float(v) for k, v in scalars.items() if v is not None})
+            log.info("capability %s: perplexity %s, refusal %s, flags %s", phase, record["perplexity"],
+                     record["refusal"], record["flags"])
+        if planned:
+            session.barrier()
+        return record
+
+    def measure(self, model: torch.nn.Module, phase: str, run: RunDir) -> dict[str, Any]:
+        from lbt.eval.capability import capability_flags, mmlu_accuracy, perplexity, refusal_rates
+
+        tokenizer, template_kwargs = self.chat.tokenizer, self.chat.template_kwargs
+        record: dict[str, Any] = {
+            "phase": phase,
+            "perplexity": None,
+            "n_tokens": 0,
+            "refusal": {"comply_correct_rate": None, "refuse_correct_rate": None, "n_comply": 0, "n_refuse": 0},
+            "mmlu_accuracy": None,
+            "n_mmlu": len(self.mmlu),
+            "paths": self.paths,
+        }
+        if self.texts:
+            record["perplexity"], record["n_tokens"] = perplexity(
+                model, tokenizer, [t["text"] for t in self.texts], self.batch_size, self.max_length
+            )
+        if self.refusal:
+            record["refusal"], record["refusal_rows"] = refusal_rates(
+                model, tokenizer, self.refusal, self.refusal_max_new_tokens, self.generation_batch_size,
+                template_kwargs,
+            )
+        if self.mmlu:
+            record["mmlu_accuracy"] = mmlu_accuracy(
+                model, tokenizer, self.mmlu, self.option_form, self.generation_batch_size, template_kwargs
+            )
+        base_file = run.capability("base")
+        base = None
+        if phase != "base" and base_file.exists():
+            base = read_json(base_file)  # a corrupt base file is an error naming it (re-run sets it aside)
+        record["flags"] = capability_flags(record, base, **self.thresholds)
+        record["base"] = {k: base.get(k) for k in ("perplexity", "mmlu_accuracy")} if base else None
+        return record
+
+
+def _spread_refusal(battery: list[dict], limit: int | None) -> list[dict]:
+    """At most `limit` prompts, taking comply and refuse prompts in turn (both kinds in small runs)."""
+    if limit is None or limit >= len(battery):
+        return battery
+    comply = [p for p in battery if p["expect"] == "comply"]
+    refuse = [p for p in battery if p["expect"] == "refuse"]
+    chosen = [p for pair in zip(comply, refuse) for p in pair]
+    chosen += comply[len(refuse) :] + refuse[len(comply) :]
+    return chosen[:limit]
