@@ -35,7 +35,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,11 +71,6 @@ class DirectionSettings:
 
 
 # -- activations ---------------------------------------------------------------------------------------
-
-def base_model(model: nn.Module) -> AbstractContextManager[nn.Module]:
-    """The model with peft adapters switched off, in `evaluation_mode` (eval mode, no gradients)."""
-    return evaluation_mode(model, adapters=False)
-
 
 @torch.no_grad()
 def corpus_activations(model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: Sequence[CorpusRecord],
@@ -353,7 +348,7 @@ def get_directions(model: nn.Module, tokenizer: PreTrainedTokenizerBase, model_c
     def compute() -> dict[str, Any]:
         started = time.time()
         records = {arm: load_corpus(path) for arm, path in paths.items()}
-        with base_model(model):
+        with evaluation_mode(model, adapters=False):  # the base model: adapters off
             acts = {arm: corpus_activations(model, tokenizer, recs, settings) for arm, recs in records.items()}
         fitted = fit_directions(acts[FRAME_PLUS.name], acts[FRAME_MINUS.name],
                                 [r.scenario_id for r in records[FRAME_PLUS.name]],

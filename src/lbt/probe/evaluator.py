@@ -36,7 +36,8 @@ from lbt.eval.battery import spread_subset
 from lbt.eval.evaluators import plain
 from lbt.eval.items import load_items
 from lbt.eval.session import Evaluator, Session
-from lbt.probe.directions import Directions, DirectionSettings, base_model, get_directions
+from lbt.model.modes import evaluation_mode
+from lbt.probe.directions import Directions, DirectionSettings, get_directions
 from lbt.probe.measure import answer_activations, forced_choice_prompts
 from lbt.rundir import Expected, RunDir, file_problem, set_aside, write_json_once
 from lbt.study import FRAME_MINUS, FRAME_PLUS
@@ -115,16 +116,8 @@ class ProbeEvaluator(Evaluator):
     def project(self, model: torch.nn.Module, directions: Directions, adapters: bool = True
                 ) -> dict[str, torch.Tensor]:
         units = directions.unit()
-        if not adapters:
-            with base_model(model):
-                return answer_activations(model, self.chat.tokenizer, self.prompts.ids, self.batch_size, units)
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                return answer_activations(model, self.chat.tokenizer, self.prompts.ids, self.batch_size, units)
-        finally:
-            model.train(was_training)
+        with evaluation_mode(model, adapters=adapters):
+            return answer_activations(model, self.chat.tokenizer, self.prompts.ids, self.batch_size, units)
 
     def store_base(self, run: RunDir, values: dict[str, torch.Tensor], directions: Directions) -> dict[str, Any]:
         """Keep the per-prompt base projections (probe/base_values.pt) to pair later phases with."""
