@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lbt.data.items import REFUSAL_EXPECT  # the builder's word for what a refusal prompt expects
 from lbt.data.records import iter_json_objects
 from lbt.eval.settings import MeasureError
 
-REFUSAL_EXPECT = ("comply", "refuse")
 ITEM_TEXT_FIELDS = ("id", "domain", "base_item", "scenario", "likert_statement", "open_ended")
 CONTRAST_FIELDS = ("question", "question_swapped", "pro", "anti")
 FORCED_CHOICE_FIELDS = ("question", "question_swapped", "pro_label", "anti_label")
