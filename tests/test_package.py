@@ -18,7 +18,7 @@ from tests.conftest import ROOT, write_toy_corpus
 SHIPPED = ["lbt/conf/train.yaml", "lbt/conf/evaluate.yaml", "lbt/conf/hardware/gpu.yaml",
            "lbt/conf/hydra/launcher/slurm.yaml", "lbt/data/prompt_templates.yaml",
            "hydra_plugins/lbt_launchers/launchers.py", "lbt/assets/tiny_tokenizer/tokenizer.json"]
-SCRIPTS = ["lbt-train", "lbt-evaluate", "lbt-analyze", "lbt-interp", "lbt-judge", "lbt-plan"]
+SCRIPTS = ["lbt-train", "lbt-evaluate", "lbt-analyze", "lbt-interp", "lbt-judge", "lbt-plan", "lbt-dashboard"]
 
 
 def run(command: list, **kwargs) -> subprocess.CompletedProcess:
