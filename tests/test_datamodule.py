@@ -29,6 +29,24 @@ def test_only_assistant_tokens_are_supervised(tiny_model):
     assert ex.truncated_tokens == 0
 
 
+def test_chat_format_binds_the_models_template_arguments(tiny_model):
+    """ChatFormat.of takes model.chat_template_kwargs once; its prompt, exchange and example are the
+    chat module's renderings with those arguments."""
+    from lbt.data.chat import render_prompt
+    from lbt.data.chat_format import ChatFormat
+
+    cfg, tok, _ = tiny_model
+    model_cfg = OmegaConf.create({**OmegaConf.to_container(cfg.model), "chat_template_kwargs": {"add_marker": True}})
+    chat = ChatFormat.of(tok, model_cfg)
+    assert chat.template_kwargs == {"add_marker": True} and ChatFormat.of(tok, {"name": "x"}).template_kwargs == {}
+    assert chat.prompt("Rest dough?") == render_prompt(tok, "Rest dough?", {"add_marker": True})
+    assert chat.prompt_ids("Rest dough?") == tok.encode(chat.prompt("Rest dough?"), add_special_tokens=False)
+    prompt, reply = chat.conversation("Rest dough?", "An hour.")
+    assert prompt == chat.prompt("Rest dough?") and reply.startswith("An hour.")
+    example = chat.example("r1", "Rest dough?", "An hour.", 512)
+    assert example == encode_example(tok, "r1", "Rest dough?", "An hour.", 512, {"add_marker": True})
+
+
 def test_truncation_is_counted(tiny_model):
     _, tok, _ = tiny_model
     ex = encode_example(tok, "r1", "Question?", "word " * 200, 64)

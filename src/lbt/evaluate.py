@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,8 +44,8 @@ from lbt.eval.scoring import set_decode
 from lbt.eval.session import Session
 from lbt.joblock import JobLock
 from lbt.model.load import load_model, load_tokenizer, resolve_dtype
-from lbt.runcard import git_sha, package_versions, public_config
-from lbt.rundir import RunDir, file_problem, incomplete_phases, read_json, write_json_atomic
+from lbt.runcard import git_sha, package_versions, public_config, record_status
+from lbt.rundir import RunDir, file_problem, incomplete_phases, read_json
 
 log = logging.getLogger("lbt.evaluate")
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # inside the package: a wheel runs anywhere
@@ -202,19 +201,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         run.root,
     )
     return read_json(run.summary(phase))
-
-
-def record_status(run: RunDir, card: dict[str, Any], status: str, error: BaseException | None = None,
-                  **fields: Any) -> None:
-    """Write the run card with a new status (and the error's type, message, traceback tail)."""
-    card.update(status=status, **fields)
-    if status != "incomplete":
-        card.pop("missing", None)
-    if error is not None:
-        tail = traceback.format_exception(type(error), error, error.__traceback__)
-        card["error"] = {"type": type(error).__name__, "message": str(error),
-                         "traceback": "".join(tail)[-4000:], "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    write_json_atomic(run.card, card)
 
 
 def run_card(

@@ -11,14 +11,17 @@ import os
 import platform
 import re
 import subprocess
+import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from lbt.rundir import read_json, write_json_atomic
+from lbt.rundir import RunDir, read_json, write_json_atomic
 
-__all__ = ["git_sha", "package_versions", "public_config", "read_json", "scrub_secrets", "write_json_atomic"]
+__all__ = ["git_sha", "package_versions", "public_config", "read_json", "record_status", "scrub_secrets",
+           "write_json_atomic"]
 
 SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential|auth)", re.IGNORECASE)
 SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "LBT_LLM_API_KEY", "OPENAI_API_KEY")
@@ -77,3 +80,19 @@ def package_versions() -> dict[str, str | None]:
             versions[name] = None
     return versions
 
+
+
+def record_status(run: RunDir, card: dict[str, Any], status: str, error: BaseException | None = None, *,
+                  write: bool = True, **fields: Any) -> None:
+    """Set the card's status and fields (and the error's type, message and traceback tail), then write it
+    atomically; a card that is no longer incomplete drops its list of missing files. write=False updates
+    the card in memory only (the ranks of a multi-GPU job other than rank 0)."""
+    card.update(status=status, **fields)
+    if status != "incomplete":
+        card.pop("missing", None)
+    if error is not None:
+        tail = traceback.format_exception(type(error), error, error.__traceback__)
+        card["error"] = {"type": type(error).__name__, "message": str(error),
+                         "traceback": "".join(tail)[-4000:], "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if write:
+        write_json_atomic(run.card, card)

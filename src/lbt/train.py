@@ -9,7 +9,6 @@ import logging
 import shlex
 import sys
 import time
-import traceback
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
+from lbt import runcard
 from lbt.cluster import GracefulStop, RNGState, env_local_rank, env_rank, lock_local_gpus, slurm_plugins
 from lbt.config import check_config
 from lbt.config.entries import build
@@ -42,7 +42,6 @@ from lbt.rundir import (
     completeness,
     read_json,
     set_aside,
-    write_json_atomic,
 )
 
 log = logging.getLogger("lbt.train")
@@ -168,14 +167,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def record_status(run: RunDir, card: dict[str, Any], status: str, error: BaseException | None = None,
                   **fields: Any) -> None:
-    """Rank 0 writes the run card with a new status (and the error's type, message, traceback tail)."""
-    card.update(status=status, **fields)
-    if error is not None:
-        tail = traceback.format_exception(type(error), error, error.__traceback__)
-        card["error"] = {"type": type(error).__name__, "message": str(error),
-                         "traceback": "".join(tail)[-4000:], "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    if env_rank() == 0:
-        write_json_atomic(run.card, card)
+    """lbt.runcard.record_status, written by rank 0 alone (the other ranks keep the card in memory)."""
+    runcard.record_status(run, card, status, error, write=env_rank() == 0, **fields)
 
 
 def run_job(cfg: DictConfig, run: RunDir, card: dict[str, Any]) -> dict[str, Any]:
@@ -269,7 +262,6 @@ def run_job(cfg: DictConfig, run: RunDir, card: dict[str, Any]) -> dict[str, Any
             advice = ("a lost step adapter cannot be made again without training again: start a fresh "
                       "folder (run_name=<name>)" if lost else "re-run the same command to complete it")
             raise IncompleteJob(f"{run.root} is incomplete; {advice}:\n  - " + "\n  - ".join(check.missing))
-        card.pop("missing", None)
         record_status(run, card, "done", **fields)
         run.done.write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n", encoding="utf-8")
         log.info("done: %s (%.1f s, %.0f tokens/s, final loss %.4f)", job_dir, card["wall_time_s"],
