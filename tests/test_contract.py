@@ -41,8 +41,8 @@ def sweep(tmp_path_factory) -> Path:
     sweep_dir = tmp / "sweep"
     run(["lbt.train", "-m", "experiment=smoke", f"arm={','.join(ARMS)}", "seed=0", "logger=csv",
          f"hydra.sweep.dir={sweep_dir}", f"paths.cache_dir={tmp / 'cache'}",
-         f"++model.eval_limits.max_items={N_ITEMS}", "++model.eval_limits.max_texts=2",
-         "++model.eval_limits.max_refusal=2", "++model.eval_limits.open_ended_max_new_tokens=4"], tmp)
+         f"eval.stance.max_items={N_ITEMS}", "eval.capability.max_texts=2",
+         "eval.capability.max_refusal=2", "eval.stance.open_ended.max_new_tokens=4"], tmp)
     return sweep_dir
 
 

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 # Small SLURM requests: 1 CPU and 1 GB per job, so that the node runs several cells at once.
 SLURM = ["hydra/launcher=slurm", "hardware=cpu", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1"]
 TEN_MINUTES = ["hydra.launcher.timeout_min=10"]
-STALL = ["+eval.callbacks.stall._target_=tests.test_slurm.StallFirstAttempt"]
+STALL = ["+callbacks.stall._target_=tests.test_slurm.StallFirstAttempt"]
 
 
 class StallFirstAttempt(L.Callback):
