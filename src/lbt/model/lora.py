@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -36,18 +36,44 @@ def wrap_lora(model: torch.nn.Module, lora_cfg: DictConfig, adapters: str = "fp3
       autocast fp32 adapter weights (the optimizer updates full-precision values, as in fp32) but no input
                upcast: run forwards under torch.autocast(bf16), which casts the small adapter weights instead.
       bf16     adapter weights in the model dtype; fastest, but small AdamW updates round away in bf16.
+
+    A quantized base (model.quantization=4bit) first goes through peft's `prepare_model_for_kbit_training`:
+    base weights frozen, the unquantized ones (norms, embeddings, biases) upcast to fp32 for stable
+    training. Gradient checkpointing, which that function turns on by default, stays off: lbt's config
+    has no such setting, and the study's memory budget fits without it (benchmarks/RESULTS.md, QLoRA).
+    The adapters then follow the same policy as on an unquantized base.
     """
     if adapters not in ADAPTER_MODES:
         raise ValueError(f"adapters={adapters!r}: use one of {ADAPTER_MODES}")
     missing = [t for t in lora_cfg.targets if not any(n.endswith("." + t) for n, _ in model.named_modules())]
     if missing:
         raise ValueError(f"train.lora.targets: {missing} match no module of this model")
+    compute_dtype = quantized_compute_dtype(model)
+    if compute_dtype is not None:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     wrapped = get_peft_model(model, lora_config(lora_cfg), autocast_adapter_dtype=adapters != "bf16")
     if adapters == "autocast":
         for module in wrapped.modules():
             if isinstance(module, BaseTunerLayer):
                 module.cast_input_dtype_enabled = False
+    if adapters == "bf16" and compute_dtype is not None:
+        # peft gives a 4-bit layer's adapters fp32 weights (the packed base weight has no float dtype to
+        # follow); "model dtype" for a quantized base is its compute dtype.
+        for name, param in wrapped.named_parameters():
+            if param.requires_grad and "lora_" in name:
+                param.data = param.data.to(compute_dtype)
     return wrapped
+
+
+def quantized_compute_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype a bitsandbytes-quantized model computes in; None for an unquantized model."""
+    if not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
+        return None
+    config = getattr(model.config, "quantization_config", None)
+    dtype = getattr(config, "bnb_4bit_compute_dtype", None) if config is not None else None
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."))
+    return dtype or model.dtype
 
 
 def compile_decoder_layers(model: torch.nn.Module) -> None:
