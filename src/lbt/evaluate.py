@@ -24,7 +24,6 @@ completes exactly what is missing.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -46,6 +45,7 @@ from lbt.joblock import JobLock
 from lbt.model.load import load_model, load_tokenizer, resolve_dtype
 from lbt.runcard import git_sha, package_versions, public_config, record_status
 from lbt.rundir import RunDir, file_problem, incomplete_phases, read_json
+from lbt.study import is_phase, phase_kind
 
 log = logging.getLogger("lbt.evaluate")
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # inside the package: a wheel runs anywhere
@@ -96,10 +96,12 @@ def adapter_job(adapter: Path) -> tuple[dict[str, Any] | None, Path | None]:
 
 
 def infer_phase(adapter: Path | None) -> str:
+    """The phase an adapter evaluates: base without one, step_<n> for <job>/checkpoints/adapter_step_<n>
+    (lbt.rundir's layout), final for any other adapter folder."""
     if adapter is None:
         return "base"
-    match = re.fullmatch(r"adapter_step_(\d+)", adapter.name)
-    return f"step_{match.group(1)}" if match else "final"
+    name = adapter.name.removeprefix("adapter_")
+    return name if is_phase(name) and phase_kind(name) == "step" else "final"
 
 
 def check_adapter(adapter: str | None) -> Path | None:

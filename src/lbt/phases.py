@@ -34,8 +34,8 @@ from lbt.rundir import (
     incomplete_phases,
     planned_phases,
     set_aside,
-    step_phase,
 )
+from lbt.study import phase_step, step_phase
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class CheckpointPhases(L.Callback):
 
     def repair(self, trainer: L.Trainer, module: L.LightningModule, upto_step: int) -> None:
         """Run again every phase up to `upto_step` whose files are missing or corrupt (after a resume)."""
-        passed = [p for p in self.phases if p != "final" and (p == "base" or int(p[5:]) <= upto_step)]
+        passed = [p for p in self.phases if p != "final" and phase_step(p, self.total_steps) <= upto_step]
         todo: list[str] = []
         if trainer.is_global_zero:
             todo = incomplete_phases(self.phase_files(passed))
@@ -108,7 +108,7 @@ class CheckpointPhases(L.Callback):
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        folder = self.run.adapter_at(int(phase[5:]))
+        folder = self.run.adapter_at(phase_step(phase, self.total_steps))
         problem = adapter_problem(folder)
         if problem:
             raise RuntimeError(f"phase {phase} cannot be evaluated again: {problem}")
