@@ -16,7 +16,7 @@ from __future__ import annotations
 import abc
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,7 +45,7 @@ class Session:
     loggers: Sequence[Any] = ()
     broadcast: Callable[[Any], Any] = _same       # rank 0's value on every rank
     gather: Callable[[list], list] = _same        # every rank's list, concatenated, on rank 0 ([] elsewhere)
-    barrier: Callable[[], None] = field(default=_nothing)
+    barrier: Callable[[], None] = _nothing
 
     @property
     def is_zero(self) -> bool:
