@@ -181,13 +181,26 @@ def test_keys_tests_and_users_add_are_accepted():
     ("hardware.fast.adapters=fp16", "hardware.fast.adapters=fp16: must be one of fp32, autocast, bf16"),
     ("hardware.num_workers=-1", "hardware.num_workers=-1: must be an integer >= 0"),
     ("model.quantization=8bit", "model.quantization=8bit: must be null or one of 4bit"),
-    ("model.quantization=4bit", "model.quantization=4bit: needs a CUDA GPU"),
     ("model=qwen model.path=null", "model.path=null: model=qwen needs a hub id or a local directory"),
     ("paths.root=''", "paths.root='': must be a non-empty string"),
     ("arm.corpus=${paths.nowhere}/x.jsonl", "arm.corpus=${paths.nowhere}/x.jsonl: cannot be resolved"),
 ])
 def test_bad_values_name_key_value_and_what_is_allowed(override, expected):
     assert expected in config_error(*override.split(" "))
+
+
+def test_quantization_is_checked_against_bitsandbytes_and_the_accelerator(monkeypatch):
+    """lbt.model.load.check_quantization's verdict, in the config check: 4-bit on a CPU needs a recent
+    bitsandbytes."""
+    from lbt.model import load
+
+    monkeypatch.setattr(load, "bitsandbytes_version", lambda: "0.43.3")
+    assert "model.quantization=4bit with hardware.accelerator=cpu: bitsandbytes 0.43.3" in config_error(
+        "model.quantization=4bit")
+    monkeypatch.setattr(load, "bitsandbytes_version", lambda: None)
+    assert "model.quantization=4bit: needs bitsandbytes" in config_error("model.quantization=4bit")
+    monkeypatch.setattr(load, "bitsandbytes_version", lambda: "0.45.0")
+    check_config(compose_train(["model.quantization=4bit"]))
 
 
 def test_every_problem_is_reported_one_line_each():

@@ -8,6 +8,7 @@ from omegaconf import DictConfig
 from lbt.config.rules import ConfigError, check_schema, show
 from lbt.config.schema import CAPABILITY, LOGGER_MODES, STANCE, EvaluateConfig, TrainConfig
 from lbt.env import WANDB_MODES, env_value
+from lbt.model.load import check_quantization
 from lbt.study import MEASURES
 
 
@@ -49,10 +50,7 @@ def check_model(model: DictConfig, hw: DictConfig) -> list[str]:
                       "(or model.random_init=true with model.arch)")
     if model.get("random_init") and not model.get("arch"):
         errors.append(f"model.arch: missing; model.random_init=true builds model={model.name} from it")
-    if model.get("quantization") and hw.accelerator != "gpu":
-        errors.append(f"model.quantization={model.quantization}: needs a CUDA GPU (bitsandbytes); "
-                      "use hardware=gpu or model.quantization=null")
-    return errors
+    return errors + check_quantization(model, hw)   # bitsandbytes and the accelerator it runs 4-bit on
 
 
 def check_train(train: DictConfig) -> list[str]:

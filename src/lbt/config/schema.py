@@ -10,7 +10,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 
 from lbt.config.rules import ENTRY_SCHEMAS, Count, Entry, Fraction, Name, Natural, Open, Rule, one_of
 from lbt.eval.scoring import DECODE_MODES, OPTION_FORMS
-from lbt.model.load import DTYPES
+from lbt.model.load import DTYPES, QUANTIZATIONS
 from lbt.model.lora import ADAPTER_MODES
 from lbt.probe.callback import MODES as INTERVENTION_MODES
 from lbt.probe.directions import SUMMARIES
@@ -24,7 +24,6 @@ STRATEGIES = ("auto", *(name for name in StrategyRegistry.available_strategies()
                         if not any(part in name for part in ("spawn", "fork", "notebook", "xla", "tpu"))))
 LOGGER_KINDS = ("wandb", "csv", "none")               # lbt.loggers.build_logger
 LOGGER_MODES = ("auto", "online", "offline", "disabled", "dryrun")   # lbt.loggers.wandb_mode
-QUANTIZATIONS = ("4bit",)                             # lbt.model.load.load_model (or null)
 
 STANCE = "lbt.eval.evaluators.StanceEvaluator"
 CAPABILITY = "lbt.eval.evaluators.CapabilityEvaluator"
