@@ -1,6 +1,6 @@
 """python -m lbt.train — one LoRA fine-tuning job (model × arm × seed), or a sweep with -m.
 
-compose → check data → load model → fit (evaluation phases run as callbacks) → adapter, run card, DONE.
+compose → check data → evaluators → load model → fit (the evaluators run at every phase) → adapter, run card, DONE.
 """
 
 from __future__ import annotations
