@@ -96,6 +96,10 @@ def main(argv: list[str] | None = None) -> None:
     one = sub.add_parser("job", help="(internal) one job in this process")
     one.add_argument("result", type=Path)
     one.add_argument("overrides", nargs="*")
+    make = sub.add_parser("build", help="(internal) save the random-init base model")
+    make.add_argument("folder", type=Path)
+    make.add_argument("model")
+    make.add_argument("device")
     parser.add_argument("--out", type=Path, default=Path("outputs/qlora_bench"))
     parser.add_argument("--base", type=Path, default=None, help="model folder to build (default <out>/base)")
     parser.add_argument("--steps", type=int, default=10)
@@ -107,10 +111,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "job":
         job(args.result, args.overrides)
         return
+    if args.command == "build":
+        build(args.folder, args.model, args.device)
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     base = args.base or args.out / "base"
     if not (base / "config.json").exists():
-        build(base, args.model, "cuda" if args.hardware == "gpu" else "cpu")
+        # In a process of its own: this one must hold no GPU memory while the jobs run.
+        subprocess.run([sys.executable, __file__, "build", str(base), args.model,
+                        "cuda" if args.hardware == "gpu" else "cpu"], check=True, env=os.environ)
     results = {}
     for name in args.variants.split(","):
         overrides = ["experiment=paper", f"model={args.model}", f"model.path={base}", "model.random_init=false",

@@ -141,21 +141,34 @@ def test_4bit_job_trains_only_lora_and_its_adapter_reloads_on_a_4bit_base(tiny_c
 
 @pytest.mark.parametrize("adapters,adapter_dtype", [("fp32", torch.float32), ("autocast", torch.float32),
                                                     ("bf16", torch.bfloat16)])
-def test_wrap_lora_prepares_a_4bit_base_and_keeps_the_adapter_dtype_policy(adapters, adapter_dtype):
-    """peft's prepare_model_for_kbit_training ran (unquantized weights upcast to fp32 for stable training),
-    without gradient checkpointing; the adapters follow hardware.fast.adapters as on a bf16 base."""
+def test_wrap_lora_prepares_a_4bit_base_and_keeps_the_dtype_policy(adapters, adapter_dtype, monkeypatch):
+    """peft's prepare_model_for_kbit_training ran, without gradient checkpointing; the unquantized base
+    weights keep the job's dtype (its fp32 upcast is undone: fp32 activations did not fit on a GPU), and the
+    adapters follow hardware.fast.adapters as on a bf16 base."""
+    from peft import prepare_model_for_kbit_training
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from lbt.model.lora import wrap_lora
+    from lbt.model import lora as lora_mod
     from tests.conftest import compose_train
 
+    calls = []
+
+    def prepare(model, **kwargs):
+        calls.append(kwargs)
+        return prepare_model_for_kbit_training(model, **kwargs)
+
+    monkeypatch.setattr(lora_mod, "prepare_model_for_kbit_training", prepare)
     cfg = compose_train(SMALL_4BIT)
     model = load_model(cfg.model, load_tokenizer(cfg.model), torch.bfloat16)
-    assert model.model.norm.weight.dtype == torch.bfloat16
-    wrapped = wrap_lora(model, cfg.train.lora, adapters=adapters)
+    base_dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert base_dtypes["model.norm.weight"] == torch.bfloat16
+    wrapped = lora_mod.wrap_lora(model, cfg.train.lora, adapters=adapters)
+    assert calls == [{"use_gradient_checkpointing": False}]
     inner = wrapped.base_model.model
-    assert inner.model.norm.weight.dtype == torch.float32 and inner.model.embed_tokens.weight.dtype == torch.float32
+    kept = {n.replace(".base_layer", ""): p.dtype for n, p in inner.named_parameters() if "lora_" not in n}
+    assert kept == base_dtypes
     assert not inner.is_gradient_checkpointing
+    assert not any(p.requires_grad for n, p in inner.named_parameters() if "lora_" not in n)
     lora = {p.dtype for n, p in wrapped.named_parameters() if "lora_" in n}
     assert lora == {adapter_dtype}
     layers = [m for m in wrapped.modules() if isinstance(m, BaseTunerLayer)]

@@ -37,11 +37,13 @@ def wrap_lora(model: torch.nn.Module, lora_cfg: DictConfig, adapters: str = "fp3
                upcast: run forwards under torch.autocast(bf16), which casts the small adapter weights instead.
       bf16     adapter weights in the model dtype; fastest, but small AdamW updates round away in bf16.
 
-    A quantized base (model.quantization=4bit) first goes through peft's `prepare_model_for_kbit_training`:
-    base weights frozen, the unquantized ones (norms, embeddings, biases) upcast to fp32 for stable
-    training. Gradient checkpointing, which that function turns on by default, stays off: lbt's config
-    has no such setting, and the study's memory budget fits without it (benchmarks/RESULTS.md, QLoRA).
-    The adapters then follow the same policy as on an unquantized base.
+    A quantized base (model.quantization=4bit) first goes through peft's `prepare_model_for_kbit_training`,
+    which freezes the base, without gradient checkpointing (its default; lbt's config has no such setting).
+    Its upcast of the unquantized weights (norms, embeddings, biases) to fp32 is undone: an fp32 norm or
+    embedding turns the whole residual stream, and every activation kept for backward, into fp32, and the
+    study's recipe then ran out of memory on an 80 GB H100 where bf16 LoRA peaks at 62 GiB
+    (benchmarks/RESULTS.md, QLoRA). The base keeps the job's dtype as an unquantized one does (its RMSNorm
+    computes in fp32 anyway), and the adapters follow the same policy as on an unquantized base.
     """
     if adapters not in ADAPTER_MODES:
         raise ValueError(f"adapters={adapters!r}: use one of {ADAPTER_MODES}")
@@ -50,7 +52,11 @@ def wrap_lora(model: torch.nn.Module, lora_cfg: DictConfig, adapters: str = "fp3
         raise ValueError(f"train.lora.targets: {missing} match no module of this model")
     compute_dtype = quantized_compute_dtype(model)
     if compute_dtype is not None:
+        dtypes = {name: param.dtype for name, param in model.named_parameters()}
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        for name, param in model.named_parameters():
+            if param.dtype != dtypes[name]:
+                param.data = param.data.to(dtypes[name])
     wrapped = get_peft_model(model, lora_config(lora_cfg), autocast_adapter_dtype=adapters != "bf16")
     if adapters == "autocast":
         for module in wrapped.modules():
