@@ -89,13 +89,6 @@ def test_4bit_job_trains_only_lora_and_its_adapter_reloads_on_a_4bit_base(tiny_c
     from peft import PeftModel
 
     from lbt import train as train_mod
-    from lbt.config import checks
-
-    # The config check still refuses 4-bit on a CPU until it calls check_quantization (issue 16, wired by the
-    # lead): let it see what load_model checks.
-    before = checks.check_model
-    monkeypatch.setattr(checks, "check_model", lambda model, hw: [
-        e for e in before(model, hw) if not e.startswith("model.quantization=")] + check_quantization(model, hw))
 
     seen = {}
     wrap = train_mod.wrap_lora
@@ -154,6 +147,7 @@ def test_wrap_lora_prepares_a_4bit_base_and_keeps_the_dtype_policy(adapters, ada
     """peft's prepare_model_for_kbit_training ran, without gradient checkpointing; the unquantized base
     weights keep the job's dtype (its fp32 upcast is undone: fp32 activations did not fit on a GPU), and the
     adapters follow hardware.fast.adapters as on a bf16 base."""
+    import peft
     from peft import prepare_model_for_kbit_training
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -166,7 +160,7 @@ def test_wrap_lora_prepares_a_4bit_base_and_keeps_the_dtype_policy(adapters, ada
         calls.append(kwargs)
         return prepare_model_for_kbit_training(model, **kwargs)
 
-    monkeypatch.setattr(lora_mod, "prepare_model_for_kbit_training", prepare)
+    monkeypatch.setattr(peft, "prepare_model_for_kbit_training", prepare)
     cfg = compose_train(SMALL_4BIT)
     model = load_model(cfg.model, load_tokenizer(cfg.model), torch.bfloat16)
     base_dtypes = {n: p.dtype for n, p in model.named_parameters()}

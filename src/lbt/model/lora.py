@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-from peft.tuners.lora.layer import Linear as LoraLinear
-from peft.tuners.tuners_utils import BaseTunerLayer
 
 from lbt.model.layers import decoder_layers
 
+if TYPE_CHECKING:
+    from peft import LoraConfig
+
+# peft is imported where it is used, not here: the config checks import this module (ADAPTER_MODES), and
+# peft imports bitsandbytes when it is installed (about a second, and a warning on some CPUs).
+
 
 def lora_config(lora_cfg: DictConfig) -> LoraConfig:
+    from peft import LoraConfig
+
     return LoraConfig(
         r=int(lora_cfg.r),
         lora_alpha=int(lora_cfg.alpha),
@@ -45,6 +50,9 @@ def wrap_lora(model: torch.nn.Module, lora_cfg: DictConfig, adapters: str = "fp3
     (benchmarks/RESULTS.md, QLoRA). The base keeps the job's dtype as an unquantized one does (its RMSNorm
     computes in fp32 anyway), and the adapters follow the same policy as on an unquantized base.
     """
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     if adapters not in ADAPTER_MODES:
         raise ValueError(f"adapters={adapters!r}: use one of {ADAPTER_MODES}")
     missing = [t for t in lora_cfg.targets if not any(n.endswith("." + t) for n, _ in model.named_modules())]
@@ -140,6 +148,8 @@ def _lean_candidate(module: torch.nn.Module) -> str | None:
     """The adapter name when `module` is a peft LoRA Linear whose eval forward is the plain
     `base(x) + B(A(x)) * scaling` (one active adapter, no DoRA or other variant, not merged, not
     disabled, dropout off); None otherwise."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
     if type(module) is not LoraLinear or module.training or module.merged or module.disable_adapters:
         return None
     active = [a for a in module.active_adapters if a in module.lora_A]
