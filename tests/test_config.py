@@ -259,3 +259,26 @@ def test_every_shipped_group_option_passes(monkeypatch):
                   "experiment"):
         for option in sorted((CONF / group).glob("*.yaml")):
             check_config(compose_train([f"{group}={option.stem}"]))
+
+
+@pytest.mark.parametrize(("overrides", "quick"), [
+    ([], True),                                     # the default job: tiny model on a CPU
+    (["model=qwen", "hardware=gpu"], False),        # a real model on a GPU gets the full battery
+    (["hardware=multi_gpu"], False),                # inherits gpu
+    (["hardware=gpu", "eval=quick"], True),         # the command line wins
+    (["eval=default"], False),
+    (["experiment=paper"], False),
+    (["experiment=smoke"], True),
+])
+def test_the_hardware_picks_the_batterys_size_and_the_command_line_wins(overrides, quick):
+    cfg = compose_train(overrides)
+    assert (cfg.eval.stance.max_items is not None) == quick
+    full = compose_train(["eval=default"]).eval.stance
+    assert (cfg.eval.stance.open_ended.max_new_tokens < full.open_ended.max_new_tokens) == quick
+
+
+def test_a_standalone_evaluation_scores_every_item_on_any_hardware():
+    for overrides in ([], ["hardware=gpu"]):
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose(config_name="evaluate", overrides=overrides)
+        assert cfg.eval.stance.max_items is None

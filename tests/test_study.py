@@ -33,7 +33,7 @@ def test_arm_by_alias_takes_either_name_and_names_the_choices():
 
 
 def test_measures_the_battery_runs_are_the_default_eval_measures():
-    assert list(study.MEASURES) == list(OmegaConf.load(CONF / "eval" / "default.yaml").measures)
+    assert list(study.MEASURES) == list(OmegaConf.load(CONF / "eval" / "default.yaml").stance.measures)
     assert study.HEADLINE_MEASURES == ("letter_logprob", "forced_choice")
     assert "judge" not in study.MEASURES and "judge" in study.PARSED_MEASURES
     assert set(study.CONTINUOUS_MEASURES) == {"letter_logprob", "logprob", "likert", "judge"}
