@@ -4,13 +4,8 @@
     python -m lbt.analyze <sweep dir> [<sweep dir> ...] [--out DIR] [--exploratory] [--n-resamples N]
                           [--lock prereg.lock.json] [--items-dir data/eval] [--no-wandb]
 
-Every directory holding a run.json under the given sweep directories is a job: family = job.model,
-arm = job.arm, seed = job.seed. Job directories are read through `lbt.rundir` (their layout and readers):
-a file that does not parse is an error naming the job, the file and the line. Rows come from
-eval/<phase>/<item_set>/<measure>.jsonl; item set `target` is the held-out items, `source` the
-manipulation check — the names both writers of rows use (the training callback's `eval.item_sets` keys,
-and `lbt.evaluate`, which names the project's item files alike); `target_items`/`source_items`, the names
-older `lbt.evaluate` directories hold, are read the same way. A job without DONE (unfinished, incomplete
+Every directory holding a run.json under the given sweep directories is a job, read by `collect`
+(job directories, item-set names, rows). A job without DONE (unfinished, incomplete
 or failed) is read but flagged, with what its run card says is missing. The primary analysis
 (`lbt.stats.primary_report`) uses phase `final` of the study arms; other arms (e.g. `base` from
 `lbt.evaluate`), other item sets and other phases are summarised descriptively. Probe, capability and

@@ -4,7 +4,7 @@ Every directory holding a run.json under the given sweep directories is a job: f
 arm = job.arm, seed = job.seed. Job directories are read through `lbt.rundir` (their layout and readers):
 a file that does not parse is an AnalyzeError naming the job, the file and the line. Rows come from
 eval/<phase>/<item_set>/<measure>.jsonl; item set `target` is the held-out items, `source` the
-manipulation check — the names both writers of rows use (the training callback's `eval.item_sets` keys,
+manipulation check — the names both writers of rows use (the stance evaluator's `eval.stance.item_sets` keys,
 and `lbt.evaluate`, which names the project's item files alike); `target_items`/`source_items`, the names
 older `lbt.evaluate` directories hold, are read the same way (ITEM_SET_ROLES).
 """
