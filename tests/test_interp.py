@@ -161,8 +161,9 @@ def test_interp_end_to_end(sweep, capsys):
     summary = interp.main(args)
     printed = capsys.readouterr().out
     fam = out / "tiny"
-    for part in interp.PARTS:
+    for k, part in enumerate(interp.PARTS, 1):
         assert (fam / f"{part}.json").exists(), part
+        assert f"[interp] tiny {part} ({k}/{len(interp.PARTS)}): running on 3 jobs" in printed   # progress
         assert f"[interp] tiny {part}:" in printed
     for png in ("steer_curves", "steer_matched_kl", "ablate", "patch", "lens", "delta_w"):
         assert (fam / f"{png}.png").stat().st_size > 1000
@@ -248,6 +249,15 @@ def test_unfinished_jobs_are_ignored_and_empty_sweep_is_an_error(tmp_path, caplo
     assert "not finished (no DONE)" in caplog.text and "no usable adapter" in caplog.text
     with pytest.raises(SystemExit, match="no finished jobs"):
         interp.main([str(tmp_path), "--no-wandb"])
+
+
+def test_quick_preset_is_cpu_sized_and_flags_still_win(tmp_path):
+    full, quick = interp.parse_args([str(tmp_path)]), interp.parse_args([str(tmp_path), "--preset", "quick"])
+    assert {k: getattr(quick, k) for k in interp.PRESETS["quick"]} == interp.PRESETS["quick"]
+    assert quick.n_random < full.n_random and quick.max_items and full.max_items is None
+    assert len(quick.coefs.split(",")) < len(full.coefs.split(","))
+    mixed = interp.parse_args([str(tmp_path), "--preset", "quick", "--n-random", "5"])
+    assert mixed.n_random == 5 and mixed.max_items == quick.max_items
 
 
 def test_unknown_part_is_rejected(tmp_path):

@@ -27,27 +27,32 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from lbt.config import check_evaluate_config
 from lbt.config.entries import build
-from lbt.data.chat_format import ChatFormat
+from lbt.console import deferred, quiet_libraries, user_errors
 from lbt.data.records import file_sha256
-from lbt.eval.evaluators import StanceEvaluator
-from lbt.eval.scoring import set_decode
-from lbt.eval.session import Session
 from lbt.joblock import JobLock
-from lbt.model.load import load_model, load_tokenizer, resolve_dtype
 from lbt.runcard import git_sha, package_versions, public_config, record_status
 from lbt.rundir import RunDir, file_problem, incomplete_phases, read_json
 from lbt.study import is_phase, phase_kind
 
+if TYPE_CHECKING:
+    import torch
+
+    from lbt.data.chat_format import ChatFormat
+    from lbt.eval.evaluators import StanceEvaluator
+
 log = logging.getLogger("lbt.evaluate")
+# Functions of modules that load torch and transformers, imported on first call (lbt.console.deferred):
+# `--help` and `--cfg job` answer before they load.
+load_model = deferred("lbt.model.load", "load_model")
+load_tokenizer = deferred("lbt.model.load", "load_tokenizer")
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # inside the package: a wheel runs anywhere
 
 
@@ -125,6 +130,9 @@ def output_directory(cfg: DictConfig) -> Path:
 
 
 def load_evaluated_model(cfg: DictConfig, tokenizer, adapter: Path | None) -> torch.nn.Module:
+    from lbt.eval.scoring import set_decode
+    from lbt.model.load import resolve_dtype
+
     dtype = resolve_dtype(cfg.model.dtype or cfg.hardware.dtype)
     device = "cuda" if cfg.hardware.accelerator == "gpu" else "cpu"
     set_decode(cfg.hardware.fast.get("decode"))  # how greedy decoding runs (lbt.eval.scoring)
@@ -151,6 +159,10 @@ def stance_evaluator(cfg: DictConfig, chat: ChatFormat) -> StanceEvaluator:
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Score the configured item files; returns the phase summary (also written to summary.json)."""
     check_evaluate_config(cfg)  # types, ranges, allowed values, GPU: before any file or model is read
+    from lbt.data.chat_format import ChatFormat
+    from lbt.eval.session import Session
+
+    quiet_libraries()
     started = time.time()
     adapter = check_adapter(cfg.get("adapter"))
     chat = ChatFormat.of(load_tokenizer(cfg.model), cfg.model)
@@ -241,7 +253,8 @@ def run_card(
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    with user_errors("lbt.evaluate"):   # a user's mistake: one line and exit code 2
+        evaluate(cfg)
 
 
 if __name__ == "__main__":

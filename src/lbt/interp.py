@@ -1,6 +1,7 @@
 """python -m lbt.interp <sweep dir> — the causal suite (H3) over a finished sweep, per model family.
 
     python -m lbt.interp multirun/<sweep> [--family qwen] [--parts steer,ablate,patch,lens,delta_w] [--out DIR]
+    python -m lbt.interp multirun/<sweep> --preset quick     # a CPU-sized run: the tiny sweep in minutes
 
 Jobs are the directories under the sweep holding run.json, DONE and an adapter/ that loads (read through
 `lbt.rundir`; others are skipped with a warning saying why). Per family (run.json's job.model) the
@@ -45,6 +46,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lbt.console import quiet_libraries, user_errors
 from lbt.data.chat_format import ChatFormat
 from lbt.eval.battery import spread_subset
 from lbt.eval.items import load_items, load_texts
@@ -58,6 +60,15 @@ from lbt.study import FRAME_MINUS, FRAME_PLUS
 
 log = logging.getLogger("lbt.interp")
 PARTS = ("steer", "ablate", "patch", "lens", "delta_w")
+# Settings presets (`--preset`); a flag given on the command line wins over its preset's value.
+PRESETS: dict[str, dict[str, Any]] = {
+    "full": {},   # the defaults of parse_args: every item, 8 random directions per kind, 9 coefficients
+    # CPU-sized: five coefficients, one random direction per kind, 4 items, 4 short neutral passages, so
+    # that the tiny 9-job sweep's whole suite takes under 3 minutes on 2 cores (the defaults took 25); the
+    # random-control bands are then a single direction: a check that the suite runs, not evidence.
+    "quick": {"coefs": "-4,-1,0,1,4", "n_random": 1, "n_random_layer": 1, "max_items": 4, "max_neutral": 4,
+              "neutral_tokens": 16, "fc_tokens": 2, "lens_pairs": 2, "batch_size": 16},
+}
 RUNNERS = {"steer": causal.steer, "ablate": causal.ablate, "patch": causal.patch, "lens": causal.lens,
            "delta_w": causal.delta_w}
 
@@ -215,11 +226,12 @@ def run_family(fam: Family, parts: Sequence[str], out: Path, force: bool, wandb_
     folder.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     heads: dict[str, dict[str, float]] = {}
-    for part in parts:
+    for k, part in enumerate(parts, 1):
         target = folder / f"{part}.json"
         if target.exists() and not force:
             print(f"[interp] {fam.name} {part}: {target} exists, skipped (--force recomputes)", flush=True)
             continue
+        print(f"[interp] {fam.name} {part} ({k}/{len(parts)}): running on {len(fam.jobs)} jobs", flush=True)
         started = time.perf_counter()
         result = RUNNERS[part](fam)
         (write_json_atomic if force else write_json_once)(target, result)
@@ -267,6 +279,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m lbt.interp", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep", type=Path, help="sweep directory (job dirs with run.json, DONE, adapter/)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="full",
+                   help="settings preset: full (the defaults below) or quick (CPU-sized; flags still win)")
     p.add_argument("--family", action="append", help="model family to run (repeatable; default all)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {PARTS}")
     p.add_argument("--out", type=Path, help="output directory (default <sweep>/interp)")
@@ -293,6 +307,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the random directions")
     p.add_argument("--no-wandb", action="store_true")
     p.add_argument("--wandb-project")
+    preset, _ = p.parse_known_args(argv)
+    p.set_defaults(**PRESETS[preset.preset])   # flags given explicitly still override the preset
     args = p.parse_args(argv)
     unknown = [x for x in args.parts.split(",") if x not in PARTS]
     if unknown:
@@ -302,7 +318,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    quiet_libraries()
     args = parse_args(argv)
+    with user_errors("lbt.interp"):   # a missing file or a bad item line: one line and exit code 2
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
     sweep = args.sweep.resolve()
     out = (args.out or sweep / "interp").resolve()
     families = discover(sweep, out)

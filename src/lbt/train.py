@@ -11,30 +11,18 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
-import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from lbt import runcard
-from lbt.cluster import GracefulStop, RNGState, env_local_rank, env_rank, lock_local_gpus, slurm_plugins
 from lbt.config import check_config
 from lbt.config.entries import build
-from lbt.data.chat_format import ChatFormat
-from lbt.data.datamodule import CorpusDataModule
+from lbt.console import deferred, is_user_error, quiet_libraries, user_errors
 from lbt.data.records import file_sha256, load_corpus
-from lbt.eval.scoring import set_decode
-from lbt.eval.session import Evaluator
 from lbt.joblock import JobLock, JobLocked
-from lbt.loggers import build_logger, finish_wandb, mark_wandb_preempting
-from lbt.model.load import load_model, load_tokenizer, resolve_dtype
-from lbt.model.lora import compile_decoder_layers, wrap_lora
-from lbt.model.module import LoRAModule
-from lbt.phases import CheckpointPhases
 from lbt.runcard import git_sha, package_versions, public_config, public_overrides
 from lbt.rundir import (
     CorruptFile,
@@ -44,11 +32,25 @@ from lbt.rundir import (
     set_aside,
 )
 
+if TYPE_CHECKING:
+    import lightning as L
+
+    from lbt.cluster import GracefulStop
+    from lbt.data.chat_format import ChatFormat
+    from lbt.eval.session import Evaluator
+
 log = logging.getLogger("lbt.train")
 # Mid-epoch resume is exact here (data.datamodule.ResumeSampler continues the plan at the restored step, and
 # LoRAModule.training_step checks every batch's step): Lightning's generic warning does not apply.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # inside the package: a wheel runs anywhere
+
+
+# Functions of modules that load torch, Lightning or transformers, imported on first call (lbt.console.deferred).
+load_model = deferred("lbt.model.load", "load_model")
+load_tokenizer = deferred("lbt.model.load", "load_tokenizer")
+wrap_lora = deferred("lbt.model.lora", "wrap_lora")
+finish_wandb = deferred("lbt.loggers", "finish_wandb")
 
 
 def job_identity(cfg: DictConfig) -> dict[str, Any]:
@@ -101,6 +103,8 @@ def job_callbacks(cfg: DictConfig, chat: ChatFormat) -> list[L.Callback]:
 
 
 def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    from lbt.cluster import slurm_plugins
+
     hw = cfg.hardware
     kwargs: dict[str, Any] = {"accelerator": hw.accelerator, "devices": hw.devices, "num_nodes": hw.num_nodes,
                               "strategy": hw.strategy, "precision": hw.precision}
@@ -115,6 +119,8 @@ def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
 def resume_checkpoint(run: RunDir) -> Path | None:
     """The newest resumable checkpoint that loads (last.ckpt, else prev.ckpt); corrupt ones are set aside
     with a clear message, so a re-run never stays stuck on a file that cannot be read."""
+    import torch
+
     for path in (run.last_ckpt, run.prev_ckpt):
         if not path.exists():
             continue
@@ -134,6 +140,9 @@ def resume_checkpoint(run: RunDir) -> Path | None:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """One job, start to DONE; records a failure in the run card, and refuses a directory in use."""
     check_config(cfg)  # types, ranges, allowed values, GPU: before anything is written or loaded
+    from lbt.cluster import env_rank
+
+    quiet_libraries()
     run = RunDir(job_directory(cfg))
     if run.is_done():
         log.info("skip: %s already finished (DONE present); nothing is overwritten. To train this job again, "
@@ -157,7 +166,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             f"kept: run the same command again to resume"))
         raise
     except BaseException as err:
-        log.exception("job failed: %s", run.root)
+        if is_user_error(err):   # its one line is the command's to print (lbt.console.user_errors)
+            log.debug("job failed: %s", run.root, exc_info=True)
+        else:
+            log.exception("job failed: %s", run.root)
         record_status(run, card, "failed", error=err)
         raise
     finally:
@@ -168,10 +180,27 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def record_status(run: RunDir, card: dict[str, Any], status: str, error: BaseException | None = None,
                   **fields: Any) -> None:
     """lbt.runcard.record_status, written by rank 0 alone (the other ranks keep the card in memory)."""
+    from lbt.cluster import env_rank
+
     runcard.record_status(run, card, status, error, write=env_rank() == 0, **fields)
 
 
 def run_job(cfg: DictConfig, run: RunDir, card: dict[str, Any]) -> dict[str, Any]:
+    import lightning as L
+    import torch
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from lbt.cluster import GracefulStop, RNGState, env_local_rank, env_rank
+    from lbt.data.chat_format import ChatFormat
+    from lbt.data.datamodule import CorpusDataModule
+    from lbt.eval.scoring import set_decode
+    from lbt.loggers import build_logger
+    from lbt.model.load import resolve_dtype
+    from lbt.model.lora import compile_decoder_layers
+    from lbt.model.module import LoRAModule
+    from lbt.phases import CheckpointPhases
+    from lbt.progress import Progress
+
     started = time.time()
     job_dir = run.root
     rank_zero = env_rank() == 0  # in a multi-process job only rank 0 writes the run card
@@ -231,7 +260,8 @@ def run_job(cfg: DictConfig, run: RunDir, card: dict[str, Any]) -> dict[str, Any
     stop = GracefulStop(phases.save_resumable)
     trainer = L.Trainer(
         **trainer_args, max_epochs=1, max_steps=total, logger=logger,
-        callbacks=[phases, *callbacks, RNGState(), stop], enable_checkpointing=False,
+        callbacks=[phases, *callbacks, RNGState(), Progress(cfg.train.get("log_every_steps")), stop],
+        enable_checkpointing=False,
         use_distributed_sampler=False, num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1,
         enable_model_summary=False, enable_progress_bar=False, default_root_dir=str(job_dir), deterministic=False)
     if resume is not None:
@@ -276,6 +306,8 @@ class IncompleteJob(RuntimeError):
 
 def interrupted(card: dict[str, Any], run: RunDir, trainer: L.Trainer, stop: GracefulStop) -> dict[str, Any]:
     """A stop signal ended training early: record it, then requeue or exit (never returns)."""
+    from lbt.loggers import mark_wandb_preempting
+
     if trainer.is_global_zero:
         record_status(run, card, "interrupted", interrupted_at_step=trainer.global_step)
     how = ("requeued jobs resume by themselves; otherwise run the same sweep command again (same sweep_name)"
@@ -299,7 +331,16 @@ def in_sweep() -> bool:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
-    lock_local_gpus(cfg.hardware)  # hydra/launcher=local_gpus: no other sweep's job on this job's GPU
+    with user_errors("lbt.train", reraise=in_sweep()):   # a sweep's failed job is Hydra's to record
+        check_config(cfg)  # before torch loads: a config error answers in a second
+        from lbt.cluster import lock_local_gpus
+
+        lock_local_gpus(cfg.hardware)  # hydra/launcher=local_gpus: no other sweep's job on this job's GPU
+        run_command(cfg)
+
+
+def run_command(cfg: DictConfig) -> None:
+    """train(), its refusals as exit codes: 3 for a folder in use, 4 for an incomplete job."""
     exit_code = 1
     try:
         train(cfg)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import torch
 from omegaconf import DictConfig
 
 from lbt.config.rules import ConfigError, check_schema, show
 from lbt.config.schema import CAPABILITY, LOGGER_MODES, STANCE, EvaluateConfig, TrainConfig
 from lbt.env import WANDB_MODES, env_value
-from lbt.model.load import check_quantization
 from lbt.study import MEASURES
 
 
@@ -36,7 +34,7 @@ def check_evaluate_config(cfg: DictConfig) -> None:
 
 def check_hardware(hw: DictConfig) -> list[str]:
     errors = []
-    if hw.accelerator == "gpu" and not torch.cuda.is_available():
+    if hw.accelerator == "gpu" and not cuda_available():
         visible = env_value("CUDA_VISIBLE_DEVICES") or "unset"
         errors.append(f"hardware.accelerator=gpu: no CUDA GPU visible (CUDA_VISIBLE_DEVICES={visible}); "
                       "use hardware=cpu")
@@ -50,7 +48,18 @@ def check_model(model: DictConfig, hw: DictConfig) -> list[str]:
                       "(or model.random_init=true with model.arch)")
     if model.get("random_init") and not model.get("arch"):
         errors.append(f"model.arch: missing; model.random_init=true builds model={model.name} from it")
+    if model.get("quantization") is None:
+        return errors
+    from lbt.model.load import check_quantization  # torch: only for a quantized model
+
     return errors + check_quantization(model, hw)   # bitsandbytes and the accelerator it runs 4-bit on
+
+
+def cuda_available() -> bool:
+    """torch.cuda.is_available(), torch imported only for a GPU job (a CPU job's check stays light)."""
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def check_train(train: DictConfig) -> list[str]:

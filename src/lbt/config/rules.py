@@ -14,6 +14,7 @@ import math
 import re
 import types
 import typing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Union
 
@@ -30,6 +31,26 @@ class ConfigError(CompactHydraException, ValueError):
         super().__init__("\n".join(f"config error: {e}" for e in self.errors))
 
 
+class LazyChoices:
+    """Allowed values held by a library's registry, read from it only when a value is not among `known` or
+    when an error message lists them: reading Lightning's strategy registry imports Lightning (seconds),
+    which a config that keeps the default need not pay."""
+
+    def __init__(self, known: tuple[Any, ...], load: Callable[[], tuple[Any, ...]]):
+        self.known, self._load, self._values = known, load, None
+
+    def values(self) -> tuple[Any, ...]:
+        if self._values is None:
+            self._values = tuple(self._load())
+        return self._values
+
+    def __contains__(self, value: Any) -> bool:
+        return value in self.known or value in self.values()
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.values())
+
+
 @dataclass(frozen=True)
 class Rule:
     """What one value of the right type must keep: bounds, allowed values, non-empty."""
@@ -37,7 +58,7 @@ class Rule:
     gt: float | None = None
     le: float | None = None
     lt: float | None = None
-    choices: tuple | None = None
+    choices: tuple | LazyChoices | None = None
     nonempty: bool = False
 
     def bounds(self) -> list[tuple[str, float]]:

@@ -1,27 +1,50 @@
 """Typed schemas of every config group: one dataclass per group or entry, the allowed values taken from
-the modules that use them. `lbt.config.rules` walks a composed config against them."""
+`lbt.choices` (where the modules that use them take them too) and, for the strategy, Lightning's registry.
+`lbt.config.rules` walks a composed config against them. Nothing heavy is imported here: `--help`,
+`--cfg job` and a config error answer before torch or Lightning load."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Annotated
 
-from lightning.pytorch.strategies import StrategyRegistry
-
-from lbt.config.rules import ENTRY_SCHEMAS, Count, Entry, Fraction, Name, Natural, Open, Rule, one_of
-from lbt.eval.scoring import DECODE_MODES, OPTION_FORMS
-from lbt.model.load import DTYPES, QUANTIZATIONS
-from lbt.model.lora import ADAPTER_MODES
-from lbt.probe.callback import MODES as INTERVENTION_MODES
-from lbt.probe.directions import SUMMARIES
+from lbt.choices import (
+    ADAPTER_MODES,
+    DECODE_MODES,
+    DTYPE_NAMES,
+    INTERVENTION_MODES,
+    OPTION_FORMS,
+    QUANTIZATIONS,
+    SUMMARIES,
+)
+from lbt.config.rules import (
+    ENTRY_SCHEMAS,
+    Count,
+    Entry,
+    Fraction,
+    LazyChoices,
+    Name,
+    Natural,
+    Open,
+    Rule,
+    one_of,
+)
 from lbt.study import MEASURES, PHASE_KINDS
 
 SCHEDULES = ("cosine", "linear", "constant")          # lbt.model.module.lr_lambda
 ACCELERATORS = ("cpu", "gpu")                         # lbt.train: gpu = CUDA
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")   # Lightning's
-# Lightning's strategies but those that re-execute or fork the command line (they break Hydra sweeps)
-STRATEGIES = ("auto", *(name for name in StrategyRegistry.available_strategies()
-                        if not any(part in name for part in ("spawn", "fork", "notebook", "xla", "tpu"))))
+
+
+def lightning_strategies() -> tuple[str, ...]:
+    """Lightning's strategies but those that re-execute or fork the command line (they break Hydra sweeps)."""
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    return ("auto", *(name for name in StrategyRegistry.available_strategies()
+                      if not any(part in name for part in ("spawn", "fork", "notebook", "xla", "tpu"))))
+
+
+STRATEGIES = LazyChoices(("auto",), lightning_strategies)   # the registry is read for a value other than auto
 LOGGER_KINDS = ("wandb", "csv", "none")               # lbt.loggers.build_logger
 LOGGER_MODES = ("auto", "online", "offline", "disabled", "dryrun")   # lbt.loggers.wandb_mode
 
@@ -33,7 +56,7 @@ INTERVENTION = "lbt.probe.callback.TrainIntervention"
 Schedule = Annotated[str, one_of(*SCHEDULES)]
 Measure = Annotated[str, one_of(*MEASURES)]
 PhaseKind = Annotated[str, one_of(*PHASE_KINDS)]
-DType = Annotated[str, one_of(*DTYPES)]
+DType = Annotated[str, one_of(*DTYPE_NAMES)]
 Variant = Annotated[str, one_of(*SUMMARIES)]
 Entries = dict[str, Entry | None]                   # {name: entry}; a null entry is switched off
 
@@ -70,6 +93,7 @@ class Train:
     max_steps: Count | None = None            # null: the configured epochs
     grad_clip: Annotated[float, Rule(ge=0)] | None = None   # 0 or null: no clipping
     resume_every_steps: Natural | None = None
+    log_every_steps: Count | None = None      # a progress line every n steps without a terminal; null: ~10 %
 
 
 @dataclass
@@ -115,7 +139,7 @@ class Hardware:
     accelerator: Annotated[str, one_of(*ACCELERATORS)]
     devices: Count
     num_nodes: Count
-    strategy: Annotated[str, one_of(*STRATEGIES)]
+    strategy: Annotated[str, Rule(choices=STRATEGIES)]
     dtype: DType
     precision: Annotated[str, one_of(*PRECISIONS)]
     num_workers: Natural

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from lbt.choices import DECODE_MODES
 from lbt.eval.batching import cache_kwargs, eos_token_ids, gather_logprobs, model_device, output_cache
 from lbt.eval.static_decode import greedy_batch_static, static_unsupported
 
@@ -39,7 +40,6 @@ class Generation:
     first_logprobs: list[float] = field(default_factory=list)
 
 
-DECODE_MODES = ("eager", "static", "graph")
 
 # The mode generation uses when the engine names none (`hardware.fast.decode`, through `set_decode`).
 _DECODE: str | None = None

@@ -44,6 +44,7 @@ from typing import Any, TypeVar
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from lbt.choices import OPTION_FORMS
 from lbt.eval.batching import (
     cache_kwargs,
     gather_logprobs,
@@ -78,7 +79,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-OPTION_FORMS = ("bare", "leading_space")
 PADDINGS = {"left": left_pad, "right": right_pad}
 T = TypeVar("T")
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lbt.choices import DTYPE_NAMES, QUANTIZATIONS
 from lbt.model.tiny import TOKENIZER_DIR
 
 if TYPE_CHECKING:
@@ -29,11 +30,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-QUANTIZATIONS = ("4bit",)
 # The first bitsandbytes release whose 4-bit layers run on a CPU (earlier ones are CUDA-only).
 BNB_CPU_FLOOR = "0.45"
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {name: getattr(torch, attr) for name, attr in DTYPE_NAMES.items()}
 
 
 class ModelConfigError(ValueError):

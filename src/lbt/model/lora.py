@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lbt.choices import ADAPTER_MODES
 from lbt.model.layers import decoder_layers
 
 if TYPE_CHECKING:
@@ -30,7 +31,6 @@ def lora_config(lora_cfg: DictConfig) -> LoraConfig:
     )
 
 
-ADAPTER_MODES = ("fp32", "autocast", "bf16")
 
 
 def wrap_lora(model: torch.nn.Module, lora_cfg: DictConfig, adapters: str = "fp32") -> torch.nn.Module:

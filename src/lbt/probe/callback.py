@@ -22,6 +22,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from lbt.choices import INTERVENTION_MODES as MODES
 from lbt.data.chat_format import ChatFormat
 from lbt.eval.evaluators import plain
 from lbt.probe import hooks
@@ -30,7 +31,6 @@ from lbt.rundir import RunDir, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-MODES = ("ablate", "ablate_random")
 
 
 class TrainIntervention(L.Callback):

@@ -46,6 +46,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from lbt.choices import SUMMARIES
 from lbt.data.chat import IGNORE_INDEX, encode_example
 from lbt.data.records import CorpusRecord, file_sha256, load_corpus
 from lbt.eval.batching import length_batches, pad_id_of, right_pad
@@ -57,7 +58,6 @@ from lbt.study import FRAME_MINUS, FRAME_PLUS, FRAMED_ARMS
 log = logging.getLogger(__name__)
 
 VERSION = 1  # bump when the extraction changes: old cache entries are then ignored
-SUMMARIES = ("assistant_mean", "assistant_last", "user_mean")
 TIE = 1e-9
 
 
