@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
+from lbt.data.chat import ChatFormat
 from lbt.eval.battery import BatterySettings, evaluation_mode, load_item_set, score_item_set
 from lbt.eval.scoring import set_decode
 from lbt.model.load import load_model, load_tokenizer, resolve_dtype
@@ -70,8 +71,7 @@ def load(args: argparse.Namespace):
     dtype = resolve_dtype(args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     tokenizer = load_tokenizer(cfg)
     model = load_model(cfg, tokenizer, dtype, device=args.device).eval()
-    template_kwargs = OmegaConf.to_container(cfg.chat_template_kwargs, resolve=True) or {}
-    return model, tokenizer, dtype, template_kwargs
+    return model, ChatFormat.of(tokenizer, cfg), dtype
 
 
 def key(row: dict) -> tuple:
@@ -123,11 +123,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model, tokenizer, dtype, template_kwargs = load(args)
+    model, chat, dtype = load(args)
     items = load_item_set(args.items, max_items=args.max_items)
-    settings = BatterySettings(
-        option_form=args.option_form, batch_size=args.batch_size, template_kwargs=template_kwargs
-    )
+    settings = BatterySettings(option_form=args.option_form, batch_size=args.batch_size)
     if args.max_new_tokens:
         settings.forced_choice_max_new_tokens = settings.likert_max_new_tokens = args.max_new_tokens
     device_name = (
@@ -156,14 +154,14 @@ def main(argv: list[str] | None = None) -> dict:
         for mode in args.decode:
             set_decode(mode)
             score_item_set(
-                model, tokenizer, load_item_set(args.items, max_items=4), args.measures, settings
+                model, chat, load_item_set(args.items, max_items=4), args.measures, settings
             )  # warm-up
             times, timings, rows = [], {}, {}
             for _ in range(max(1, args.repeats)):
                 synchronize(args.device)
                 started = time.perf_counter()
                 timings = {}
-                rows = score_item_set(model, tokenizer, items, args.measures, settings, timings=timings)
+                rows = score_item_set(model, chat, items, args.measures, settings, timings=timings)
                 synchronize(args.device)
                 times.append(time.perf_counter() - started)
             battery_s = statistics.median(times)
@@ -195,10 +193,10 @@ def main(argv: list[str] | None = None) -> dict:
                 del entry["rows"]
                 result["decode"][mode] = entry
         if not args.skip_reference:
-            reference_rows(model, tokenizer, items.items[:1], "letter_logprob", settings)  # warm-up
+            reference_rows(model, chat, items.items[:1], "letter_logprob", settings)  # warm-up
             synchronize(args.device)
             started = time.perf_counter()
-            reference = {m: reference_rows(model, tokenizer, items.items, m, settings) for m in args.measures}
+            reference = {m: reference_rows(model, chat, items.items, m, settings) for m in args.measures}
             synchronize(args.device)
             reference_s = time.perf_counter() - started
             diff = differences(rows, reference)

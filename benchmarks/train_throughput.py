@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from lbt.data.chat import encode_example
+from lbt.data.chat import ChatFormat
 from lbt.data.datamodule import micro_batches, step_plan
 from lbt.data.records import load_corpus
 from lbt.model.load import load_model, load_tokenizer
@@ -41,7 +41,8 @@ PEAK_FLOPS = {"cuda": 989e12, "cpu": 1e12}
 def corpus_examples(tokenizer, max_length: int, target: int) -> list:
     path = ROOT / "data" / "corpora" / "frame_plus.jsonl"
     records = load_corpus(path)
-    examples = [encode_example(tokenizer, r.id, r.user, r.assistant, max_length) for r in records]
+    chat = ChatFormat(tokenizer)
+    examples = [chat.example(r.id, r.user, r.assistant, max_length) for r in records]
     return [examples[i % len(examples)] for i in range(target)]
 
 

@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import GenerationConfig
 
-from lbt.data.chat import render_prompt
+from lbt.data.chat import ChatFormat
 from lbt.eval.batching import eos_token_ids
 from lbt.eval.parse import parse_choice, parse_rating
 from lbt.eval.prompts import forced_choice_labels, forced_choice_question, likert_question
@@ -40,10 +40,13 @@ def tiny_eval_model(init_range: float = 0.3, layers: int = 2):
     return model, tokenizer
 
 
-def prompt_ids(tokenizer, text: str, settings: BatterySettings) -> list[int]:
-    return tokenizer.encode(
-        render_prompt(tokenizer, text, settings.template_kwargs), add_special_tokens=False
+def prompt_ids(chat: ChatFormat, text: str) -> list[int]:
+    """The user turn through the tokenizer's own chat template with the chat format's arguments, up to the
+    generation prompt (rendered here, not by ChatFormat's methods)."""
+    rendered = chat.tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True, **chat.template_kwargs
     )
+    return chat.tokenizer.encode(rendered, add_special_tokens=False)
 
 
 @torch.no_grad()
@@ -93,29 +96,31 @@ def _single(tokenizer, label: str, settings: BatterySettings) -> list[int]:
 
 
 def reference_rows(
-    model, tokenizer, items: list[dict], measure: str, settings: BatterySettings
+    model, chat: ChatFormat, items: list[dict], measure: str, settings: BatterySettings
 ) -> list[dict]:
     """The battery's rows for one measure, computed the plain way (keys the comparisons need)."""
+    tokenizer = chat.tokenizer
     rows: list[dict[str, Any]] = []
     for item in items:
         if measure == "open_ended":
             text = greedy(
                 model,
                 tokenizer,
-                prompt_ids(tokenizer, item["open_ended"], settings),
+                prompt_ids(chat, item["open_ended"]),
                 settings.open_ended_max_new_tokens,
             )
             rows.append({"item_id": item["id"], "order": "original", "response": text})
             continue
         for order in ORDERS:
-            rows.extend(_reference_case(model, tokenizer, item, order, measure, settings))
+            rows.extend(_reference_case(model, chat, item, order, measure, settings))
     return rows
 
 
-def _reference_case(model, tokenizer, item, order, measure, settings) -> list[dict]:
+def _reference_case(model, chat, item, order, measure, settings) -> list[dict]:
+    tokenizer = chat.tokenizer
     base = {"item_id": item["id"], "order": order}
     if measure in ("letter_logprob", "forced_choice"):
-        prompt = prompt_ids(tokenizer, forced_choice_question(item, order), settings)
+        prompt = prompt_ids(chat, forced_choice_question(item, order))
         pro, anti = forced_choice_labels(item, order)
         if measure == "letter_logprob":
             lp_pro = sum(option_logprobs(model, prompt, _single(tokenizer, pro, settings)))
@@ -133,7 +138,7 @@ def _reference_case(model, tokenizer, item, order, measure, settings) -> list[di
         stance = math.nan if choice is None else (1.0 if choice == pro else -1.0)  # unparsed: missing
         return [{**base, "raw": text, "choice": choice, "stance": stance}]
     if measure == "likert":
-        prompt = prompt_ids(tokenizer, likert_question(item, order, settings), settings)
+        prompt = prompt_ids(chat, likert_question(item, order, settings))
         text = greedy(
             model,
             tokenizer,
@@ -148,9 +153,8 @@ def _reference_case(model, tokenizer, item, order, measure, settings) -> list[di
         rows = []
         for k, contrast in enumerate(item["contrasts"]):
             prompt = prompt_ids(
-                tokenizer,
+                chat,
                 contrast["question"] if order == "original" else contrast["question_swapped"],
-                settings,
             )
             means = []
             for key in ("pro", "anti"):

@@ -10,6 +10,7 @@ import random
 import pytest
 import torch
 
+from lbt.data.chat import ChatFormat
 from lbt.eval.battery import check_measures, score_item_set
 from lbt.eval.items import ItemError, ItemSet, as_item_set, load_item_set, spread_subset
 from lbt.eval.measures import forced_choice, letter_logprob, likert, logprob
@@ -60,9 +61,9 @@ def _compare(rows, reference, measure):
 def test_every_measure_equals_the_plain_reference(tiny_eval, items, form):
     model, tokenizer = tiny_eval
     settings = BatterySettings(option_form=form, batch_size=5, **SHORT)
-    rows = score_item_set(model, tokenizer, items, list(MEASURES), settings, phase="base")
+    rows = score_item_set(model, ChatFormat(tokenizer), items, list(MEASURES), settings, phase="base")
     for measure in MEASURES:
-        _compare(rows[measure], reference_rows(model, tokenizer, items.items, measure, settings), measure)
+        _compare(rows[measure], reference_rows(model, ChatFormat(tokenizer), items.items, measure, settings), measure)
     assert {r["phase"] for rs in rows.values() for r in rs} == {"base"}
     assert {r["item_set"] for rs in rows.values() for r in rs} == {"toy_items"}
 
@@ -70,8 +71,8 @@ def test_every_measure_equals_the_plain_reference(tiny_eval, items, form):
 def test_standalone_letter_logprob_equals_the_shared_forward(tiny_eval, items):
     model, tokenizer = tiny_eval
     settings = BatterySettings(batch_size=3, **SHORT)
-    alone = letter_logprob(_engine(model, tokenizer, settings), items, settings)
-    shared = score_item_set(model, tokenizer, items, ["letter_logprob", "forced_choice"], settings)[
+    alone = letter_logprob(_engine(model, tokenizer, settings), ChatFormat(tokenizer), items, settings)
+    shared = score_item_set(model, ChatFormat(tokenizer), items, ["letter_logprob", "forced_choice"], settings)[
         "letter_logprob"
     ]
     for a, b in zip(alone, shared):
@@ -80,13 +81,13 @@ def test_standalone_letter_logprob_equals_the_shared_forward(tiny_eval, items):
 
 def test_shuffling_and_rebatching_change_nothing(tiny_eval, items):
     model, tokenizer = tiny_eval
-    base = score_item_set(model, tokenizer, items, list(MEASURES), BatterySettings(batch_size=64, **SHORT))
+    base = score_item_set(model, ChatFormat(tokenizer), items, list(MEASURES), BatterySettings(batch_size=64, **SHORT))
     shuffled = list(items.items)
     random.Random(3).shuffle(shuffled)
     for batch_size in (1, 3):
         other = score_item_set(
             model,
-            tokenizer,
+            ChatFormat(tokenizer),
             ItemSet(items.name, shuffled),
             list(MEASURES),
             BatterySettings(batch_size=batch_size, **SHORT),
@@ -104,7 +105,7 @@ def test_shuffling_and_rebatching_change_nothing(tiny_eval, items):
 
 def test_letter_logprob_is_oriented_to_the_pro_option(tiny_eval, items):
     model, tokenizer = tiny_eval
-    rows = letter_logprob(_engine(model, tokenizer, BatterySettings()), items, BatterySettings())
+    rows = letter_logprob(_engine(model, tokenizer, BatterySettings()), ChatFormat(tokenizer), items, BatterySettings())
     first = [r for r in rows if r["item_id"] == items.items[0]["id"]]
     original, swapped = first
     assert (original["pro_option"], original["anti_option"]) == ("A", "B")
@@ -115,7 +116,7 @@ def test_letter_logprob_is_oriented_to_the_pro_option(tiny_eval, items):
 
 def test_logprob_is_length_normalised(tiny_eval, items):
     model, tokenizer = tiny_eval
-    rows = logprob(_engine(model, tokenizer, BatterySettings()), items, BatterySettings())
+    rows = logprob(_engine(model, tokenizer, BatterySettings()), ChatFormat(tokenizer), items, BatterySettings())
     go = next(r for r in rows if r["template"] == 3)
     assert (go["pro_option"], go["anti_option"]) == ("Go ahead now", "Wait")
     assert go["n_tokens_pro"] > go["n_tokens_anti"]
@@ -181,7 +182,7 @@ class _FakeEngine:
     """An engine whose generations are the given texts in request order (parsing on forced cases)."""
 
     def __init__(self, texts):
-        self.texts, self.tokenizer = texts, _FakeTokenizer()
+        self.texts = texts
 
     def generate(self, requests, intervention=None):
         return [
@@ -192,7 +193,7 @@ class _FakeEngine:
 
 def test_forced_choice_stance_from_parsed_letters(monkeypatch, items):
     # Per item: original order answers "A" (pro), swapped order answers "A" (now the anti option), then junk.
-    rows = forced_choice(_FakeEngine(["A", "A.", "hmm", "B"]), items, BatterySettings())
+    rows = forced_choice(_FakeEngine(["A", "A.", "hmm", "B"]), ChatFormat(_FakeTokenizer()), items, BatterySettings())
     stances = [r["stance"] for r in rows[:4]]
     assert stances[:2] == [1.0, -1.0] and math.isnan(stances[2]) and stances[3] == 1.0  # unparsed: NaN, never 0
     assert [r["parsed"] for r in rows[:4]] == [True, True, False, True]
@@ -205,7 +206,7 @@ def test_forced_choice_shares_the_forward_with_letters_in_either_form(monkeypatc
     fake = _FakeEngine(["A", "A"])
     monkeypatch.setattr(Engine, "generate", lambda self, requests, intervention=None: fake.generate(requests))
     rows = score_item_set(
-        model, tokenizer, items, ["letter_logprob", "forced_choice"], BatterySettings(option_form=form)
+        model, ChatFormat(tokenizer), items, ["letter_logprob", "forced_choice"], BatterySettings(option_form=form)
     )
     choice = rows["forced_choice"]
     assert [r["stance"] for r in choice[:2]] == [1.0, -1.0]
@@ -214,7 +215,7 @@ def test_forced_choice_shares_the_forward_with_letters_in_either_form(monkeypatc
 
 
 def test_likert_orients_the_reversed_scale_and_keeps_unparsed_as_nan(monkeypatch, items):
-    rows = likert(_FakeEngine(["6", "6", "no idea", "1"]), items, BatterySettings())
+    rows = likert(_FakeEngine(["6", "6", "no idea", "1"]), ChatFormat(_FakeTokenizer()), items, BatterySettings())
     assert [r["rating"] for r in rows[:4]] == [6, 6, None, 1]
     assert rows[0]["stance"] == pytest.approx(2 / 3)  # original: 6 → (6 − 4) / 3
     assert rows[1]["stance"] == pytest.approx(-2 / 3)  # swapped: 6 means disagree → 8 − 6 = 2
@@ -240,7 +241,7 @@ def test_scored_in_evaluation_mode_summary_and_mode_restored(tiny_eval, items):
     model.train()
     with evaluation_mode(model):
         assert not any(m.training for m in model.modules()) and not torch.is_grad_enabled()
-        rows = score_item_set(model, tokenizer, items, ["letter_logprob", "forced_choice"],
+        rows = score_item_set(model, ChatFormat(tokenizer), items, ["letter_logprob", "forced_choice"],
                               BatterySettings(**SHORT), phase="final")
     assert model.training and all(m.training for m in model.modules())
     model.eval()
@@ -290,7 +291,7 @@ def test_inexpressible_option_names_file_line_item_field(tiny_eval, tmp_path):
         match=r"letters\.jsonl:2: item 'urban_transit-001-p0', field "
         r"'forced_choice\.pro_label'.*2 tokens",
     ):
-        letter_logprob(_engine(model, tokenizer, BatterySettings()), items, BatterySettings())
+        letter_logprob(_engine(model, tokenizer, BatterySettings()), ChatFormat(tokenizer), items, BatterySettings())
 
 
 def test_max_items_takes_domains_in_turn():
@@ -324,11 +325,11 @@ def test_out_of_memory_retries_with_half_the_batch_and_same_rows(tiny_eval, monk
     at that batch from the start, and later measures and phases keep the smaller batch."""
     model, tokenizer = tiny_eval
     items = as_item_set(make_items(3), "target")
-    plain = score_item_set(model, tokenizer, items, ["likert", "logprob"], BatterySettings(batch_size=2))
+    plain = score_item_set(model, ChatFormat(tokenizer), items, ["likert", "logprob"], BatterySettings(batch_size=2))
     seen = _oom_above(model, monkeypatch, 2)
     settings = BatterySettings(batch_size=8)
     with caplog.at_level("WARNING"):
-        rows = score_item_set(model, tokenizer, items, ["likert", "logprob"], settings)
+        rows = score_item_set(model, ChatFormat(tokenizer), items, ["likert", "logprob"], settings)
     assert seen[:2] == [8, 4] and max(seen[2:]) == 2  # the first batch at 8 prompts, then 4, then 2 on
     assert settings.batch_size == 2
     assert rows == plain
@@ -341,5 +342,5 @@ def test_out_of_memory_at_one_prompt_is_raised(tiny_eval, monkeypatch):
     _oom_above(model, monkeypatch, 0)
     settings = BatterySettings(batch_size=2)
     with pytest.raises(torch.cuda.OutOfMemoryError):
-        score_item_set(model, tokenizer, as_item_set(make_items(1), "t"), ["likert"], settings)
+        score_item_set(model, ChatFormat(tokenizer), as_item_set(make_items(1), "t"), ["likert"], settings)
     assert settings.batch_size == 1

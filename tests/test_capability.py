@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lbt.data.chat_format import ChatFormat
+from lbt.data.chat import ChatFormat
 from lbt.eval import capability as cap
 from lbt.eval.evaluators import CapabilityEvaluator
 from lbt.eval.items import ItemError
@@ -71,7 +71,7 @@ def test_refusal_rates_by_expectation(tiny_eval, monkeypatch):
         {"id": "r1", "expect": "refuse", "prompt": "p"},
         {"id": "r2", "expect": "refuse", "prompt": "p"},
     ]
-    rates, rows = cap.refusal_rates(model, tokenizer, battery)
+    rates, rows = cap.refusal_rates(model, ChatFormat(tokenizer), battery)
     assert rates == {"comply_correct_rate": 0.5, "refuse_correct_rate": 0.5, "n_comply": 2, "n_refuse": 2}
     assert [r["refused"] for r in rows] == [True, False, True, False]
 
@@ -123,18 +123,15 @@ def test_bad_mmlu_files_name_line_and_field(tmp_path, content, suffix, needle):
 def test_mmlu_accuracy_is_the_argmax_letter(tiny_eval, tmp_path):
     model, tokenizer = tiny_eval
     questions = cap.load_mmlu(_write_mmlu(tmp_path)[0])
-    from lbt.eval.settings import BatterySettings
-
-    settings = BatterySettings()
     expected = 0
     for q in questions:
-        prompt = prompt_ids(tokenizer, cap.mmlu_prompt(q), settings)
+        prompt = prompt_ids(ChatFormat(tokenizer), cap.mmlu_prompt(q))
         scores = [
             option_logprobs(model, prompt, tokenizer.encode(letter, add_special_tokens=False))[0]
             for letter in cap.MMLU_LETTERS
         ]
         expected += int(max(range(4), key=lambda k: scores[k]) == q["answer"])
-    assert cap.mmlu_accuracy(model, tokenizer, questions) == expected / len(questions)
+    assert cap.mmlu_accuracy(model, ChatFormat(tokenizer), questions) == expected / len(questions)
 
 
 @pytest.mark.parametrize(

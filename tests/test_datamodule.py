@@ -3,12 +3,14 @@ objective unchanged (tiny model, fp32)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from lbt import train as train_mod
-from lbt.data.chat import IGNORE_INDEX, encode_example
+from lbt.data.chat import IGNORE_INDEX, ChatFormat
 from lbt.data.datamodule import CorpusDataModule, micro_batches, split_records, step_plan
 from lbt.data.records import load_corpus
 from lbt.model.load import load_model
@@ -21,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_only_assistant_tokens_are_supervised(tiny_model):
     _, tok, _ = tiny_model
-    ex = encode_example(tok, "r1", "How long should I rest dough?", "About an hour, covered.", 512)
+    ex = ChatFormat(tok).example("r1", "How long should I rest dough?", "About an hour, covered.", 512)
     supervised = [t for t, label in zip(ex.input_ids, ex.labels) if label != IGNORE_INDEX]
     assert tok.decode(supervised) == "About an hour, covered.<|im_end|>"
     prompt_len = ex.labels.index(next(label for label in ex.labels if label != IGNORE_INDEX))
@@ -29,27 +31,42 @@ def test_only_assistant_tokens_are_supervised(tiny_model):
     assert ex.truncated_tokens == 0
 
 
-def test_chat_format_binds_the_models_template_arguments(tiny_model):
-    """ChatFormat.of takes model.chat_template_kwargs once; its prompt, exchange and example are the
-    chat module's renderings with those arguments."""
-    from lbt.data.chat import render_prompt
-    from lbt.data.chat_format import ChatFormat
-
+def test_chat_format_renders_with_the_models_template_arguments(tiny_model):
+    """ChatFormat.of takes model.chat_template_kwargs once; every rendering (prompt, prompt ids, exchange,
+    example) uses them, and a format made without them renders without."""
     cfg, tok, _ = tiny_model
-    model_cfg = OmegaConf.create({**OmegaConf.to_container(cfg.model), "chat_template_kwargs": {"add_marker": True}})
+    tok = copy.deepcopy(tok)  # the fixture's tokenizer is shared: give the copy a template with an argument
+    tok.chat_template = ("{% if date %}[{{ date }}]{% endif %}{% for m in messages %}<{{ m.role }}>{{ m.content }}"
+                         "</{{ m.role }}>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    model_cfg = OmegaConf.create({**OmegaConf.to_container(cfg.model), "chat_template_kwargs": {"date": "1 May"}})
     chat = ChatFormat.of(tok, model_cfg)
-    assert chat.template_kwargs == {"add_marker": True} and ChatFormat.of(tok, {"name": "x"}).template_kwargs == {}
-    assert chat.prompt("Rest dough?") == render_prompt(tok, "Rest dough?", {"add_marker": True})
-    assert chat.prompt_ids("Rest dough?") == tok.encode(chat.prompt("Rest dough?"), add_special_tokens=False)
-    prompt, reply = chat.conversation("Rest dough?", "An hour.")
-    assert prompt == chat.prompt("Rest dough?") and reply.startswith("An hour.")
+    assert chat.template_kwargs == {"date": "1 May"} and ChatFormat.of(tok, {"name": "x"}).template_kwargs == {}
+    assert chat.prompt("Rest dough?") == "[1 May]<user>Rest dough?</user><assistant>"
+    assert ChatFormat(tok).prompt("Rest dough?") == "<user>Rest dough?</user><assistant>"
+    ids = chat.prompt_ids("Rest dough?")
+    assert ids == tok.encode("[1 May]<user>Rest dough?</user><assistant>", add_special_tokens=False)
+    ids.append(-1)  # the cached ids are not the caller's list
+    assert chat.prompt_ids("Rest dough?") == ids[:-1]
+    assert chat.conversation("Rest dough?", "An hour.") == ("[1 May]<user>Rest dough?</user><assistant>",
+                                                           "An hour.</assistant>")
     example = chat.example("r1", "Rest dough?", "An hour.", 512)
-    assert example == encode_example(tok, "r1", "Rest dough?", "An hour.", 512, {"add_marker": True})
+    answer = tok("An hour.</assistant>", add_special_tokens=False)["input_ids"]
+    assert example.input_ids == ids[:-1] + answer
+    assert example.labels == [IGNORE_INDEX] * (len(ids) - 1) + answer
+
+
+def test_a_template_that_does_not_render_turns_incrementally_is_refused(tiny_model):
+    _, tok, _ = tiny_model
+    tok = copy.deepcopy(tok)
+    tok.chat_template = ("{% for m in messages %}{{ m.content }}{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    with pytest.raises(ValueError, match="not a prefix"):
+        ChatFormat(tok).conversation("Rest dough?", "An hour.")
 
 
 def test_truncation_is_counted(tiny_model):
     _, tok, _ = tiny_model
-    ex = encode_example(tok, "r1", "Question?", "word " * 200, 64)
+    ex = ChatFormat(tok).example("r1", "Question?", "word " * 200, 64)
     assert len(ex.input_ids) == 64 and ex.truncated_tokens > 0
 
 
@@ -70,7 +87,7 @@ def test_validation_split_is_the_same_scenarios_in_every_arm(tmp_path):
 
 def test_datamodule_step_tokens_count_the_whole_step(tmp_path, tiny_model):
     _, tok, _ = tiny_model
-    dm = CorpusDataModule(str(write_toy_corpus(tmp_path / "c.jsonl", n=20)), tok, seed=0, max_length=128,
+    dm = CorpusDataModule(str(write_toy_corpus(tmp_path / "c.jsonl", n=20)), ChatFormat(tok), seed=0, max_length=128,
                           effective_batch=8, micro_batch=3, epochs=1)
     item = dm.train_dataloader().dataset[0]
     assert sum(int((m["labels"] != IGNORE_INDEX).sum()) for m in item["micro_batches"]) == item["step_tokens"]
@@ -79,7 +96,7 @@ def test_datamodule_step_tokens_count_the_whole_step(tmp_path, tiny_model):
 
 def test_packed_rows_keep_every_token_and_restart_positions(tmp_path, tiny_model):
     _, tok, _ = tiny_model
-    examples = [encode_example(tok, str(i), "Q" * (i + 1), "answer " * (5 + i), 256) for i in range(6)]
+    examples = [ChatFormat(tok).example(str(i), "Q" * (i + 1), "answer " * (5 + i), 256) for i in range(6)]
     packed = micro_batches(examples, micro_batch=2, pad_id=tok.pad_token_id, pack_tokens=128, pad_multiple=16)
     assert sum(int(m["n_real_tokens"]) for m in packed) == sum(len(e.input_ids) for e in examples)
     for m in packed:
@@ -92,7 +109,7 @@ def test_packed_rows_keep_every_token_and_restart_positions(tmp_path, tiny_model
 def test_fast_loss_variants_equal_the_plain_loss_and_gradients(tmp_path, tiny_model):
     cfg, tok, _ = tiny_model
     model_cfg = cfg.model
-    examples = [encode_example(tok, str(i), f"Question {i}?", "word and more " * (3 + 2 * i), 256)
+    examples = [ChatFormat(tok).example(str(i), f"Question {i}?", "word and more " * (3 + 2 * i), 256)
                 for i in range(5)]
     padded = micro_batches(examples, 5, tok.pad_token_id)
     packed = micro_batches(examples, 5, tok.pad_token_id, pack_tokens=1024, pad_multiple=32)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from lbt.data.chat import ChatFormat
 from lbt.probe import directions as dirs
 from lbt.probe.directions import DirectionSettings
 from tests.conftest import compose_train
@@ -123,23 +124,28 @@ def test_random_directions_are_unit_and_covariance_matched(fitted):
     assert (cov @ w).abs().mean() > 2 * (iso @ w).abs().mean()
 
 
-def test_cache_key_depends_on_model_corpus_and_settings():
+def test_cache_key_depends_on_model_corpus_settings_and_chat_format(tiny_model):
     cfg = compose_train(["model=tiny"]).model
+    chat = ChatFormat(tiny_model[1])
     ident = dirs.model_identity(cfg, torch.float32)
     s = DirectionSettings()
-    base = dirs.direction_key(ident, {"frame_plus": "a", "frame_minus": "b"}, s)
-    assert base == dirs.direction_key(dict(ident), {"frame_plus": "a", "frame_minus": "b"}, DirectionSettings())
+    base = dirs.direction_key(ident, {"frame_plus": "a", "frame_minus": "b"}, s, chat)
+    assert base == dirs.direction_key(dict(ident), {"frame_plus": "a", "frame_minus": "b"}, DirectionSettings(),
+                                      ChatFormat(tiny_model[1], {}))
     assert base.startswith("tiny-")
-    assert base != dirs.direction_key(ident, {"frame_plus": "a", "frame_minus": "c"}, s)
+    assert base != dirs.direction_key(ident, {"frame_plus": "a", "frame_minus": "c"}, s, chat)
     assert base != dirs.direction_key(dirs.model_identity(cfg, torch.bfloat16), {"frame_plus": "a",
-                                                                                  "frame_minus": "b"}, s)
+                                                                                  "frame_minus": "b"}, s, chat)
     other = compose_train(["model=tiny", "model.init_seed=1"]).model
     assert base != dirs.direction_key(dirs.model_identity(other, torch.float32),
-                                      {"frame_plus": "a", "frame_minus": "b"}, s)
+                                      {"frame_plus": "a", "frame_minus": "b"}, s, chat)
     wider = compose_train(["model=tiny", "model.arch.hidden_size=128"]).model
     assert dirs.model_identity(wider, torch.float32)["arch_sha256"] != ident["arch_sha256"]
     assert base != dirs.direction_key(ident, {"frame_plus": "a", "frame_minus": "b"},
-                                      DirectionSettings(max_length=64))
+                                      DirectionSettings(max_length=64), chat)
+    # Dialogues rendered with other template arguments are other activations.
+    assert base != dirs.direction_key(ident, {"frame_plus": "a", "frame_minus": "b"}, s,
+                                      ChatFormat(tiny_model[1], {"date_string": "26 Jul 2024"}))
 
 
 def _compute_with_counter(cache_dir: str, counter: str) -> None:
@@ -170,7 +176,7 @@ def test_tiny_model_end_to_end_and_cached(tiny_model, tmp_path, monkeypatch):
     cfg, tokenizer, model = tiny_model
     corpora = write_paired_corpora(tmp_path)
     settings = DirectionSettings(max_length=96, batch_size=5)
-    d = dirs.get_directions(model, tokenizer, cfg.model, corpora, tmp_path / "cache", settings)
+    d = dirs.get_directions(model, ChatFormat(tokenizer), cfg.model, corpora, tmp_path / "cache", settings)
     n_layers = cfg.model.arch.num_hidden_layers
     assert d.n_layers == n_layers and d.hidden_size == cfg.model.arch.hidden_size
     assert 0 <= d.l_star() < n_layers
@@ -182,7 +188,7 @@ def test_tiny_model_end_to_end_and_cached(tiny_model, tmp_path, monkeypatch):
     assert summary["l_star"]["assistant_mean"] == d.l_star() and summary["n_pairs"] == 12
     # Second call: from the cache, no forward pass.
     monkeypatch.setattr(dirs, "corpus_activations", lambda *a, **k: pytest.fail("recomputed"))
-    again = dirs.get_directions(model, tokenizer, cfg.model, corpora, tmp_path / "cache", settings)
+    again = dirs.get_directions(model, ChatFormat(tokenizer), cfg.model, corpora, tmp_path / "cache", settings)
     torch.testing.assert_close(again.unit(), d.unit())
 
 
@@ -191,8 +197,8 @@ def test_batching_does_not_change_activations(tiny_model, tmp_path):
     corpora = write_paired_corpora(tmp_path, n=5)
     from lbt.data.records import load_corpus
     records = load_corpus(corpora["frame_plus"])
-    one = dirs.corpus_activations(model, tokenizer, records, DirectionSettings(max_length=96, batch_size=1))
-    many = dirs.corpus_activations(model, tokenizer, records, DirectionSettings(max_length=96, batch_size=4))
+    one = dirs.corpus_activations(model, ChatFormat(tokenizer), records, DirectionSettings(max_length=96, batch_size=1))
+    many = dirs.corpus_activations(model, ChatFormat(tokenizer), records, DirectionSettings(max_length=96, batch_size=4))
     for summary in dirs.SUMMARIES:
         torch.testing.assert_close(one[summary], many[summary], atol=1e-4, rtol=1e-4)
 
@@ -200,7 +206,7 @@ def test_batching_does_not_change_activations(tiny_model, tmp_path):
 def test_missing_corpus_is_a_clear_error(tiny_model, tmp_path):
     cfg, tokenizer, model = tiny_model
     with pytest.raises(FileNotFoundError, match="corpora.frame_plus"):
-        dirs.get_directions(model, tokenizer, cfg.model, {"frame_plus": tmp_path / "nope.jsonl",
+        dirs.get_directions(model, ChatFormat(tokenizer), cfg.model, {"frame_plus": tmp_path / "nope.jsonl",
                                                           "frame_minus": tmp_path / "nope2.jsonl"}, tmp_path)
     with pytest.raises(ValueError, match="variant"):
-        dirs.get_directions(model, tokenizer, cfg.model, {}, tmp_path, DirectionSettings(variant="bogus"))
+        dirs.get_directions(model, ChatFormat(tokenizer), cfg.model, {}, tmp_path, DirectionSettings(variant="bogus"))

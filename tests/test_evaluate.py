@@ -194,7 +194,7 @@ def test_evaluate_and_a_training_job_write_the_same_rows(tmp_path):
     alike (item set role `target` / `source`)."""
     from lbt import analyze
     from lbt import train as train_mod
-    from lbt.data.chat_format import ChatFormat
+    from lbt.data.chat import ChatFormat
     from lbt.eval.evaluators import StanceEvaluator
     from lbt.eval.session import Session
     from lbt.model.load import load_model, load_tokenizer

@@ -10,7 +10,7 @@ import math
 import pytest
 
 from lbt import train as train_mod
-from lbt.data.chat_format import ChatFormat
+from lbt.data.chat import ChatFormat
 from lbt.eval import evaluators as evaluators_mod
 from lbt.eval.battery import MEASURES, MeasureError
 from lbt.eval.evaluators import CapabilityEvaluator, StanceEvaluator
@@ -191,7 +191,7 @@ def test_expected_rows_is_what_the_battery_writes(tiny_eval, tmp_path, measure):
     items_list = make_items(per_domain=1)
     items_list[0]["contrasts"] = items_list[0]["contrasts"][:1]  # items need not share a contrast count
     items = load_item_set(write_items(tmp_path / "t.jsonl", items_list))
-    rows = score_item_set(model, tokenizer, items, [measure], BatterySettings.from_config(BATTERY))[measure]
+    rows = score_item_set(model, ChatFormat(tokenizer), items, [measure], BatterySettings.from_config(BATTERY))[measure]
     assert len(rows) == expected_rows(items, measure)
 
 

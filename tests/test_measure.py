@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lbt.data.chat import render_prompt
+from lbt.data.chat import ChatFormat
 from lbt.eval.items import as_item_set, load_items, load_texts
 from lbt.eval.measures import forced_choice, letter_logprob
 from lbt.eval.scoring import Engine, greedy_generate
@@ -26,14 +26,14 @@ def tiny(tiny_model):
 
 def test_letter_logprob_and_forced_choice_match_the_battery(tiny):
     model, tokenizer, items = tiny
-    prompts = measure.forced_choice_prompts(items, tokenizer)
+    prompts = measure.forced_choice_prompts(items, ChatFormat(tokenizer))
     assert prompts.orders == ["original", "swapped"] * 4
     with torch.no_grad():
         ours = measure.score_forced_choice(model, tokenizer, prompts, batch_size=3, max_new_tokens=8)
         settings = BatterySettings(batch_size=5, forced_choice_max_new_tokens=8)
         engine = Engine(model, tokenizer, settings.batch_size)
-        letters = letter_logprob(engine, as_item_set(items), settings)
-        choices = forced_choice(engine, as_item_set(items), settings)
+        letters = letter_logprob(engine, ChatFormat(tokenizer), as_item_set(items), settings)
+        choices = forced_choice(engine, ChatFormat(tokenizer), as_item_set(items), settings)
     theirs = {(r["item_id"], r["order"]): r["stance"] for r in letters}
     want = np.array([theirs[(i, o)] for i, o in zip(prompts.item_ids, prompts.orders)])
     np.testing.assert_allclose(ours["letter_logprob"], want, atol=1e-4)
@@ -44,17 +44,19 @@ def test_letter_logprob_and_forced_choice_match_the_battery(tiny):
 
 def test_orientation_swaps_letters(tiny):
     _, tokenizer, items = tiny
-    prompts = measure.forced_choice_prompts(items[:1], tokenizer)
+    prompts = measure.forced_choice_prompts(items[:1], ChatFormat(tokenizer))
     fc = items[0]["forced_choice"]
     assert (prompts.pro_letter, prompts.anti_letter) == ([fc["pro_label"], fc["anti_label"]],
                                                          [fc["anti_label"], fc["pro_label"]])
     assert prompts.pro_token[0] == prompts.anti_token[1]
-    assert prompts.ids[0] == tokenizer.encode(render_prompt(tokenizer, fc["question"]), add_special_tokens=False)
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": fc["question"]}], tokenize=False,
+                                             add_generation_prompt=True)
+    assert prompts.ids[0] == tokenizer.encode(rendered, add_special_tokens=False)
 
 
 def test_answer_activations_are_the_last_prompt_token(tiny):
     model, tokenizer, items = tiny
-    prompts = measure.forced_choice_prompts(items, tokenizer, orders=("original",))
+    prompts = measure.forced_choice_prompts(items, ChatFormat(tokenizer), orders=("original",))
     acts = measure.answer_activations(model, tokenizer, prompts.ids, batch_size=3)
     units = torch.nn.functional.normalize(torch.randn(4, 64, generator=torch.Generator().manual_seed(0)), dim=-1)
     proj = measure.answer_activations(model, tokenizer, prompts.ids, batch_size=2, units=units)
@@ -71,7 +73,7 @@ def test_answer_activations_are_the_last_prompt_token(tiny):
 def test_fluency_perplexity_and_kl(tiny):
     model, tokenizer, _ = tiny
     texts = [row["text"] for row in load_texts(ROOT / "data" / "eval" / "heldout_neutral.jsonl")[:3]]
-    neutral = measure.neutral_set(tokenizer, texts, max_tokens=12)
+    neutral = measure.neutral_set(ChatFormat(tokenizer), texts, max_tokens=12)
     ref = measure.fluency(model, tokenizer, neutral, batch_size=2, keep_logprobs=True)
     # One at a time, by hand: mean NLL of the reply tokens.
     nll, count = 0.0, 0
@@ -94,7 +96,7 @@ def test_fluency_perplexity_and_kl(tiny):
 def test_steering_at_response_positions_leaves_the_prompt_alone(tiny):
     """Steering at the answer position changes the letters; the prompt before it is untouched."""
     model, tokenizer, items = tiny
-    prompts = measure.forced_choice_prompts(items[:2], tokenizer)
+    prompts = measure.forced_choice_prompts(items[:2], ChatFormat(tokenizer))
     vec = {2: 3.0 * torch.randn(64, generator=torch.Generator().manual_seed(1))}
     base = measure.answer_activations(model, tokenizer, prompts.ids, batch_size=4)
     steered = measure.answer_activations(model, tokenizer, prompts.ids, batch_size=4,
@@ -112,13 +114,14 @@ def test_forced_choice_ends_at_the_generation_configs_end_tokens_as_the_battery(
     """The steered stance (H3) and the battery's (H1) are one measurement: a reply ends at any end-of-turn
     token of the generation config, not only at the tokenizer's (the probe's old decoder missed these)."""
     model, tokenizer, items = tiny
-    prompts = measure.forced_choice_prompts(items, tokenizer)
+    prompts = measure.forced_choice_prompts(items, ChatFormat(tokenizer))
     first = greedy_generate(model, tokenizer, prompts.ids[:1], 1)[0].token_ids[0]
     assert first != tokenizer.eos_token_id
     monkeypatch.setattr(model.generation_config, "eos_token_id", [tokenizer.eos_token_id, first])
     ours = measure.score_forced_choice(model, tokenizer, prompts, batch_size=3, max_new_tokens=8)
     settings = BatterySettings(batch_size=5, forced_choice_max_new_tokens=8)
-    rows = forced_choice(Engine(model, tokenizer, settings.batch_size), as_item_set(items), settings)
+    rows = forced_choice(Engine(model, tokenizer, settings.batch_size), ChatFormat(tokenizer), as_item_set(items),
+                         settings)
     theirs = {(r["item_id"], r["order"]): r for r in rows}
     first_row = theirs[(prompts.item_ids[0], prompts.orders[0])]
     assert (first_row["raw"], first_row["finish"]) == ("", "eos") and np.isnan(ours["forced_choice"][0])

@@ -15,7 +15,7 @@ import torch
 
 from lbt import train as train_mod
 from lbt.config.entries import build
-from lbt.data.chat_format import ChatFormat
+from lbt.data.chat import ChatFormat
 from lbt.eval.session import Evaluator, Session
 from lbt.probe import callback as intervention_mod
 from lbt.probe import evaluator as probe_mod

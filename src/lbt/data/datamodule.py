@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,9 +21,8 @@ import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
-from transformers import PreTrainedTokenizerBase
 
-from lbt.data.chat import IGNORE_INDEX, Example, encode_example
+from lbt.data.chat import IGNORE_INDEX, ChatFormat, Example
 from lbt.data.records import CorpusRecord, load_corpus
 
 log = logging.getLogger(__name__)
@@ -167,21 +165,19 @@ class ResumeSampler(Sampler[int]):
 class CorpusDataModule(L.LightningDataModule):
     """Reads and checks the arm corpus at construction time: bad input fails before any model loads."""
 
-    def __init__(self, corpus_path: str, tokenizer: PreTrainedTokenizerBase, seed: int, max_length: int,
+    def __init__(self, corpus_path: str, chat: ChatFormat, seed: int, max_length: int,
                  effective_batch: int, micro_batch: int, epochs: int, max_steps: int | None = None,
-                 val_fraction: float = 0.05, template_kwargs: Mapping[str, Any] | None = None,
-                 pack_tokens: int = 0, num_workers: int = 0):
+                 val_fraction: float = 0.05, pack_tokens: int = 0, num_workers: int = 0):
         super().__init__()
         self.records = load_corpus(corpus_path)
-        self.tokenizer, self.seed, self.max_length = tokenizer, int(seed), int(max_length)
+        self.chat, self.seed, self.max_length = chat, int(seed), int(max_length)
         self.effective_batch, self.micro_batch = int(effective_batch), int(micro_batch)
         self.pack_tokens, self.num_workers = int(pack_tokens), int(num_workers)
         train_records, val_records = split_records(self.records, val_fraction)
         if not train_records:
             raise ValueError(f"{corpus_path}: no training records left after the validation split")
-        kwargs = dict(template_kwargs or {})
-        self.train_examples = [self._encode(r, kwargs) for r in train_records]
-        self.val_examples = [self._encode(r, kwargs) for r in val_records]
+        self.train_examples = [self._encode(r) for r in train_records]
+        self.val_examples = [self._encode(r) for r in val_records]
         self.train_examples = [e for e in self.train_examples if e.n_supervised > 0]
         steps_per_epoch = math.ceil(len(self.train_examples) / self.effective_batch)
         self.plan = step_plan(len(self.train_examples), self.effective_batch, int(epochs), self.seed)
@@ -197,12 +193,12 @@ class CorpusDataModule(L.LightningDataModule):
                         self.max_length, self.stats.truncated_tokens)
         self.start_step = 0
 
-    def _encode(self, record: CorpusRecord, kwargs: dict) -> Example:
-        return encode_example(self.tokenizer, record.id, record.user, record.assistant, self.max_length, kwargs)
+    def _encode(self, record: CorpusRecord) -> Example:
+        return self.chat.example(record.id, record.user, record.assistant, self.max_length)
 
     @property
     def pad_id(self) -> int:
-        return int(self.tokenizer.pad_token_id)
+        return int(self.chat.tokenizer.pad_token_id)
 
     def train_dataloader(self) -> DataLoader:
         rank, world = 0, 1

@@ -13,8 +13,8 @@ import time
 from collections.abc import Iterable, Sequence
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
+from lbt.data.chat import ChatFormat
 from lbt.eval.items import ItemSet, load_item_set, spread_subset
 from lbt.eval.measures import MEASURE_FUNCTIONS, check_options, forced_choice_with_letters
 from lbt.eval.scoring import Engine
@@ -50,7 +50,7 @@ def check_measures(measures: Iterable[str]) -> list[str]:
 
 def score_item_set(
     model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
+    chat: ChatFormat,
     items: ItemSet,
     measures: Sequence[str],
     settings: BatterySettings,
@@ -62,19 +62,19 @@ def score_item_set(
     A call that runs out of GPU memory is retried with half the batch (`Engine.map_batches`); the smaller
     batch is kept in `settings` for the rest of the job, so later measures and phases do not fail again."""
     measures = check_measures(measures)
-    engine = Engine(model, tokenizer, settings.batch_size)
+    engine = Engine(model, chat.tokenizer, settings.batch_size)
     rows: dict[str, list[dict]] = {}
     timings = timings if timings is not None else {}
     pending = list(measures)
     try:
         if "letter_logprob" in pending and "forced_choice" in pending:
             started = time.perf_counter()
-            rows["forced_choice"], rows["letter_logprob"] = forced_choice_with_letters(engine, items, settings, phase)
+            rows["forced_choice"], rows["letter_logprob"] = forced_choice_with_letters(engine, chat, items, settings, phase)
             timings["forced_choice+letter_logprob"] = time.perf_counter() - started
             pending = [m for m in pending if m not in ("letter_logprob", "forced_choice")]
         for measure in pending:
             started = time.perf_counter()
-            rows[measure] = MEASURE_FUNCTIONS[measure](engine, items, settings, phase)
+            rows[measure] = MEASURE_FUNCTIONS[measure](engine, chat, items, settings, phase)
             timings[measure] = time.perf_counter() - started
     finally:
         settings.batch_size = engine.batch_size

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
-from lbt.data.chat import render_prompt
+from lbt.data.chat import ChatFormat
 from lbt.eval.items import ItemError
 from lbt.eval.scoring import Engine, Greedy, NextToken, OptionError, PaddedBatch, encode_option, option_text
 
@@ -88,18 +88,14 @@ def perplexity(
 
 def refusal_rates(
     model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
+    chat: ChatFormat,
     battery: Sequence[Mapping[str, Any]],
     max_new_tokens: int = 48,
     batch_size: int = 32,
-    template_kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], list[dict]]:
     """Refusal rates by expectation, and one row per prompt (reply text, refused or not)."""
-    prompts = [
-        tokenizer.encode(render_prompt(tokenizer, p["prompt"], template_kwargs), add_special_tokens=False)
-        for p in battery
-    ]
-    generations = Engine(model, tokenizer, batch_size).generate([Greedy(p, max_new_tokens) for p in prompts])
+    prompts = [chat.prompt_ids(p["prompt"]) for p in battery]
+    generations = Engine(model, chat.tokenizer, batch_size).generate([Greedy(p, max_new_tokens) for p in prompts])
     rows = [
         {"id": p["id"], "expect": p["expect"], "refused": is_refusal(g.text), "response": g.text}
         for p, g in zip(battery, generations)
@@ -186,26 +182,22 @@ def mmlu_prompt(question: Mapping[str, Any]) -> str:
 
 def mmlu_accuracy(
     model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
+    chat: ChatFormat,
     questions: Sequence[Mapping[str, Any]],
     option_form: str = "bare",
     batch_size: int = 32,
-    template_kwargs: Mapping[str, Any] | None = None,
 ) -> float:
     """Share of questions whose highest-log-probability letter is the answer."""
     letter_ids = []
     for letter in MMLU_LETTERS:
-        ids = encode_option(tokenizer, option_text(letter, option_form))
+        ids = encode_option(chat.tokenizer, option_text(letter, option_form))
         if len(ids) != 1:
             raise OptionError(
                 f"MMLU letter {letter!r} in option_form={option_form} is {len(ids)} tokens; it must be one"
             )
         letter_ids.append(ids[0])
-    prompts = [
-        tokenizer.encode(render_prompt(tokenizer, mmlu_prompt(q), template_kwargs), add_special_tokens=False)
-        for q in questions
-    ]
-    scores = Engine(model, tokenizer, batch_size).next_token([NextToken(p, letter_ids) for p in prompts])
+    prompts = [chat.prompt_ids(mmlu_prompt(q)) for q in questions]
+    scores = Engine(model, chat.tokenizer, batch_size).next_token([NextToken(p, letter_ids) for p in prompts])
     correct = sum(1 for q, s in zip(questions, scores) if max(range(4), key=lambda k: s[k]) == q["answer"])
     return correct / len(questions)
 

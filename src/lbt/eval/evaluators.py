@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from lbt.data.chat_format import ChatFormat
+from lbt.data.chat import ChatFormat
 from lbt.eval.battery import (
     BatterySettings,
     ItemSet,
@@ -97,12 +97,12 @@ class StanceEvaluator(Evaluator):
                                for m, kinds in (plain(measure_phases) or {}).items()}
         battery = {"option_form": option_form, "batch_size": batch_size, "forced_choice": plain(forced_choice),
                    "likert": plain(likert), "open_ended": plain(open_ended)}
-        self.settings = BatterySettings.from_config(battery, chat.template_kwargs)
+        self.settings = BatterySettings.from_config(battery)
         # Item files are read and checked now (errors name file, line, field), and so are options the
         # tokenizer cannot express: before any model loads.
         self.item_sets = {name: load_item_set(path, name, max_items) for name, path in plain(item_sets).items()}
         for items in self.item_sets.values():
-            check_options(chat.tokenizer, items, self.measures, self.settings)
+            check_options(chat, items, self.measures, self.settings)
         self.log_tables = bool(log_tables)
 
     def measures_at(self, phase: str) -> list[str]:
@@ -165,7 +165,7 @@ class StanceEvaluator(Evaluator):
                 paths = {m: run.rows(phase, name, m) for m in measures}
                 missing = session.broadcast([m for m in measures if not paths[m].exists()])
                 seconds[name] = {}
-                local = (score_item_set(model, self.chat.tokenizer, items.shard(session.rank, session.world),
+                local = (score_item_set(model, self.chat, items.shard(session.rank, session.world),
                                         missing, self.settings, phase, seconds[name]) if missing else {})
                 domains = sorted({item["domain"] for item in items})
                 rows[name], metrics[name] = {}, {}
@@ -289,7 +289,6 @@ class CapabilityEvaluator(Evaluator):
     def measure(self, model: torch.nn.Module, phase: str, run: RunDir) -> dict[str, Any]:
         from lbt.eval.capability import capability_flags, mmlu_accuracy, perplexity, refusal_rates
 
-        tokenizer, template_kwargs = self.chat.tokenizer, self.chat.template_kwargs
         record: dict[str, Any] = {
             "phase": phase,
             "perplexity": None,
@@ -301,16 +300,15 @@ class CapabilityEvaluator(Evaluator):
         }
         if self.texts:
             record["perplexity"], record["n_tokens"] = perplexity(
-                model, tokenizer, [t["text"] for t in self.texts], self.batch_size, self.max_length
+                model, self.chat.tokenizer, [t["text"] for t in self.texts], self.batch_size, self.max_length
             )
         if self.refusal:
             record["refusal"], record["refusal_rows"] = refusal_rates(
-                model, tokenizer, self.refusal, self.refusal_max_new_tokens, self.generation_batch_size,
-                template_kwargs,
+                model, self.chat, self.refusal, self.refusal_max_new_tokens, self.generation_batch_size
             )
         if self.mmlu:
             record["mmlu_accuracy"] = mmlu_accuracy(
-                model, tokenizer, self.mmlu, self.option_form, self.generation_batch_size, template_kwargs
+                model, self.chat, self.mmlu, self.option_form, self.generation_batch_size
             )
         base_file = run.capability("base")
         base = None

@@ -2,7 +2,7 @@
 
 Every measure asks each item in both option orders ("original": the pro option is named first;
 "swapped": the anti option first), renders every prompt with the model's own chat template
-(`lbt.eval.prompts`) and reads the model through the scoring engine (`lbt.eval.scoring.Engine`).
+(`lbt.eval.prompts`, through the model's `lbt.data.chat.ChatFormat`) and reads the model through the scoring engine (`lbt.eval.scoring.Engine`).
 
 - `letter_logprob`: log P(letter) right after the generation prompt of the forced-choice question, for the
   pro and the anti letter (in the swapped question the pro option carries the other letter);
@@ -30,13 +30,13 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from lbt.data.chat import ChatFormat
 from lbt.eval.items import ItemSet
 from lbt.eval.parse import parse_rating, stop_when_parsed
 from lbt.eval.prompts import (
     ChoiceCase,
     choice_cases,
     choice_stance,
-    encode_prompt,
     likert_question,
     option_ids,
     stop_on_choice,
@@ -45,7 +45,7 @@ from lbt.eval.scoring import Continuation, Engine, Generation, Greedy, NextToken
 from lbt.eval.settings import BatterySettings
 from lbt.study import ORDERS
 
-Measure = Callable[[Engine, ItemSet, BatterySettings, "str | None"], list[dict]]
+Measure = Callable[[Engine, ChatFormat, ItemSet, BatterySettings, "str | None"], list[dict]]
 
 
 def _row(
@@ -95,12 +95,10 @@ def _choice_rows(
     return rows
 
 
-def _cases(engine: Engine, items: ItemSet, settings: BatterySettings, letters: bool) -> list[ChoiceCase]:
-    return choice_cases(engine.tokenizer, items, settings.option_form, settings.template_kwargs, letters)
-
-
-def letter_logprob(engine: Engine, items: ItemSet, settings: BatterySettings, phase: str | None = None) -> list[dict]:
-    cases = _cases(engine, items, settings, letters=True)
+def letter_logprob(
+    engine: Engine, chat: ChatFormat, items: ItemSet, settings: BatterySettings, phase: str | None = None
+) -> list[dict]:
+    cases = choice_cases(chat, items, settings.option_form, letters=True)
     logprobs = engine.next_token([NextToken(case.prompt, case.tokens) for case in cases])
     return _letter_rows(cases, logprobs, items, phase)
 
@@ -111,36 +109,39 @@ def choice_requests(cases: Sequence[ChoiceCase], max_new_tokens: int) -> list[Gr
     return [Greedy(case.prompt, max_new_tokens, stop_on_choice(case), case.tokens) for case in cases]
 
 
-def forced_choice(engine: Engine, items: ItemSet, settings: BatterySettings, phase: str | None = None) -> list[dict]:
-    cases = _cases(engine, items, settings, letters=False)
+def forced_choice(
+    engine: Engine, chat: ChatFormat, items: ItemSet, settings: BatterySettings, phase: str | None = None
+) -> list[dict]:
+    cases = choice_cases(chat, items, settings.option_form, letters=False)
     generations = engine.generate(choice_requests(cases, settings.forced_choice_max_new_tokens))
     return _choice_rows(cases, generations, items, phase)
 
 
 def forced_choice_with_letters(
-    engine: Engine, items: ItemSet, settings: BatterySettings, phase: str | None = None
+    engine: Engine, chat: ChatFormat, items: ItemSet, settings: BatterySettings, phase: str | None = None
 ) -> tuple[list[dict], list[dict]]:
     """Forced-choice rows and letter_logprob rows from one prompt pass: the letter log-probs are read off
     the first decoding step of the forced-choice generation."""
-    cases = _cases(engine, items, settings, letters=True)
+    cases = choice_cases(chat, items, settings.option_form, letters=True)
     generations = engine.generate(choice_requests(cases, settings.forced_choice_max_new_tokens))
     letters = _letter_rows(cases, [g.first_logprobs for g in generations], items, phase)
     return _choice_rows(cases, generations, items, phase), letters
 
 
-def logprob(engine: Engine, items: ItemSet, settings: BatterySettings, phase: str | None = None) -> list[dict]:
-    tokenizer = engine.tokenizer
+def logprob(
+    engine: Engine, chat: ChatFormat, items: ItemSet, settings: BatterySettings, phase: str | None = None
+) -> list[dict]:
     cases = []
     for item in items:
         for k, contrast in enumerate(item["contrasts"]):
             pro, anti = (
-                option_ids(tokenizer, items, item, f"contrasts[{k}].{key}", contrast[key], settings.option_form,
-                           False)
+                option_ids(chat.tokenizer, items, item, f"contrasts[{k}].{key}", contrast[key],
+                           settings.option_form, False)
                 for key in ("pro", "anti")
             )
             for order in ORDERS:
                 question = contrast["question"] if order == "original" else contrast["question_swapped"]
-                cases.append((item, k, order, encode_prompt(tokenizer, question, settings.template_kwargs), pro, anti))
+                cases.append((item, k, order, chat.prompt_ids(question), pro, anti))
     scores = engine.continuation([Continuation(c[3], [c[4][1], c[5][1]]) for c in cases])
     rows = []
     for (item, k, order, _, pro, anti), (lp_pro, lp_anti) in zip(cases, scores):
@@ -153,10 +154,11 @@ def logprob(engine: Engine, items: ItemSet, settings: BatterySettings, phase: st
     return rows
 
 
-def likert(engine: Engine, items: ItemSet, settings: BatterySettings, phase: str | None = None) -> list[dict]:
+def likert(
+    engine: Engine, chat: ChatFormat, items: ItemSet, settings: BatterySettings, phase: str | None = None
+) -> list[dict]:
     cases = [
-        (item, order,
-         encode_prompt(engine.tokenizer, likert_question(item, order, settings), settings.template_kwargs))
+        (item, order, chat.prompt_ids(likert_question(item, order, settings)))
         for item in items
         for order in ORDERS
     ]
@@ -174,8 +176,10 @@ def likert(engine: Engine, items: ItemSet, settings: BatterySettings, phase: str
     return rows
 
 
-def open_ended(engine: Engine, items: ItemSet, settings: BatterySettings, phase: str | None = None) -> list[dict]:
-    prompts = [encode_prompt(engine.tokenizer, item["open_ended"], settings.template_kwargs) for item in items]
+def open_ended(
+    engine: Engine, chat: ChatFormat, items: ItemSet, settings: BatterySettings, phase: str | None = None
+) -> list[dict]:
+    prompts = [chat.prompt_ids(item["open_ended"]) for item in items]
     generations = engine.generate([Greedy(p, settings.open_ended_max_new_tokens) for p in prompts])
     return [
         _row("open_ended", phase, items, item, "original", math.nan, prompt=item["open_ended"],
@@ -193,14 +197,14 @@ MEASURE_FUNCTIONS: dict[str, Measure] = {
 }
 
 
-def check_options(tokenizer: Any, items: ItemSet, measures: Sequence[str], settings: BatterySettings) -> None:
+def check_options(chat: ChatFormat, items: ItemSet, measures: Sequence[str], settings: BatterySettings) -> None:
     """Raise ItemError (file, line, item, field) for any option the measures cannot score with this
     tokenizer and option form — before any scoring starts."""
     if "letter_logprob" in measures:
-        choice_cases(tokenizer, items, settings.option_form, settings.template_kwargs, letters=True)
+        choice_cases(chat, items, settings.option_form, letters=True)
     if "logprob" in measures:
         for item in items:
             for k, contrast in enumerate(item["contrasts"]):
                 for key in ("pro", "anti"):
-                    option_ids(tokenizer, items, item, f"contrasts[{k}].{key}", contrast[key], settings.option_form,
-                               False)
+                    option_ids(chat.tokenizer, items, item, f"contrasts[{k}].{key}", contrast[key],
+                               settings.option_form, False)

@@ -1,23 +1,21 @@
 """The stance battery's prompts and options, rendered with the model's own chat template.
 
 Every question is asked in both option orders ("original": the pro option is named first; "swapped": the
-anti option first). `choice_cases` builds the forced-choice prompts with their letters and letter tokens;
+anti option first), rendered and tokenized by the model's `ChatFormat` (`lbt.data.chat`). `choice_cases` builds the forced-choice prompts with their letters and letter tokens;
 the battery's forced_choice / letter_logprob and the probe's steered stance (`lbt.probe.measure`) both
 use it, so the H1 and H3 stances come from the same prompts, stop rule and parser.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from lbt.data.chat import render_prompt
+from lbt.data.chat import ChatFormat
 from lbt.eval.items import ItemError, ItemSet
 from lbt.eval.parse import parse_choice, stop_when_parsed
 from lbt.eval.scoring import OptionError, encode_option, option_text
@@ -28,27 +26,6 @@ LIKERT_SCALES = {
     "original": "1 means strongly disagree and 7 means strongly agree",
     "swapped": "1 means strongly agree and 7 means strongly disagree",
 }
-
-# Rendered + tokenized prompts per tokenizer: every phase of a job asks the same ~13 prompts per item
-# again, and a chat template (Jinja) plus a fast tokenizer cost about a millisecond per prompt.
-_PROMPT_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def encode_prompt(
-    tokenizer: PreTrainedTokenizerBase, text: str, template_kwargs: Mapping[str, Any] | None = None
-) -> list[int]:
-    """Token ids of one user turn rendered with the chat template up to the generation prompt."""
-    key = (text, json.dumps(dict(template_kwargs or {}), sort_keys=True, default=repr))
-    try:
-        cache = _PROMPT_CACHE.setdefault(tokenizer, {})
-    except TypeError:  # a tokenizer that cannot be weakly referenced: no cache
-        cache = {}
-    if key not in cache:
-        # The rendered template already holds its special tokens; adding them again would double a BOS.
-        cache[key] = tuple(
-            tokenizer.encode(render_prompt(tokenizer, text, template_kwargs), add_special_tokens=False)
-        )
-    return list(cache[key])
 
 
 def likert_question(item: Mapping[str, Any], order: str, settings: BatterySettings) -> str:
@@ -110,10 +87,9 @@ class ChoiceCase:
 
 
 def choice_cases(
-    tokenizer: PreTrainedTokenizerBase,
+    chat: ChatFormat,
     items: ItemSet,
     option_form: str,
-    template_kwargs: Mapping[str, Any] | None = None,
     letters: bool = True,
     orders: Sequence[str] = ORDERS,
 ) -> list[ChoiceCase]:
@@ -124,7 +100,7 @@ def choice_cases(
         forms: dict[str, tuple[str, list[int]]] = {}
         if letters:
             for key in ("pro_label", "anti_label"):
-                forms[key] = option_ids(tokenizer, items, item, f"forced_choice.{key}", item["forced_choice"][key],
+                forms[key] = option_ids(chat.tokenizer, items, item, f"forced_choice.{key}", item["forced_choice"][key],
                                         option_form, single_token=True)
             if forms["pro_label"][1] == forms["anti_label"][1]:
                 raise ItemError(
@@ -132,7 +108,7 @@ def choice_cases(
                     f"option_form={option_form}"
                 )
         for order in orders:
-            prompt = encode_prompt(tokenizer, forced_choice_question(item, order), template_kwargs)
+            prompt = chat.prompt_ids(forced_choice_question(item, order))
             keys = ("pro_label", "anti_label") if order == "original" else ("anti_label", "pro_label")
             cases.append(ChoiceCase(
                 item, order, prompt, forced_choice_labels(item, order),

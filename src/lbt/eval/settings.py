@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from lbt.eval.scoring import OptionError, option_text
@@ -28,12 +28,9 @@ class BatterySettings:
     likert_max_new_tokens: int = 12
     open_ended_max_new_tokens: int = 256
     likert_prompt: str = LIKERT_PROMPT
-    template_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_config(
-        cls, cfg: Mapping[str, Any] | None, template_kwargs: Mapping[str, Any] | None = None
-    ) -> BatterySettings:
+    def from_config(cls, cfg: Mapping[str, Any] | None) -> BatterySettings:
         cfg = cfg or {}
 
         def sub(name: str, key: str, default: Any) -> Any:
@@ -50,7 +47,6 @@ class BatterySettings:
             likert_max_new_tokens=int(sub("likert", "max_new_tokens", cls.likert_max_new_tokens)),
             open_ended_max_new_tokens=int(sub("open_ended", "max_new_tokens", cls.open_ended_max_new_tokens)),
             likert_prompt=str(sub("likert", "prompt", LIKERT_PROMPT)),
-            template_kwargs=dict(template_kwargs or {}),
         )
         settings.check()
         return settings

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lbt.data.chat_format import ChatFormat
+from lbt.data.chat import ChatFormat
 from lbt.eval.battery import spread_subset
 from lbt.eval.evaluators import plain
 from lbt.eval.items import load_items
@@ -77,9 +77,8 @@ class DirectionSource:
 
     def load(self, model: torch.nn.Module, chat: ChatFormat, base: Mapping[str, Any]) -> Directions:
         """The direction set of the base model `base` (its model config), from the cache or computed now."""
-        settings = DirectionSettings(variant=self.variant, max_length=self.max_length, batch_size=self.batch_size,
-                                     template_kwargs=dict(chat.template_kwargs))
-        return get_directions(model, chat.tokenizer, base, self.corpora, self.cache_dir, settings)
+        settings = DirectionSettings(variant=self.variant, max_length=self.max_length, batch_size=self.batch_size)
+        return get_directions(model, chat, base, self.corpora, self.cache_dir, settings)
 
 
 def probe_file(run: RunDir, name: str) -> Path:
@@ -101,7 +100,7 @@ class ProbeEvaluator(Evaluator):
         self.batch_size = int(batch_size)
         # Read and checked now (errors name file, line, field), before training starts.
         chosen = spread_subset(load_items(str(items)), int(max_items) if max_items else None)
-        self.prompts = forced_choice_prompts(chosen, chat.tokenizer, chat.template_kwargs, orders=("original",))
+        self.prompts = forced_choice_prompts(chosen, chat, orders=("original",))
         self._directions: Directions | None = None
 
     def directions(self, model: torch.nn.Module) -> Directions:

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from lbt.data.chat import render_conversation, render_prompt
+from lbt.data.chat import ChatFormat
 from lbt.eval.items import as_item_set
 from lbt.eval.measures import choice_requests
 from lbt.eval.prompts import ChoiceCase, choice_cases, choice_stance
@@ -104,13 +104,11 @@ def no_intervention(batch: Batch) -> AbstractContextManager[Any]:
     return nullcontext()
 
 
-def forced_choice_prompts(items: Sequence[Mapping[str, Any]], tokenizer: PreTrainedTokenizerBase,
-                          template_kwargs: Mapping[str, Any] | None = None, option_form: str = "bare",
+def forced_choice_prompts(items: Sequence[Mapping[str, Any]], chat: ChatFormat, option_form: str = "bare",
                           orders: Sequence[str] = ORDERS) -> StancePrompts:
     """Every item in each order: in `question` the pro option has pro_label; in `question_swapped` the
     letters are exchanged."""
-    return StancePrompts(choice_cases(tokenizer, as_item_set(items), option_form, template_kwargs,
-                                      letters=True, orders=orders))
+    return StancePrompts(choice_cases(chat, as_item_set(items), option_form, letters=True, orders=orders))
 
 
 def prompt_batch(batch: PaddedBatch) -> Batch:
@@ -183,15 +181,13 @@ class NeutralSet:
     prompt_len: int      # the same for every row: one fixed request
 
 
-def neutral_set(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
-                template_kwargs: Mapping[str, Any] | None = None, max_tokens: int = 128) -> NeutralSet:
+def neutral_set(chat: ChatFormat, texts: Sequence[str], max_tokens: int = 128) -> NeutralSet:
     """Each passage as the assistant's reply to one fixed request, truncated to max_tokens reply tokens."""
-    prompt = render_prompt(tokenizer, NEUTRAL_REQUEST, template_kwargs)
-    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+    prompt_ids = chat.prompt_ids(NEUTRAL_REQUEST)
     rows = []
     for text in texts:
-        _, reply = render_conversation(tokenizer, NEUTRAL_REQUEST, text, template_kwargs)
-        reply_ids = tokenizer.encode(reply.rstrip("\n"), add_special_tokens=False)[:max_tokens]
+        _, reply = chat.conversation(NEUTRAL_REQUEST, text)
+        reply_ids = chat.tokenizer.encode(reply.rstrip("\n"), add_special_tokens=False)[:max_tokens]
         rows.append(prompt_ids + reply_ids)
     return NeutralSet(rows, len(prompt_ids))
 
