@@ -1,8 +1,9 @@
 """The stance battery's five measures: one function each, rows in the contract's format, positive = pro-change.
 
 Every measure asks each item in both option orders ("original": the pro option is named first;
-"swapped": the anti option first), renders every prompt with the model's own chat template
-(`lbt.eval.prompts`, through the model's `lbt.data.chat.ChatFormat`) and reads the model through the scoring engine (`lbt.eval.scoring.Engine`).
+"swapped": the anti option first), renders every prompt with the model's own chat template through the
+model's `lbt.data.chat.ChatFormat` (`lbt.eval.prompts`), and reads the model through the scoring engine
+(`lbt.eval.scoring.Engine`). A measure takes (engine, chat, items, settings, phase).
 
 - `letter_logprob`: log P(letter) right after the generation prompt of the forced-choice question, for the
   pro and the anti letter (in the swapped question the pro option carries the other letter);
