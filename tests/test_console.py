@@ -201,3 +201,19 @@ def test_log_every_steps_is_checked():
     with pytest.raises(ConfigError, match="train.log_every_steps=0: must be null or an integer >= 1"):
         check_config(compose_train(["train.log_every_steps=0"]))
 
+
+def test_direction_computing_logs_its_progress(tiny_model, tmp_path, caplog):
+    """The base model's direction set took ~27 s on a CPU without a word; now each arm's records count up."""
+    from lbt.data.chat import ChatFormat
+    from lbt.probe import directions as dirs
+    from tests.test_directions import write_paired_corpora
+
+    cfg, tokenizer, model = tiny_model
+    corpora = write_paired_corpora(tmp_path)
+    caplog.set_level(logging.INFO, logger="lbt.probe.directions")
+    dirs.get_directions(model, ChatFormat(tokenizer), cfg.model, corpora, tmp_path / "cache",
+                        dirs.DirectionSettings(max_length=96, batch_size=2))
+    lines = [r.getMessage() for r in caplog.records if r.name == "lbt.probe.directions"]
+    assert "not cached; computing them from 12 frame_plus records and 12 frame_minus records" in lines[0]
+    counts = [line for line in lines if line.startswith("directions: frame_plus records")]
+    assert len(counts) >= 3 and counts[-1].startswith("directions: frame_plus records 12/12")

@@ -45,7 +45,7 @@ from lbt.study import is_phase, phase_kind
 if TYPE_CHECKING:
     import torch
 
-    from lbt.data.chat_format import ChatFormat
+    from lbt.data.chat import ChatFormat
     from lbt.eval.evaluators import StanceEvaluator
 
 log = logging.getLogger("lbt.evaluate")
@@ -159,7 +159,7 @@ def stance_evaluator(cfg: DictConfig, chat: ChatFormat) -> StanceEvaluator:
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Score the configured item files; returns the phase summary (also written to summary.json)."""
     check_evaluate_config(cfg)  # types, ranges, allowed values, GPU: before any file or model is read
-    from lbt.data.chat_format import ChatFormat
+    from lbt.data.chat import ChatFormat
     from lbt.eval.session import Session
 
     quiet_libraries()

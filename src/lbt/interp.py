@@ -47,7 +47,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lbt.console import quiet_libraries, user_errors
-from lbt.data.chat_format import ChatFormat
+from lbt.data.chat import ChatFormat
 from lbt.eval.battery import spread_subset
 from lbt.eval.items import load_items, load_texts
 from lbt.model.load import load_model, load_tokenizer, resolve_dtype
@@ -171,10 +171,9 @@ def load_family(name: str, entries: list[tuple[Job, dict[str, Any]]], args: argp
     directions = source.load(model, chat, settings.model)
 
     items = spread_subset(load_items(args.items or settings.items), args.max_items)
-    prompts = forced_choice_prompts(items, tokenizer, chat.template_kwargs, option_form=args.option_form)
+    prompts = forced_choice_prompts(items, chat, option_form=args.option_form)
     texts = [row["text"] for row in load_texts(args.neutral or settings.neutral)]
-    neutral = neutral_set(tokenizer, texts[: args.max_neutral] if args.max_neutral else texts, chat.template_kwargs,
-                          args.neutral_tokens)
+    neutral = neutral_set(chat, texts[: args.max_neutral] if args.max_neutral else texts, args.neutral_tokens)
 
     jobs = [job for job, _ in entries]
     if jobs:

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     import lightning as L
 
     from lbt.cluster import GracefulStop
-    from lbt.data.chat_format import ChatFormat
+    from lbt.data.chat import ChatFormat
     from lbt.eval.session import Evaluator
 
 log = logging.getLogger("lbt.train")
@@ -191,7 +191,7 @@ def run_job(cfg: DictConfig, run: RunDir, card: dict[str, Any]) -> dict[str, Any
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from lbt.cluster import GracefulStop, RNGState, env_local_rank, env_rank
-    from lbt.data.chat_format import ChatFormat
+    from lbt.data.chat import ChatFormat
     from lbt.data.datamodule import CorpusDataModule
     from lbt.eval.scoring import set_decode
     from lbt.loggers import build_logger
@@ -230,10 +230,9 @@ def run_job(cfg: DictConfig, run: RunDir, card: dict[str, Any]) -> dict[str, Any
     fast = cfg.hardware.fast
     set_decode(fast.get("decode"))  # how evaluation's greedy decoding runs (lbt.eval.scoring)
     data = CorpusDataModule(
-        corpus["path"], tokenizer, seed=int(cfg.seed), max_length=int(cfg.train.max_length),
+        corpus["path"], chat, seed=int(cfg.seed), max_length=int(cfg.train.max_length),
         effective_batch=int(cfg.train.effective_batch), micro_batch=int(cfg.train.micro_batch),
         epochs=int(cfg.train.epochs), max_steps=cfg.train.max_steps, val_fraction=float(cfg.data.val_fraction),
-        template_kwargs=chat.template_kwargs,
         pack_tokens=int(fast.pack_tokens),
         num_workers=int(cfg.hardware.num_workers))
     config = public_config(cfg)

@@ -23,7 +23,7 @@ import lightning as L
 import torch
 
 from lbt.choices import INTERVENTION_MODES as MODES
-from lbt.data.chat_format import ChatFormat
+from lbt.data.chat import ChatFormat
 from lbt.eval.evaluators import plain
 from lbt.probe import hooks
 from lbt.probe.evaluator import DirectionSource, probe_file

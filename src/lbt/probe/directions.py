@@ -22,7 +22,8 @@ and the separation (Cohen's d of the two classes' projections on the unit direct
 several layers separate the classes perfectly) go to the larger separation, then to the earlier layer.
 
 Cache: `<cache_dir>/directions/<key>.pt` (+ `.json` summary), key = hash of the model identity (name,
-path, random_init, init_seed, architecture, dtype), the two corpora's sha256 and the extraction settings.
+path, random_init, init_seed, architecture, dtype), the two corpora's sha256, the extraction settings and
+the chat format's template arguments.
 Parallel jobs of one model take an fcntl lock on `<key>.lock`: the first computes, the others wait and load.
 """
 
@@ -44,10 +45,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from transformers import PreTrainedTokenizerBase
 
 from lbt.choices import SUMMARIES
-from lbt.data.chat import IGNORE_INDEX, encode_example
+from lbt.data.chat import IGNORE_INDEX, ChatFormat
 from lbt.data.records import CorpusRecord, file_sha256, load_corpus
 from lbt.eval.batching import length_batches, pad_id_of, right_pad
 from lbt.model.modes import evaluation_mode
@@ -66,27 +66,27 @@ class DirectionSettings:
     variant: str = "assistant_mean"
     max_length: int = 1024
     batch_size: int = 8
-    template_kwargs: Mapping[str, Any] | None = None
     probe_folds: int = 5
 
 
 # -- activations ---------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def corpus_activations(model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: Sequence[CorpusRecord],
-                       settings: DirectionSettings) -> dict[str, torch.Tensor]:
+def corpus_activations(model: nn.Module, chat: ChatFormat, records: Sequence[CorpusRecord],
+                       settings: DirectionSettings, label: str = "") -> dict[str, torch.Tensor]:
     """{summary: (N, L, D) float32 on CPU} for each record, one right-padded forward per batch."""
-    examples = [encode_example(tokenizer, r.id, r.user, r.assistant, settings.max_length, settings.template_kwargs)
-                for r in records]
+    examples = [chat.example(r.id, r.user, r.assistant, settings.max_length) for r in records]
     for record, example in zip(records, examples):
         if example.n_supervised == 0:
             raise ValueError(f"record {record.id} (line {record.line}): no assistant token within "
                              f"max_length={settings.max_length}")
     device = next(model.parameters()).device
-    pad_id = pad_id_of(tokenizer)
+    pad_id = pad_id_of(chat.tokenizer)
     n_layers = hooks.num_layers(model)
     out: dict[str, list[torch.Tensor | None]] = {s: [None] * len(records) for s in SUMMARIES}
-    for idx in length_batches([len(e.input_ids) for e in examples], settings.batch_size):
+    batches = list(length_batches([len(e.input_ids) for e in examples], settings.batch_size))
+    started, reported = time.time(), 0
+    for done, idx in enumerate(batches, 1):
         batch = right_pad([examples[i].input_ids for i in idx], pad_id, device)
         labels = [examples[i].labels for i in idx]
         width = batch["input_ids"].shape[1]
@@ -101,6 +101,11 @@ def corpus_activations(model: nn.Module, tokenizer: PreTrainedTokenizerBase, rec
         for row, i in enumerate(idx):
             for k, summary in enumerate(SUMMARIES):
                 out[summary][i] = stacked[row, :, k]
+        # Progress about every 10 % of the records (the study's corpora take minutes on a CPU).
+        if done == len(batches) or 10 * done // len(batches) > reported:
+            reported = 10 * done // len(batches)
+            log.info("directions: %s records %d/%d (%.0f s)", label or "corpus",
+                     sum(len(b) for b in batches[:done]), len(records), time.time() - started)
     return {s: torch.stack(v) for s, v in out.items()}  # type: ignore[arg-type]
 
 
@@ -290,9 +295,10 @@ def model_identity(model_cfg: DictConfig | Mapping[str, Any], dtype: torch.dtype
             "dtype": str(dtype).replace("torch.", "")}
 
 
-def direction_key(identity: Mapping[str, Any], corpora_sha: Mapping[str, str], settings: DirectionSettings) -> str:
+def direction_key(identity: Mapping[str, Any], corpora_sha: Mapping[str, str], settings: DirectionSettings,
+                  chat: ChatFormat) -> str:
     material = {"identity": dict(identity), "corpora": dict(corpora_sha), "version": VERSION,
-                "max_length": settings.max_length, "template_kwargs": dict(settings.template_kwargs or {}),
+                "max_length": settings.max_length, "template_kwargs": dict(chat.template_kwargs),
                 "folds": settings.probe_folds}
     digest = hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:20]
     return f"{identity.get('name') or 'model'}-{digest}"
@@ -327,7 +333,7 @@ def load_or_compute(cache_dir: str | Path, key: str, compute: Callable[[], dict[
     return payload
 
 
-def get_directions(model: nn.Module, tokenizer: PreTrainedTokenizerBase, model_cfg: DictConfig | Mapping[str, Any],
+def get_directions(model: nn.Module, chat: ChatFormat, model_cfg: DictConfig | Mapping[str, Any],
                    corpora: Mapping[str, str | Path], cache_dir: str | Path,
                    settings: DirectionSettings = DirectionSettings()) -> Directions:
     """The direction set of this base model (adapters off), from the cache or computed now."""
@@ -343,20 +349,22 @@ def get_directions(model: nn.Module, tokenizer: PreTrainedTokenizerBase, model_c
     dtype = next(model.parameters()).dtype
     identity = model_identity(model_cfg, dtype)
     shas = {arm: file_sha256(path) for arm, path in paths.items()}
-    key = direction_key(identity, shas, settings)
+    key = direction_key(identity, shas, settings, chat)
 
     def compute() -> dict[str, Any]:
         started = time.time()
         records = {arm: load_corpus(path) for arm, path in paths.items()}
         with evaluation_mode(model, adapters=False):  # the base model: adapters off
-            acts = {arm: corpus_activations(model, tokenizer, recs, settings) for arm, recs in records.items()}
+            log.info("directions %s: not cached; computing them from %s (%s)", key,
+                     " and ".join(f"{len(recs)} {arm} records" for arm, recs in records.items()), settings.variant)
+            acts = {arm: corpus_activations(model, chat, recs, settings, label=arm) for arm, recs in records.items()}
         fitted = fit_directions(acts[FRAME_PLUS.name], acts[FRAME_MINUS.name],
                                 [r.scenario_id for r in records[FRAME_PLUS.name]],
                                 [r.scenario_id for r in records[FRAME_MINUS.name]], settings.probe_folds)
         fitted.update(identity=identity, corpora={arm: {"path": str(p), "sha256": shas[arm]} for arm, p in
                                                   paths.items()},
                       settings={"variant": settings.variant, "max_length": settings.max_length,
-                                "template_kwargs": dict(settings.template_kwargs or {}), "version": VERSION},
+                                "template_kwargs": dict(chat.template_kwargs), "version": VERSION},
                       created=time.strftime("%Y-%m-%dT%H:%M:%S"), wall_time_s=round(time.time() - started, 3))
         log.info("directions %s: ℓ*=%s (%s), %.1f s", key, fitted["l_star"][settings.variant], settings.variant,
                  fitted["wall_time_s"])
