@@ -8,6 +8,7 @@ sweep, a sweep without W&B logging, no key) is one line on stderr and exit statu
 
 from __future__ import annotations
 
+import ast
 import copy
 import json
 import os
@@ -91,11 +92,35 @@ def test_keys_are_the_ones_the_loggers_write():
         keys.validity("target", "letter_logprob"): 0.75,
     }
     assert keys.PROBE_POSITIONS == POSITIONS
-    # Lightning's self.log calls name these literally (in the module today; val/loss moved there from phases).
-    sources = "".join(p.read_text(encoding="utf-8") for p in (ROOT / "src" / "lbt").rglob("*.py")
-                      if p.name != "wandb_keys.py" and "dashboard" not in p.parts)
-    for key in (keys.TRAIN_LOSS, keys.TRAIN_LR, keys.TRAIN_TOKENS_PER_S, keys.VAL_LOSS):
-        assert f'"{key}"' in sources, key
+
+
+# The modules that log a training run's values; the keys they log are lbt.wandb_keys', never spelled again.
+LOGGING_MODULES = ("model/module.py", "eval/evaluators.py", "eval/summary.py", "eval/session.py",
+                   "probe/evaluator.py", "phases.py", "loggers.py")
+KEY_PREFIXES = ("train/", "val/", "eval/", "eval_rows/", "shift_vs_base/", "cap/", "probe/", "trainer/")
+
+
+def key_literals(path: Path) -> list[str]:
+    """String constants (the fixed head of an f-string too) of a module that start like a W&B key;
+    docstrings left out."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and node.body
+                  and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.JoinedStr) and node.values and isinstance(node.values[0], ast.Constant):
+            node = node.values[0]
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings \
+                and node.value.startswith(KEY_PREFIXES):
+            found.append(node.value)
+    return found
+
+
+def test_the_logging_modules_take_every_key_from_wandb_keys():
+    for name in LOGGING_MODULES:
+        assert key_literals(ROOT / "src" / "lbt" / name) == [], name
+    assert key_literals(ROOT / "tests" / "test_dashboard.py")            # the check finds a literal key
 
 
 def test_stance_shifts_are_phase_minus_base():

@@ -10,6 +10,7 @@ import math
 import pytest
 
 from lbt import train as train_mod
+from lbt import wandb_keys
 from lbt.data.chat import ChatFormat
 from lbt.eval import evaluators as evaluators_mod
 from lbt.eval.battery import MEASURES, MeasureError
@@ -32,17 +33,20 @@ BATTERY = {
 class RecordingLogger:
     def __init__(self):
         self.metrics: list[tuple[dict, int]] = []
-        self.tables: list[tuple[str, list, list]] = []
+        self.tables: list[tuple[str, list, list, int]] = []
 
     def log_metrics(self, metrics, step):
         self.metrics.append((metrics, step))
 
-    def log_table(self, key, columns, data):
-        self.tables.append((key, columns, data))
+    def log_table(self, key, columns, data, step=None):
+        self.tables.append((key, columns, data, step))
+
+    def save(self):
+        pass
 
 
-def session(tmp_path, loggers=()):
-    return Session(RunDir(tmp_path / "job"), step=7, loggers=list(loggers))
+def session(tmp_path, loggers=(), step=7):
+    return Session(RunDir(tmp_path / "job"), step=step, loggers=list(loggers))
 
 
 def make_evaluator(tmp_path, tokenizer, measures=MEASURES, **kwargs):
@@ -76,20 +80,45 @@ def test_phase_writes_rows_summary_and_logs(tiny_eval, tmp_path, monkeypatch):
     ((metrics, step),) = logger.metrics
     assert step == 7 and metrics["eval/target/letter_logprob/stance"] == pytest.approx(stats["mean_stance"])
     assert "eval/source/logprob/domain/park_rules" in metrics
-    keys = {key for key, _, _ in logger.tables}
-    assert "eval_rows/step_3/target/likert" in keys and len(keys) == 2 * len(MEASURES)
-    _, columns, data = next(t for t in logger.tables if t[0] == "eval_rows/step_3/source/letter_logprob")
-    assert columns[:8] == [
-        "measure",
-        "phase",
-        "item_set",
-        "item_id",
-        "base_item",
-        "domain",
-        "order",
-        "stance",
-    ]
-    assert len(data) == 4
+    assert not any(k.startswith(wandb_keys.SHIFT_PREFIX) for k in metrics)   # no base phase to subtract
+    # One table per measure (not per phase and item set), at the phase's step, phase and item set first.
+    assert sorted(key for key, *_ in logger.tables) == sorted(wandb_keys.rows_table(m) for m in MEASURES)
+    assert {step for *_, step in logger.tables} == {7}
+    _, columns, data, _ = next(t for t in logger.tables if t[0] == "eval_rows/letter_logprob")
+    assert columns[:8] == ["phase", "item_set", "measure", "item_id", "base_item", "domain", "order", "stance"]
+    assert len(data) == 2 * (2 + 4)
+
+
+def test_shift_from_base_and_row_tables_across_phases_and_a_resume(tiny_eval, tmp_path, monkeypatch):
+    """Base logs shift 0; a later phase, scored by a new evaluator as a resumed job would, logs its stance
+    minus base's (read from base's summary) and tables holding the rows of both phases."""
+    model, tokenizer = tiny_eval
+    monkeypatch.setattr("lightning.pytorch.loggers.WandbLogger", RecordingLogger)
+    measures = ["letter_logprob", "logprob"]  # scored by the untrained model (its generations do not parse)
+    first = RecordingLogger()
+    make_evaluator(tmp_path, tokenizer, measures).evaluate(model, "base", session(tmp_path, [first], step=0))
+    ((base_metrics, base_step),) = first.metrics
+    shifts = {wandb_keys.shift_vs_base(s, m) for s in ("source", "target") for m in measures}
+    assert base_step == 0 and {k: v for k, v in base_metrics.items() if k in shifts} == dict.fromkeys(shifts, 0.0)
+    # Move base's recorded mean stance, so the shift is not 0 by construction (same model at both phases).
+    summary_path = tmp_path / "job/eval/base/summary.json"
+    base = json.loads(summary_path.read_text())
+    base["item_sets"]["target"]["measures"]["letter_logprob"]["mean_stance"] -= 0.25
+    summary_path.write_text(json.dumps(base))
+
+    resumed = RecordingLogger()
+    make_evaluator(tmp_path, tokenizer, measures).evaluate(model, "step_2", session(tmp_path, [resumed], step=2))
+    ((metrics, step),) = resumed.metrics
+    stance = metrics[wandb_keys.stance("target", "letter_logprob")]
+    assert step == 2 and metrics[wandb_keys.shift_vs_base("target", "letter_logprob")] == pytest.approx(
+        stance - base["item_sets"]["target"]["measures"]["letter_logprob"]["mean_stance"])
+    assert metrics[wandb_keys.shift_vs_base("source", "logprob")] == pytest.approx(0.0)
+    assert sorted(key for key, *_ in resumed.tables) == sorted(wandb_keys.rows_table(m) for m in measures)
+    for key, columns, data, step in resumed.tables:
+        per_phase = {"eval_rows/letter_logprob": 2, "eval_rows/logprob": 8}[key] * (2 + 4)  # rows per item × items
+        assert step == 2 and columns[:2] == list(wandb_keys.ROWS_TABLE_COLUMNS)
+        assert [row[0] for row in data] == ["base"] * per_phase + ["step_2"] * per_phase  # base's rows first
+        assert [row[1] for row in data[:per_phase]] == sorted(row[1] for row in data[:per_phase])  # source, target
 
 
 def test_finished_phase_is_skipped_and_half_written_phase_completes(tiny_eval, tmp_path, monkeypatch):

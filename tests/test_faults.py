@@ -845,13 +845,13 @@ def test_sigkill_keeps_the_metrics_rows_written_and_the_rerun_appends_the_rest(r
     assert read_json(run.lock)["pid"] not in (os.getpid(), None)          # the killed process's
     first = run.metrics_csv.read_bytes()
     with open(run.metrics_csv, newline="") as handle:
-        assert [int(r["step"]) for r in csv.DictReader(handle) if r["train/loss"]] == [0, 1, 2, 3, 4]
+        assert [int(r["step"]) for r in csv.DictReader(handle) if r["train/loss"]] == [1, 2, 3, 4, 5]
 
     train_mod.train(config(root, "sigkill_csv"))
     check_finished(run.root, reference)
     assert run.metrics_csv.read_bytes().startswith(first)
     with open(run.metrics_csv, newline="") as handle:
-        assert [int(r["step"]) for r in csv.DictReader(handle) if r["train/loss"]] == list(range(TOTAL))
+        assert [int(r["step"]) for r in csv.DictReader(handle) if r["train/loss"]] == list(range(1, TOTAL + 1))
 
 
 def test_a_process_whose_lock_was_taken_over_ends_without_writing_more(tmp_path):

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from lbt import train as train_mod
+from lbt import wandb_keys
 from lbt.config.entries import build
 from lbt.data.chat import ChatFormat
 from lbt.eval.session import Evaluator, Session
@@ -112,12 +113,19 @@ def test_shift_by_hand_and_standard_error():
     assert record["shift_se"]["answer"] == [pytest.approx(1.0)] and record["shift_se"]["prompt_mean"] == [0.0]
 
 
-def test_scalars_reach_the_logger(job):
+def test_scalars_reach_the_logger_on_the_training_step_axis(job):
+    """csv/metrics.csv: the probe at base, step_1 and final sits at steps 0, 1, 2; the loss of the n-th
+    optimizer step at n, beside the probe of the model it made."""
     _, job_dir, _ = job
     with open(job_dir / "csv" / "metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
-    values = [r["probe/answer_shift_lstar"] for r in rows if r.get("probe/answer_shift_lstar")]
-    assert len(values) == 3 and float(values[0]) == 0.0
+
+    def at(key: str) -> list[tuple[int, float]]:
+        return [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
+
+    shift = at(wandb_keys.probe_shift_at_l_star())
+    assert [step for step, _ in shift] == [0, 1, 2] and shift[0][1] == 0.0
+    assert [step for step, _ in at(wandb_keys.TRAIN_LOSS)] == [1, 2]
 
 
 def probe_of(cfg, tokenizer) -> probe_mod.ProbeEvaluator:
@@ -158,9 +166,10 @@ def test_wandb_line_plots_per_phase():
         experiment = Experiment()
     record = {"layers": [0, 1], "projection": {"answer": [0.1, 0.2], "prompt_mean": [0.0, 0.1]},
               "shift": {"answer": [0.0, 0.05], "prompt_mean": [0.0, 0.0]}}
-    probe_mod.log_wandb_lines(WandbLogger(), "final", record)
+    probe_mod.log_wandb_lines(WandbLogger(), "final", record, step=12)
     assert set(logged[0]) == {"probe/final/answer_projection", "probe/final/prompt_mean_projection",
-                              "probe/final/answer_shift", "probe/final/prompt_mean_shift"}
+                              "probe/final/answer_shift", "probe/final/prompt_mean_shift", wandb_keys.STEP}
+    assert logged[0][wandb_keys.STEP] == 12                              # on the run's one step axis
 
 
 @pytest.mark.parametrize("probe", [True, False])

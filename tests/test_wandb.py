@@ -13,8 +13,10 @@ import pytest
 
 from lbt import loggers
 from lbt import train as train_mod
+from lbt import wandb_keys as keys
 from lbt.loggers import finish_wandb, job_run_id, run_id, wandb_key_in_netrc, wandb_mode
-from tests.conftest import compose_train, write_toy_corpus
+from tests.conftest import ROOT, compose_train, write_toy_corpus
+from tests.test_directions import write_paired_corpora
 
 SECRETS = {"HF_TOKEN": "hf_env_secret_4a1b", "LBT_LLM_API_KEY": "sk-llm-secret-77c2"}
 CONFIG_SECRETS = ("hf_config_secret_9d3e", "sk-config-secret-51f0")
@@ -40,6 +42,12 @@ def wandb_records(path: Path):
             record.ParseFromString(b"".join(chunks))
             chunks = []
             yield record
+
+
+def history(records) -> list[dict]:
+    """The run's logged rows (one per log call), key → value."""
+    return [{(item.key or "/".join(item.nested_key)): json.loads(item.value_json) for item in r.history.item}
+            for r in records if r.WhichOneof("record_type") == "history"]
 
 
 def isolate_wandb(monkeypatch, tmp_path: Path) -> None:
@@ -77,14 +85,13 @@ def test_offline_job_logs_metrics_and_config_without_secrets(tmp_path, monkeypat
     records = list(wandb_records(run_file))
     (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     name = "tiny-frame_plus-s0"
-    assert (run.display_name, run.run_group, run.job_type, run.project) == (name, "wb-sweep", "frame_plus", "lbt")
+    assert (run.display_name, run.run_group, run.job_type, run.project) == (name, "wb-sweep", "train", "lbt")
     assert run.run_id == run_id("wb-sweep", name)
     assert set(run.tags) == {"model:tiny", "arm:frame_plus", "seed:0", "experiment:none"}
     config = {item.key: json.loads(item.value_json) for item in run.config.update}
     assert config["seed"] == 0 and config["train"]["effective_batch"] == 8
     assert config["model"]["hf_token"] == "<redacted>" and config["extra"]["api_key"] == "<redacted>"
-    losses = [json.loads(item.value_json) for r in records if r.WhichOneof("record_type") == "history"
-              for item in r.history.item if (item.key or "/".join(item.nested_key)) == "train/loss"]
+    losses = [row[keys.TRAIN_LOSS] for row in history(records) if keys.TRAIN_LOSS in row]
     assert losses == pytest.approx(card["loss_history"])
 
     for path in (tmp_path / "job").rglob("*"):
@@ -121,3 +128,52 @@ def test_run_id_is_stable_per_sweep_job_and_distinct_otherwise(tmp_path):
     single = {**job, "sweep": None}                                       # two single runs never share a run
     assert job_run_id(single, tmp_path / "a", name) != job_run_id(single, tmp_path / "b", name)
     assert len(first) == 16 and int(first, 16) >= 0
+
+
+def test_a_run_logs_every_value_on_one_step_axis_with_shifts_and_one_table_per_measure(tmp_path, monkeypatch):
+    """A job with the stance battery and the probe, 4 optimizer steps, phases base, step_2, final: every
+    scalar sits at the optimizer steps its model has had (train/loss of the n-th step at n, like the phase
+    step_n), shift_vs_base is the stance minus base's (0 at base), one rows table per measure."""
+    isolate_wandb(monkeypatch, tmp_path)
+    corpora = write_paired_corpora(tmp_path, n=16)
+    cfg = compose_train([
+        f"arm.corpus={corpora['frame_plus']}", "data.require_validation=false", "logger=wandb",
+        "eval.stance.max_items=2", "eval.stance.measures=[letter_logprob,logprob]", "eval.capability=null",
+        "probe=default", f"probe.items={ROOT / 'data' / 'eval' / 'target_items.jsonl'}", "probe.max_items=4",
+        f"directions.arms.plus.corpus={corpora['frame_plus']}",
+        f"directions.arms.minus.corpus={corpora['frame_minus']}", f"paths.cache_dir={tmp_path / 'cache'}",
+        "train.effective_batch=4", "train.micro_batch=4", "train.max_steps=4", "train.max_length=96",
+        "train.checkpoint_fractions=[0.5,1.0]", f"+job_dir={tmp_path / 'job'}", "sweep_name=axis"])
+    try:
+        card = train_mod.train(cfg)
+    finally:
+        finish_wandb()
+    (run_file,) = (tmp_path / "job" / "wandb_files" / "wandb").glob("offline-run-*/run-*.wandb")
+    rows = history(wandb_records(run_file))
+    assert all(keys.STEP in row for row in rows)
+
+    def steps(key: str) -> list[int]:
+        """Steps of a scalar, or of a table or plot (logged as `<key>/<field>` items)."""
+        return [row[keys.STEP] for row in rows if key in row or any(k.startswith(f"{key}/") for k in row)]
+
+    def values(key: str) -> list[float]:
+        return [row[key] for row in rows if key in row]
+
+    assert steps(keys.TRAIN_LOSS) == [1, 2, 3, 4] and values(keys.TRAIN_LOSS) == pytest.approx(card["loss_history"])
+    assert steps(keys.VAL_LOSS) == [v["step"] for v in card["val_loss"]] == [2, 4]
+    for measure in ("letter_logprob", "logprob"):
+        stance, shift = keys.stance("target", measure), keys.shift_vs_base("target", measure)
+        assert steps(stance) == steps(shift) == [0, 2, 4]
+        assert values(shift) == pytest.approx([v - values(stance)[0] for v in values(stance)])
+        assert values(shift)[0] == 0.0
+        assert steps(keys.rows_table(measure)) == [0, 2, 4]
+    for position in keys.PROBE_POSITIONS:
+        assert steps(keys.probe_shift_at_l_star(position)) == [0, 2, 4]
+    assert steps(keys.probe_layer_plot("step_2", "answer_shift") + "_table") == [2]     # W&B's name for a plot
+    assert not [key for row in rows for key in row if key.startswith(("eval_rows/step_", "eval_rows/base/"))]
+    # The last version of a measure's table holds every phase's rows, phase first.
+    path = f"{keys.rows_table('letter_logprob')}/path"
+    (final_table,) = [row[path] for row in rows if row[keys.STEP] == 4 and path in row]
+    table = json.loads((run_file.parent / "files" / final_table).read_text())
+    assert table["columns"][:2] == ["phase", "item_set"]
+    assert [r[0] for r in table["data"]] == ["base"] * 8 + ["step_2"] * 8 + ["final"] * 8

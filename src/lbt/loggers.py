@@ -1,8 +1,13 @@
 """Metric loggers from the `logger` config group: wandb (online or offline), csv, none.
 
-W&B: one run per job, group = the sweep's name, a deterministic run id per (sweep, job) with
-resume="allow" (a requeued job continues its run), offline mode when there is no API key or no
-network, and `wandb.finish()` always (finish_wandb, called from a `finally`).
+W&B: one run per job, group = the sweep's name, job_type `train` (the arm is in the config and the tags;
+names from lbt.wandb_keys), a deterministic run id per (sweep, job) with resume="allow" (a requeued job
+continues its run), offline mode when there is no API key or no network, and `wandb.finish()` always
+(finish_wandb, called from a `finally`).
+
+Every metric of a training job goes through `log_at_step` with the step it describes (optimizer steps
+completed: base 0, step_<n> n, final the last), so training, validation, evaluation and probe values share
+one axis: `trainer/global_step` in W&B, the `step` column of csv/metrics.csv.
 """
 
 from __future__ import annotations
@@ -12,11 +17,14 @@ import logging
 import netrc
 import os
 import socket
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from omegaconf import DictConfig
+
+from lbt import wandb_keys as keys
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +93,25 @@ def build_logger(logger_cfg: DictConfig, job_dir: Path, job: dict[str, Any], con
     if reason and rank_zero:
         log.warning("W&B offline (%s): logging to %s; upload later with `wandb sync %s/wandb/offline-run-*`",
                     reason, wandb_dir, wandb_dir)
-    name = f"{job['model']}-{job['arm']}-s{job['seed']}"
+    name = keys.run_name(job["model"], job["arm"], job["seed"])
+    sweep = job.get("sweep")
     return WandbLogger(
-        project=str(logger_cfg.project), entity=logger_cfg.get("entity"), group=job.get("sweep"),
-        job_type=job["arm"], name=name, id=job_run_id(job, job_dir, name), resume="allow",
-        tags=[f"model:{job['model']}", f"arm:{job['arm']}", f"seed:{job['seed']}",
-              f"experiment:{job.get('experiment') or 'none'}"],
+        project=str(logger_cfg.project), entity=logger_cfg.get("entity"),
+        group=keys.run_group(sweep) if sweep else None, job_type=keys.JOB_TYPE_TRAIN, name=name,
+        id=job_run_id(job, job_dir, name), resume="allow",
+        tags=keys.run_tags(job["model"], job["arm"], job["seed"], job.get("experiment")),
         save_dir=str(wandb_dir), mode=mode, config=config, log_model=False,
     )
+
+
+def log_at_step(loggers: Iterable[Any], metrics: Mapping[str, float], step: int) -> None:
+    """Scalars to every logger at `step` (optimizer steps completed), flushed at once: a job killed later
+    keeps them in csv/metrics.csv. Call on rank 0 only."""
+    if not metrics:
+        return
+    for logger in loggers:
+        logger.log_metrics(dict(metrics), step=int(step))
+        logger.save()
 
 
 def appending_csv_logger(job_dir: Path):

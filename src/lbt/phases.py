@@ -123,7 +123,8 @@ class CheckpointPhases(L.Callback):
                         param.copy_(current[name])
 
     def dispatch(self, trainer: L.Trainer, module: L.LightningModule, phase: str) -> None:
-        session = trainer_session(trainer, self.run)
+        # Logged at the phase's own step, also when a resumed job evaluates a past phase again.
+        session = trainer_session(trainer, self.run, phase_step(phase, self.total_steps))
         # The training forward's precision context (autocast under bf16-mixed) applies to evaluation too.
         with eager_layers(module.model), trainer.precision_plugin.forward_context():
             for evaluator in self.evaluators:
@@ -181,9 +182,10 @@ class CheckpointPhases(L.Callback):
         self.dispatch(trainer, pl_module, "final")
 
 
-def trainer_session(trainer: L.Trainer, run: RunDir) -> Session:
-    """The evaluators' view of a trainer: its rank and world size, rank 0's loggers, the step, and the
-    strategy's broadcast and barrier (rows are gathered with torch.distributed)."""
+def trainer_session(trainer: L.Trainer, run: RunDir, step: int | None = None) -> Session:
+    """The evaluators' view of a trainer: its rank and world size, rank 0's loggers, the step of the scored
+    model (the trainer's by default), and the strategy's broadcast and barrier (rows are gathered with
+    torch.distributed)."""
     world = trainer.world_size
 
     def broadcast(value: Any) -> Any:
@@ -196,6 +198,7 @@ def trainer_session(trainer: L.Trainer, run: RunDir) -> Session:
         torch.distributed.all_gather_object(parts, rows)
         return [row for part in parts for row in (part or [])] if trainer.is_global_zero else []
 
-    return Session(run=run, rank=trainer.global_rank, world=world, step=trainer.global_step,
+    return Session(run=run, rank=trainer.global_rank, world=world,
+                   step=trainer.global_step if step is None else int(step),
                    loggers=list(trainer.loggers) if trainer.is_global_zero else [], broadcast=broadcast,
                    gather=gather, barrier=trainer.strategy.barrier)

@@ -2,16 +2,14 @@
 config keys a sweep is grouped by. The loggers and the dashboard (`lbt.dashboard`) both read them here, so a
 panel never points at a key nobody logs.
 
-Logged today (names kept exactly): `train/loss`, `train/lr`, `train/tokens_per_s` (lbt.model.module), `val/loss`,
-`eval/<item_set>/<measure>/stance` and its `parse_rate`, `domain/<d>` and `validity/<measure>` siblings
-(lbt.eval.summary.flat_metrics), `eval/seconds`, the capability scalars `cap/*`, the probe scalars at ℓ*
+Who logs what: `train/*` and `val/loss` (lbt.model.module), `eval/<item_set>/<measure>/stance` and its
+`parse_rate`, `domain/<d>` and `validity/<measure>` siblings (lbt.eval.summary.flat_metrics),
+`shift_vs_base/<item_set>/<measure>`, `eval/seconds` and the rows tables `eval_rows/<measure>`
+(lbt.eval.evaluators), the capability scalars `cap/*`, the probe scalars at ℓ*
 `probe/<position>_<projection|shift>_lstar` and the layerwise line plots `probe/<phase>/<column>`
-(lbt.probe), the rows tables `eval_rows/<phase>/<item_set>/<measure>`, and the analysis run's
-`tables/<name>`, `figures/<name>` and summary `combined_d/<family>/<measure>` (lbt.analyze.wandb_run).
-
-Named here, not logged yet (issue 16): `shift_vs_base/<item_set>/<measure>`, the phase's mean stance minus
-the base phase's (`stance_shifts` computes them from two phases' flat metrics), the rows table per measure
-`eval_rows/<measure>` with a `phase` column, and job_type `train` for training runs (today the arm).
+(lbt.probe.evaluator), and the analysis run's `tables/<name>`, `figures/<name>` and summary
+`combined_d/<family>/<measure>` (lbt.analyze.wandb_run). All of a training run's values are logged at the
+one step `STEP` (lbt.loggers.log_at_step).
 
 This module imports nothing heavy: the dashboard command reads it without loading torch.
 """
@@ -23,8 +21,9 @@ from collections.abc import Mapping
 # -- the run: where it sits and how it is found ------------------------------------------------------------
 
 # Lightning's WandbLogger writes this key with every log_metrics(step=...) call and declares it the step
-# metric of every other key, so it is the one x axis every scalar of a training run can share. Its value is
-# the number of optimizer steps the evaluated or trained model has had (phase base is 0).
+# metric of every other key, so it is the one x axis every scalar of a training run shares. Its value is the
+# number of optimizer steps completed: phase base is 0, step_<n> is n, final the last step; the loss of the
+# n-th optimizer step (the step that made model n) and val/loss of model n are at n too.
 STEP = "trainer/global_step"
 
 JOB_TYPE_TRAIN = "train"        # every training job, whatever its arm (the arm is in config and tags)
@@ -100,16 +99,12 @@ def stance_shifts(phase_metrics: Mapping[str, float], base_metrics: Mapping[str,
 
 
 def rows_table(measure: str) -> str:
-    """One W&B table per measure, every phase and item set in it (columns ROWS_TABLE_COLUMNS first)."""
+    """One W&B table per measure, every phase and item set in it (columns ROWS_TABLE_COLUMNS first); logged
+    again at each phase, its latest version holds every phase so far."""
     return f"eval_rows/{measure}"
 
 
 ROWS_TABLE_COLUMNS = ("phase", "item_set")
-
-
-def phase_rows_table(phase: str, item_set: str, measure: str) -> str:
-    """The rows table of one phase, item set and measure, as logged today (one per phase)."""
-    return f"eval_rows/{phase}/{item_set}/{measure}"
 
 
 # -- capability guardrails --------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lbt import wandb_keys as keys
 from lbt.analyze.collect import Job
 from lbt.study import FRAMED_ARMS
 
@@ -50,12 +51,12 @@ def log_to_wandb(
             file=sys.stderr,
         )
     group = sweep_group(jobs, [Path(s) for s in args.sweeps])
-    tags = ["analysis"] + (["exploratory"] if report["exploratory"] else [])
+    tags = [keys.JOB_TYPE_ANALYSIS] + (["exploratory"] if report["exploratory"] else [])
     try:
         run = wandb.init(
             project=wandb_project(jobs, args),
             group=group,
-            job_type="analysis",
+            job_type=keys.JOB_TYPE_ANALYSIS,
             name=f"analysis-{group}" + ("-exploratory" if report["exploratory"] else ""),
             dir=str(out_dir),
             mode=mode,

@@ -1,7 +1,9 @@
 """The evaluators of the `eval` config group: the stance battery and the capability guardrails.
 
 `StanceEvaluator` writes `<job dir>/eval/<phase>/<item_set>/<measure>.jsonl` and `eval/<phase>/summary.json`,
-logs the summary's scalars and (with W&B) the rows as Tables. `CapabilityEvaluator` writes
+logs the summary's scalars with their shift from base (`shift_vs_base/*`, from the base phase's summary) and,
+with W&B, one rows table per measure holding every phase written so far (read back from the job directory,
+so a resumed job's table keeps the phases of its earlier attempts). `CapabilityEvaluator` writes
 `eval/<phase>/capability.json` (perplexity, refusal rates, MMLU accuracy, flags against phase base).
 Each is built from its config entry's own keys and the model's `ChatFormat`; item files are read and
 checked at construction, so bad input fails before any model loads.
@@ -29,6 +31,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from lbt import wandb_keys as keys
 from lbt.data.chat import ChatFormat
 from lbt.eval.battery import (
     BatterySettings,
@@ -44,6 +47,7 @@ from lbt.eval.rows import expected_rows
 from lbt.eval.session import Evaluator, Session
 from lbt.eval.summary import StanceMetric, flat_metrics, summarize_phase
 from lbt.rundir import (
+    CorruptFile,
     Expected,
     RunDir,
     file_problem,
@@ -54,7 +58,7 @@ from lbt.rundir import (
     write_json_once,
     write_rows,
 )
-from lbt.study import PHASE_KINDS, phase_kind
+from lbt.study import PHASE_KINDS, is_phase, phase_key, phase_kind
 
 log = logging.getLogger(__name__)
 
@@ -147,9 +151,10 @@ class StanceEvaluator(Evaluator):
         )
         if session.is_zero:
             write_json_once(run.summary(phase), summary)
-            session.log_metrics({**flat_metrics(summary), "eval/seconds": summary["wall_s"]})
+            session.log_metrics({**flat_metrics(summary), keys.EVAL_SECONDS: summary["wall_s"],
+                                 **base_shifts(run, phase, summary)})
             if self.log_tables:
-                log_row_tables(session, phase, rows)
+                log_row_tables(session, list(self.item_sets), measures)
             log.info("eval %s: %s in %.1f s", phase, _brief(summary), summary["wall_s"])
         session.barrier()
         return summary
@@ -191,19 +196,70 @@ def _in_item_order(rows: list[dict], items: ItemSet) -> list[dict]:
     )
 
 
-def log_row_tables(session: Session, phase: str, rows: Mapping[str, Mapping[str, list[dict]]]) -> None:
-    """Rows as W&B Tables (key eval_rows/<phase>/<item_set>/<measure>) when a WandbLogger is attached."""
-    for logger in session.wandb_loggers():
-        for item_set, by_measure in rows.items():
-            for measure, measure_rows in by_measure.items():
-                if not measure_rows:
-                    continue
-                columns = list(dict.fromkeys(k for row in measure_rows for k in row))
-                data = [[row.get(c) for c in columns] for row in measure_rows]
-                try:  # the rows are on disk already: a W&B hiccup must not stop training
-                    logger.log_table(key=f"eval_rows/{phase}/{item_set}/{measure}", columns=columns, data=data)
-                except Exception as err:  # noqa: BLE001
-                    log.warning("W&B table eval_rows/%s/%s/%s not logged: %s", phase, item_set, measure, err)
+def base_shifts(run: RunDir, phase: str, summary: Mapping[str, Any]) -> dict[str, float]:
+    """shift_vs_base scalars of a phase: its mean stances minus the base phase's (all 0 at base itself);
+    none without a readable base summary (a standalone evaluation of one phase; a corrupt one is made again
+    by the resumed job's repair)."""
+    if phase == "base":
+        base = summary
+    elif not run.summary("base").exists():
+        return {}
+    else:
+        try:
+            base = read_json(run.summary("base"))
+        except CorruptFile as err:
+            log.warning("eval %s: no shift from base logged (%s)", phase, err)
+            return {}
+    return keys.stance_shifts(flat_metrics(summary), flat_metrics(base))
+
+
+def written_phases(run: RunDir) -> list[str]:
+    """The phases with an eval folder in the job directory, in training order."""
+    folder = run.phase_dir("base").parent
+    if not folder.is_dir():
+        return []
+    return sorted((p.name for p in folder.iterdir() if p.is_dir() and is_phase(p.name)), key=phase_key)
+
+
+def phase_rows_table(run: RunDir, item_sets: Sequence[str], measure: str) -> tuple[list[str], list[list]]:
+    """(columns, data) of a measure's rows at every written phase and item set, `phase` and `item_set`
+    first. A rows file that does not parse is left out (it is set aside and scored again on resume)."""
+    rows: list[dict] = []
+    for phase in written_phases(run):
+        for item_set in item_sets:
+            path = run.rows(phase, item_set, measure)
+            if path.exists():
+                try:
+                    rows += read_rows(path)
+                except CorruptFile as err:
+                    log.warning("W&B table %s: %s left out", keys.rows_table(measure), err)
+    columns = list(dict.fromkeys([*keys.ROWS_TABLE_COLUMNS, *(k for row in rows for k in row)]))
+    return columns, [[row.get(c) for c in columns] for row in rows]
+
+
+def log_row_tables(session: Session, item_sets: Sequence[str], measures: Sequence[str]) -> None:
+    """One W&B table per measure (key eval_rows/<measure>), every phase's rows in it, when a WandbLogger is
+    attached; logged again at each phase, so its latest version holds the whole run so far."""
+    loggers = session.wandb_loggers()
+    for measure in measures if loggers else ():
+        key = keys.rows_table(measure)
+        try:  # the rows are on disk already: a W&B hiccup must not stop training
+            columns, data = phase_rows_table(session.run, item_sets, measure)
+            if data:
+                allow_rows(len(data))
+                for logger in loggers:
+                    logger.log_table(key=key, columns=columns, data=data, step=session.step)
+        except Exception as err:  # noqa: BLE001
+            log.warning("W&B table %s not logged: %s", key, err)
+
+
+def allow_rows(n_rows: int) -> None:
+    """W&B cuts a logged table at wandb.Table.MAX_ROWS (10,000) rows: the study's logprob table (8 rows per
+    item, six phases) passes it. Raised as far as the artifact limit W&B stores tables under."""
+    import wandb
+
+    if n_rows > wandb.Table.MAX_ROWS:
+        wandb.Table.MAX_ROWS = min(n_rows, wandb.Table.MAX_ARTIFACT_ROWS)
 
 
 def _brief(summary: Mapping[str, Any]) -> str:
@@ -274,10 +330,10 @@ class CapabilityEvaluator(Evaluator):
             record["wall_s"] = round(time.perf_counter() - started, 3)
             write_json_once(out, record)
             scalars = {
-                "cap/perplexity": record["perplexity"],
-                "cap/mmlu_accuracy": record["mmlu_accuracy"],
-                "cap/comply_correct_rate": record["refusal"]["comply_correct_rate"],
-                "cap/refuse_correct_rate": record["refusal"]["refuse_correct_rate"],
+                keys.PERPLEXITY: record["perplexity"],
+                keys.MMLU_ACCURACY: record["mmlu_accuracy"],
+                keys.COMPLY_CORRECT_RATE: record["refusal"]["comply_correct_rate"],
+                keys.REFUSE_CORRECT_RATE: record["refusal"]["refuse_correct_rate"],
             }
             session.log_metrics({k: float(v) for k, v in scalars.items() if v is not None})
             log.info("capability %s: perplexity %s, refusal %s, flags %s", phase, record["perplexity"],

@@ -7,8 +7,10 @@ phase, `evaluate(model, phase, session)` makes what is missing. The same objects
 (`lbt.evaluate`).
 
 A `Session` is where one evaluation runs: the job directory, this process's rank among the ranks of a
-multi-GPU job (broadcast, gather and barrier over them), the step, and the metric loggers. Outside a
-trainer it is one rank with no loggers, and its broadcast, gather and barrier do nothing.
+multi-GPU job (broadcast, gather and barrier over them), the step of the model it scores (optimizer steps
+completed: the phase's step, `lbt.study.phase_step`; every logged value of the phase is filed under it), and
+the metric loggers. Outside a trainer it is one rank with no loggers, and its broadcast, gather and barrier
+do nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 import torch
 
+from lbt.loggers import log_at_step
 from lbt.rundir import Expected, RunDir
 
 log = logging.getLogger(__name__)
@@ -41,7 +44,7 @@ class Session:
     run: RunDir
     rank: int = 0
     world: int = 1
-    step: int = 0
+    step: int = 0                                 # the scored model's optimizer steps
     loggers: Sequence[Any] = ()
     broadcast: Callable[[Any], Any] = _same       # rank 0's value on every rank
     gather: Callable[[list], list] = _same        # every rank's list, concatenated, on rank 0 ([] elsewhere)
@@ -53,9 +56,8 @@ class Session:
 
     def log_metrics(self, metrics: Mapping[str, float]) -> None:
         """Scalars to every logger, at this step (rank 0 alone logs)."""
-        if self.is_zero and metrics:
-            for logger in self.loggers:
-                logger.log_metrics(dict(metrics), step=self.step)
+        if self.is_zero:
+            log_at_step(self.loggers, metrics, self.step)
 
     def wandb_loggers(self) -> list[Any]:
         """The W&B loggers among this rank's loggers (tables and line plots go to W&B alone)."""

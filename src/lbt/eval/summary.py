@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torchmetrics import Metric
 
+from lbt import wandb_keys as keys
 from lbt.study import CONTINUOUS_MEASURES, ORDERS, PARSED_MEASURES
 
 
@@ -176,20 +177,20 @@ def summarize_phase(
     }
 
 
-def flat_metrics(summary: Mapping[str, Any], prefix: str = "eval") -> dict[str, float]:
-    """Scalars for a metrics logger: <prefix>/<item_set>/<measure>/{stance,parse_rate,domain/<d>},
-    <prefix>/<item_set>/validity/<measure>."""
+def flat_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
+    """Scalars for a metrics logger (names from lbt.wandb_keys): eval/<item_set>/<measure>/{stance,
+    parse_rate,domain/<d>}, eval/<item_set>/validity/<measure>."""
     flat: dict[str, float] = {}
     for name, item_set in summary["item_sets"].items():
         for measure, stats in item_set["measures"].items():
-            key = f"{prefix}/{name}/{measure}"
-            for label, value in (("stance", stats["mean_stance"]), ("parse_rate", stats["parse_rate"])):
+            for key, value in ((keys.stance(name, measure), stats["mean_stance"]),
+                               (keys.parse_rate(name, measure), stats["parse_rate"])):
                 if value is not None:
-                    flat[f"{key}/{label}"] = float(value)
+                    flat[key] = float(value)
             for domain, value in stats["by_domain"].items():
                 if value is not None:
-                    flat[f"{key}/domain/{domain}"] = float(value)
+                    flat[keys.domain_stance(name, measure, domain)] = float(value)
         for measure, stats in item_set["validity"].items():
             if stats["agreement"] is not None:
-                flat[f"{prefix}/{name}/validity/{measure}"] = float(stats["agreement"])
+                flat[keys.validity(name, measure)] = float(stats["agreement"])
     return flat

@@ -13,6 +13,9 @@ synced, and a rank with fewer micro-batches than another (a short last step) wai
 The module also keeps its validation loss: at each step of `validation_steps` (the checkpoint steps),
 right after the optimizer step, the mean token loss over the held-out micro-batches is logged as
 `val/loss` and appended to `val_history`, which travels in the resumable checkpoint.
+
+The step of `train/*` and `val/loss` is the number of optimizer steps completed (the first step's loss is
+at 1), the step the evaluation phases use for the model they score (`lbt.loggers.log_at_step`).
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch.utils.checkpoint import checkpoint
 
+from lbt import wandb_keys as keys
 from lbt.data.chat import IGNORE_INDEX
+from lbt.loggers import log_at_step
 
 
 class NonFiniteLossError(RuntimeError):
@@ -184,13 +189,17 @@ class LoRAModule(L.LightningModule):
                                                         reduce_op="sum"))
         self.tokens_seen += n_tokens
         self.loss_history.append(float(loss))
-        self.log_dict({"train/loss": loss, "train/lr": scheduler.get_last_lr()[0],
-                       "train/tokens_per_s": self.tokens_per_second}, on_step=True, prog_bar=True,
-                      rank_zero_only=True)
+        metrics = {keys.TRAIN_LOSS: float(loss), keys.TRAIN_LR: scheduler.get_last_lr()[0],
+                   keys.TRAIN_TOKENS_PER_S: self.tokens_per_second}
+        # The progress bar reads Lightning's logged values; the loggers get them below, at the step they
+        # describe (Lightning's own logging would file them one step lower than the evaluation phases).
+        self.log_dict(metrics, on_step=True, prog_bar=True, logger=False, rank_zero_only=True)
         if self.global_step in self.validation_steps:  # the optimizer step is counted: this is step n's model
             val = self.validation_loss(self.val_batches)
-            self.log("val/loss", val, rank_zero_only=True)
+            metrics[keys.VAL_LOSS] = val
             self.val_history.append((self.global_step, val))
+        if self.trainer.is_global_zero:
+            log_at_step(self.trainer.loggers, metrics, self.global_step)
         return loss
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

@@ -14,8 +14,8 @@ one that does not parse is set aside and measured again (`planned_files` declare
 completeness check behind DONE). Projections are dot products with the unit direction,
 in residual-stream units; `direction_norm` (the class-mean difference per layer) rescales them.
 
-Logged: scalars at ℓ* (projection and shift, both positions) to every logger, and with W&B a line plot of
-the layerwise projection and shift per phase.
+Logged (names from lbt.wandb_keys, at the phase's step): scalars at ℓ* (projection and shift, both
+positions) to every logger, and with W&B a line plot of the layerwise projection and shift per phase.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lbt import wandb_keys as keys
 from lbt.data.chat import ChatFormat
 from lbt.eval.battery import spread_subset
 from lbt.eval.evaluators import plain
@@ -44,7 +45,8 @@ from lbt.study import FRAME_MINUS, FRAME_PLUS
 
 log = logging.getLogger(__name__)
 
-POSITIONS = ("answer", "prompt_mean")
+# The positions and quantities of the record are the ones the W&B keys name.
+POSITIONS, QUANTITIES = keys.PROBE_POSITIONS, keys.PROBE_QUANTITIES
 
 
 @dataclass(frozen=True)
@@ -189,21 +191,22 @@ def phase_record(phase: str, values: Mapping[str, torch.Tensor], base: Mapping[s
 
 
 def log_phase(session: Session, phase: str, record: dict[str, Any]) -> None:
-    """Scalars at ℓ* to every logger; with W&B, the layerwise line plots."""
+    """Scalars at ℓ* to every logger; with W&B, the layerwise line plots (all at the phase's step)."""
     star = record["l_star"]
-    session.log_metrics({f"probe/{pos}_{what}_lstar": float(record[what][pos][star])
-                         for pos in POSITIONS for what in ("projection", "shift")})
+    session.log_metrics({keys.probe_at_l_star(pos, what): float(record[what][pos][star])
+                         for pos in POSITIONS for what in QUANTITIES})
     for logger in session.wandb_loggers():
-        log_wandb_lines(logger, phase, record)
+        log_wandb_lines(logger, phase, record, session.step)
 
 
-def log_wandb_lines(logger: Any, phase: str, record: dict[str, Any]) -> None:
+def log_wandb_lines(logger: Any, phase: str, record: dict[str, Any], step: int) -> None:
     import wandb
 
-    rows = [[layer] + [record[key][pos][layer] for key in ("projection", "shift") for pos in POSITIONS]
+    rows = [[layer] + [record[key][pos][layer] for key in QUANTITIES for pos in POSITIONS]
             for layer in record["layers"]]
-    columns = ["layer"] + [f"{pos}_{key}" for key in ("projection", "shift") for pos in POSITIONS]
+    columns = ["layer"] + [f"{pos}_{key}" for key in QUANTITIES for pos in POSITIONS]
     table = wandb.Table(columns=columns, data=rows)
-    plots = {f"probe/{phase}/{col}": wandb.plot.line(table, "layer", col, title=f"probe {col} by layer ({phase})")
+    plots = {keys.probe_layer_plot(phase, col): wandb.plot.line(table, "layer", col,
+                                                                title=f"probe {col} by layer ({phase})")
              for col in columns[1:]}
-    logger.experiment.log(plots)
+    logger.experiment.log({**plots, keys.STEP: step})
