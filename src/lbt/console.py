@@ -89,9 +89,6 @@ WARNINGS = (
     # Lightning's hint to prepend `srun`: lbt starts SLURM jobs through its own launchers
     # (hydra/launcher=slurm), and a local run on a machine that has srun is meant to be local.
     (Warning, r"The `srun` command is available on your system but is not used", r"lightning\."),
-    # torch.load's FutureWarning about weights_only's default: lbt's loads say weights_only themselves; this
-    # one comes from libraries (peft, Lightning) reading files lbt wrote.
-    (FutureWarning, r"You are using `torch\.load` with `weights_only=False`", r""),
 )
 # (logger, message regex) of log records that are tips or defaults, not news:
 LOG_RECORDS = (
