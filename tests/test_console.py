@@ -140,10 +140,11 @@ def test_progress_redraws_one_line_in_a_terminal_and_logs_every_n_steps_elsewher
     bar = Progress(stream=terminal, tty=True)
     bar.on_train_start(SimpleNamespace(global_step=0, max_steps=10), None)
     for step in range(1, 11):
-        trainer, module = fake_step(bar, step)
-    bar.on_train_end(trainer, module)
+        bar.on_train_batch_start(SimpleNamespace(is_global_zero=True), None, None, step - 1)
+        assert terminal.getvalue().endswith("\r\x1b[K")   # cleared while a step (and its logs) runs
+        fake_step(bar, step)
     text = terminal.getvalue()
-    assert text.count("\r") == 10 and text.endswith("\n")
+    assert text.count("\r[") == 10 and text.endswith("\n") and text.count("\n") == 1
     assert "step 10/10 (100%)" in text and "loss 1.5000" in text and "1234 tokens/s" in text and "ETA 0:00" in text
 
     caplog.set_level(logging.INFO, logger="lbt.progress")
@@ -175,6 +176,9 @@ def test_a_job_logs_progress_and_no_known_library_noise(tmp_path):
     assert steps and steps == list(range(1, max(steps) + 1))
     for noise in ("FutureWarning", "litlogger", "`weights_only` was not set", "LeafSpec", "srun"):
         assert noise not in output, noise
+    # Lightning's lines show once (not also through its own "INFO: ..." handler), and reach train.log
+    assert output.count("`Trainer.fit` stopped") == 1 and "INFO: " not in output
+    assert "`Trainer.fit` stopped" in (tmp_path / "job" / "train.log").read_text()
 
 
 def test_quiet_libraries_filters_precisely():

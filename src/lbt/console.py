@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import logging
 import re
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -112,7 +113,14 @@ class _DropMessages(logging.Filter):
 
 
 def quiet_libraries() -> None:
-    """Install the filters above (idempotent: a second call adds nothing)."""
+    """Install the filters above (idempotent: a second call adds nothing). Call it once Lightning is
+    imported: the `lightning` package adds a console handler of its own at import ("INFO: ..."), and under
+    Hydra's logging its records reach the root logger's handlers too, so every Lightning line showed twice.
+    With a configured root logger, Lightning's own handler goes: its lines show once, and reach train.log."""
+    lightning = sys.modules.get("lightning")
+    own = getattr(lightning, "_console", None)
+    if own is not None and logging.getLogger().hasHandlers():
+        logging.getLogger("lightning").removeHandler(own)
     for category, message, module in WARNINGS:
         warnings.filterwarnings("ignore", message=f".*{message}", category=category, module=module)
     for name, message in LOG_RECORDS:

@@ -58,6 +58,14 @@ class Progress(L.Callback):
         if not self.every:
             self.every = default_every(int(trainer.max_steps))
 
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        # The bar is cleared while a step (and its phase's evaluation) runs, so that their log lines start
+        # on a line of their own; it is drawn again when the step ends.
+        if self.tty and trainer.is_global_zero:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if not trainer.is_global_zero:
@@ -69,12 +77,8 @@ class Progress(L.Callback):
                              time.perf_counter() - self._started, step - self._first_step)
         if self.tty:
             filled = BAR * step // max(total, 1)
-            self.stream.write(f"\r[{'#' * filled}{'.' * (BAR - filled)}] {line}\x1b[K")
+            end = "\n" if step >= total else ""   # the finished bar stays, on a line of its own
+            self.stream.write(f"\r[{'#' * filled}{'.' * (BAR - filled)}] {line}\x1b[K{end}")
             self.stream.flush()
         elif step % int(self.every or 1) == 0 or step == total:
             log.info("train %s", line)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.tty and trainer.is_global_zero:
-            self.stream.write("\n")
-            self.stream.flush()
