@@ -149,7 +149,10 @@ def test_a_run_logs_every_value_on_one_step_axis_with_shifts_and_one_table_per_m
     finally:
         finish_wandb()
     (run_file,) = (tmp_path / "job" / "wandb_files" / "wandb").glob("offline-run-*/run-*.wandb")
-    rows = history(wandb_records(run_file))
+    records = list(wandb_records(run_file))
+    step_metrics = {(r.metric.glob_name, r.metric.step_metric) for r in records if r.WhichOneof("record_type") == "metric"}
+    assert ("*", keys.STEP) in step_metrics                              # W&B plots every key against STEP
+    rows = history(records)
     assert all(keys.STEP in row for row in rows)
 
     def steps(key: str) -> list[int]:
