@@ -41,22 +41,18 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lbt.console import quiet_libraries, user_errors
-from lbt.data.chat import ChatFormat
-from lbt.eval.battery import spread_subset
-from lbt.eval.items import load_items, load_texts
-from lbt.model.load import load_model, load_tokenizer, resolve_dtype
-from lbt.probe import causal, figures
-from lbt.probe.causal import Family, Job, Settings
-from lbt.probe.evaluator import DirectionSource
-from lbt.probe.measure import forced_choice_prompts, neutral_set
 from lbt.rundir import RunDir, adapter_problem, read_json, write_json_atomic, write_json_once
 from lbt.study import FRAME_MINUS, FRAME_PLUS
+
+# torch, transformers and the causal suite load when a sweep is analysed, not for --help.
+if TYPE_CHECKING:
+    from lbt.probe.causal import Family, Job
+    from lbt.probe.evaluator import DirectionSource
 
 log = logging.getLogger("lbt.interp")
 PARTS = ("steer", "ablate", "patch", "lens", "delta_w")
@@ -69,14 +65,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quick": {"coefs": "-4,-1,0,1,4", "n_random": 1, "n_random_layer": 1, "max_items": 4, "max_neutral": 4,
               "neutral_tokens": 16, "fc_tokens": 2, "lens_pairs": 2, "batch_size": 16},
 }
-RUNNERS = {"steer": causal.steer, "ablate": causal.ablate, "patch": causal.patch, "lens": causal.lens,
-           "delta_w": causal.delta_w}
 
 
 # -- the sweep ---------------------------------------------------------------------------------------------
 
 def discover(sweep: Path, out: Path) -> dict[str, list[tuple[Job, dict[str, Any]]]]:
     """{family: [(job, run card)]} of the finished jobs under the sweep directory."""
+    from lbt.probe.causal import Job
+
     families: dict[str, list[tuple[Job, dict[str, Any]]]] = {}
     for card_path in sorted(sweep.rglob("run.json")):
         run = RunDir(card_path.parent)
@@ -125,6 +121,8 @@ def job_settings(config: Mapping[str, Any]) -> JobSettings:
     neutral text. A job trained without a probe, or before these sections existed, falls back to the
     project layout under `paths.data_dir` (data/corpora/frame_plus|frame_minus.jsonl, data/eval/...) and
     the default direction settings. The command line overrides any of them (--variant, --items, ...)."""
+    from lbt.probe.evaluator import DirectionSource
+
     paths = config.get("paths") or {}
     data_dir = Path(str(paths.get("data_dir", "data")))
     directions = config.get("directions") or {
@@ -158,6 +156,15 @@ def parse_layers(text: str | None, n_layers: int) -> list[int] | None:
 # -- one family ------------------------------------------------------------------------------------------
 
 def load_family(name: str, entries: list[tuple[Job, dict[str, Any]]], args: argparse.Namespace) -> Family:
+    import torch
+
+    from lbt.data.chat import ChatFormat
+    from lbt.eval.battery import spread_subset
+    from lbt.eval.items import load_items, load_texts
+    from lbt.model.load import load_model, load_tokenizer, resolve_dtype
+    from lbt.probe.causal import Family, Settings
+    from lbt.probe.measure import forced_choice_prompts, neutral_set
+
     cards = [card for _, card in entries]
     check_same_base(name, cards)
     settings = job_settings(cards[0]["config"])
@@ -221,6 +228,8 @@ def headlines(part: str, result: dict[str, Any]) -> dict[str, float]:
 
 
 def run_family(fam: Family, parts: Sequence[str], out: Path, force: bool, wandb_run: Any) -> dict[str, Any]:
+    from lbt.probe import causal, figures
+
     folder = out / fam.name
     folder.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -232,7 +241,7 @@ def run_family(fam: Family, parts: Sequence[str], out: Path, force: bool, wandb_
             continue
         print(f"[interp] {fam.name} {part} ({k}/{len(parts)}): running on {len(fam.jobs)} jobs", flush=True)
         started = time.perf_counter()
-        result = RUNNERS[part](fam)
+        result = getattr(causal, part)(fam)   # lbt.probe.causal names each part's runner after it
         (write_json_atomic if force else write_json_once)(target, result)
         paths = figures.FIGURES[part](result, folder, fam.name)
         timings[part] = round(time.perf_counter() - started, 2)
