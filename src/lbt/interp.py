@@ -262,13 +262,15 @@ def open_wandb(args: argparse.Namespace, sweep: Path, out: Path) -> Any:
         return None
     import wandb
 
-    from lbt.loggers import wandb_mode
+    from lbt import wandb_keys as keys
+    from lbt.loggers import requested_mode, wandb_mode
 
-    mode, reason = wandb_mode(os.environ.get("WANDB_MODE", "auto"))
+    mode, reason = wandb_mode(requested_mode())
     if reason:
         log.warning("W&B offline (%s): logging to %s", reason, out)
     return wandb.init(project=args.wandb_project or os.environ.get("WANDB_PROJECT", "lbt"),
-                      entity=os.environ.get("WANDB_ENTITY"), group=sweep.name, job_type="interp",
+                      entity=os.environ.get("WANDB_ENTITY"), group=keys.run_group(sweep.name),
+                      job_type=keys.JOB_TYPE_INTERP,
                       name=f"interp-{sweep.name}", dir=str(out), mode=mode,
                       config={k: v for k, v in vars(args).items() if k != "sweep"})
 

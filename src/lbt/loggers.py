@@ -54,6 +54,14 @@ def wandb_host_reachable(host: str | None = None, port: int = 443, timeout: floa
         return False
 
 
+def requested_mode() -> str:
+    """The W&B mode asked for by the environment, as logger/wandb.yaml reads it for training: lbt's own
+    LBT_WANDB_MODE, else wandb's WANDB_MODE, else auto (an empty value is unset)."""
+    from lbt.env import env_value
+
+    return env_value("LBT_WANDB_MODE") or env_value("WANDB_MODE") or "auto"
+
+
 def wandb_mode(requested: str) -> tuple[str, str | None]:
     """(mode, reason it is offline) for mode auto|online|offline|disabled."""
     requested = str(requested or "auto")
@@ -95,13 +103,17 @@ def build_logger(logger_cfg: DictConfig, job_dir: Path, job: dict[str, Any], con
                     reason, wandb_dir, wandb_dir)
     name = keys.run_name(job["model"], job["arm"], job["seed"])
     sweep = job.get("sweep")
-    return WandbLogger(
+    logger = WandbLogger(
         project=str(logger_cfg.project), entity=logger_cfg.get("entity"),
         group=keys.run_group(sweep) if sweep else None, job_type=keys.JOB_TYPE_TRAIN, name=name,
         id=job_run_id(job, job_dir, name), resume="allow",
         tags=keys.run_tags(job["model"], job["arm"], job["seed"], job.get("experiment")),
         save_dir=str(wandb_dir), mode=mode, config=config, log_model=False,
     )
+    # Lightning always passes anonymous=None, which wandb answers with a deprecation warning in every job;
+    # leaving the argument out is wandb's default.
+    getattr(logger, "_wandb_init", {}).pop("anonymous", None)
+    return logger
 
 
 def log_at_step(loggers: Iterable[Any], metrics: Mapping[str, float], step: int) -> None:

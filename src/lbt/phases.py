@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -126,9 +127,14 @@ class CheckpointPhases(L.Callback):
         # Logged at the phase's own step, also when a resumed job evaluates a past phase again.
         session = trainer_session(trainer, self.run, phase_step(phase, self.total_steps))
         # The training forward's precision context (autocast under bf16-mixed) applies to evaluation too.
+        started = time.perf_counter()
+        if trainer.is_global_zero:
+            log.info("phase %s: %s", phase, ", ".join(type(e).__name__ for e in self.evaluators))
         with eager_layers(module.model), trainer.precision_plugin.forward_context():
             for evaluator in self.evaluators:
                 evaluator.evaluate(module.model, phase, session)
+        if trainer.is_global_zero:
+            log.info("phase %s done in %.1f s", phase, time.perf_counter() - started)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._train_started = self._train_ended = False

@@ -41,9 +41,9 @@ def log_to_wandb(
     """One analysis run in the sweep's W&B group: tables, figures, headline numbers. Returns its dir."""
     import wandb
 
-    from lbt.loggers import wandb_mode
+    from lbt.loggers import requested_mode, wandb_mode
 
-    mode, reason = wandb_mode(os.environ.get("WANDB_MODE", "auto"))
+    mode, reason = wandb_mode(requested_mode())
     if reason:
         print(
             f"W&B offline ({reason}): analysis run logged under {out_dir}/wandb; upload later with "
