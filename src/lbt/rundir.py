@@ -28,7 +28,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,15 +145,21 @@ def planned_phases(checkpoint_steps: Sequence[int], total_steps: int) -> list[st
 
 # -- writers and readers ----------------------------------------------------------------------------------
 
-def atomic_write(path: Path, text: str) -> None:
-    """Write a text file through a temporary file, fsynced and renamed into place."""
+def atomic_save(path: Path, save: Callable[[Path], Any]) -> None:
+    """Write a file through `save(temporary path)`, fsync it and rename it into place: a reader sees the
+    old file or the whole new one, never half of it (torch.save, bytes, text alike)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
+    save(tmp)
+    with open(tmp, "rb+") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write a text file atomically (`atomic_save`)."""
+    atomic_save(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_rows(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:

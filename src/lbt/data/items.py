@@ -36,13 +36,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+from lbt.rundir import atomic_save
 
 DEFAULT_TABLES = Path("data/eval/tables")
 DEFAULT_OUT = Path("data/eval")
@@ -288,9 +289,7 @@ def read_lock(path: Path) -> dict | None:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_save(path, lambda tmp: tmp.write_bytes(data))
 
 
 def _conflict_message(path: Path, lock: dict | None) -> str:

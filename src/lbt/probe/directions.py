@@ -33,7 +33,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -52,7 +51,7 @@ from lbt.data.records import CorpusRecord, file_sha256, load_corpus
 from lbt.eval.batching import length_batches, pad_id_of, right_pad
 from lbt.model.modes import evaluation_mode
 from lbt.probe import hooks
-from lbt.rundir import write_json_atomic
+from lbt.rundir import atomic_save, write_json_atomic
 from lbt.study import FRAME_MINUS, FRAME_PLUS, FRAMED_ARMS
 
 log = logging.getLogger(__name__)
@@ -326,10 +325,8 @@ def load_or_compute(cache_dir: str | Path, key: str, compute: Callable[[], dict[
             return torch.load(target, weights_only=False)
         payload = compute()
         payload["key"] = key
-        tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-        torch.save(payload, tmp)
         write_json_atomic(folder / f"{key}.json", summary_of(payload))
-        os.replace(tmp, target)
+        atomic_save(target, lambda tmp: torch.save(payload, tmp))
     return payload
 
 

@@ -21,7 +21,6 @@ positions) to every logger, and with W&B a line plot of the layerwise projection
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ from lbt.eval.session import Evaluator, Session
 from lbt.model.modes import evaluation_mode
 from lbt.probe.directions import Directions, DirectionSettings, get_directions
 from lbt.probe.measure import answer_activations, forced_choice_prompts
-from lbt.rundir import Expected, RunDir, file_problem, set_aside, write_json_once
+from lbt.rundir import Expected, RunDir, atomic_save, file_problem, set_aside, write_json_once
 from lbt.study import FRAME_MINUS, FRAME_PLUS
 
 log = logging.getLogger(__name__)
@@ -125,10 +124,7 @@ class ProbeEvaluator(Evaluator):
         saved = {**values, "direction_key": directions.key, "item_ids": self.prompts.item_ids}
         path = probe_file(run, "base_values.pt")
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            torch.save(saved, tmp)
-            os.replace(tmp, path)
+            atomic_save(path, lambda tmp: torch.save(saved, tmp))
         return saved
 
     def load_base(self, run: RunDir, model: torch.nn.Module, directions: Directions) -> dict[str, Any]:
