@@ -49,9 +49,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
 from lbt.data.chat import ChatFormat
-from lbt.eval.battery import BatterySettings, evaluation_mode, load_item_set, score_item_set
+from lbt.eval.battery import score_item_set
+from lbt.eval.items import load_item_set
 from lbt.eval.scoring import set_decode
+from lbt.eval.settings import BatterySettings
 from lbt.model.load import load_model, load_tokenizer, resolve_dtype
+from lbt.model.modes import evaluation_mode
 from tests.eval_reference import reference_rows
 
 FOUR = ["letter_logprob", "forced_choice", "logprob", "likert"]

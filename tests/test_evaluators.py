@@ -13,11 +13,12 @@ from lbt import train as train_mod
 from lbt import wandb_keys
 from lbt.data.chat import ChatFormat
 from lbt.eval import evaluators as evaluators_mod
-from lbt.eval.battery import MEASURES, MeasureError
 from lbt.eval.evaluators import CapabilityEvaluator, StanceEvaluator
 from lbt.eval.rows import expected_rows, read_rows
 from lbt.eval.session import Session
+from lbt.eval.settings import MeasureError
 from lbt.rundir import RunDir, file_problem, incomplete_phases
+from lbt.study import MEASURES
 from tests.conftest import compose_train
 from tests.eval_reference import make_items, write_items
 
@@ -214,7 +215,9 @@ def test_planned_files_are_what_the_phase_leaves_and_a_bad_one_is_made_again(tin
 
 @pytest.mark.parametrize("measure", MEASURES)
 def test_expected_rows_is_what_the_battery_writes(tiny_eval, tmp_path, measure):
-    from lbt.eval.battery import BatterySettings, load_item_set, score_item_set
+    from lbt.eval.battery import score_item_set
+    from lbt.eval.items import load_item_set
+    from lbt.eval.settings import BatterySettings
 
     model, tokenizer = tiny_eval
     items_list = make_items(per_domain=1)

@@ -159,8 +159,7 @@ def load_family(name: str, entries: list[tuple[Job, dict[str, Any]]], args: argp
     import torch
 
     from lbt.data.chat import ChatFormat
-    from lbt.eval.battery import spread_subset
-    from lbt.eval.items import load_items, load_texts
+    from lbt.eval.items import load_items, load_texts, spread_subset
     from lbt.model.load import load_model, load_tokenizer, resolve_dtype
     from lbt.probe.causal import Family, Settings
     from lbt.probe.measure import forced_choice_prompts, neutral_set

@@ -15,27 +15,11 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from lbt.data.chat import ChatFormat
-from lbt.eval.items import ItemSet, load_item_set, spread_subset
-from lbt.eval.measures import MEASURE_FUNCTIONS, check_options, forced_choice_with_letters
+from lbt.eval.items import ItemSet
+from lbt.eval.measures import MEASURE_FUNCTIONS, forced_choice_with_letters
 from lbt.eval.scoring import Engine
 from lbt.eval.settings import BatterySettings, MeasureError
-from lbt.model.modes import evaluation_mode
 from lbt.study import MEASURES
-
-# What the evaluation callback, lbt.evaluate, lbt.interp, lbt.config and the probe callback import from
-# here: the battery's settings, item sets, checks and model mode under one name.
-__all__ = [
-    "MEASURES",
-    "BatterySettings",
-    "ItemSet",
-    "MeasureError",
-    "check_measures",
-    "check_options",
-    "evaluation_mode",
-    "load_item_set",
-    "score_item_set",
-    "spread_subset",
-]
 
 
 def check_measures(measures: Iterable[str]) -> list[str]:

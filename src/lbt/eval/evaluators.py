@@ -33,19 +33,14 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lbt import wandb_keys as keys
 from lbt.data.chat import ChatFormat
-from lbt.eval.battery import (
-    BatterySettings,
-    ItemSet,
-    check_measures,
-    check_options,
-    evaluation_mode,
-    load_item_set,
-    score_item_set,
-)
-from lbt.eval.items import load_refusal, load_texts
+from lbt.eval.battery import check_measures, score_item_set
+from lbt.eval.items import ItemSet, load_item_set, load_refusal, load_texts
+from lbt.eval.measures import check_options
 from lbt.eval.rows import expected_rows
 from lbt.eval.session import Evaluator, Session
+from lbt.eval.settings import BatterySettings
 from lbt.eval.summary import StanceMetric, flat_metrics, summarize_phase
+from lbt.model.modes import evaluation_mode
 from lbt.rundir import (
     CorruptFile,
     Expected,

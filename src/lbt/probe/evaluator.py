@@ -32,9 +32,8 @@ import torch
 
 from lbt import wandb_keys as keys
 from lbt.data.chat import ChatFormat
-from lbt.eval.battery import spread_subset
 from lbt.eval.evaluators import plain
-from lbt.eval.items import load_items
+from lbt.eval.items import load_items, spread_subset
 from lbt.eval.session import Evaluator, Session
 from lbt.model.modes import evaluation_mode
 from lbt.probe.directions import Directions, DirectionSettings, get_directions
