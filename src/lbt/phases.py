@@ -5,7 +5,9 @@ checkpoint fraction but the last, and `final` (the 100 % checkpoint, after train
 checkpoint step the adapter is saved to checkpoints/adapter_step_<n>/ first, then every evaluator of the
 job runs (stance battery, capability checks, probe: `lbt.eval.session.Evaluator`), in a `Session` made
 from the trainer (ranks, loggers, step). Evaluators skip a phase whose outputs already exist: after a
-resume, nothing already written is redone or overwritten.
+resume, nothing already written is redone or overwritten. With `hardware.fast.share_base`, the base
+phase's files are copied from a sweep-wide cache when another job of the same model and evaluation
+settings wrote them (`lbt.eval.base_cache`), and the evaluators served so are skipped at base.
 
 On resume, a phase already passed whose files are missing or corrupt (`Evaluator.planned_files`) runs
 again with the weights it evaluates: the adapters switched off for `base` (LoRA B starts at zero, so
@@ -20,12 +22,14 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 
+from lbt.eval.base_cache import BaseCache
 from lbt.eval.session import Evaluator, Session
 from lbt.model.lora import eager_layers
 from lbt.rundir import (
@@ -65,12 +69,13 @@ class CheckpointPhases(L.Callback):
     """Saves adapters at checkpoint fractions and a resumable checkpoint, and dispatches the phases."""
 
     def __init__(self, job_dir: Path, total_steps: int, fractions: list[float], resume_every_steps: int,
-                 evaluators: Sequence[Evaluator]):
+                 evaluators: Sequence[Evaluator], base_cache: BaseCache | None = None):
         self.job_dir = Path(job_dir)
         self.total_steps = total_steps
         self.steps = checkpoint_steps(total_steps, fractions)
         self.resume_every = int(resume_every_steps or 0)
         self.evaluators = list(evaluators)
+        self.base_cache = base_cache  # None: every job evaluates its own base (hardware.fast.share_base)
         self.run = RunDir(self.job_dir)
         self.ckpt_dir = self.run.checkpoints
         self.phases = planned_phases(self.steps, total_steps)
@@ -130,9 +135,14 @@ class CheckpointPhases(L.Callback):
         started = time.perf_counter()
         if trainer.is_global_zero:
             log.info("phase %s: %s", phase, ", ".join(type(e).__name__ for e in self.evaluators))
-        with eager_layers(module.model), trainer.precision_plugin.forward_context():
+        # At base, a sweep's jobs share one evaluation (lbt.eval.base_cache): the evaluators whose files were
+        # copied from there are skipped, on every rank.
+        shared = self.base_cache.shared(self.evaluators, session) if phase == "base" and self.base_cache \
+            else nullcontext([])
+        with shared as served, eager_layers(module.model), trainer.precision_plugin.forward_context():
             for evaluator in self.evaluators:
-                evaluator.evaluate(module.model, phase, session)
+                if evaluator not in served:
+                    evaluator.evaluate(module.model, phase, session)
         if trainer.is_global_zero:
             log.info("phase %s done in %.1f s", phase, time.perf_counter() - started)
 

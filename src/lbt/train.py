@@ -193,6 +193,7 @@ def run_job(cfg: DictConfig, run: RunDir, card: dict[str, Any]) -> dict[str, Any
     from lbt.cluster import GracefulStop, RNGState, env_local_rank, env_rank
     from lbt.data.chat import ChatFormat
     from lbt.data.datamodule import CorpusDataModule
+    from lbt.eval.base_cache import BaseCache
     from lbt.eval.scoring import set_decode
     from lbt.loggers import build_logger
     from lbt.model.load import resolve_dtype
@@ -251,7 +252,7 @@ def run_job(cfg: DictConfig, run: RunDir, card: dict[str, Any]) -> dict[str, Any
     if fast.compile_layers:
         compile_decoder_layers(model)
     phases = CheckpointPhases(job_dir, total, list(cfg.train.checkpoint_fractions),
-                              int(cfg.train.resume_every_steps or 0), evaluators)
+                              int(cfg.train.resume_every_steps or 0), evaluators, BaseCache.from_config(cfg))
     module = LoRAModule(model, cfg.train, total_steps=total, ce_chunk=int(fast.ce_chunk),
                         val_batches=data.val_micro_batches(), validation_steps=phases.steps)
     logger = build_logger(cfg.logger, job_dir, card["job"], config, rank_zero=rank_zero)

@@ -132,6 +132,7 @@ class Fast:
     ce_chunk: Natural
     compile_layers: bool
     decode: Annotated[str, one_of(*DECODE_MODES)] | None = None   # null: graph on a GPU, eager on a CPU
+    share_base: bool = False  # the base phase evaluated once per sweep (lbt.eval.base_cache); on in hardware=gpu
 
 
 @dataclass
