@@ -100,6 +100,20 @@ def test_a_package_version_changes_the_key(package, monkeypatch):
     assert base_key(cfg) != before
 
 
+def test_a_change_to_lbts_own_code_changes_the_key(tmp_path, monkeypatch):
+    """A fixed scorer with an unchanged version number must not be served the old base rows."""
+    package = tmp_path / "lbt"
+    (package / "eval").mkdir(parents=True)
+    (package / "eval" / "parse.py").write_text("ANSWER = 'A'\n")
+    before = base_cache.code_identity(package)
+    (package / "eval" / "parse.py").write_text("ANSWER = 'B'\n")
+    assert base_cache.code_identity(package) != before
+    cfg = compose_train(BASE)
+    key = base_key(cfg)
+    monkeypatch.setattr(base_cache, "code_identity", lambda package=None: "another tree")
+    assert base_key(cfg) != key
+
+
 def test_same_key_across_processes():
     code = ("from tests.conftest import compose_train; from lbt.eval.base_cache import base_key; "
             f"print(base_key(compose_train({BASE!r})))")

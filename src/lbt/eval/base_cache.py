@@ -13,7 +13,7 @@ attention backend, dtype, quantization), the files behind the tokenizer and mode
 the `eval`, `probe`, `directions`, `intervention` and `callbacks` sections (every evaluator setting,
 resolved), the sha256 of every file those sections name, the LoRA settings (an init that is not zero at
 base, or DoRA, changes the base model), the hardware's precision, evaluation batch size, ranks and fast
-settings, and the versions of torch, transformers, peft and lbt.
+settings, the versions of torch, transformers, peft and lbt, and a hash of lbt's own source files.
 
 Faults: parallel jobs of one key take an fcntl lock on `<key>.lock` (rank 0 alone, held while the base is
 evaluated): the first evaluates, the others wait and copy. A cache file that is missing, does not parse or
@@ -91,6 +91,16 @@ def _versions() -> dict[str, str | None]:
     return versions
 
 
+def code_identity(package: Path | None = None) -> str:
+    """sha256 over lbt's own source files (path and bytes): a changed scorer, parser or prompt is a new key
+    even when the version number stays (an editable install between two commits)."""
+    root = Path(package) if package else Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def base_material(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """Everything the base phase's outputs depend on, as plain data (the key's input)."""
     from lbt.model.load import TOKENIZER_DIR
@@ -113,6 +123,7 @@ def base_material(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
         "sections": sections,
         "files": _named_files(sections),
         "versions": _versions(),
+        "lbt_code": code_identity(),
     }
 
 
