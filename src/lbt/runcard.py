@@ -71,14 +71,19 @@ def git_sha(root: Path) -> str | None:
     return out.stdout.strip() + ("-dirty" if dirty else "")
 
 
-def package_versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for name in PACKAGES:
+def installed_versions(names: tuple[str, ...]) -> dict[str, str | None]:
+    """The installed version of each distribution named (None where it is not installed)."""
+    versions: dict[str, str | None] = {}
+    for name in names:
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
     return versions
+
+
+def package_versions() -> dict[str, str | None]:
+    return {"python": platform.python_version(), **installed_versions(PACKAGES)}
 
 
 

@@ -28,7 +28,6 @@ files (`log_served`), as if it had evaluated them.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import logging
 import shutil
@@ -42,6 +41,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lbt.eval.session import Evaluator, Session
+from lbt.runcard import installed_versions
 from lbt.rundir import Expected, RunDir, atomic_save, atomic_write, file_problem, set_aside
 
 log = logging.getLogger(__name__)
@@ -82,13 +82,8 @@ def _folder_files(source: str | None) -> dict[str, str]:
 
 
 def _versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
+    """The versions of the packages the key covers (a test replaces this)."""
+    return installed_versions(PACKAGES)
 
 
 def code_identity(package: Path | None = None) -> str:
