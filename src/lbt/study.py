@@ -80,7 +80,6 @@ MEASURE_LIST = (
     # Scored afterwards from the open-ended answers by `lbt.judge`; never run by the battery.
     Measure("judge", "judge", headline=False, parsed=True, continuous=True),
 )
-MEASURE_INFO: dict[str, Measure] = {m.name: m for m in MEASURE_LIST}
 MEASURES = tuple(m.name for m in MEASURE_LIST if m.kind != "judge")  # what the battery runs, in order
 HEADLINE_MEASURES = tuple(m.name for m in MEASURE_LIST if m.headline)
 PARSED_MEASURES = tuple(m.name for m in MEASURE_LIST if m.parsed)
