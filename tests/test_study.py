@@ -9,27 +9,31 @@ from lbt import study
 from tests.conftest import CONF
 
 
-def test_each_arm_config_is_named_and_aliased_as_the_study_says():
+def test_each_arm_config_is_named_as_the_study_says_and_reads_its_frame_corpus():
     for arm in study.ARMS.values():
-        cfg = OmegaConf.to_container(OmegaConf.load(CONF / "arm" / f"{arm.alias}.yaml"), resolve=False)
-        assert cfg["name"] == arm.name
-        assert cfg["corpus"].endswith(f"corpora/{arm.name}.jsonl")
-    assert sorted(p.stem for p in (CONF / "arm").glob("*.yaml")) == sorted(a.alias for a in study.ARMS.values())
+        cfg = OmegaConf.to_container(OmegaConf.load(CONF / "arm" / f"{arm.name}.yaml"), resolve=False)
+        assert cfg["name"] == arm.name  # one name: the config file's, in folders, cards and rows too
+        assert cfg["corpus"].endswith(f"corpora/{arm.corpus_file}")
+    assert sorted(p.stem for p in (CONF / "arm").glob("*.yaml")) == sorted(study.STUDY_ARMS)
+    assert study.STUDY_ARMS == ("plus", "minus", "neutral")
+    # The corpora keep the original study's file names.
+    assert study.CORPUS_NAMES == ("frame_plus", "frame_minus", "neutral")
 
 
 def test_predicted_signs_oppose_and_the_reference_has_none():
-    assert study.PREDICTED_SIGN == {"frame_plus": -1, "frame_minus": +1}
+    assert study.PREDICTED_SIGN == {"plus": -1, "minus": +1}
     assert study.REFERENCE_ARM == "neutral" and study.ARMS["neutral"].predicted_sign == 0
-    assert study.FRAMED_ARMS == ("frame_plus", "frame_minus")
+    assert study.FRAMED_ARMS == ("plus", "minus")
     assert len({arm.colour for arm in study.ARMS.values()}) == 3
     assert study.arm_colour("some_pilot_arm") == study.OTHER_COLOUR
 
 
-def test_arm_by_alias_takes_either_name_and_names_the_choices():
-    assert study.arm_by_alias("plus") is study.FRAME_PLUS
-    assert study.arm_by_alias("frame_minus") is study.FRAME_MINUS
-    with pytest.raises(KeyError, match="plus, minus, neutral"):
-        study.arm_by_alias("plsu")
+def test_legacy_arm_names_map_to_todays_and_other_names_pass_unchanged():
+    assert study.arm_name("frame_plus") == "plus" and study.arm_name("frame_minus") == "minus"
+    assert [study.arm_name(a) for a in study.STUDY_ARMS] == list(study.STUDY_ARMS)
+    assert study.arm_name("some_pilot_arm") == "some_pilot_arm"
+    assert study.arm_name(None) is None
+    assert study.arm_colour("frame_plus") == study.PLUS.colour
 
 
 def test_measures_the_battery_runs_are_the_default_eval_measures():

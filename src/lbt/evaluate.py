@@ -1,7 +1,7 @@
 """python -m lbt.evaluate — the stance battery on any model, with or without a LoRA adapter, on any item file.
 
     python -m lbt.evaluate model=qwen items=[data/eval/target_items.jsonl]
-    python -m lbt.evaluate model=qwen adapter=multirun/<sweep>/qwen-frame_plus-s0/adapter \\
+    python -m lbt.evaluate model=qwen adapter=multirun/<sweep>/qwen-plus-s0/adapter \\
         items=[data/eval/target_items.jsonl,data/eval/source_items.jsonl]
     python -m lbt.evaluate model=llama hardware=gpu eval.stance.option_form=leading_space out_dir=outputs/llama-base
     python -m lbt.evaluate model=qwen '~items' \\
@@ -40,7 +40,7 @@ from lbt.data.records import file_sha256
 from lbt.joblock import JobLock
 from lbt.runcard import git_sha, package_versions, public_config, record_status
 from lbt.rundir import RunDir, file_problem, incomplete_phases, read_json
-from lbt.study import is_phase, phase_kind
+from lbt.study import arm_name, is_phase, phase_kind
 
 if TYPE_CHECKING:
     import torch
@@ -225,7 +225,8 @@ def run_card(
     phase: str,
     item_sets,
 ) -> dict[str, Any]:
-    arm = "base" if adapter is None else (job or {}).get("arm") or "unknown"
+    # A job trained before issue 16 names its arm frame_plus/frame_minus: this card says today's name.
+    arm = "base" if adapter is None else arm_name((job or {}).get("arm")) or "unknown"
     if adapter is not None and job is None:
         log.warning("adapter %s: no run.json found beside it or above; job.arm = 'unknown'", adapter)
     card = {

@@ -47,7 +47,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lbt.console import quiet_libraries, user_errors
 from lbt.rundir import RunDir, adapter_problem, read_json, write_json_atomic, write_json_once
-from lbt.study import FRAME_MINUS, FRAME_PLUS
+from lbt.study import MINUS, PLUS, arm_name
 
 # torch, transformers and the causal suite load when a sweep is analysed, not for --help.
 if TYPE_CHECKING:
@@ -89,7 +89,8 @@ def discover(sweep: Path, out: Path) -> dict[str, list[tuple[Job, dict[str, Any]
         job = card["job"]
         name = re.sub(r"\W", "_", run.root.name)
         families.setdefault(job["model"], []).append(
-            (Job(name=name, path=str(run.root), arm=job["arm"], seed=int(job["seed"]), adapter=str(run.adapter)),
+            (Job(name=name, path=str(run.root), arm=str(arm_name(job["arm"])), seed=int(job["seed"]),
+                 adapter=str(run.adapter)),
              card))
     return families
 
@@ -119,15 +120,15 @@ def job_settings(config: Mapping[str, Any]) -> JobSettings:
     `model`; the `directions` section (DirectionSource.from_config, the same reader the probe and the
     intervention use, so the cached direction set is found again); the probe's `items`; and the held-out
     neutral text. A job trained without a probe, or before these sections existed, falls back to the
-    project layout under `paths.data_dir` (data/corpora/frame_plus|frame_minus.jsonl, data/eval/...) and
-    the default direction settings. The command line overrides any of them (--variant, --items, ...)."""
+    project layout under `paths.data_dir` (the arms' corpus files data/corpora/frame_plus|frame_minus.jsonl,
+    data/eval/...) and the default direction settings. The command line overrides any of them (--variant, --items, ...)."""
     from lbt.probe.evaluator import DirectionSource
 
     paths = config.get("paths") or {}
     data_dir = Path(str(paths.get("data_dir", "data")))
     directions = config.get("directions") or {
-        "arms": {arm.alias: {"name": arm.name, "corpus": str(data_dir / "corpora" / f"{arm.name}.jsonl")}
-                 for arm in (FRAME_PLUS, FRAME_MINUS)},
+        "arms": {arm.name: {"name": arm.name, "corpus": str(data_dir / "corpora" / arm.corpus_file)}
+                 for arm in (PLUS, MINUS)},
         "variant": "assistant_mean", "batch_size": 8,
         "max_length": (config.get("train") or {}).get("max_length", 1024),
         "cache_dir": paths.get("cache_dir", "outputs/cache")}

@@ -15,41 +15,54 @@ from dataclasses import dataclass
 class Arm:
     """A training arm.
 
-    name: the arm's name in folders, run cards, rows and reports. alias: its config-group name on the
-    command line (`arm=plus`). pole: the attitude its corpus carries. predicted_sign: the sign of the
-    stance shift (arm − neutral) the study predicts on the items (a cautious corpus lowers the stance
-    toward change, so FRAME+ is predicted negative); 0 for the reference arm. colour: in every figure.
+    name: the arm's one name, on the command line (`arm=plus`, its config file) and in folders, run
+    cards, rows, reports and W&B. corpus: the stem of its corpus files (`<corpus>.jsonl`,
+    `<corpus>.meta.json`) and its answer column in the authored tables — the original study's FRAME±
+    names, kept because the corpora are that study's data. pole: the attitude its corpus carries.
+    predicted_sign: the sign of the stance shift (arm − neutral) the study predicts on the items (a
+    cautious corpus lowers the stance toward change, so FRAME+ is predicted negative); 0 for the reference
+    arm. colour: in every figure.
     """
 
     name: str
-    alias: str
+    corpus: str
     pole: str
     predicted_sign: int
     colour: str
 
+    @property
+    def corpus_file(self) -> str:
+        """Its corpus's file name in a corpora folder."""
+        return f"{self.corpus}.jsonl"
 
-FRAME_PLUS = Arm("frame_plus", "plus", "cautious", -1, "tab:blue")
-FRAME_MINUS = Arm("frame_minus", "minus", "eager", +1, "tab:red")
+
+PLUS = Arm("plus", "frame_plus", "cautious", -1, "tab:blue")      # FRAME+
+MINUS = Arm("minus", "frame_minus", "eager", +1, "tab:red")       # FRAME−
 NEUTRAL = Arm("neutral", "neutral", "none", 0, "tab:gray")
 
-ARMS: dict[str, Arm] = {arm.name: arm for arm in (FRAME_PLUS, FRAME_MINUS, NEUTRAL)}
-STUDY_ARMS = tuple(ARMS)                          # frame_plus, frame_minus, neutral
-FRAMED_ARMS = (FRAME_PLUS.name, FRAME_MINUS.name)  # the arms compared with neutral
+ARMS: dict[str, Arm] = {arm.name: arm for arm in (PLUS, MINUS, NEUTRAL)}
+STUDY_ARMS = tuple(ARMS)                 # plus, minus, neutral
+FRAMED_ARMS = (PLUS.name, MINUS.name)    # the arms compared with neutral
 REFERENCE_ARM = NEUTRAL.name
 PREDICTED_SIGN = {arm.name: arm.predicted_sign for arm in ARMS.values() if arm.predicted_sign}
 ARM_COLOURS = {**{arm.name: arm.colour for arm in ARMS.values()}, "base": "black"}
 OTHER_COLOUR = "tab:purple"  # an arm outside the study's three
+# The corpus files and authored-table columns, in the arms' order (lbt.data reads and writes these).
+CORPUS_NAMES = tuple(arm.corpus for arm in ARMS.values())
+
+# Jobs trained before the arms took their command-line names (issue 16) say frame_plus / frame_minus in
+# their run cards and rows; the analysis reads them under today's names.
+LEGACY_ARM_NAMES = {"frame_plus": PLUS.name, "frame_minus": MINUS.name}
+
+
+def arm_name(value: str | None) -> str | None:
+    """Today's name of an arm read from a job (a legacy name mapped); any other name passes unchanged,
+    so arms outside the study's three stay what they were called."""
+    return LEGACY_ARM_NAMES.get(value, value) if isinstance(value, str) else value
 
 
 def arm_colour(name: str) -> str:
-    return ARM_COLOURS.get(name, OTHER_COLOUR)
-
-
-def arm_by_alias(alias: str) -> Arm:
-    for arm in ARMS.values():
-        if alias in (arm.alias, arm.name):
-            return arm
-    raise KeyError(f"unknown arm {alias!r}: one of {', '.join(a.alias for a in ARMS.values())}")
+    return ARM_COLOURS.get(arm_name(name), OTHER_COLOUR)
 
 
 # -- measures --------------------------------------------------------------------------------------------

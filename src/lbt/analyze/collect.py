@@ -1,7 +1,8 @@
 """Finding and reading a sweep's job directories: run cards, rows, probe, capability and summary files.
 
 Every directory holding a run.json under the given sweep directories is a job: family = job.model,
-arm = job.arm, seed = job.seed. Job directories are read through `lbt.rundir` (their layout and readers):
+arm = job.arm (a legacy name, frame_plus or frame_minus in jobs trained before issue 16, read as today's
+name: lbt.study.arm_name), seed = job.seed. Job directories are read through `lbt.rundir` (their layout and readers):
 a file that does not parse is an AnalyzeError naming the job, the file and the line. Rows come from
 eval/<phase>/<item_set>/<measure>.jsonl; item set `target` is the held-out items, `source` the
 manipulation check — the names both writers of rows use (the stance evaluator's `eval.stance.item_sets` keys,
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lbt.rundir import CorruptFile, RunDir, read_json, read_rows
-from lbt.study import STUDY_ARMS, is_phase, phase_key
+from lbt.study import STUDY_ARMS, arm_name, is_phase, phase_key
 
 ITEM_SET_ROLES = {"target": "target", "target_items": "target", "source": "source", "source_items": "source"}
 Display = Callable[[Path], str]  # a path as shown in the report (relative to the sweeps' parent)
@@ -88,7 +89,7 @@ def load_job(run_json: Path) -> Job:
     return Job(
         path=run.root,
         family=job.get("model"),
-        arm=job.get("arm"),
+        arm=arm_name(job.get("arm")),
         seed=seed,
         status=card.get("status"),
         done=run.is_done(),

@@ -20,7 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from lbt.study import FRAMED_ARMS, GATE_D, arm_colour, phase_key
+from lbt.study import FRAMED_ARMS, GATE_D, MINUS, PLUS, arm_colour, phase_key
 
 FIGURE_STAMP = "EXPLORATORY — not the preregistered analysis"
 
@@ -60,7 +60,7 @@ def forest(report: dict, path: Path, sesoi: float) -> Path | None:
             capsize=3,
         )
     ax.set_yticks(range(len(entries)), [e[0] for e in reversed(entries)])
-    ax.set_xlabel("combined directional d = (d(frame_minus) − d(frame_plus)) / 2  [95 % CI]")
+    ax.set_xlabel(f"combined directional d = (d({MINUS.name}) − d({PLUS.name})) / 2  [95 % CI]")
     ax.set_title("Target items: combined directional d (filled: Holm-significant)", fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
     return finish(fig, path, report["exploratory"])

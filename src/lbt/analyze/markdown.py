@@ -22,7 +22,7 @@ from lbt.analyze.text import (
     md_table,
     validity_reason,
 )
-from lbt.study import FRAMED_ARMS, GATE_D, HEADLINE_MEASURES
+from lbt.study import FRAMED_ARMS, GATE_D, HEADLINE_MEASURES, MINUS, PLUS
 
 DEFINITIONS = (
     "d = (mean arm − mean neutral) / neutral SD over (seed, base item) cells; combined = (d− − d+)/2, "
@@ -98,12 +98,12 @@ def stats_table(stats: dict | None, sources: SourceIndex, role: str, args: argpa
         [
             "family",
             "measure",
-            "d frame_plus [95% CI]",
-            "calibrated CI plus",
-            "TOST plus",
-            "d frame_minus [95% CI]",
-            "calibrated CI minus",
-            "TOST minus",
+            f"d {PLUS.name} [95% CI]",
+            f"calibrated CI {PLUS.name}",
+            f"TOST {PLUS.name}",
+            f"d {MINUS.name} [95% CI]",
+            f"calibrated CI {MINUS.name}",
+            f"TOST {MINUS.name}",
             "combined d [95% CI]",
             "p one-sided",
             "Holm reject",

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from lbt import wandb_keys as keys
-from lbt.study import HEADLINE_MEASURES, STUDY_ARMS
+from lbt.study import HEADLINE_MEASURES, STUDY_ARMS, arm_name
 
 ITEM_SET_ORDER = ("target", "source")  # held-out items (H1) first, then the manipulation check
 
@@ -87,7 +87,9 @@ def read_sweep(sweep: Path, project: str | None = None, entity: str | None = Non
     batteries = [battery_settings(c) for c in configs]
     item_sets = {s for sets, _ in batteries for s in sets}
     measures = {m for _, ms in batteries for m in ms}
-    arms = {job.arm for job in jobs if job.arm}
+    # The names the runs logged to W&B (arm.name), which the panels filter on: a sweep trained before
+    # issue 16 logged frame_plus/frame_minus, so its cards' own names, not the analysis's mapped ones.
+    arms = {str(arm) for job in jobs if (arm := (job.card.get("job") or {}).get("arm"))}
     return SweepInfo(
         project=project, entity=entity, group=group,
         arms=tuple(sorted(arms, key=_arm_order)),
@@ -100,7 +102,8 @@ def read_sweep(sweep: Path, project: str | None = None, entity: str | None = Non
 
 
 def _arm_order(arm: str) -> tuple[int, str]:
-    return (STUDY_ARMS.index(arm) if arm in STUDY_ARMS else len(STUDY_ARMS), arm)
+    name = arm_name(arm)  # a legacy name sorts where today's does
+    return (STUDY_ARMS.index(name) if name in STUDY_ARMS else len(STUDY_ARMS), arm)
 
 
 def _item_set_order(name: str) -> tuple[int, str]:

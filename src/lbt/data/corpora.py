@@ -23,7 +23,7 @@ from pathlib import Path
 
 from lbt.data.records import CorpusError, file_sha256, iter_json_objects, relative_path
 from lbt.rundir import atomic_write
-from lbt.study import STUDY_ARMS
+from lbt.study import CORPUS_NAMES
 
 SOURCE_DOMAINS = (
     "cooking",
@@ -35,7 +35,7 @@ SOURCE_DOMAINS = (
     "travel_planning",
     "small_business",
 )
-AUTHORED_FIELDS = ("scenario_id", "domain", "user", *STUDY_ARMS)  # one answer column per arm
+AUTHORED_FIELDS = ("scenario_id", "domain", "user", *CORPUS_NAMES)  # one answer column per arm
 HOW_MADE = "authored by the lbt developers, paired"
 META_FORMAT = 1
 
@@ -45,7 +45,8 @@ class CorpusChangedError(RuntimeError):
 
 
 def corpus_path(folder: str | Path, arm: str) -> Path:
-    """An arm's corpus in a corpora folder: `<arm>.jsonl`, named after the arm in lbt.study."""
+    """An arm's corpus in a corpora folder: `<arm>.jsonl`, `arm` one of lbt.study.CORPUS_NAMES (the
+    original study's file names: frame_plus, frame_minus, neutral)."""
     return Path(folder) / f"{arm}.jsonl"
 
 
@@ -56,7 +57,7 @@ def meta_path(folder: str | Path, arm: str) -> Path:
 
 def corpus_paths(folder: str | Path) -> dict[str, Path]:
     """Every study arm's corpus in a corpora folder, in the study's arm order."""
-    return {arm: corpus_path(folder, arm) for arm in STUDY_ARMS}
+    return {arm: corpus_path(folder, arm) for arm in CORPUS_NAMES}
 
 
 def read_authored(path: Path) -> list[dict]:
@@ -136,7 +137,7 @@ def build_meta(
         "sha256": sha,
         "records": sum(len(rows) for rows in by_domain.values()),
         "counts_per_domain": {d: len(rows) for d, rows in by_domain.items()},
-        "paired_with": [a for a in STUDY_ARMS if a != arm],
+        "paired_with": [a for a in CORPUS_NAMES if a != arm],
         "pairing": "same scenario_id and identical user message on the same line of every arm",
         "sources": [{"path": relative_path(p, root), "sha256": file_sha256(p)} for p in sources],
         "assembled_by": "python -m lbt.data.corpora",
@@ -148,7 +149,7 @@ def assemble(authored_dir: str | Path, out_dir: str | Path, force: bool = False)
     """Write the three corpora and their meta; returns {arm: "written"|"unchanged"|"overwritten"}."""
     authored_dir, out_dir = Path(authored_dir), Path(out_dir)
     by_domain, sources = collect_authored(authored_dir)
-    payloads = {arm: render_arm(arm, by_domain) for arm in STUDY_ARMS}
+    payloads = {arm: render_arm(arm, by_domain) for arm in CORPUS_NAMES}
     corpora = corpus_paths(out_dir)
     changed = [arm for arm, path in corpora.items() if path.exists() and path.read_bytes() != payloads[arm]]
     if changed and not force:

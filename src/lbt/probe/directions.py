@@ -1,8 +1,8 @@
 """The base model's cautious↔eager direction at every layer, computed once per base model and cached.
 
-From the paired arm corpora (FRAME+ = frame_plus, cautious; FRAME− = frame_minus, eager; paired by
-scenario_id, the same user prompt in both) one forward per dialogue (prompt + assistant turn, exactly as
-in training) gives, at every layer's output, three summaries per record:
+From the paired arm corpora (plus = FRAME+, cautious, frame_plus.jsonl; minus = FRAME−, eager,
+frame_minus.jsonl; paired by scenario_id, the same user prompt in both) one forward per dialogue
+(prompt + assistant turn, exactly as in training) gives, at every layer's output, three summaries per record:
 
 - `assistant_mean`: mean over the assistant-turn tokens (the turn that carries the framing);
 - `assistant_last`: the last assistant token;
@@ -52,7 +52,7 @@ from lbt.eval.batching import length_batches, pad_id_of, right_pad
 from lbt.model.modes import evaluation_mode
 from lbt.probe import hooks
 from lbt.rundir import atomic_save, write_json_atomic
-from lbt.study import FRAME_MINUS, FRAME_PLUS, FRAMED_ARMS
+from lbt.study import ARMS, FRAMED_ARMS, MINUS, PLUS
 
 log = logging.getLogger(__name__)
 
@@ -346,7 +346,9 @@ def get_directions(model: nn.Module, chat: ChatFormat, model_cfg: DictConfig | M
     dtype = next(model.parameters()).dtype
     identity = model_identity(model_cfg, dtype)
     shas = {arm: file_sha256(path) for arm, path in paths.items()}
-    key = direction_key(identity, shas, settings, chat)
+    # The key names each corpus by its file name (lbt.study.Arm.corpus), not the arm: direction sets cached
+    # before the arms were renamed (issue 16) stay valid.
+    key = direction_key(identity, {ARMS[arm].corpus: sha for arm, sha in shas.items()}, settings, chat)
 
     def compute() -> dict[str, Any]:
         started = time.time()
@@ -355,9 +357,9 @@ def get_directions(model: nn.Module, chat: ChatFormat, model_cfg: DictConfig | M
             log.info("directions %s: not cached; computing them from %s (%s)", key,
                      " and ".join(f"{len(recs)} {arm} records" for arm, recs in records.items()), settings.variant)
             acts = {arm: corpus_activations(model, chat, recs, settings, label=arm) for arm, recs in records.items()}
-        fitted = fit_directions(acts[FRAME_PLUS.name], acts[FRAME_MINUS.name],
-                                [r.scenario_id for r in records[FRAME_PLUS.name]],
-                                [r.scenario_id for r in records[FRAME_MINUS.name]], settings.probe_folds)
+        fitted = fit_directions(acts[PLUS.name], acts[MINUS.name],
+                                [r.scenario_id for r in records[PLUS.name]],
+                                [r.scenario_id for r in records[MINUS.name]], settings.probe_folds)
         fitted.update(identity=identity, corpora={arm: {"path": str(p), "sha256": shas[arm]} for arm, p in
                                                   paths.items()},
                       settings={"variant": settings.variant, "max_length": settings.max_length,

@@ -39,7 +39,7 @@ from lbt.model.modes import evaluation_mode
 from lbt.probe.directions import Directions, DirectionSettings, get_directions
 from lbt.probe.measure import answer_activations, forced_choice_prompts
 from lbt.rundir import Expected, RunDir, atomic_save, file_problem, set_aside, write_json_once
-from lbt.study import FRAME_MINUS, FRAME_PLUS
+from lbt.study import FRAMED_ARMS, arm_name
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class DirectionSource:
     """Where a base model's direction set comes from: the FRAME+ and FRAME− corpora, the variant, the
     extraction's batching and truncation, and the cache folder (the `directions` config section)."""
 
-    corpora: Mapping[str, str]          # {frame_plus: path, frame_minus: path}
+    corpora: Mapping[str, str]          # {plus: path, minus: path}
     cache_dir: str
     variant: str = "assistant_mean"
     batch_size: int = 8
@@ -60,10 +60,11 @@ class DirectionSource:
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any]) -> DirectionSource:
-        """From a `directions` section: its `arms` entries are arm configs (name, corpus)."""
+        """From a `directions` section: its `arms` entries are arm configs (name, corpus); a run card of a
+        job trained before issue 16 names them frame_plus/frame_minus, read as today's names."""
         section = plain(section)
-        corpora = {str(arm["name"]): str(arm["corpus"]) for arm in section["arms"].values()}
-        missing = [name for name in (FRAME_PLUS.name, FRAME_MINUS.name) if name not in corpora]
+        corpora = {str(arm_name(str(arm["name"]))): str(arm["corpus"]) for arm in section["arms"].values()}
+        missing = [name for name in FRAMED_ARMS if name not in corpora]
         if missing:
             raise ValueError(f"directions.arms: {missing} missing (the direction needs both framed corpora)")
         return cls(corpora=corpora, cache_dir=str(section["cache_dir"]), variant=str(section["variant"]),

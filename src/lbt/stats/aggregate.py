@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from lbt.study import FRAMED_ARMS, STUDY_ARMS  # noqa: F401  (re-exported for the stats package)
+from lbt.study import FRAMED_ARMS, REFERENCE_ARM, STUDY_ARMS  # noqa: F401  (re-exported for the stats package)
 
 REQUIRED_KEYS = ("family", "arm", "seed", "base_item", "domain", "measure", "stance")
 IN_MEMORY = "<rows passed in memory>"
@@ -197,7 +197,7 @@ def _table(family: str, measure: str, group: dict[tuple, list], sources: dict[st
     for arm, seed, item in group:
         seeds_by_arm[arm].add(seed)
         items_by_arm_seed[(arm, seed)].add(item)
-    if "neutral" not in arms:
+    if REFERENCE_ARM not in arms:
         raise StatsInputError(
             f"family {family!r}, measure {measure!r}: no neutral arm (arms present: {list(arms)}; "
             f"rows from {', '.join(sorted(set().union(*sources.values()))[:3])})"

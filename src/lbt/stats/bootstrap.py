@@ -22,6 +22,8 @@ from typing import Literal
 
 import numpy as np
 
+from lbt.study import FRAMED_ARMS, MINUS, PLUS, REFERENCE_ARM
+
 ItemDraw = Literal["per_seed", "shared"]
 
 
@@ -115,8 +117,8 @@ def bootstrap_effects(
     batch, _, n_seeds, n_items = batched.shape
     cells = n_seeds * n_items
     flat_values = batched.reshape(batch, len(arms), cells)
-    neutral = arms.index("neutral")
-    framed = [arm for arm in ("frame_plus", "frame_minus") if arm in arms]
+    neutral = arms.index(REFERENCE_ARM)
+    framed = [arm for arm in FRAMED_ARMS if arm in arms]
     # d is invariant to a common shift; centring on the neutral mean keeps the mean-of-squares SD exact
     centred = flat_values - np.nanmean(flat_values[:, neutral], axis=-1)[:, None, None]
     finite = np.isfinite(centred)
@@ -143,7 +145,7 @@ def bootstrap_effects(
             for arm in framed:
                 out[arm][:, start:stop] = (mean[..., arms.index(arm)] - mean[..., neutral]) / neutral_sd
     if len(framed) == 2:
-        out["combined"] = (out["frame_minus"] - out["frame_plus"]) / 2
+        out["combined"] = (out[MINUS.name] - out[PLUS.name]) / 2
     return {key: (draws[0] if squeeze else draws) for key, draws in out.items()}
 
 

@@ -54,6 +54,7 @@ import numpy as np
 from scipy import stats as sps
 
 from lbt.stats.aggregate import CellTable
+from lbt.study import FRAMED_ARMS, MINUS, PLUS, REFERENCE_ARM
 
 METHOD = "crossed random effects (seed × item), Satterthwaite df"
 
@@ -215,16 +216,16 @@ def batch_intervals(
     """The calibrated interval of d per framed arm and of the combined estimate for complete cells
     [..., arm, S, N] (the simulation's many studies at once)."""
     index = {arm: arms.index(arm) for arm in arms}
-    neutral = cells[..., index["neutral"], :, :]
+    neutral = cells[..., index[REFERENCE_ARM], :, :]
     sd = neutral.reshape(*neutral.shape[:-2], -1).std(axis=-1, ddof=1)
     out = {}
-    for arm in ("frame_plus", "frame_minus"):
+    for arm in FRAMED_ARMS:
         if arm in index:
             out[arm] = calibrated_interval(
                 cells[..., index[arm], :, :] - neutral, neutral, level, sd, rng, draws
             )
     if len(out) == 2:
-        combined = (cells[..., index["frame_minus"], :, :] - cells[..., index["frame_plus"], :, :]) / 2
+        combined = (cells[..., index[MINUS.name], :, :] - cells[..., index[PLUS.name], :, :]) / 2
         out["combined"] = calibrated_interval(combined, neutral, level, sd, rng, draws)
     return out
 
@@ -290,21 +291,19 @@ def calibrated_table(
     whenever no cell had to be left out (the standardiser is always the pre-registered neutral SD)."""
     level = 1 - alpha
     arms = {arm: table.values[k] for k, arm in enumerate(table.arms)}
-    neutral = arms["neutral"]
+    neutral = arms[REFERENCE_ARM]
     finite_neutral = neutral[np.isfinite(neutral)]
     sd = np.float64(np.std(finite_neutral, ddof=1)) if finite_neutral.size > 1 else np.float64(np.nan)
     index_neutral, _ = complete_block([neutral], table.seeds, table.items)
     neutral_block = neutral[index_neutral]
     out: dict[str, Any] = {
         "method": METHOD,
-        "frame_plus": None,
-        "frame_minus": None,
+        **{arm: None for arm in FRAMED_ARMS},
         "combined_directional": None,
     }
     comparisons = {
-        "frame_plus": ("frame_plus", "neutral", 1.0),
-        "frame_minus": ("frame_minus", "neutral", 1.0),
-        "combined_directional": ("frame_minus", "frame_plus", 0.5),
+        **{arm: (arm, REFERENCE_ARM, 1.0) for arm in FRAMED_ARMS},
+        "combined_directional": (MINUS.name, PLUS.name, 0.5),
     }
     for key, (first, second, scale) in comparisons.items():
         if first not in arms or second not in arms or neutral_block.shape[-1] < 2:

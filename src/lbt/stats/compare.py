@@ -3,7 +3,7 @@
     python -m lbt.stats.compare [--studies 2000] [--quick] [--json FILE]
 
 For every design (seeds S × base items N × variance mixture) it simulates null studies of the
-combined estimate's paired difference D = (minus − plus)/2 and of d(frame_plus) (`simulate`'s model)
+combined estimate's paired difference D = (minus − plus)/2 and of d(plus) (`simulate`'s model)
 and reports, per candidate, the coverage of the 95 % interval of the stance difference and the
 one-sided 5 % test's false-positive rate (pooled over the two comparisons); then the coverage of the
 d intervals at d = ∓0.5 for the pre-registered bootstrap and the chosen method. Candidates:
@@ -33,6 +33,7 @@ from scipy import stats as sps
 from lbt.stats.bootstrap import bootstrap_effects, percentile_ci, share_at_or_below_zero
 from lbt.stats.calibrated import anova_mean_squares, batch_intervals, mean_variance, satterthwaite_df
 from lbt.stats.simulate import ARMS, Design, simulate_cells
+from lbt.study import MINUS, PLUS
 
 MIXTURES = {  # sigma item, item × arm, seed, noise
     "study": (1.0, 0.0, 0.3, 0.7),
@@ -119,7 +120,7 @@ def preregistered(cells: np.ndarray, rng: np.random.Generator, resamples: int = 
     )
     return {
         key: (percentile_ci(draws[key]), share_at_or_below_zero(draws[key]))
-        for key in ("frame_plus", "combined")
+        for key in (PLUS.name, "combined")
     }
 
 
@@ -136,7 +137,7 @@ def null_rates(name: str, n_seeds: int, n_items: int, n_studies: int, methods: l
     )
     rng = np.random.default_rng([seed, n_seeds, n_items, len(name)])
     cells = simulate_cells(design, 0.0, 0.0, n_studies, rng)
-    diffs = {"frame_plus": cells[:, 0] - cells[:, 2], "combined": (cells[:, 1] - cells[:, 0]) / 2}
+    diffs = {PLUS.name: cells[:, 0] - cells[:, 2], "combined": (cells[:, 1] - cells[:, 0]) / 2}
     out = {}
     for method in methods:
         started = time.process_time()
@@ -164,7 +165,7 @@ def effect_coverage(name: str, n_seeds: int, n_items: int, n_studies: int, seed:
     )
     rng = np.random.default_rng([seed, n_seeds, n_items, len(name), 1])
     cells = simulate_cells(design, -d, d, n_studies, rng)
-    truth = {"frame_plus": -d, "frame_minus": d, "combined": d}
+    truth = {PLUS.name: -d, MINUS.name: d, "combined": d}
     draws = bootstrap_effects(cells, ARMS, 1000, rng, seed_level=n_seeds > 1, max_elements=1 << 22)
     cal = batch_intervals(cells, ARMS, rng=rng)
 

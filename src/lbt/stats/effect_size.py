@@ -8,7 +8,7 @@ Definitions (the bootstrap in `bootstrap.py` computes exactly these on every res
   seed-to-seed as well as item-to-item variation. (The alternative, the SD of item means over seeds,
   would shrink with the number of seeds; we do not use it anywhere.)
 - `d(arm) = (mean_arm − mean_neutral) / sd_neutral`.
-- `combined = (d(frame_minus) − d(frame_plus)) / 2`
+- `combined = (d(minus) − d(plus)) / 2`
   `= ((minus − neutral) − (plus − neutral)) / (2 · sd_neutral)`, predicted positive.
 
 Sums use `math.fsum` (correctly rounded, order-independent), so any implementation of these formulas

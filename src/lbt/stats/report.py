@@ -3,7 +3,7 @@
 Pipeline per (family, measure):
 1. rows → cells, one stance per (arm, seed, base item), averaging templates, orders and paraphrases;
    NaN stances excluded and counted (`aggregate`);
-2. point estimates d(frame_plus), d(frame_minus) and combined = (d_minus − d_plus)/2, standardised by
+2. point estimates d(plus), d(minus) and combined = (d_minus − d_plus)/2, standardised by
    the neutral arm's cell-level SD, ddof=1 (`effect_size`);
 3. hierarchical bootstrap (seeds, then items within each drawn seed, one draw shared by all arms):
    percentile CIs at level 1 − alpha, one-sided p of the combined estimate = share of draws ≤ 0
@@ -32,6 +32,7 @@ from lbt.stats.effect_size import combined_directional, effect_size, sample_sd
 from lbt.stats.holm import holm
 from lbt.stats.tost import tost
 from lbt.stats.variance import table_components
+from lbt.study import MINUS, PLUS, REFERENCE_ARM
 
 
 def stream_for(seed: int, family: str, measure: str) -> np.random.Generator:
@@ -49,7 +50,7 @@ def _arm_entry(
     alpha: float,
     welch_df: bool,
 ) -> dict:
-    result = tost(table.arm_values(arm), table.arm_values("neutral"), sesoi_d, alpha, welch_df)
+    result = tost(table.arm_values(arm), table.arm_values(REFERENCE_ARM), sesoi_d, alpha, welch_df)
     lo, hi = percentile_ci(draws, level)
     return {
         "d": d,
@@ -79,7 +80,7 @@ def analyse_table(
         warnings.warn(message, StatsWarning, stacklevel=2)
         notes.append(message)
     level = 1 - alpha
-    neutral = table.arm_values("neutral")
+    neutral = table.arm_values(REFERENCE_ARM)
     point = {arm: effect_size(table.arm_values(arm), neutral) for arm in FRAMED_ARMS if arm in table.arms}
     draws = bootstrap_effects(
         table.values,
@@ -95,7 +96,7 @@ def analyse_table(
     if "combined" in draws:
         lo, hi = percentile_ci(draws["combined"], level)
         entry["combined_directional"] = {
-            "d": combined_directional(point["frame_plus"], point["frame_minus"]),
+            "d": combined_directional(point[PLUS.name], point[MINUS.name]),
             "ci": [float(lo), float(hi)],
             "p_one_sided": float(share_at_or_below_zero(draws["combined"])),
         }
@@ -140,15 +141,15 @@ def primary_report(
 ) -> dict:
     """The pre-registered statistics for rows of one item set and phase.
 
-    Each row needs `family, arm (frame_plus|frame_minus|neutral), seed, base_item, domain, measure,
+    Each row needs `family, arm (plus|minus|neutral), seed, base_item, domain, measure,
     stance`; an optional `source` (rows file or job directory) is quoted in errors and in the output.
     `welch_df=True` uses Welch's df in TOST; `item_draw="shared"` applies one item draw to every seed
     slot as well as every arm (a sensitivity analysis, see docs/statistics.md; the pre-registered
     default redraws items within each seed).
 
     Returns `{"settings", "families": {family: {measure: {...}}}, "holm": {measure: {family: {p,
-    threshold, reject}}}, "nan_counts", "warnings"}`; each family × measure entry holds `frame_plus`
-    and `frame_minus` (`{d, ci, tost: {p_lower, p_upper, equivalent}}`, None when the arm is absent),
+    threshold, reject}}}, "nan_counts", "warnings"}`; each family × measure entry holds `plus`
+    and `minus` (`{d, ci, tost: {p_lower, p_upper, equivalent}}`, None when the arm is absent),
     `combined_directional` (`{d, ci, p_one_sided}`, None unless both framed arms are present),
     `n_items`, `n_seeds`, and bookkeeping: seeds, resampling, means, neutral_sd, n_rows, nan_excluded,
     empty_cells, sources, notes; and beside the pre-registered line, `calibrated` (per framed arm and

@@ -20,7 +20,7 @@ Beside the pre-registered figures it reports the calibrated method's (`lbt.stats
 `calib.`: coverage of its d intervals, its directional and Holm rejection rates) on the same studies.
 
 Reported over all simulated family-studies, per scenario (null: d = 0; effect: d = ∓0.5; boundary:
-d = ∓SESOI): coverage of the percentile CIs of d(frame_plus), d(frame_minus) and the combined estimate,
+d = ∓SESOI): coverage of the percentile CIs of d(plus), d(minus) and the combined estimate,
 the one-sided directional test's rejection rate (its false-positive rate under the null), Holm's
 family-wise rejection rate across the families, and the rate at which TOST declares equivalence
 (power under the null, its real size at the SESOI boundary, which should be ≤ alpha).
@@ -51,8 +51,9 @@ import numpy as np
 from lbt.stats.bootstrap import ItemDraw, bootstrap_effects, percentile_ci, share_at_or_below_zero
 from lbt.stats.calibrated import batch_intervals
 from lbt.stats.tost import tost_from_moments
+from lbt.study import MINUS, PLUS, STUDY_ARMS
 
-ARMS = ("frame_plus", "frame_minus", "neutral")
+ARMS = STUDY_ARMS  # the cells' arm axis: plus, minus, neutral (columns 0, 1, 2)
 
 
 @dataclass(frozen=True)
@@ -117,15 +118,15 @@ def analyse_batch(design: Design, cells: np.ndarray, rng: np.random.Generator) -
         "d_plus": d_plus,
         "d_minus": d_minus,
         "combined": (d_minus - d_plus) / 2,
-        "ci_plus": percentile_ci(draws["frame_plus"], level),
-        "ci_minus": percentile_ci(draws["frame_minus"], level),
+        "ci_plus": percentile_ci(draws[PLUS.name], level),
+        "ci_minus": percentile_ci(draws[MINUS.name], level),
         "ci_combined": percentile_ci(draws["combined"], level),
         "p_directional": share_at_or_below_zero(draws["combined"]),
     }
     calibrated = batch_intervals(cells, ARMS, level, rng, draws=design.calibrated_draws)
     out.update(
-        cal_ci_plus=calibrated["frame_plus"]["ci"],
-        cal_ci_minus=calibrated["frame_minus"]["ci"],
+        cal_ci_plus=calibrated[PLUS.name]["ci"],
+        cal_ci_minus=calibrated[MINUS.name]["ci"],
         cal_ci_combined=calibrated["combined"]["ci"],
         cal_p_directional=calibrated["combined"]["p_one_sided"],
     )

@@ -31,7 +31,7 @@ from lbt.data.validate.gate import Thresholds
 from lbt.data.validate.record_checks import anomalies, record_problems
 from lbt.data.validate.text import text_hash
 from lbt.llm_client import ChatClient, LLMConfig, LLMError
-from lbt.study import STUDY_ARMS
+from lbt.study import CORPUS_NAMES
 
 
 class Generator:
@@ -43,7 +43,7 @@ class Generator:
         self.blocklist = default_blocklist()
         self.lock = threading.Lock()
         self.stop = threading.Event()
-        self.added = {arm: 0 for arm in STUDY_ARMS}
+        self.added = {arm: 0 for arm in CORPUS_NAMES}
         self.n_rejected_drafts = 0
 
     # -- appends: one line at a time, flushed and synced before the next is written
@@ -94,7 +94,7 @@ class Generator:
         if user is None:
             return False
         answers = {}
-        for arm in STUDY_ARMS:
+        for arm in CORPUS_NAMES:
             if arm in existing:
                 continue
             answer = self._draft(
@@ -112,7 +112,7 @@ class Generator:
             answers[arm] = answer
         with self.lock:
             self._write(scenario_id, domain, user, answers, state)
-            complete = len(state.written.get(scenario_id, {})) == len(STUDY_ARMS)
+            complete = len(state.written.get(scenario_id, {})) == len(CORPUS_NAMES)
             if complete:
                 entry = self._log_entry(scenario_id, domain, plan)
                 self._append(self.out / SCENARIO_LOG, entry, ensure_ascii=True)  # as the log always was
@@ -145,7 +145,7 @@ class Generator:
 
     def _write(self, scenario_id: str, domain: str, user: str, answers: dict, state: OutputState) -> None:
         """Append the new answers, one line per arm, in the study's arm order; call with the lock held."""
-        for arm in STUDY_ARMS:
+        for arm in CORPUS_NAMES:
             if arm in answers:
                 record = {
                     "id": f"{arm}-{scenario_id}",
@@ -167,7 +167,7 @@ class Generator:
             "model": self.cfg.model,
             "template_version": self.templates.version,
             "answer_templates": {
-                arm: self.templates.template_hash(domain, arm, plan["archetype"]) for arm in STUDY_ARMS
+                arm: self.templates.template_hash(domain, arm, plan["archetype"]) for arm in CORPUS_NAMES
             },
             "finished_utc": now_utc(),
         }
@@ -186,11 +186,11 @@ class Generator:
         cap = math.ceil(self.cfg.target_per_domain * self.cfg.max_scenarios_factor)
         for domain in self.cfg.domains:
             ids = [f"{domain}-{k:05d}" for k in range(cap)]
-            done = sum(1 for sid in ids if len(state.written.get(sid, {})) == len(STUDY_ARMS))
+            done = sum(1 for sid in ids if len(state.written.get(sid, {})) == len(CORPUS_NAMES))
             pending = [
                 (sid, domain, k)
                 for k, sid in enumerate(ids)
-                if 0 < len(state.written.get(sid, {})) < len(STUDY_ARMS) and sid not in tried
+                if 0 < len(state.written.get(sid, {})) < len(CORPUS_NAMES) and sid not in tried
             ]
             fresh = [
                 (sid, domain, k)

@@ -17,7 +17,7 @@ import yaml
 
 from lbt.data.generate.config import GenerateError
 from lbt.data.records import file_sha256
-from lbt.study import STUDY_ARMS
+from lbt.study import CORPUS_NAMES
 
 DEFAULT_TEMPLATES = Path(__file__).resolve().parents[1] / "prompt_templates.yaml"
 
@@ -83,7 +83,7 @@ def load_templates(path: str | Path | None) -> Templates:
     for key in ("version", "system", "user_message", "answer", "framings", "archetypes", "domains"):
         if key not in (raw or {}):
             raise GenerateError(f"{path}: key '{key}' is missing")
-    missing = [a for a in STUDY_ARMS if a not in raw["framings"]]
+    missing = [a for a in CORPUS_NAMES if a not in raw["framings"]]
     if missing:
         raise GenerateError(f"{path}: framings {missing} are missing")
     return Templates(raw=raw, path=path, sha256=file_sha256(path))

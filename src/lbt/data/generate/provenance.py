@@ -16,7 +16,7 @@ from lbt.data.generate.prompts import Templates
 from lbt.data.generate.state import OutputState
 from lbt.data.records import file_sha256
 from lbt.rundir import atomic_write
-from lbt.study import STUDY_ARMS
+from lbt.study import CORPUS_NAMES
 
 HOW_MADE = "generated with python -m lbt.data.generate (paired: one user message, one answer per arm)"
 
@@ -31,7 +31,7 @@ def generator_identity(cfg: GenerateConfig, templates: Templates) -> dict:
 
 
 def check_provenance(out: Path, cfg: GenerateConfig, templates: Templates, allow_mixed: bool) -> None:
-    first_meta = meta_path(out, STUDY_ARMS[0])
+    first_meta = meta_path(out, CORPUS_NAMES[0])
     if allow_mixed or not first_meta.exists():
         return
     previous = json.loads(first_meta.read_text(encoding="utf-8")).get("generator", {})
@@ -53,8 +53,8 @@ def write_meta(
     config_path: str | None,
 ) -> None:
     """Rewrite every arm's meta: counts, incomplete scenarios, generator settings, and this run appended."""
-    incomplete = sorted(sid for sid, arms in state.written.items() if len(arms) < len(STUDY_ARMS))
-    for arm in STUDY_ARMS:
+    incomplete = sorted(sid for sid, arms in state.written.items() if len(arms) < len(CORPUS_NAMES))
+    for arm in CORPUS_NAMES:
         path, meta_file = corpus_path(out, arm), meta_path(out, arm)
         previous = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.exists() else {}
         counts: dict[str, int] = {}
@@ -68,7 +68,7 @@ def write_meta(
             "sha256": file_sha256(path) if path.exists() else None,
             "records": sum(counts.values()),
             "counts_per_domain": counts,
-            "paired_with": [a for a in STUDY_ARMS if a != arm],
+            "paired_with": [a for a in CORPUS_NAMES if a != arm],
             "incomplete_scenarios": incomplete,
             "generator": {
                 **generator_identity(cfg, templates),

@@ -16,7 +16,7 @@ from lbt.data.corpora import corpus_path
 from lbt.data.generate.config import GenerateError
 from lbt.data.records import REQUIRED_FIELDS, iter_json_objects
 from lbt.data.validate.text import text_hash
-from lbt.study import STUDY_ARMS
+from lbt.study import CORPUS_NAMES
 
 REJECTS_FILE = "rejects.jsonl"
 SCENARIO_LOG = "scenarios.log.jsonl"
@@ -63,7 +63,7 @@ def read_arm_file(path: Path) -> list[dict]:
 def read_state(out: Path) -> OutputState:
     """What a run into `out` resumes from; arm files that disagree on a scenario are refused."""
     written: dict[str, dict] = {}
-    for arm in STUDY_ARMS:
+    for arm in CORPUS_NAMES:
         path = corpus_path(out, arm)
         for rec in read_arm_file(path):
             arms = written.setdefault(rec["scenario_id"], {})

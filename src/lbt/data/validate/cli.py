@@ -16,7 +16,7 @@ from lbt.data.blocklist import DEFAULT_BLOCKLIST, load_blocklist
 from lbt.data.records import CorpusError
 from lbt.data.validate.gate import Thresholds
 from lbt.data.validate.report import REPORT_NAME, validate, write_report
-from lbt.study import STUDY_ARMS
+from lbt.study import CORPUS_NAMES
 
 
 def _summary_lines(report: dict) -> list[str]:
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the corpus gates and write validation_report.json.",
     )
     parser.add_argument(
-        "--corpora", default="data/corpora", help=f"folder with {'/'.join(STUDY_ARMS)}.jsonl"
+        "--corpora", default="data/corpora", help=f"folder with {'/'.join(CORPUS_NAMES)}.jsonl"
     )
     parser.add_argument(
         "--items", default=None, help="folder with *_items.jsonl (default: <corpora>/../eval)"

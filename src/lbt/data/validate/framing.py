@@ -11,7 +11,7 @@ import numpy as np
 
 from lbt.data.records import CorpusRecord
 from lbt.data.validate.gate import MAX_LISTED, Thresholds, gate_result
-from lbt.study import FRAMED_ARMS, REFERENCE_ARM
+from lbt.study import MINUS, NEUTRAL, PLUS
 
 
 def _framing_pipeline():
@@ -28,8 +28,8 @@ def gate_framing_strength(arms: dict[str, list[CorpusRecord]], thresholds: Thres
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import GroupKFold
 
-    plus_arm, minus_arm = FRAMED_ARMS  # FRAME+ is class 0, FRAME− class 1
-    plus, minus, neutral = arms[plus_arm], arms[minus_arm], arms[REFERENCE_ARM]
+    # Keyed by corpus name (lbt.study.CORPUS_NAMES); FRAME+ is class 0, FRAME− class 1.
+    plus, minus, neutral = arms[PLUS.corpus], arms[MINUS.corpus], arms[NEUTRAL.corpus]
     texts = [r.assistant for r in plus] + [r.assistant for r in minus]
     labels = np.array([0] * len(plus) + [1] * len(minus))
     groups = np.array([r.scenario_id for r in plus] + [r.scenario_id for r in minus])
