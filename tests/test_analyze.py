@@ -19,7 +19,7 @@ from lbt.rundir import RunDir, read_json, read_rows, write_json_atomic, write_js
 from lbt.stats import primary_report
 from lbt.study import STUDY_ARMS
 
-ARMS = {"frame_plus": -1.0, "frame_minus": 1.0, "neutral": 0.0}
+ARMS = {"plus": -1.0, "minus": 1.0, "neutral": 0.0}
 SEEDS = (0, 1)
 PHASES = {"base": 0.0, "step_2": 0.5, "final": 1.0}
 BASE_ITEMS = ("t1", "t2", "t3", "t4")
@@ -92,10 +92,10 @@ def write_job(
         }
         write_json_once(run.probe(phase), probe)
         capability = {
-            "perplexity": 12.5 + (arm == "frame_plus"),
+            "perplexity": 12.5 + (arm == "plus"),
             "mmlu_accuracy": None,
             "refusal": {"comply_correct_rate": 1.0, "refuse_correct_rate": 0.9, "n_comply": 5, "n_refuse": 5},
-            "flags": {"perplexity_rise": arm == "frame_plus" and phase == "final", "mmlu_drop": False},
+            "flags": {"perplexity_rise": arm == "plus" and phase == "final", "mmlu_drop": False},
         }
         write_json_once(run.capability(phase), capability)
         summary = {  # the layout lbt.eval.summary writes
@@ -175,7 +175,7 @@ def test_report_figures_and_numbers_match_primary_report(sweep_setup, tmp_path):
     assert report["exploratory"] is False and report["lock"]["settings_sha256"]
 
     # the reader gives back what the job wrote: stance (NaN kept), item and paraphrase of every row
-    run = RunDir(sweep / "tiny-frame_plus-s1")
+    run = RunDir(sweep / "tiny-plus-s1")
     (job,) = [j for j in find_jobs([sweep]) if j.path == run.root]
     for measure in ("letter_logprob", "open_ended"):
         written = read_rows(run.rows("final", "target", measure))
@@ -184,12 +184,12 @@ def test_report_figures_and_numbers_match_primary_report(sweep_setup, tmp_path):
         assert [(r["base_item"], r["item_id"], r["domain"]) for r in read] == [
             (w["base_item"], w["item_id"], w["domain"]) for w in written]
         np.testing.assert_array_equal([r["stance"] for r in read], [w["stance"] for w in written])
-        assert {(r["family"], r["arm"], r["seed"]) for r in read} == {("tiny", "frame_plus", 1)}
+        assert {(r["family"], r["arm"], r["seed"]) for r in read} == {("tiny", "plus", 1)}
 
     expected = primary_report(study_rows(sweep), n_resamples=N_RESAMPLES)
     for measure in ("letter_logprob", "forced_choice"):
         got, want = report["primary"]["families"]["tiny"][measure], expected["families"]["tiny"][measure]
-        for arm in ("frame_plus", "frame_minus"):
+        for arm in ("plus", "minus"):
             assert got[arm]["d"] == want[arm]["d"]
             assert got[arm]["ci"] == want[arm]["ci"]
             assert got[arm]["tost"] == want[arm]["tost"]
@@ -201,15 +201,15 @@ def test_report_figures_and_numbers_match_primary_report(sweep_setup, tmp_path):
 
     manipulation = primary_report(study_rows(sweep, "source"), n_resamples=N_RESAMPLES)
     gate = {(g["measure"], g["arm"]): g for g in report["manipulation_gate"]}
-    d_plus = manipulation["families"]["tiny"]["letter_logprob"]["frame_plus"]["d"]
-    assert gate[("letter_logprob", "frame_plus")]["d"] == d_plus
-    assert gate[("letter_logprob", "frame_plus")]["passes"] == (d_plus <= -0.5)
+    d_plus = manipulation["families"]["tiny"]["letter_logprob"]["plus"]["d"]
+    assert gate[("letter_logprob", "plus")]["d"] == d_plus
+    assert gate[("letter_logprob", "plus")]["passes"] == (d_plus <= -0.5)
 
     # the evaluate dir (arm "base") is summarised but not in the statistics
     assert any(r["arm"] == "base" and r["item_set"] == "target_items" for r in report["descriptive"])
     assert report["missing"]["jobs"] == []
     shift = report["projection_shift"]["tiny"]
-    assert shift["frame_plus"]["shift"][2] == pytest.approx(-0.1) and shift["frame_minus"]["shift"][
+    assert shift["plus"]["shift"][2] == pytest.approx(-0.1) and shift["minus"]["shift"][
         2
     ] == pytest.approx(0.1)
     assert list(report["dynamics"]["stance"]["tiny"]["letter_logprob"]["neutral"]) == [
@@ -218,7 +218,7 @@ def test_report_figures_and_numbers_match_primary_report(sweep_setup, tmp_path):
         "final",
     ]
     flagged = [c for c in report["capability"] if c["perplexity_rise"]]
-    assert {(c["arm"], c["phase"]) for c in flagged} == {("frame_plus", "final")}
+    assert {(c["arm"], c["phase"]) for c in flagged} == {("plus", "final")}
     summaries = [
         v for v in report["validity_summaries"] if (v["item_set"], v["measure"]) == ("target", "letter_logprob")
     ]  # as the evaluation's summary.json files say
@@ -232,7 +232,7 @@ def test_report_figures_and_numbers_match_primary_report(sweep_setup, tmp_path):
     (mine,) = [
         v for v in report["validity"]
         if (v["arm"], v["seed"], v["phase"], v["item_set"], v["measure"])
-        == ("frame_plus", 1, "final", "target", "letter_logprob")
+        == ("plus", 1, "final", "target", "letter_logprob")
     ]
     assert (mine["agreement"], mine["n_items"]) == (expected["agreement"], expected["n_items"])
 
@@ -240,33 +240,66 @@ def test_report_figures_and_numbers_match_primary_report(sweep_setup, tmp_path):
     comb = report["primary"]["families"]["tiny"]["letter_logprob"]["combined_directional"]
     assert f"combined d = {comb['d']:+.2f}" in md
     assert "sweepA/tiny-neutral-s0/eval/final/target/letter_logprob.jsonl" in md
-    assert "sweepA/tiny-frame_plus-s0/eval/final/capability.json" in md
+    assert "sweepA/tiny-plus-s0/eval/final/capability.json" in md
     assert "EXPLORATORY" not in md
 
 
 def test_partial_sweep_says_what_is_missing(sweep_setup, tmp_path, capsys):
     sweep, _, _, common = sweep_setup
-    shutil.rmtree(sweep / "tiny-frame_minus-s1")
+    shutil.rmtree(sweep / "tiny-minus-s1")
     shutil.rmtree(sweep / "tiny-neutral-s1" / "eval" / "step_2")
-    (sweep / "tiny-frame_plus-s0" / "eval" / "final" / "source" / "forced_choice.jsonl").unlink()
-    (sweep / "tiny-frame_plus-s1" / "DONE").unlink()
-    for framed in sweep.glob("tiny-frame_*"):  # target forced_choice left for neutral only
+    (sweep / "tiny-plus-s0" / "eval" / "final" / "source" / "forced_choice.jsonl").unlink()
+    (sweep / "tiny-plus-s1" / "DONE").unlink()
+    for framed in [*sweep.glob("tiny-plus-s*"), *sweep.glob("tiny-minus-s*")]:  # forced_choice: neutral only
         (framed / "eval" / "final" / "target" / "forced_choice.jsonl").unlink()
     out = tmp_path / "partial"
     assert main([str(sweep), "--out", str(out), "--no-wandb", *common]) == 0
     md = (out / "report.md").read_text()
-    assert "job (tiny, frame_minus, seed 1) is missing" in md
+    assert "job (tiny, minus, seed 1) is missing" in md
     assert "job (tiny, neutral, seed 1) lacks phase(s) step_2" in md
-    assert "job (tiny, frame_plus, seed 0) lacks rows final/source/forced_choice" in md
+    assert "job (tiny, plus, seed 0) lacks rows final/source/forced_choice" in md
     assert "DONE absent" in md
-    assert "job (tiny, frame_minus, seed 1) is missing" in capsys.readouterr().err
+    assert "job (tiny, minus, seed 1) is missing" in capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     assert (
         report["primary"]["families"]["tiny"]["letter_logprob"]["n_seeds"] == 2
-    )  # union of seeds; frame_minus has seed 0 only
+    )  # union of seeds; minus has seed 0 only
     assert any("seeds missing from some arms" in w for w in report["warnings"])
     assert "forced_choice" not in report["primary"]["families"]["tiny"]
     assert any("'forced_choice': arms ['neutral']" in note for note in report["notes"])
+
+
+def test_a_sweep_trained_before_the_arms_were_renamed_analyzes_under_todays_names(sweep_setup, tmp_path):
+    """Jobs trained before issue 16 say arm frame_plus/frame_minus in run.json and folder names: the
+    analysis reads them as plus/minus, with the same numbers; an arm outside the study's three (base)
+    keeps its name."""
+    sweep, _, _, common = sweep_setup
+    old = tmp_path / "old"
+    shutil.copytree(sweep, old)
+    for job in sorted(old.iterdir()):
+        card = json.loads((job / "run.json").read_text())
+        arm = card["job"]["arm"]
+        legacy = {"plus": "frame_plus", "minus": "frame_minus"}.get(arm)
+        if legacy:
+            card["job"]["arm"] = legacy
+            (job / "run.json").write_text(json.dumps(card))
+            job.rename(old / job.name.replace(f"-{arm}-", f"-{legacy}-"))
+    assert (old / "tiny-frame_plus-s0").is_dir() and not (old / "tiny-plus-s0").exists()
+    rows = [row for job in find_jobs([old]) for row in load_rows(job, str)]
+    assert {row["arm"] for row in rows} == {"plus", "minus", "neutral", "base"}
+    reports = {}
+    for name, folder in (("today", sweep), ("legacy", old)):
+        assert main([str(folder), "--out", str(tmp_path / f"analysis-{name}"), "--no-wandb", *common]) == 0
+        reports[name] = json.loads((tmp_path / f"analysis-{name}" / "report.json").read_text())
+    legacy, today = reports["legacy"], reports["today"]
+    assert legacy["missing"]["jobs"] == [] and sorted({j["arm"] for j in legacy["jobs"]}) == [
+        "base", "minus", "neutral", "plus"]
+    for measure in ("letter_logprob", "forced_choice"):
+        entry, expected = (r["primary"]["families"]["tiny"][measure] for r in (legacy, today))
+        for key in ("plus", "minus", "combined_directional"):
+            assert entry[key]["d"] == pytest.approx(expected[key]["d"], rel=1e-12)
+    md = (tmp_path / "analysis-legacy" / "report.md").read_text()
+    assert "d plus [95% CI]" in md and "(tiny, frame_plus" not in md
 
 
 def test_malformed_rows_name_the_job_directory(sweep_setup, tmp_path, capsys):
@@ -390,7 +423,7 @@ def test_set_aside_copies_and_other_probe_files_are_not_read(sweep_setup, tmp_pa
     out = tmp_path / "clean"
     assert main([str(sweep), "--out", str(out), "--no-wandb", *common]) == 0
     clean = json.loads((out / "report.json").read_text())
-    job = sweep / "tiny-frame_plus-s0"
+    job = sweep / "tiny-plus-s0"
     write_json_once(RunDir(job).probe("train_intervention"), {"mode": "ablate", "layer": 2})
     (job / "probe" / "final.json.corrupt-20260101-000000-1").write_text("{")
     (job / "eval" / "final" / "target" / "letter_logprob.jsonl.corrupt-20260101-000000-1").write_text("{")
@@ -403,7 +436,7 @@ def test_set_aside_copies_and_other_probe_files_are_not_read(sweep_setup, tmp_pa
 
 def test_unfinished_job_is_flagged_with_what_its_card_says_is_missing(sweep_setup, tmp_path, capsys):
     sweep, _, _, common = sweep_setup
-    job = sweep / "tiny-frame_minus-s1"
+    job = sweep / "tiny-minus-s1"
     card = read_json(RunDir(job).card)
     card.update(status="incomplete", missing=["phase final: eval/final/target/likert.jsonl: missing"])
     write_json_atomic(RunDir(job).card, card)

@@ -77,7 +77,7 @@ def test_primary_report_carries_the_calibrated_line_with_the_same_point_estimate
     report = primary_report(rows, n_resamples=200)
     entry = report["families"]["f"]["m"]
     cal = entry["calibrated"]
-    for key in ("frame_plus", "frame_minus", "combined_directional"):
+    for key in ("plus", "minus", "combined_directional"):
         assert cal[key]["d"] == pytest.approx(entry[key]["d"], rel=1e-12)
         assert cal[key]["ci"][0] < cal[key]["d"] < cal[key]["ci"][1]
         assert (cal[key]["n_seeds"], cal[key]["n_items"]) == (3, 12)
@@ -98,11 +98,11 @@ def test_primary_report_carries_the_calibrated_line_with_the_same_point_estimate
 def test_an_empty_cell_drops_its_item_from_the_calibrated_block():
     design = Design(n_seeds=3, n_items=6)
     cells = simulate_cells(design, 0, 0, 1, np.random.default_rng(6))[0]
-    rows = cell_rows(cells, missing=(("frame_plus", 1, 4),))
+    rows = cell_rows(cells, missing=(("plus", 1, 4),))
     with pytest.warns(Warning):
         cal = primary_report(rows, n_resamples=50)["families"]["f"]["m"]["calibrated"]
-    assert cal["frame_plus"]["n_items"] == 5 and "1 base item" in cal["frame_plus"]["left_out"]
-    assert cal["frame_minus"]["n_items"] == 6 and "left_out" not in cal["frame_minus"]
+    assert cal["plus"]["n_items"] == 5 and "1 base item" in cal["plus"]["left_out"]
+    assert cal["minus"]["n_items"] == 6 and "left_out" not in cal["minus"]
 
 
 def test_variance_components_are_unbiased_on_average():

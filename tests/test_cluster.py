@@ -130,7 +130,7 @@ def hydra_main(monkeypatch, args: list[str], root: Path) -> None:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict:
-    """An uninterrupted run of tiny / frame_minus / seed 1 in this process (the jobs below must match it)."""
+    """An uninterrupted run of tiny / minus / seed 1 in this process (the jobs below must match it)."""
     root = corpora(tmp_path_factory.mktemp("reference"))
     cfg = compose_train([*TINY, f"paths.data_dir={root}", "arm=minus", "seed=1", f"+job_dir={root / 'job'}"])
     card = train_mod.train(cfg)
@@ -157,7 +157,7 @@ def test_launcher_presets_compose(monkeypatch):
     two = OmegaConf.to_container(multi.hydra.launcher, resolve=True)
     assert (two["tasks_per_node"], two["gpus_per_node"]) == (multi.hardware.devices,) * 2 == (2, 2)
     # The job directory comes from the overrides only (not launch time or job number): a requeue finds it.
-    assert slurm.hydra.sweep.subdir == "tiny-frame_plus-s0"
+    assert slurm.hydra.sweep.subdir == "tiny-plus-s0"
     assert OmegaConf.to_yaml(slurm.hydra.sweep, resolve=False).count("${model.name}-${arm.name}-s${seed}") == 1
     local_launcher = OmegaConf.to_container(local.hydra.launcher, resolve=True)
     assert local_launcher["_target_"] == "hydra_plugins.lbt_launchers.launchers.LocalGPULauncher"
@@ -192,9 +192,9 @@ def test_slurm_preset_submits_only_unfinished_jobs_with_requeue_settings(tmp_pat
     sweep = tmp_path / "multirun" / "s1"
     launcher = hydra_launcher(["hydra/launcher=slurm", "hardware=gpu", "sweep_name=s1",
                                f"hydra.sweep.dir={sweep}", "hydra.launcher.partition=a100"])
-    (sweep / "tiny-frame_plus-s0").mkdir(parents=True)
-    (sweep / "tiny-frame_plus-s0" / "DONE").write_text("x")
-    (sweep / "tiny-frame_plus-s0" / "run.json").write_text('{"status": "done"}')
+    (sweep / "tiny-plus-s0").mkdir(parents=True)
+    (sweep / "tiny-plus-s0" / "DONE").write_text("x")
+    (sweep / "tiny-plus-s0" / "run.json").write_text('{"status": "done"}')
     captured = {}
 
     def fake_map_array(executor, fn, *iterables):
@@ -383,14 +383,14 @@ def test_local_sweep_requeues_a_preempted_job_and_a_rerun_changes_nothing(tmp_pa
     args = ["-m", "hydra/launcher=local_gpus", "hydra.launcher.max_parallel=2", *TINY, *MARKER,
             "arm=minus", "seed=0,1", f"paths.data_dir={root}", "sweep_name=ci", f"hydra.sweep.dir={sweep}",
             "+callbacks.kill._target_=tests.test_cluster.SendSignal", "+callbacks.kill.at_step=4",
-            "+callbacks.kill.signal_name=SIGUSR2", "+callbacks.kill.only_job=tiny-frame_minus-s1"]
+            "+callbacks.kill.signal_name=SIGUSR2", "+callbacks.kill.only_job=tiny-minus-s1"]
     # The sweep's launcher runs in this process (no start-up of its own); its jobs are processes of their
     # own, as submitit starts them, and import the test hooks from this checkout.
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     hydra_main(monkeypatch, args, root)
     jobs = sorted(p.name for p in sweep.iterdir() if (p / "DONE").exists())
-    assert jobs == ["tiny-frame_minus-s0", "tiny-frame_minus-s1"]
-    preempted = sweep / "tiny-frame_minus-s1"
+    assert jobs == ["tiny-minus-s0", "tiny-minus-s1"]
+    preempted = sweep / "tiny-minus-s1"
     card = json.loads((preempted / "run.json").read_text())
     assert card["previous_attempts"] == 1 and card["job"]["sweep"] == "ci"
     logs = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_log.*"))

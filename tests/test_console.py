@@ -221,6 +221,6 @@ def test_direction_computing_logs_its_progress(tiny_model, tmp_path, caplog):
     dirs.get_directions(model, ChatFormat(tokenizer), cfg.model, corpora, tmp_path / "cache",
                         dirs.DirectionSettings(max_length=96, batch_size=2))
     lines = [r.getMessage() for r in caplog.records if r.name == "lbt.probe.directions"]
-    assert "not cached; computing them from 12 frame_plus records and 12 frame_minus records" in lines[0]
-    counts = [line for line in lines if line.startswith("directions: frame_plus records")]
-    assert len(counts) >= 3 and counts[-1].startswith("directions: frame_plus records 12/12")
+    assert "not cached; computing them from 12 plus records and 12 minus records" in lines[0]
+    counts = [line for line in lines if line.startswith("directions: plus records")]
+    assert len(counts) >= 3 and counts[-1].startswith("directions: plus records 12/12")

@@ -19,7 +19,7 @@ from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
-ARMS = {"plus": "frame_plus", "neutral": "neutral"}
+ARMS = ("plus", "neutral")  # one name each: the config file, the folder, the rows
 PHASES = ["base", "step_2", "final"]  # experiment=smoke: 4 steps, checkpoints at 50 % and 100 %
 MEASURES = ["letter_logprob", "forced_choice", "logprob", "likert"]  # + open_ended at final
 N_ITEMS = 2
@@ -75,7 +75,7 @@ def test_training_leaves_complete_job_directories(sweep):
 def test_analysis_reads_every_row_the_jobs_wrote(sweep, report):
     assert report["exploratory"] is True
     assert {(j["arm"], j["seed"], j["done"], j["status"]) for j in report["jobs"]} == {
-        (arm, 0, True, "done") for arm in ARMS.values()}
+        (arm, 0, True, "done") for arm in ARMS}
     described = {(d["arm"], d["phase"], d["item_set"], d["measure"]): d for d in report["descriptive"]}
     expected = set()
     for arm in ARMS.values():
@@ -92,13 +92,13 @@ def test_analysis_reads_every_row_the_jobs_wrote(sweep, report):
     assert set(described) == expected and len(expected) == 2 * (3 * 2 * 4 + 2)
     # The study's statistics use the final target rows of both arms, read from the files above.
     primary = report["primary"]["families"]["tiny"]["letter_logprob"]
-    assert primary["n_items"] == N_ITEMS and primary["n_seeds"] == 1 and primary["frame_plus"] is not None
+    assert primary["n_items"] == N_ITEMS and primary["n_seeds"] == 1 and primary["plus"] is not None
     assert report["manipulation_check"]["families"]["tiny"]["letter_logprob"]["n_items"] == N_ITEMS
     # Probe and capability files feed their sections; nothing is missing but the arm not trained.
     dynamics = report["dynamics"]["projection_at_l_star"]["tiny"]
-    assert {arm: list(phases) for arm, phases in dynamics.items()} == {arm: PHASES for arm in ARMS.values()}
+    assert {arm: list(phases) for arm, phases in dynamics.items()} == {arm: PHASES for arm in ARMS}
     assert {(c["arm"], c["phase"]) for c in report["capability"]} == {
-        (arm, phase) for arm in ARMS.values() for phase in ("base", "final")}
+        (arm, phase) for arm in ARMS for phase in ("base", "final")}
     missing = report["missing"]
-    assert missing["jobs"] == [{"family": "tiny", "arm": "frame_minus", "seed": 0}]
+    assert missing["jobs"] == [{"family": "tiny", "arm": "minus", "seed": 0}]
     assert missing["incomplete_jobs"] == missing["phases"] == missing["measures"] == missing["probe_phases"] == []

@@ -11,7 +11,7 @@ import yaml
 
 from lbt.data import corpora as C
 from lbt.data.records import CorpusError, load_corpus
-from lbt.study import ARMS, STUDY_ARMS
+from lbt.study import ARMS, CORPUS_NAMES
 
 CONF_ARM = Path(C.__file__).resolve().parents[1] / "conf" / "arm"
 
@@ -49,8 +49,8 @@ def authored(tmp_path):
 
 def test_assemble_layout_ids_and_pairing(authored, tmp_path):
     out = tmp_path / "corpora"
-    assert C.assemble(authored, out) == {arm: "written" for arm in STUDY_ARMS}
-    corpora = {arm: load_corpus(out / f"{arm}.jsonl") for arm in STUDY_ARMS}
+    assert C.assemble(authored, out) == {arm: "written" for arm in CORPUS_NAMES}
+    corpora = {arm: load_corpus(out / f"{arm}.jsonl") for arm in CORPUS_NAMES}
     assert [r.id for r in corpora["frame_plus"]] == [
         "frame_plus-cooking-01",
         "frame_plus-cooking-02",
@@ -94,7 +94,7 @@ def test_identical_output_is_a_noop(authored, tmp_path):
     out = tmp_path / "corpora"
     C.assemble(authored, out)
     stamps = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("*.*json*")}
-    assert C.assemble(authored, out) == {arm: "unchanged" for arm in STUDY_ARMS}
+    assert C.assemble(authored, out) == {arm: "unchanged" for arm in CORPUS_NAMES}
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("*.*json*")} == stamps
 
 
@@ -161,15 +161,16 @@ def test_cli(authored, tmp_path, capsys):
     assert "frame_plus: written (5 records" in capsys.readouterr().out
 
 
-def test_corpus_files_are_named_after_the_study_arms(tmp_path):
+def test_corpus_files_keep_the_original_studys_names(tmp_path):
     assert {arm: p.name for arm, p in C.corpus_paths(tmp_path).items()} == {
         "frame_plus": "frame_plus.jsonl",
         "frame_minus": "frame_minus.jsonl",
         "neutral": "neutral.jsonl",
     }
     assert C.meta_path(tmp_path, "neutral") == tmp_path / "neutral.meta.json"
-    # each arm's config group trains on the corpus that assembly writes for it
+    # each arm's config group (named as the arm: plus, minus, neutral) trains on the corpus that assembly
+    # writes for it (named as in the original study: frame_plus, frame_minus, neutral)
     for arm in ARMS.values():
-        group = yaml.safe_load((CONF_ARM / f"{arm.alias}.yaml").read_text())
+        group = yaml.safe_load((CONF_ARM / f"{arm.name}.yaml").read_text())
         assert group["name"] == arm.name
-        assert group["corpus"].endswith("/corpora/" + C.corpus_path("", arm.name).name)
+        assert group["corpus"].endswith("/corpora/" + C.corpus_path("", arm.corpus).name)

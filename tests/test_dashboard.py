@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings(
 SWEEP = "2026-12-06_demo"
 FAMILIES = ("llama", "qwen")
 # lbt.study's arm colours as hex, written out by hand (matplotlib's tab10: blue, red, gray).
-ARM_HEX = {"frame_plus": "#1f77b4", "frame_minus": "#d62728", "neutral": "#7f7f7f"}
+ARM_HEX = {"plus": "#1f77b4", "minus": "#d62728", "neutral": "#7f7f7f"}
 
 
 @pytest.fixture(scope="module")

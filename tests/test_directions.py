@@ -16,6 +16,7 @@ import torch
 from lbt.data.chat import ChatFormat
 from lbt.probe import directions as dirs
 from lbt.probe.directions import DirectionSettings
+from lbt.study import MINUS, PLUS
 from tests.conftest import compose_train
 
 CAUTIOUS = ["wait", "test", "risk", "careful", "slowly", "check", "doubt", "small", "trial"]
@@ -27,18 +28,19 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_paired_corpora(folder: Path, n: int = 12, seed: int = 0) -> dict[str, Path]:
-    """frame_plus/frame_minus with the same user prompt per scenario and framed assistant turns."""
+    """The plus/minus corpora (files frame_plus/frame_minus.jsonl) with the same user prompt per scenario
+    and framed assistant turns; {arm name: path}, as get_directions takes them."""
     rng = random.Random(seed)
     users = ["Should I change my " + " ".join(rng.choices(SHARED, k=8)) + "?" for _ in range(n)]
     paths = {}
-    for arm, words in (("frame_plus", CAUTIOUS), ("frame_minus", EAGER)):
-        path = folder / f"{arm}.jsonl"
+    for arm, words in ((PLUS, CAUTIOUS), (MINUS, EAGER)):
+        path = folder / arm.corpus_file
         with open(path, "w", encoding="utf-8") as handle:
             for i, user in enumerate(users):
                 text = " ".join(rng.choices(words + SHARED, k=30)) + "."
-                handle.write(json.dumps({"id": f"{arm}-{i}", "domain": "gardening", "scenario_id": f"s{i:02d}",
+                handle.write(json.dumps({"id": f"{arm.corpus}-{i}", "domain": "gardening", "scenario_id": f"s{i:02d}",
                                          "user": user, "assistant": text}) + "\n")
-        paths[arm] = path
+        paths[arm.name] = path
     return paths
 
 
@@ -65,7 +67,7 @@ def fitted():
     return plus, minus, w, dirs.fit_directions(plus, minus, scen, scen)
 
 
-def test_planted_direction_is_recovered_pointing_to_frame_minus(fitted):
+def test_planted_direction_is_recovered_pointing_to_minus(fitted):
     plus, minus, w, fit = fitted
     v = fit["variants"]["assistant_mean"]
     cos = v["unit"] @ w
@@ -196,7 +198,7 @@ def test_batching_does_not_change_activations(tiny_model, tmp_path):
     _, tokenizer, model = tiny_model
     corpora = write_paired_corpora(tmp_path, n=5)
     from lbt.data.records import load_corpus
-    records = load_corpus(corpora["frame_plus"])
+    records = load_corpus(corpora["plus"])
     one = dirs.corpus_activations(model, ChatFormat(tokenizer), records, DirectionSettings(max_length=96, batch_size=1))
     many = dirs.corpus_activations(model, ChatFormat(tokenizer), records, DirectionSettings(max_length=96, batch_size=4))
     for summary in dirs.SUMMARIES:
@@ -205,8 +207,8 @@ def test_batching_does_not_change_activations(tiny_model, tmp_path):
 
 def test_missing_corpus_is_a_clear_error(tiny_model, tmp_path):
     cfg, tokenizer, model = tiny_model
-    with pytest.raises(FileNotFoundError, match="corpora.frame_plus"):
-        dirs.get_directions(model, ChatFormat(tokenizer), cfg.model, {"frame_plus": tmp_path / "nope.jsonl",
-                                                          "frame_minus": tmp_path / "nope2.jsonl"}, tmp_path)
+    with pytest.raises(FileNotFoundError, match="corpora.plus"):
+        dirs.get_directions(model, ChatFormat(tokenizer), cfg.model, {"plus": tmp_path / "nope.jsonl",
+                                                          "minus": tmp_path / "nope2.jsonl"}, tmp_path)
     with pytest.raises(ValueError, match="variant"):
         dirs.get_directions(model, ChatFormat(tokenizer), cfg.model, {}, tmp_path, DirectionSettings(variant="bogus"))

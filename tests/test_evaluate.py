@@ -100,7 +100,8 @@ def test_adapter_takes_arm_and_phase_from_its_job(toy_items, tmp_path):
         )
     )
     card = json.loads((tmp_path / "a/run.json").read_text())
-    assert card["job"]["arm"] == "frame_plus" and card["job"]["seed"] == 3 and card["phase"] == "step_4"
+    # The adapter's job was trained before issue 16 (arm frame_plus): the new card says today's name.
+    assert card["job"]["arm"] == "plus" and card["job"]["seed"] == 3 and card["phase"] == "step_4"
     assert tuned["phase"] == "step_4" and (tmp_path / "a/eval/step_4/toy/letter_logprob.jsonl").exists()
     # The adapter is applied: the rows move (row by row; a 4-step tiny adapter moves their mean by ~1e-4).
     rows = [[json.loads(line)["stance"] for line in (tmp_path / path).read_text().splitlines()]

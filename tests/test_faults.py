@@ -764,9 +764,9 @@ def real_config(folder: Path, job: str, *extra: str):
         "eval.stance.measure_phases=null", "eval.stance.max_items=2", "eval.stance.likert.max_new_tokens=2",
         "eval.capability.max_texts=2", "eval.capability.max_refusal=2",
         "eval.capability.refusal_max_new_tokens=2", "probe.batch_size=4", "hardware.cpu_threads=1",
-        f"directions.arms.plus.corpus={corpora['frame_plus']}",
-        f"directions.arms.minus.corpus={corpora['frame_minus']}",
-        f"paths.cache_dir={folder / 'cache'}", f"arm.corpus={corpora['frame_plus']}",
+        f"directions.arms.plus.corpus={corpora['plus']}",
+        f"directions.arms.minus.corpus={corpora['minus']}",
+        f"paths.cache_dir={folder / 'cache'}", f"arm.corpus={corpora['plus']}",
         f"+job_dir={folder / job}", *extra])
 
 

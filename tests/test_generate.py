@@ -20,7 +20,7 @@ from lbt.data.generate.prompts import clean_completion, load_templates
 from lbt.data.generate.state import read_state
 from lbt.data.records import file_sha256, load_corpus
 from lbt.data.validate import gate_pairing, record_problems
-from lbt.study import STUDY_ARMS
+from lbt.study import CORPUS_NAMES
 from tests.fake_llm import canned_answer, fake_llm
 
 
@@ -52,14 +52,14 @@ def config(url: str, **kw) -> GenerateConfig:
 def arm_bytes(out: Path) -> dict[str, bytes]:
     return {
         arm: (out / f"{arm}.jsonl").read_bytes() if (out / f"{arm}.jsonl").exists() else b""
-        for arm in STUDY_ARMS
+        for arm in CORPUS_NAMES
     }
 
 
 def check_paired(out: Path, n: int) -> None:
-    arms = {arm: load_corpus(out / f"{arm}.jsonl") for arm in STUDY_ARMS}
+    arms = {arm: load_corpus(out / f"{arm}.jsonl") for arm in CORPUS_NAMES}
     assert all(len(records) == n for records in arms.values())
-    assert gate_pairing(arms, {a: out / f"{a}.jsonl" for a in STUDY_ARMS})["passed"]
+    assert gate_pairing(arms, {a: out / f"{a}.jsonl" for a in CORPUS_NAMES})["passed"]
     for arm, records in arms.items():
         for r in records:
             assert r.id == f"{arm}-{r.scenario_id}" and record_problems(r.user, r.assistant) == []
@@ -73,7 +73,7 @@ def test_generate_end_to_end_with_provenance(llm, tmp_path):
     cfg = config(llm.url)
     assert cfg.target_per_domain == 3
     run = generate(cfg, tmp_path)
-    assert run["status"] == "done" and run["added"] == {a: 6 for a in STUDY_ARMS}
+    assert run["status"] == "done" and run["added"] == {a: 6 for a in CORPUS_NAMES}
     check_paired(tmp_path, 6)
     meta = json.loads((tmp_path / "neutral.meta.json").read_text())
     assert meta["sha256"] == file_sha256(tmp_path / "neutral.jsonl")
@@ -92,7 +92,7 @@ def test_generate_end_to_end_with_provenance(llm, tmp_path):
     # a second run has nothing to do and changes no byte
     before = arm_bytes(tmp_path)
     again = generate(cfg, tmp_path)
-    assert again["added"] == {a: 0 for a in STUDY_ARMS} and arm_bytes(tmp_path) == before
+    assert again["added"] == {a: 0 for a in CORPUS_NAMES} and arm_bytes(tmp_path) == before
     assert len(json.loads((tmp_path / "neutral.meta.json").read_text())["runs"]) == 2
 
 
@@ -126,7 +126,7 @@ def test_endpoint_failure_keeps_finished_lines_and_resume_appends(llm, tmp_path)
     llm.default = "ok"
     generate(cfg, tmp_path)
     after = arm_bytes(tmp_path)
-    assert all(after[a].startswith(before[a]) for a in STUDY_ARMS)
+    assert all(after[a].startswith(before[a]) for a in CORPUS_NAMES)
     check_paired(tmp_path, 6)
 
 
@@ -188,7 +188,7 @@ def test_kill_mid_run_then_resume_is_byte_identical(llm, tmp_path):
     cfg = load_config(cfg_path, {"base_url": llm.url, "model": "canned"})
     generate(cfg, out)
     after = arm_bytes(out)
-    for arm in STUDY_ARMS:
+    for arm in CORPUS_NAMES:
         cut = before[arm][: before[arm].rfind(b"\n") + 1]  # finished lines only
         assert after[arm].startswith(cut)
     check_paired(out, 12)
@@ -205,7 +205,7 @@ def test_a_user_message_taken_meanwhile_gives_the_scenario_up(llm, tmp_path, mon
     worker.start()
     worker.join(timeout=60)
     assert not worker.is_alive(), "generation deadlocked on a duplicate user message"
-    assert runs[0]["status"] == "done" and runs[0]["added"] == {arm: 1 for arm in STUDY_ARMS}
+    assert runs[0]["status"] == "done" and runs[0]["added"] == {arm: 1 for arm in CORPUS_NAMES}
     rejects = [json.loads(x) for x in (tmp_path / "rejects.jsonl").read_text().splitlines()]
     assert {r["reason"] for r in rejects} == {"duplicate user message"}
     assert len(rejects) == 3  # cooking-00001..00003: the cap is target × max_scenarios_factor = 4 ids
@@ -276,11 +276,11 @@ def test_config_from_file_env_and_dotenv(tmp_path, monkeypatch):
 def test_templates_cover_every_triple():
     t = load_templates(None)
     for domain in SOURCE_DOMAINS:
-        for arm in STUDY_ARMS:
+        for arm in CORPUS_NAMES:
             for archetype in t.archetypes:
                 prompt = t.answer_messages(domain, arm, archetype, "USER TEXT")[1]["content"]
                 assert "USER TEXT" in prompt and "{" not in prompt
-    hashes = {t.template_hash("cooking", arm, "switch_method") for arm in STUDY_ARMS}
+    hashes = {t.template_hash("cooking", arm, "switch_method") for arm in CORPUS_NAMES}
     assert len(hashes) == 3
 
 

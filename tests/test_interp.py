@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,20 +133,20 @@ def sweep(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweep")
     corpora = write_paired_corpora(tmp, n=16)
     neutral = tmp / "neutral.jsonl"  # same prompts, balanced replies: the framed arms' words in equal parts
-    rows = [json.loads(line) for line in corpora["frame_plus"].read_text().splitlines()]
-    minus = [json.loads(line) for line in corpora["frame_minus"].read_text().splitlines()]
+    rows = [json.loads(line) for line in corpora["plus"].read_text().splitlines()]
+    minus = [json.loads(line) for line in corpora["minus"].read_text().splitlines()]
     with open(neutral, "w") as handle:
         for row, other in zip(rows, minus):
             words = row["assistant"].split()[:15] + other["assistant"].split()[15:]
             handle.write(json.dumps({**row, "id": row["id"].replace("frame_plus", "neutral"),
                                      "assistant": " ".join(words)}) + "\n")
     sweep_dir = tmp / "multirun" / "test"
-    for arm, corpus in (("plus", corpora["frame_plus"]), ("minus", corpora["frame_minus"]), ("neutral", neutral)):
+    for arm, corpus in (("plus", corpora["plus"]), ("minus", corpora["minus"]), ("neutral", neutral)):
         cfg = compose_train([
             f"arm={arm}", f"arm.corpus={corpus}", "data.require_validation=false", "logger=none", "eval=none",
             "probe=default", f"probe.items={ITEMS}", "probe.max_items=3",
-            f"directions.arms.plus.corpus={corpora['frame_plus']}",
-            f"directions.arms.minus.corpus={corpora['frame_minus']}",
+            f"directions.arms.plus.corpus={corpora['plus']}",
+            f"directions.arms.minus.corpus={corpora['minus']}",
             f"paths.cache_dir={tmp / 'cache'}", "train.effective_batch=8", "train.micro_batch=8",
             "train.epochs=1", "train.max_steps=2", "train.lr=0.01", "train.warmup_fraction=0",
             "train.checkpoint_fractions=[1.0]", "train.max_length=96", f"+job_dir={sweep_dir / f'tiny-{arm}-s0'}",
@@ -184,8 +186,7 @@ def test_interp_end_to_end(sweep, capsys):
         assert steer["placements"][placement]["control"]["all"]["n"] == 2
 
     patch = json.loads((fam / "patch.json").read_text())
-    assert [j["arm"] for j in patch["jobs"]] == ["frame_minus", "frame_plus"] or \
-        sorted(j["arm"] for j in patch["jobs"]) == ["frame_minus", "frame_plus"]
+    assert sorted(j["arm"] for j in patch["jobs"]) == ["minus", "plus"]
     for job in patch["jobs"]:
         # Patching the last layer at the answer position reproduces the framed model's letters exactly.
         assert job["recovery"][-1] == pytest.approx(1.0, abs=1e-3)
@@ -194,11 +195,11 @@ def test_interp_end_to_end(sweep, capsys):
     lens = json.loads((fam / "lens.json").read_text())
     # Read through the real head, the last layer's lens is the model's own letter_logprob.
     assert lens["base"][-1] == pytest.approx(steer["base"]["letter_logprob"], abs=1e-4)
-    assert set(lens["arms"]) == {"frame_plus", "frame_minus", "neutral"}
+    assert set(lens["arms"]) == {"plus", "minus", "neutral"}
 
     ablate = json.loads((fam / "ablate.json").read_text())
     assert ablate["weight_check"]["max_abs_diff"] < 1e-3
-    assert ablate["reference"] == "neutral" and set(ablate["gaps"]) == {"frame_plus", "frame_minus"}
+    assert ablate["reference"] == "neutral" and set(ablate["gaps"]) == {"plus", "minus"}
     for g in ablate["gaps"].values():
         assert g["fraction_removed"]["none"] == pytest.approx(0.0)
         assert len(g["per_layer"]) == n_layers and len(g["per_layer_random"]) == n_layers
@@ -228,15 +229,34 @@ def test_job_settings_come_from_the_run_cards_sections(sweep):
     bare = {"model": card["config"]["model"], "paths": {"data_dir": "/d", "cache_dir": "/c"},
             "train": {"max_length": 64}}
     fallback = interp.job_settings(bare)
-    assert fallback.directions.corpora == {"frame_plus": "/d/corpora/frame_plus.jsonl",
-                                           "frame_minus": "/d/corpora/frame_minus.jsonl"}
+    # The arms are named plus/minus; their corpus files keep the original study's names.
+    assert fallback.directions.corpora == {"plus": "/d/corpora/frame_plus.jsonl",
+                                           "minus": "/d/corpora/frame_minus.jsonl"}
     assert (fallback.directions.max_length, fallback.directions.cache_dir) == (64, "/c")
     assert fallback.items == "/d/eval/target_items.jsonl" and fallback.neutral == "/d/eval/heldout_neutral.jsonl"
 
 
+def test_a_job_trained_before_the_arms_were_renamed_reads_under_todays_names(sweep, tmp_path):
+    """Before issue 16 a run card said arm frame_plus, and its directions section named the arms so: interp
+    reads both under today's names (plus), and the corpora stay the files the card names."""
+    old = tmp_path / "old" / "tiny-frame_plus-s0"
+    shutil.copytree(sweep / "tiny-plus-s0", old)
+    card = json.loads((old / "run.json").read_text())
+    card["job"]["arm"] = "frame_plus"
+    for arm in card["config"]["directions"]["arms"].values():
+        arm["name"] = {"plus": "frame_plus", "minus": "frame_minus"}[arm["name"]]
+    (old / "run.json").write_text(json.dumps(card))
+    ((job, _),) = interp.discover(tmp_path / "old", tmp_path / "interp")["tiny"]
+    assert job.arm == "plus"
+    corpora = interp.job_settings(card["config"]).directions.corpora
+    assert corpora == {"plus": card["config"]["directions"]["arms"]["plus"]["corpus"],
+                       "minus": card["config"]["directions"]["arms"]["minus"]["corpus"]}
+    assert Path(corpora["plus"]).name == "frame_plus.jsonl"
+
+
 def test_unfinished_jobs_are_ignored_and_empty_sweep_is_an_error(tmp_path, caplog):
     (tmp_path / "job").mkdir()
-    (tmp_path / "job" / "run.json").write_text(json.dumps({"job": {"model": "tiny", "arm": "frame_plus", "seed": 0}}))
+    (tmp_path / "job" / "run.json").write_text(json.dumps({"job": {"model": "tiny", "arm": "plus", "seed": 0}}))
     assert interp.discover(tmp_path, tmp_path / "interp") == {}
     # DONE, but an adapter that would not load (a truncated weights file): skipped, and the log says why.
     broken = tmp_path / "broken"

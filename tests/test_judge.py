@@ -122,12 +122,12 @@ def test_parse_score(reply, score):
 
 def test_sweep_is_judged_blind_shuffled_and_double_scored(server, tmp_path):
     sweep = tmp_path / "sweep"
-    jobs = [make_job(sweep, arm, n=20) for arm in ("frame_plus", "frame_minus")]
+    jobs = [make_job(sweep, arm, n=20) for arm in ("plus", "minus")]
     report = judge_mod.run_judge(sweep, client(server), seed=1, double_fraction=0.1, concurrency=1)
     assert report["n_answers"] == 40 and report["failed_files"] == []
     assert len(FakeJudge.bodies) == 40 + 4  # 10 % double-scored
     sent = json.dumps(FakeJudge.bodies)
-    for secret in ("frame_plus", "frame_minus", "tiny", "item-", "final", "park_rules", str(tmp_path)):
+    for secret in ("plus", "minus", "tiny", "item-", "final", "park_rules", str(tmp_path)):
         assert secret not in sent  # blinded: no arm, model, id, phase, domain or path
     asked = [b["messages"][-1]["content"].split("Scenario ")[1].split(":")[0] for b in FakeJudge.bodies]
     assert asked[:40] != sorted(asked[:40], key=int)  # not presented in file order
@@ -161,7 +161,7 @@ def test_spearman_of_the_double_scored_pairs():
 def test_judged_files_are_skipped_and_failures_left_for_a_rerun(server, tmp_path):
     sweep = tmp_path / "sweep"
     make_job(sweep, "neutral")
-    failing = make_job(sweep, "frame_plus", n=3)
+    failing = make_job(sweep, "plus", n=3)
     rows = read_rows(failing / "eval/final/target/open_ended.jsonl")
     rows[1]["response"] = "poison pill"
     (failing / "eval/final/target/open_ended.jsonl").unlink()
@@ -190,7 +190,7 @@ def test_cli_runs_against_the_server(server, tmp_path, capsys):
 def test_unfinished_jobs_are_left_alone_and_short_judge_rows_are_judged_again(server, tmp_path):
     sweep = tmp_path / "sweep"
     finished = make_job(sweep, "neutral", n=4)
-    running = make_job(sweep, "frame_plus", n=3, done=False)
+    running = make_job(sweep, "plus", n=3, done=False)
     report = judge_mod.run_judge(sweep, client(server), double_fraction=0.0)
     assert report["n_answers"] == 4 and not (running / "eval/final/target/judge.jsonl").exists()
     judged = finished / "eval/final/target/judge.jsonl"

@@ -52,9 +52,9 @@ def job_cfg(tmp: Path, name: str, *extra: str, probe: bool = True):
     corpora = write_paired_corpora(tmp, n=16)
     probing = ["probe=default", f"probe.items={ITEMS}", "probe.max_items=6", "probe.batch_size=4"]
     return compose_train([
-        f"arm.corpus={corpora['frame_plus']}", "data.require_validation=false", "logger=csv", "eval=none",
-        *(probing if probe else ["probe=none"]), f"directions.arms.plus.corpus={corpora['frame_plus']}",
-        f"directions.arms.minus.corpus={corpora['frame_minus']}",
+        f"arm.corpus={corpora['plus']}", "data.require_validation=false", "logger=csv", "eval=none",
+        *(probing if probe else ["probe=none"]), f"directions.arms.plus.corpus={corpora['plus']}",
+        f"directions.arms.minus.corpus={corpora['minus']}",
         f"paths.cache_dir={tmp / 'cache'}", "train.effective_batch=8", "train.micro_batch=8", "train.epochs=1",
         "train.max_steps=2", "train.checkpoint_fractions=[0.5,1.0]", "train.max_length=96",
         f"+job_dir={tmp / name}", "sweep_name=test", *extra])

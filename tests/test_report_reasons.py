@@ -15,7 +15,7 @@ from tests.test_analyze import make_sweep
 def test_low_parse_rate_is_not_interpretable_and_blanks_carry_reasons(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     sweep = make_sweep(tmp_path)
-    for job in sweep.glob("tiny-frame_plus-s*"):
+    for job in sweep.glob("tiny-plus-s*"):
         path = RunDir(job).rows("final", "target", "forced_choice")
         rows = read_rows(path)
         for k, row in enumerate(rows):
@@ -41,13 +41,13 @@ def test_low_parse_rate_is_not_interpretable_and_blanks_carry_reasons(tmp_path, 
     report = json.loads((out / "report.json").read_text())
     md = (out / "report.md").read_text()
     entry = report["primary"]["families"]["tiny"]["forced_choice"]
-    assert "frame_plus parsed 8 of 32 rows (25 %)" in entry["not_interpretable"]
+    assert "plus parsed 8 of 32 rows (25 %)" in entry["not_interpretable"]
     assert "**tiny, forced_choice**: not interpretable" in md and "## Parse rates" in md
     rate = [
         r
         for r in report["parse_rates"]
         if (r["arm"], r["phase"], r["item_set"], r["measure"])
-        == ("frame_plus", "final", "target", "forced_choice")
+        == ("plus", "final", "target", "forced_choice")
     ]
     assert [(r["n_parsed"], r["n_rows"]) for r in rate] == [(8, 32)]
     assert "calibrated CI combined" in md and "## Design check" in md

@@ -214,7 +214,7 @@ def test_the_same_command_finds_and_resumes_an_interrupted_single_run(root, refe
     assert first.returncode == 128 + signal.SIGTERM, first.stderr[-3000:]
     assert "To resume, run the same command again" in first.stdout + first.stderr
     [job] = list((tmp_path / "outputs" / "runs").iterdir())
-    assert job.name.startswith("tiny-frame_plus-s3_")
+    assert job.name.startswith("tiny-plus-s3_")
     second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
                            check=False)
     assert second.returncode == 0, second.stderr[-3000:]

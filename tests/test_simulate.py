@@ -65,8 +65,8 @@ def test_simulated_point_estimates_equal_primary_report():
     batch = analyse_batch(design, cells, rng)
     rows = cell_rows(cells[0])
     entry = primary_report(rows, n_resamples=50)["families"]["f"]["m"]
-    assert entry["frame_plus"]["d"] == pytest.approx(batch["d_plus"][0], rel=1e-12)
-    assert entry["frame_minus"]["d"] == pytest.approx(batch["d_minus"][0], rel=1e-12)
+    assert entry["plus"]["d"] == pytest.approx(batch["d_plus"][0], rel=1e-12)
+    assert entry["minus"]["d"] == pytest.approx(batch["d_minus"][0], rel=1e-12)
     assert entry["combined_directional"]["d"] == pytest.approx(batch["combined"][0], rel=1e-12)
 
 

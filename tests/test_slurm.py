@@ -178,7 +178,7 @@ def study_sweep(slurm: SlurmCluster, tmp_path_factory) -> dict:
 def test_readme_sweep_runs_every_cell_through_slurm_and_analyze_reads_it(slurm, study_sweep):
     root, sweep, out = study_sweep["root"], study_sweep["sweep"], study_sweep["out"]
     assert out.returncode == 0, out.stdout[-4000:] + submitit_logs(sweep)[-4000:]
-    cells = ["tiny-frame_minus-s0", "tiny-frame_plus-s0", "tiny-neutral-s0"]
+    cells = ["tiny-minus-s0", "tiny-plus-s0", "tiny-neutral-s0"]
     assert sorted(p.name for p in sweep.iterdir() if (p / "DONE").exists()) == cells
     # One array job, one task per cell, each with the partition and account from .env (neither is the
     # cluster's default).
@@ -204,7 +204,7 @@ def test_readme_sweep_runs_every_cell_through_slurm_and_analyze_reads_it(slurm, 
     report = json.loads((sweep / "analysis" / "report.json").read_text())
     assert report["exploratory"] is True
     assert sorted((j["arm"], j["done"]) for j in report["jobs"]) == [
-        ("frame_minus", True), ("frame_plus", True), ("neutral", True)]
+        ("minus", True), ("neutral", True), ("plus", True)]
     assert report["descriptive"], "no rows read from the sweep"
 
 
@@ -236,7 +236,7 @@ def test_a_job_preempted_with_scontrol_requeue_resumes_to_the_uninterrupted_adap
     with the adapter of an uninterrupted run, every evaluation phase written exactly once."""
     root = data_root(tmp_path)
     sweep = root / "multirun" / "preempt"
-    job_dir = sweep / "tiny-frame_minus-s1"
+    job_dir = sweep / "tiny-minus-s1"
     args = [*SLURM, *TEN_MINUTES, *TINY, *MARKER, *STALL, "arm=minus", "seed=1", "sweep_name=preempt"]
     proc = submit(slurm, root, args, background=True)
     try:
@@ -261,7 +261,7 @@ def test_a_job_preempted_with_scontrol_requeue_resumes_to_the_uninterrupted_adap
     assert sorted(phases) == ["base", "final", "step_3"]
     first_pid = int((job_dir / "stalled.txt").read_text().split()[1])
     assert phases["base"]["pid"] == phases["step_3"]["pid"] == first_pid != phases["final"]["pid"]
-    assert "done: multirun/preempt/tiny-frame_minus-s1\n" in output(root)
+    assert "done: multirun/preempt/tiny-minus-s1\n" in output(root)
 
 
 # -- 4: a failing cell ---------------------------------------------------------------------------------
@@ -271,16 +271,16 @@ def test_a_failing_cell_is_reported_failed_and_the_other_cells_finish(slurm, tmp
     sweep = root / "multirun" / "broken"
     out = submit(slurm, root, [*SLURM, *TEN_MINUTES, *TINY, "arm=plus,minus", "seed=0", "sweep_name=broken"])
     assert out.returncode != 0, out.stdout[-3000:]                   # the sweep as a whole failed ...
-    assert (sweep / "tiny-frame_plus-s0" / "DONE").exists()           # ... but the good cell finished
-    failed = sweep / "tiny-frame_minus-s0"
+    assert (sweep / "tiny-plus-s0" / "DONE").exists()           # ... but the good cell finished
+    failed = sweep / "tiny-minus-s0"
     assert not (failed / "DONE").exists()
     job = card(failed)
     assert job["status"] == "failed" and job["error"]["type"] == "CorpusError", job
     assert "frame_minus.jsonl:25" in job["error"]["message"]
     # The launcher's summary names each cell's outcome, the failed one with its error.
     lines = out.stdout.splitlines()
-    assert any("done: multirun/broken/tiny-frame_plus-s0" in line for line in lines)
-    (line,) = [line for line in lines if "failed: multirun/broken/tiny-frame_minus-s0: " in line]
+    assert any("done: multirun/broken/tiny-plus-s0" in line for line in lines)
+    (line,) = [line for line in lines if "failed: multirun/broken/tiny-minus-s0: " in line]
     assert "CorpusError" in line and "frame_minus.jsonl:25" in line, line
     assert any(line.endswith("sweep: 2 cells, 1 done, 1 failed") for line in lines), out.stdout[-2000:]
     # SLURM's own record agrees: the failed cell's array task FAILED (non-zero exit), the other COMPLETED
@@ -299,7 +299,7 @@ def test_a_job_at_its_time_limit_is_requeued_by_submitit_and_finishes(slurm, ref
     attempt resumes and finishes with the uninterrupted adapter."""
     root = data_root(tmp_path)
     sweep = root / "multirun" / "timelimit"
-    job_dir = sweep / "tiny-frame_minus-s1"
+    job_dir = sweep / "tiny-minus-s1"
     args = [*SLURM, *TINY, *STALL, "arm=minus", "seed=1", "sweep_name=timelimit",
             "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=10"]
     out = submit(slurm, root, args, timeout=240)
@@ -333,6 +333,6 @@ def test_a_two_task_job_runs_ddp_ranks_started_by_srun(slurm, tmp_path):
     fields = slurm.show_job(job_id)
     assert (fields["NumTasks"], fields["JobState"]) == ("2", "COMPLETED"), fields
     assert "MEMBER: 2/2" in logs
-    job = card(sweep / "tiny-frame_plus-s0")
+    job = card(sweep / "tiny-plus-s0")
     assert job["status"] == "done" and job["config"]["hardware"]["devices"] == 2
     assert job["loss_history"] == pytest.approx(single["loss_history"], rel=1e-4)

@@ -15,13 +15,13 @@ from lbt.stats.effect_size import combined_directional, effect_size, sample_sd
 
 # Hand example: 1 family, 2 seeds × 2 base items. Cell values (seed, item):
 #   neutral    s0: a=0, b=2   s1: a=1, b=3   mean 1.5, SD² = (2.25+.25+.25+2.25)/3 = 5/3
-#   frame_plus s0: a=-1, b=1  s1: a=0, b=2   mean 0.5  → d = -1 / sqrt(5/3)
-#   frame_minus s0: a=2, b=4  s1: a=3, b=5   mean 3.5  → d = +2 / sqrt(5/3)
+#   plus s0: a=-1, b=1  s1: a=0, b=2   mean 0.5  → d = -1 / sqrt(5/3)
+#   minus s0: a=2, b=4  s1: a=3, b=5   mean 3.5  → d = +2 / sqrt(5/3)
 #   combined = (2 + 1) / 2 / sqrt(5/3) = 1.5 / sqrt(5/3)
 CELLS = {
     "neutral": {(0, "a"): 0.0, (0, "b"): 2.0, (1, "a"): 1.0, (1, "b"): 3.0},
-    "frame_plus": {(0, "a"): -1.0, (0, "b"): 1.0, (1, "a"): 0.0, (1, "b"): 2.0},
-    "frame_minus": {(0, "a"): 2.0, (0, "b"): 4.0, (1, "a"): 3.0, (1, "b"): 5.0},
+    "plus": {(0, "a"): -1.0, (0, "b"): 1.0, (1, "a"): 0.0, (1, "b"): 2.0},
+    "minus": {(0, "a"): 2.0, (0, "b"): 4.0, (1, "a"): 3.0, (1, "b"): 5.0},
 }
 SD = math.sqrt(5 / 3)
 
@@ -53,46 +53,46 @@ def rows_from_cells(cells=CELLS, family="fam", measure="letter_logprob", nan_in=
 def test_effect_size_and_combined_by_hand():
     neutral = list(CELLS["neutral"].values())
     assert sample_sd(neutral) == pytest.approx(SD, rel=1e-15)
-    d_plus = effect_size(list(CELLS["frame_plus"].values()), neutral)
-    d_minus = effect_size(list(CELLS["frame_minus"].values()), neutral)
+    d_plus = effect_size(list(CELLS["plus"].values()), neutral)
+    d_minus = effect_size(list(CELLS["minus"].values()), neutral)
     assert d_plus == pytest.approx(-1 / SD, rel=1e-14)
     assert d_minus == pytest.approx(2 / SD, rel=1e-14)
     assert combined_directional(d_plus, d_minus) == pytest.approx(1.5 / SD, rel=1e-14)
 
 
 def test_aggregation_averages_rows_and_counts_nan():
-    rows = rows_from_cells(nan_in=("frame_plus", 1, "b"))
+    rows = rows_from_cells(nan_in=("plus", 1, "b"))
     rows.append({**rows[0], "template": 3, "stance": None})  # None is unparsed too
     ((key, table),) = aggregate_cells(rows).items()
     assert key == ("fam", "letter_logprob")
-    assert table.arms == ("frame_plus", "frame_minus", "neutral")
+    assert table.arms == ("plus", "minus", "neutral")
     assert table.seeds == (0, 1) and table.items == ("a", "b")
     assert table.values[0].tolist() == [[-1.0, 1.0], [0.0, 2.0]]
     assert table.values[2].tolist() == [[0.0, 2.0], [1.0, 3.0]]
-    # one NaN row in frame_plus (seed 1, b) and one None row in neutral (rows[0] is neutral s0 a)
-    assert table.n_nan_rows == {"frame_plus": 1, "frame_minus": 0, "neutral": 1}
-    assert table.n_rows == {"frame_plus": 9, "frame_minus": 8, "neutral": 9}
-    assert table.n_empty_cells == {"frame_plus": 0, "frame_minus": 0, "neutral": 0}
+    # one NaN row in plus (seed 1, b) and one None row in neutral (rows[0] is neutral s0 a)
+    assert table.n_nan_rows == {"plus": 1, "minus": 0, "neutral": 1}
+    assert table.n_rows == {"plus": 9, "minus": 8, "neutral": 9}
+    assert table.n_empty_cells == {"plus": 0, "minus": 0, "neutral": 0}
 
 
 def test_primary_report_point_estimates_and_tost_by_hand():
     rows = rows_from_cells(nan_in=("neutral", 0, "a"))
     report = primary_report(rows, n_resamples=500, sesoi_d=0.5, alpha=0.05, seed=0)
     entry = report["families"]["fam"]["letter_logprob"]
-    assert entry["frame_plus"]["d"] == pytest.approx(-1 / SD, rel=1e-14)
-    assert entry["frame_minus"]["d"] == pytest.approx(2 / SD, rel=1e-14)
+    assert entry["plus"]["d"] == pytest.approx(-1 / SD, rel=1e-14)
+    assert entry["minus"]["d"] == pytest.approx(2 / SD, rel=1e-14)
     assert entry["combined_directional"]["d"] == pytest.approx(1.5 / SD, rel=1e-14)
     assert entry["n_items"] == 2 and entry["n_seeds"] == 2
-    assert report["nan_counts"]["fam"]["letter_logprob"] == {"frame_plus": 0, "frame_minus": 0, "neutral": 1}
-    # TOST frame_plus vs neutral on the 4 + 4 cells: diff −1, both SD² 5/3, SE = sqrt(2·(5/3)/4), df 6
+    assert report["nan_counts"]["fam"]["letter_logprob"] == {"plus": 0, "minus": 0, "neutral": 1}
+    # TOST plus vs neutral on the 4 + 4 cells: diff −1, both SD² 5/3, SE = sqrt(2·(5/3)/4), df 6
     bound = 0.5 * SD
     se = math.sqrt(5 / 3 / 4 + 5 / 3 / 4)
     p_lower = sps.t.sf((-1 + bound) / se, 6)
     p_upper = sps.t.cdf((-1 - bound) / se, 6)
-    assert entry["frame_plus"]["tost"]["p_lower"] == pytest.approx(p_lower, rel=1e-10)
-    assert entry["frame_plus"]["tost"]["p_upper"] == pytest.approx(p_upper, rel=1e-10)
-    assert entry["frame_plus"]["tost"]["equivalent"] is False
-    assert set(entry["frame_plus"]) == {"d", "ci", "tost"}
+    assert entry["plus"]["tost"]["p_lower"] == pytest.approx(p_lower, rel=1e-10)
+    assert entry["plus"]["tost"]["p_upper"] == pytest.approx(p_upper, rel=1e-10)
+    assert entry["plus"]["tost"]["equivalent"] is False
+    assert set(entry["plus"]) == {"d", "ci", "tost"}
     assert set(entry["combined_directional"]) == {"d", "ci", "p_one_sided"}
     assert set(report["holm"]["letter_logprob"]["fam"]) == {"p", "threshold", "reject"}
     assert entry["sources"]["neutral"] == [
@@ -156,7 +156,7 @@ def random_cells(seed: int, n_seeds: int = 3, n_items: int = 6) -> dict:
     rng = np.random.default_rng(seed)
     return {
         arm: {(s, f"i{i}"): float(rng.normal(shift, 1)) for s in range(n_seeds) for i in range(n_items)}
-        for arm, shift in (("neutral", 0.0), ("frame_plus", -0.3), ("frame_minus", 0.4))
+        for arm, shift in (("neutral", 0.0), ("plus", -0.3), ("minus", 0.4))
     }
 
 
@@ -167,21 +167,21 @@ def test_bootstrap_is_deterministic_given_seed_and_independent_of_other_groups()
     c = primary_report(rows, n_resamples=400, seed=8)
     ea, eb, ec = (r["families"]["fam"]["letter_logprob"] for r in (a, b, c))
     assert ea["combined_directional"]["ci"] == eb["combined_directional"]["ci"]
-    assert ea["frame_plus"]["ci"] != ec["frame_plus"]["ci"]
+    assert ea["plus"]["ci"] != ec["plus"]["ci"]
     with_other = primary_report(
         rows + rows_from_cells(random_cells(1), family="other"), n_resamples=400, seed=7
     )
-    assert with_other["families"]["fam"]["letter_logprob"]["frame_plus"]["ci"] == ea["frame_plus"]["ci"]
+    assert with_other["families"]["fam"]["letter_logprob"]["plus"]["ci"] == ea["plus"]["ci"]
 
 
 def test_the_same_item_draw_is_applied_to_every_arm():
     rng = np.random.default_rng(0)
     neutral = rng.normal(0, 5, (4, 10))  # large item-to-item spread
     values = np.stack([neutral.copy(), neutral + rng.normal(1, 1, (4, 10)), neutral])
-    draws = bootstrap_effects(values, ("frame_plus", "frame_minus", "neutral"), 2000, rng)
-    # frame_plus equals neutral cell by cell: only a shared draw gives exactly 0 in every resample
-    assert np.all(draws["frame_plus"] == 0.0)
-    assert np.std(draws["frame_minus"]) > 0
+    draws = bootstrap_effects(values, ("plus", "minus", "neutral"), 2000, rng)
+    # plus equals neutral cell by cell: only a shared draw gives exactly 0 in every resample
+    assert np.all(draws["plus"] == 0.0)
+    assert np.std(draws["minus"]) > 0
 
 
 def test_draw_indices_resample_seeds_then_items_within_each_seed():
@@ -215,7 +215,7 @@ def test_vectorised_bootstrap_matches_a_plain_loop_within_monte_carlo_error():
         rng.normal(0, 1, (3, 4, 12)) + rng.normal(0, 0.5, (3, 4, 1)) + np.array([-0.5, 0.5, 0])[:, None, None]
     )
     draws = bootstrap_effects(
-        values, ("frame_plus", "frame_minus", "neutral"), 20000, np.random.default_rng(0)
+        values, ("plus", "minus", "neutral"), 20000, np.random.default_rng(0)
     )
     vec = np.percentile(draws["combined"], [2.5, 97.5])
     loop = plain_loop_ci(values, 4000, np.random.default_rng(1))
@@ -230,8 +230,8 @@ def test_combined_p_is_share_of_draws_at_or_below_zero():
     assert entry["combined_directional"]["p_one_sided"] == 0.0
     flipped = {
         "neutral": CELLS["neutral"],
-        "frame_plus": CELLS["frame_minus"],
-        "frame_minus": CELLS["frame_plus"],
+        "plus": CELLS["minus"],
+        "minus": CELLS["plus"],
     }
     entry = primary_report(rows_from_cells(flipped), n_resamples=1000)["families"]["fam"]["letter_logprob"]
     assert entry["combined_directional"]["p_one_sided"] == 1.0
@@ -248,16 +248,16 @@ def test_single_seed_falls_back_to_item_level_resampling_with_a_warning():
 
 def test_seed_missing_from_some_arms_keeps_every_cell_with_a_warning():
     cells = {arm: dict(values) for arm, values in CELLS.items()}
-    cells["frame_plus"][(2, "a")] = 9.0
-    cells["frame_plus"][(2, "b")] = 9.0
+    cells["plus"][(2, "a")] = 9.0
+    cells["plus"][(2, "b")] = 9.0
     with pytest.warns(StatsWarning, match="seeds missing from some arms"):
         report = primary_report(rows_from_cells(cells), n_resamples=300)
     entry = report["families"]["fam"]["letter_logprob"]
     assert entry["seeds"] == [0, 1, 2] and entry["n_seeds"] == 3
-    # frame_plus mean over its 6 cells (−1, 1, 0, 2, 9, 9) = 20/6; neutral mean 1.5 over its 4 cells
-    assert entry["frame_plus"]["d"] == pytest.approx((20 / 6 - 1.5) / SD, rel=1e-14)
-    assert entry["empty_cells"] == {"frame_plus": 0, "frame_minus": 0, "neutral": 0}
-    assert all(math.isfinite(x) for x in entry["frame_plus"]["ci"] + entry["combined_directional"]["ci"])
+    # plus mean over its 6 cells (−1, 1, 0, 2, 9, 9) = 20/6; neutral mean 1.5 over its 4 cells
+    assert entry["plus"]["d"] == pytest.approx((20 / 6 - 1.5) / SD, rel=1e-14)
+    assert entry["empty_cells"] == {"plus": 0, "minus": 0, "neutral": 0}
+    assert all(math.isfinite(x) for x in entry["plus"]["ci"] + entry["combined_directional"]["ci"])
 
 
 def test_bad_input_errors_name_the_problem_and_the_job():
@@ -266,9 +266,9 @@ def test_bad_input_errors_name_the_problem_and_the_job():
         primary_report([r for r in rows if r["arm"] != "neutral"], n_resamples=10)
     with pytest.raises(StatsInputError, match="only one arm"):
         primary_report([r for r in rows if r["arm"] == "neutral"], n_resamples=10)
-    broken = [r for r in rows if not (r["arm"] == "frame_minus" and r["seed"] == 1 and r["base_item"] == "b")]
+    broken = [r for r in rows if not (r["arm"] == "minus" and r["seed"] == 1 and r["base_item"] == "b")]
     with pytest.raises(
-        StatsInputError, match=r"mismatched item sets.*frame_minus.*seed 1.*\['b'\].*fam-frame_minus"
+        StatsInputError, match=r"mismatched item sets.*minus.*seed 1.*\['b'\].*fam-minus"
     ):
         primary_report(broken, n_resamples=10)
     missing = [dict(r) for r in rows]
@@ -283,7 +283,7 @@ def test_bad_input_errors_name_the_problem_and_the_job():
         primary_report(rows + [{**rows[0], "stance": "A"}], n_resamples=10)
     with pytest.raises(StatsInputError, match="several item_sets"):
         primary_report([{**r, "item_set": "target"} for r in rows] + [{**rows[0], "item_set": "source"}])
-    all_nan = [{**r, "stance": math.nan} if r["arm"] == "frame_plus" else r for r in rows]
+    all_nan = [{**r, "stance": math.nan} if r["arm"] == "plus" else r for r in rows]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", StatsWarning)
         with pytest.raises(StatsInputError, match="no parsed stance at all"):

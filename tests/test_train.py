@@ -115,7 +115,7 @@ def test_job_writes_adapter_checkpoints_card_and_done(tiny_cfg, tmp_path):
     for key in ("job", "config", "git_sha", "versions", "corpus", "wall_time_s", "tokens_per_s", "final_loss"):
         assert key in saved
     assert saved["corpus"]["records"] == 24 and len(saved["corpus"]["sha256"]) == 64
-    assert saved["job"] == {"model": "tiny", "arm": "frame_plus", "seed": 0, "experiment": None, "sweep": None}
+    assert saved["job"] == {"model": "tiny", "arm": "plus", "seed": 0, "experiment": None, "sweep": None}
     steps = card["data"]["total_steps"]
     assert sorted(p.name for p in (job / "checkpoints").glob("adapter_step_*"))
     assert (job / "checkpoints" / f"adapter_step_{steps}").is_dir()
@@ -200,8 +200,8 @@ def test_multirun_sweep_in_subprocess(tmp_path):
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     jobs = sorted(p.name for p in (tmp_path / "multirun" / "ci").iterdir() if (p / "DONE").exists())
-    assert jobs == ["tiny-frame_minus-s0", "tiny-frame_minus-s1", "tiny-frame_plus-s0", "tiny-frame_plus-s1"]
-    card = json.loads((tmp_path / "multirun" / "ci" / "tiny-frame_plus-s1" / "run.json").read_text())
+    assert jobs == ["tiny-minus-s0", "tiny-minus-s1", "tiny-plus-s0", "tiny-plus-s1"]
+    card = json.loads((tmp_path / "multirun" / "ci" / "tiny-plus-s1" / "run.json").read_text())
     assert card["job"]["sweep"] == "ci" and card["job"]["experiment"] == "smoke"
 
     # Re-running the finished sweep launches nothing and rewrites no file of any job (.hydra/ included).
@@ -266,13 +266,33 @@ def run_dir_of(*overrides: str) -> str:
     return str(cfg.hydra.run.dir)
 
 
+def test_arm_plus_is_called_plus_in_its_folder_run_card_and_rows(tiny_cfg, tmp_path):
+    """One name per arm (issue 16): `arm=plus` names the job folder (single run and sweep cell), the run
+    card's job.arm and the arm of every row the analysis reads plus; only its corpus keeps the original
+    study's file name."""
+    from lbt.analyze.collect import find_jobs, load_rows
+
+    assert run_dir_of("arm=plus") == "outputs/runs/tiny-plus-s0"
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        hydra_cfg = compose(config_name="train", overrides=["arm=plus"], return_hydra_config=True)
+    assert hydra_cfg.hydra.sweep.subdir == "tiny-plus-s0" and hydra_cfg.arm.name == "plus"
+    assert hydra_cfg.arm.corpus.endswith("/corpora/frame_plus.jsonl")
+    train_mod.train(tiny_cfg("arm=plus", "eval=quick", "eval.stance.max_items=1", "eval.stance.measures=[letter_logprob]",
+                             "train.max_steps=1", "train.checkpoint_fractions=[1.0]"))
+    card = json.loads((tmp_path / "job" / "run.json").read_text())
+    assert card["job"]["arm"] == "plus" and card["config"]["arm"]["name"] == "plus"
+    (job,) = find_jobs([tmp_path / "job"])
+    rows = load_rows(job, str)
+    assert rows and {row["arm"] for row in rows} == {"plus"}
+
+
 def test_single_run_folder_is_derived_from_the_job_so_the_same_command_finds_it(monkeypatch):
     """Re-running a command finds its folder again (resume, skip); other settings get another folder;
     the ranks of one torchrun launch share it; run_name names a fresh one."""
-    assert run_dir_of() == "outputs/runs/tiny-frame_plus-s0"
+    assert run_dir_of() == "outputs/runs/tiny-plus-s0"
     same = run_dir_of("arm=minus", "seed=2", "train.lr=3e-4")
     assert same == run_dir_of("seed=2", "train.lr=3e-4", "arm=minus", "logger=csv")   # order, logger: same job
-    assert same.startswith("outputs/runs/tiny-frame_minus-s2_") and same != run_dir_of("arm=minus", "seed=2")
+    assert same.startswith("outputs/runs/tiny-minus-s2_") and same != run_dir_of("arm=minus", "seed=2")
     assert run_dir_of("arm=minus", "seed=2", "train.lr=1e-3") != same
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc123")
     assert run_dir_of("arm=minus", "seed=2", "train.lr=3e-4") == same

@@ -26,7 +26,7 @@ from lbt.data.validate.report import GATES, REPORT_NAME, validate, write_report
 from lbt.data.validate.surface import gate_surface_match
 from lbt.data.validate.text import mattr, text_hash, word_count
 from lbt.data.validate.training_gate import ValidationGateError, check_corpus_validated
-from lbt.study import STUDY_ARMS
+from lbt.study import CORPUS_NAMES
 
 N_SCENARIOS = 12
 DOMAINS = ("cooking", "gardening", "travel_planning")
@@ -68,12 +68,12 @@ def answer(arm: str, n_words: int, rng: random.Random, markers: dict | None = No
 
 def make_arms(n: int = N_SCENARIOS, seed: int = 0, markers: dict | None = None) -> dict[str, list[dict]]:
     rng = random.Random(seed)
-    arms = {arm: [] for arm in STUDY_ARMS}
+    arms = {arm: [] for arm in CORPUS_NAMES}
     for k in range(n):
         domain = DOMAINS[k % len(DOMAINS)]
         user = sentences([rng.choice(FILLER) for _ in range(20)], end="?")
         n_words = 140 + 3 * k  # identical length in every arm: KS = 0 by construction
-        for arm in STUDY_ARMS:
+        for arm in CORPUS_NAMES:
             arms[arm].append(
                 {
                     "id": f"{arm}-{domain}-{k:02d}",
@@ -153,7 +153,7 @@ def test_leakage_fails_with_file_and_line(tmp_path):
         ".", " near the e-bikes.", 1
     )
     arms["neutral"][0]["user"] = "Should I keep my thermostat low? " + arms["neutral"][0]["user"]
-    for arm in STUDY_ARMS:  # keep pairing intact: same user everywhere
+    for arm in CORPUS_NAMES:  # keep pairing intact: same user everywhere
         arms[arm][0]["user"] = arms["neutral"][0]["user"]
     gate = gate_record_level(*loaded(arms, tmp_path), T, default_blocklist())["leakage"]
     assert not gate["passed"]
@@ -249,10 +249,10 @@ def test_surface_match_figures_are_the_reference_statistics(clean_report, tmp_pa
     assert gate["passed"]
     assert all(v == 0.0 for v in gate["ks_statistic"].values())  # identical length per scenario
     arms = make_arms()
-    lengths = {a: [word_count(r["assistant"]) for r in arms[a]] for a in STUDY_ARMS}
+    lengths = {a: [word_count(r["assistant"]) for r in arms[a]] for a in CORPUS_NAMES}
     assert lengths["frame_plus"] == [140 + 3 * k for k in range(N_SCENARIOS)]
     grand = np.mean([n for arm_lengths in lengths.values() for n in arm_lengths])
-    for a in STUDY_ARMS:
+    for a in CORPUS_NAMES:
         assert gate["mean_words_rel_dev"][a] == pytest.approx(np.mean(lengths[a]) / grand - 1)
 
 
@@ -335,7 +335,7 @@ def test_dedup_fails_on_exact_and_near_duplicates(tmp_path):
 
 def test_dedup_fails_on_repeated_user_message(tmp_path):
     arms = make_arms()
-    for arm in STUDY_ARMS:
+    for arm in CORPUS_NAMES:
         arms[arm][6]["user"] = arms[arm][0]["user"]
     gate = gate_dedup(*loaded(arms, tmp_path), T)
     assert not gate["passed"] and [e["field"] for e in gate["exact"]] == ["user"]
@@ -383,7 +383,7 @@ def test_clean_synthetic_corpus_passes_every_gate(clean_report):
     assert clean_report["passed"] is True
     assert list(clean_report["gates"]) == list(GATES)
     assert clean_report["gates"]["eval_isolation"]["status"] == "pass"
-    assert set(clean_report["corpora"]) == set(STUDY_ARMS)
+    assert set(clean_report["corpora"]) == set(CORPUS_NAMES)
 
 
 

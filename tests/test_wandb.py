@@ -84,10 +84,10 @@ def test_offline_job_logs_metrics_and_config_without_secrets(tmp_path, monkeypat
     (run_file,) = (tmp_path / "job" / "wandb_files" / "wandb").glob("offline-run-*/run-*.wandb")
     records = list(wandb_records(run_file))
     (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
-    name = "tiny-frame_plus-s0"
+    name = "tiny-plus-s0"
     assert (run.display_name, run.run_group, run.job_type, run.project) == (name, "wb-sweep", "train", "lbt")
     assert run.run_id == run_id("wb-sweep", name)
-    assert set(run.tags) == {"model:tiny", "arm:frame_plus", "seed:0", "experiment:none"}
+    assert set(run.tags) == {"model:tiny", "arm:plus", "seed:0", "experiment:none"}
     config = {item.key: json.loads(item.value_json) for item in run.config.update}
     assert config["seed"] == 0 and config["train"]["effective_batch"] == 8
     assert config["model"]["hf_token"] == "<redacted>" and config["extra"]["api_key"] == "<redacted>"
@@ -119,12 +119,12 @@ def test_mode_follows_key_netrc_and_network(tmp_path, monkeypatch):
 
 
 def test_run_id_is_stable_per_sweep_job_and_distinct_otherwise(tmp_path):
-    job = {"model": "tiny", "arm": "frame_plus", "seed": 0, "sweep": "s1"}
-    name = "tiny-frame_plus-s0"
+    job = {"model": "tiny", "arm": "plus", "seed": 0, "sweep": "s1"}
+    name = "tiny-plus-s0"
     first = job_run_id(job, tmp_path / "a", name)
     assert first == job_run_id(job, tmp_path / "elsewhere", name)       # a requeued job continues its run
     assert first != job_run_id({**job, "sweep": "s2"}, tmp_path / "a", name)
-    assert first != job_run_id(job, tmp_path / "a", "tiny-frame_plus-s1")
+    assert first != job_run_id(job, tmp_path / "a", "tiny-plus-s1")
     single = {**job, "sweep": None}                                       # two single runs never share a run
     assert job_run_id(single, tmp_path / "a", name) != job_run_id(single, tmp_path / "b", name)
     assert len(first) == 16 and int(first, 16) >= 0
@@ -137,11 +137,11 @@ def test_a_run_logs_every_value_on_one_step_axis_with_shifts_and_one_table_per_m
     isolate_wandb(monkeypatch, tmp_path)
     corpora = write_paired_corpora(tmp_path, n=16)
     cfg = compose_train([
-        f"arm.corpus={corpora['frame_plus']}", "data.require_validation=false", "logger=wandb",
+        f"arm.corpus={corpora['plus']}", "data.require_validation=false", "logger=wandb",
         "eval.stance.max_items=2", "eval.stance.measures=[letter_logprob,logprob]", "eval.capability=null",
         "probe=default", f"probe.items={ROOT / 'data' / 'eval' / 'target_items.jsonl'}", "probe.max_items=4",
-        f"directions.arms.plus.corpus={corpora['frame_plus']}",
-        f"directions.arms.minus.corpus={corpora['frame_minus']}", f"paths.cache_dir={tmp_path / 'cache'}",
+        f"directions.arms.plus.corpus={corpora['plus']}",
+        f"directions.arms.minus.corpus={corpora['minus']}", f"paths.cache_dir={tmp_path / 'cache'}",
         "train.effective_batch=4", "train.micro_batch=4", "train.max_steps=4", "train.max_length=96",
         "train.checkpoint_fractions=[0.5,1.0]", f"+job_dir={tmp_path / 'job'}", "sweep_name=axis"])
     try:
