@@ -1,7 +1,9 @@
 """Where one whole job's time went, from its own files: the run card's wall time, each phase's stance
 battery (summary.json: wall_s and seconds per item set and measure), capability checks (capability.json
 wall_s), probe projections (probe/<phase>.json wall_time_s; the base one includes fitting the directions,
-whose own time the job log gives), and the rest (model build, data, training, adapter saves).
+whose own time the job log gives), and the rest (model build, data, training, adapter saves). Base files
+copied from the sweep's base cache (hardware.fast.share_base; the job log names the evaluators served) carry
+the first job's times: they count 0 s here, the copy's time falls in the rest.
 
     python benchmarks/job_breakdown.py <job dir> <job.log> [--summaries all_summaries.json]
 """
@@ -17,6 +19,10 @@ from pathlib import Path
 STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+)\]")
 
 
+# The base-cache log line names the evaluators it served; each is one column of the breakdown.
+SERVED = {"stance": "StanceEvaluator", "capability": "CapabilityEvaluator", "probe": "ProbeEvaluator"}
+
+
 def phase_order(name: str) -> tuple[int, int]:
     if name == "base":
         return (0, 0)
@@ -28,7 +34,7 @@ def phase_order(name: str) -> tuple[int, int]:
 def log_events(log: Path) -> list[tuple[float, str]]:
     """(seconds since the first stamped line, message) of the job log's lines that mark a part's end."""
     events, first = [], None
-    keep = ("eval ", "capability ", "probe ", "directions ", "done:", "decode=")
+    keep = ("eval ", "capability ", "probe ", "directions ", "done:", "decode=", "base phase:")
     for line in log.read_text(errors="replace").splitlines():
         m = STAMP.match(line)
         if not m:
@@ -51,6 +57,9 @@ def main() -> None:
     card = json.loads((job / "run.json").read_text()) if (job / "run.json").exists() else {}
     phases = sorted((p.name for p in (job / "eval").iterdir() if p.is_dir()), key=phase_order) \
         if (job / "eval").exists() else []
+    events = log_events(args.log) if args.log.exists() else []
+    served = "".join(msg for _, msg in events if msg.startswith("base phase:"))
+    cached = {part for part, name in SERVED.items() if name in served}
     summaries, rows = {}, []
     total_eval = total_cap = total_probe = 0.0
     for phase in phases:
@@ -61,12 +70,13 @@ def main() -> None:
         p = json.loads(p_path.read_text()) if p_path.exists() else None
         if s:
             summaries[phase] = s
-        stance = s["wall_s"] if s else 0.0
-        cap = c["wall_s"] if c else 0.0
-        probe = p["wall_time_s"] if p else 0.0
+        from_cache = cached if phase == "base" else set()
+        stance = s["wall_s"] if s and "stance" not in from_cache else 0.0
+        cap = c["wall_s"] if c and "capability" not in from_cache else 0.0
+        probe = p["wall_time_s"] if p and "probe" not in from_cache else 0.0
         total_eval, total_cap, total_probe = total_eval + stance, total_cap + cap, total_probe + probe
         per_measure: dict[str, float] = {}
-        for by_measure in (s or {}).get("seconds", {}).values():
+        for by_measure in (s or {}).get("seconds", {}).values() if "stance" not in from_cache else ():
             for measure, sec in by_measure.items():
                 per_measure[measure] = per_measure.get(measure, 0.0) + sec
         rows.append((phase, stance, cap, probe, per_measure))
@@ -78,7 +88,8 @@ def main() -> None:
         parts = ", ".join(f"{m} {v:.1f}" for m, v in per_measure.items())
         print(f"{phase:<9} {stance:9.1f} {cap:9.1f} {probe:8.1f}  {parts}")
     print(f"{'all':<9} {total_eval:9.1f} {total_cap:9.1f} {total_probe:8.1f}")
-    events = log_events(args.log) if args.log.exists() else []
+    if cached:
+        print(f"base from the sweep's base cache (0 s above): {', '.join(sorted(cached))}")
     directions = [float(re.search(r"([\d.]+) s$", msg).group(1)) for _, msg in events
                   if msg.startswith("directions ") and re.search(r"([\d.]+) s$", msg)]
     if directions:

@@ -96,13 +96,18 @@ def code_identity(package: Path | None = None) -> str:
     return digest.hexdigest()
 
 
+# `hardware.fast` settings that act on training alone (evaluation runs the decoder layers eagerly, see
+# lora.eager_layers), so jobs that differ only in them share one base.
+TRAINING_ONLY_FAST = frozenset({"share_base", "pack_tokens", "ce_chunk", "compile_layers", "compile_cache"})
+
+
 def base_material(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """Everything the base phase's outputs depend on, as plain data (the key's input)."""
     from lbt.model.load import TOKENIZER_DIR
 
     data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     model, hardware = dict(data["model"]), dict(data["hardware"])
-    fast = {k: v for k, v in (hardware.get("fast") or {}).items() if k != "share_base"}
+    fast = {k: v for k, v in (hardware.get("fast") or {}).items() if k not in TRAINING_ONLY_FAST}
     sections = {name: data.get(name) for name in SECTIONS}
     tokenizer = model.get("tokenizer") or model.get("path")
     return {
@@ -219,7 +224,8 @@ class BaseCache:
 
         with file_lock(self.entry.with_name(f"{self.key}.lock")):
             served = [e for e in evaluators if self.fetch(e, session.run)]
-            log.info("base phase: %d of %d evaluators from the cache %s", len(served), len(evaluators), self.entry)
+            log.info("base phase: %d of %d evaluators from the cache %s (%s)", len(served), len(evaluators),
+                     self.entry, ", ".join(type(e).__name__ for e in served) or "none")
             session.broadcast([k for k, e in enumerate(evaluators) if e in served])
             yield served
             for evaluator in evaluators:

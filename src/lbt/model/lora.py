@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -90,9 +92,15 @@ def quantized_compute_dtype(model: torch.nn.Module) -> torch.dtype | None:
     return dtype or model.dtype
 
 
-def compile_decoder_layers(model: torch.nn.Module) -> None:
+def compile_decoder_layers(model: torch.nn.Module, cache_dir: str | os.PathLike | None = None) -> None:
     """torch.compile each decoder layer in place (one graph reused by every layer; the loss, masks and
     optimizer stay eager). Evaluation runs the layers eagerly (see `eager_layers`).
+
+    cache_dir: where inductor keeps its compiled graphs and kernels (TORCHINDUCTOR_CACHE_DIR), so that the
+    jobs of a sweep, on any node that sees the folder, load the first job's compilation instead of redoing it.
+    Inductor keys each entry by the graph, its input shapes, the compiler's settings and the torch version, so a
+    shared folder never serves a stale kernel. A TORCHINDUCTOR_CACHE_DIR the user set wins; None keeps
+    inductor's default (a per-user folder in the node's /tmp).
 
     Random ops (LoRA dropout) fall back to eager ATen kernels, so a compiled run draws the same dropout masks
     as an eager one (on CPU compiled and eager training agree exactly). In bf16 on a GPU the compiled forward
@@ -100,7 +108,12 @@ def compile_decoder_layers(model: torch.nn.Module) -> None:
     while both paths learn the same adapter (benchmarks/RESULTS.md, compile_check, 2026-11-27).
     """
     import torch._inductor.config as inductor_config
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
+    # Inductor writes its default folder into the environment the first time it asks for one, so a value
+    # other than that default is the user's.
+    if cache_dir is not None and os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, "", default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(cache_dir).resolve())
     inductor_config.fallback_random = True
     for layer in decoder_layers(model):
         layer.compile()

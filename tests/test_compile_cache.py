@@ -1,0 +1,87 @@
+"""Compiled decoder layers share one inductor cache across a sweep's jobs (`hardware.fast.compile_cache`).
+
+Each job is its own process, so the test runs two processes on one cache folder, each with its own empty
+/tmp (as two nodes have): the first compiles and stores, the second loads every graph from the folder and
+compiles none, and both train to the same loss.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from lbt.model.load import load_model
+from lbt.model.lora import compile_decoder_layers
+
+# One process = one job: a tiny LoRA model with compiled layers, two training steps, then inductor's own
+# counters of graphs compiled (miss) and loaded from the cache (hit).
+JOB = r"""
+import json, sys, torch
+from omegaconf import OmegaConf
+from lbt.model.load import load_model, load_tokenizer
+from lbt.model.lora import compile_decoder_layers, wrap_lora
+from lbt.model.module import supervised_token_loss
+
+torch.set_num_threads(1)
+model_cfg = OmegaConf.load(sys.argv[2])
+tok = load_tokenizer(model_cfg)
+torch.manual_seed(0)
+model = wrap_lora(load_model(model_cfg, tok, torch.float32), OmegaConf.create(
+    {"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["q_proj", "v_proj"]}))
+compile_decoder_layers(model, sys.argv[1])
+model.train()
+ids = torch.randint(3, 2000, (2, 24), generator=torch.Generator().manual_seed(5))
+batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+losses = []
+for _ in range(2):
+    loss, n = supervised_token_loss(model, batch)
+    (loss / n).backward()
+    losses.append(float(loss) / n)
+from torch._dynamo.utils import counters
+import os
+print(json.dumps({"hit": counters["inductor"]["fxgraph_cache_hit"], "miss": counters["inductor"]["fxgraph_cache_miss"],
+                  "losses": losses, "dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}))
+"""
+
+
+def run_job(cache: str, model: Path, env: dict[str, str]) -> dict:
+    done = subprocess.run([sys.executable, "-c", JOB, cache, str(model)], env=env, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_second_job_loads_the_first_jobs_compilation(tmp_path, tiny_model):
+    model = tmp_path / "model.yaml"
+    model.write_text(OmegaConf.to_yaml(tiny_model[0].model))
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    cache = tmp_path / "cache" / "inductor"
+    # Inductor's default folder lives in the node's /tmp: give each job its own, so only the shared one can hit.
+    env["TMPDIR"] = str(tmp_path / "node1")
+    Path(env["TMPDIR"]).mkdir()
+    first = run_job(str(cache), model, env)
+    assert first["dir"] == str(cache)
+    assert first["miss"] > 0 and first["hit"] == 0
+    assert any((cache / "fxgraph").rglob("*")), "nothing stored in the shared folder"
+    env["TMPDIR"] = str(tmp_path / "node2")
+    Path(env["TMPDIR"]).mkdir()
+    second = run_job(str(cache), model, env)
+    assert second["hit"] >= first["miss"] and second["miss"] == 0
+    assert second["losses"] == first["losses"]
+
+
+def test_a_folder_the_user_set_wins(tmp_path, monkeypatch, tiny_model):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    cfg, tok, _ = tiny_model
+    model = load_model(cfg.model, tok, torch.float32)  # compiled lazily: only the environment is under test
+    compile_decoder_layers(model, tmp_path / "sweep")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    compile_decoder_layers(model, tmp_path / "sweep")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str((tmp_path / "sweep").resolve())
