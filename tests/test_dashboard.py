@@ -42,10 +42,10 @@ def job_config() -> dict:
 
 
 def write_sweep(root: Path, config: dict, families=FAMILIES, seeds=(0, 1), sweep: str | None = SWEEP,
-                logger_kind: str = "wandb") -> Path:
+                logger_kind: str = "wandb", arms=STUDY_ARMS) -> Path:
     """One job directory with its run card per (family, arm, seed), as a multirun writes them."""
     for family in families:
-        for arm in STUDY_ARMS:
+        for arm in arms:
             for seed in seeds:
                 cfg = copy.deepcopy(config)
                 cfg["model"]["name"], cfg["arm"]["name"], cfg["seed"] = family, arm, seed
@@ -205,6 +205,17 @@ def test_report_colours_each_arm_group(tmp_path, job_config):
     colours = {group.keys[0].value: colour for group, colour in grid.custom_run_colors.items()}
     assert colours == ARM_HEX
     assert {group.runset_name for group in grid.custom_run_colors} == {grid.runsets[0].name}
+
+
+def test_a_sweep_logged_before_the_arms_were_renamed_keeps_its_own_names(tmp_path, job_config):
+    """Runs logged before issue 16 carry arm.name frame_plus/frame_minus in W&B: the panels filter and
+    group on those names, in the study's order and with its arms' colours."""
+    legacy = ("frame_minus", "neutral", "frame_plus")
+    info = read_sweep(write_sweep(tmp_path / SWEEP, job_config, families=("qwen",), arms=legacy))
+    assert info.arms == ("frame_plus", "frame_minus", "neutral")
+    grid = next(b for b in build_report(info).blocks if type(b).__name__ == "PanelGrid")
+    colours = {group.keys[0].value: colour for group, colour in grid.custom_run_colors.items()}
+    assert colours == {"frame_plus": ARM_HEX["plus"], "frame_minus": ARM_HEX["minus"], "neutral": ARM_HEX["neutral"]}
 
 
 def test_flags_alone_keep_families_apart(capsys):

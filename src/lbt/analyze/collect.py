@@ -1,9 +1,9 @@
 """Finding and reading a sweep's job directories: run cards, rows, probe, capability and summary files.
 
 Every directory holding a run.json under the given sweep directories is a job: family = job.model,
-arm = job.arm (a legacy name, frame_plus or frame_minus in jobs trained before issue 16, read as today's
-name: lbt.study.arm_name), seed = job.seed. Job directories are read through `lbt.rundir` (their layout and readers):
-a file that does not parse is an AnalyzeError naming the job, the file and the line. Rows come from
+arm = job.arm (frame_plus or frame_minus in jobs trained before issue 16, read as today's name by
+lbt.study.arm_name), seed = job.seed. Job directories are read through `lbt.rundir` (their layout and
+readers): a file that does not parse is an AnalyzeError naming the job, the file and the line. Rows come from
 eval/<phase>/<item_set>/<measure>.jsonl; item set `target` is the held-out items, `source` the
 manipulation check — the names both writers of rows use (the stance evaluator's `eval.stance.item_sets` keys,
 and `lbt.evaluate`, which names the project's item files alike); `target_items`/`source_items`, the names
