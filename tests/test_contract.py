@@ -56,7 +56,7 @@ def report(sweep) -> dict:
 
 
 def test_training_leaves_complete_job_directories(sweep):
-    for arm in ARMS.values():
+    for arm in ARMS:
         job = RunDir(sweep / f"tiny-{arm}-s0")
         card = read_json(job.card)
         assert job.is_done() and card["status"] == "done" and card["job"]["arm"] == arm
@@ -78,7 +78,7 @@ def test_analysis_reads_every_row_the_jobs_wrote(sweep, report):
         (arm, 0, True, "done") for arm in ARMS}
     described = {(d["arm"], d["phase"], d["item_set"], d["measure"]): d for d in report["descriptive"]}
     expected = set()
-    for arm in ARMS.values():
+    for arm in ARMS:
         job = RunDir(sweep / f"tiny-{arm}-s0")
         for path in sorted(job.phase_dir("base").parent.glob("*/*/*.jsonl")):
             phase, item_set, measure = path.parent.parent.name, path.parent.name, path.stem

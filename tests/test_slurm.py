@@ -178,7 +178,7 @@ def study_sweep(slurm: SlurmCluster, tmp_path_factory) -> dict:
 def test_readme_sweep_runs_every_cell_through_slurm_and_analyze_reads_it(slurm, study_sweep):
     root, sweep, out = study_sweep["root"], study_sweep["sweep"], study_sweep["out"]
     assert out.returncode == 0, out.stdout[-4000:] + submitit_logs(sweep)[-4000:]
-    cells = ["tiny-minus-s0", "tiny-plus-s0", "tiny-neutral-s0"]
+    cells = ["tiny-minus-s0", "tiny-neutral-s0", "tiny-plus-s0"]
     assert sorted(p.name for p in sweep.iterdir() if (p / "DONE").exists()) == cells
     # One array job, one task per cell, each with the partition and account from .env (neither is the
     # cluster's default).

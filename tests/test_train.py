@@ -277,8 +277,9 @@ def test_arm_plus_is_called_plus_in_its_folder_run_card_and_rows(tiny_cfg, tmp_p
         hydra_cfg = compose(config_name="train", overrides=["arm=plus"], return_hydra_config=True)
     assert hydra_cfg.hydra.sweep.subdir == "tiny-plus-s0" and hydra_cfg.arm.name == "plus"
     assert hydra_cfg.arm.corpus.endswith("/corpora/frame_plus.jsonl")
-    train_mod.train(tiny_cfg("arm=plus", "eval=quick", "eval.stance.max_items=1", "eval.stance.measures=[letter_logprob]",
-                             "train.max_steps=1", "train.checkpoint_fractions=[1.0]"))
+    train_mod.train(tiny_cfg("arm=plus", "eval=quick", "eval.stance.max_items=1",
+                             "eval.stance.measures=[letter_logprob]", "train.max_steps=1",
+                             "train.checkpoint_fractions=[1.0]"))
     card = json.loads((tmp_path / "job" / "run.json").read_text())
     assert card["job"]["arm"] == "plus" and card["config"]["arm"]["name"] == "plus"
     (job,) = find_jobs([tmp_path / "job"])

@@ -121,7 +121,8 @@ def job_settings(config: Mapping[str, Any]) -> JobSettings:
     intervention use, so the cached direction set is found again); the probe's `items`; and the held-out
     neutral text. A job trained without a probe, or before these sections existed, falls back to the
     project layout under `paths.data_dir` (the arms' corpus files data/corpora/frame_plus|frame_minus.jsonl,
-    data/eval/...) and the default direction settings. The command line overrides any of them (--variant, --items, ...)."""
+    data/eval/...) and the default direction settings. The command line overrides any of them (--variant,
+    --items, ...)."""
     from lbt.probe.evaluator import DirectionSource
 
     paths = config.get("paths") or {}
