@@ -215,7 +215,8 @@ def test_a_sweep_logged_before_the_arms_were_renamed_keeps_its_own_names(tmp_pat
     assert info.arms == ("frame_plus", "frame_minus", "neutral")
     grid = next(b for b in build_report(info).blocks if type(b).__name__ == "PanelGrid")
     colours = {group.keys[0].value: colour for group, colour in grid.custom_run_colors.items()}
-    assert colours == {"frame_plus": ARM_HEX["plus"], "frame_minus": ARM_HEX["minus"], "neutral": ARM_HEX["neutral"]}
+    assert colours == {"frame_plus": ARM_HEX["plus"], "frame_minus": ARM_HEX["minus"],
+                       "neutral": ARM_HEX["neutral"]}
 
 
 def test_flags_alone_keep_families_apart(capsys):

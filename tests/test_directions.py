@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from lbt.data.chat import ChatFormat
+from lbt.data.records import file_sha256
 from lbt.probe import directions as dirs
 from lbt.probe.directions import DirectionSettings
 from lbt.study import MINUS, PLUS
@@ -131,6 +132,7 @@ def test_cache_key_depends_on_model_corpus_settings_and_chat_format(tiny_model):
     chat = ChatFormat(tiny_model[1])
     ident = dirs.model_identity(cfg, torch.float32)
     s = DirectionSettings()
+    # get_directions keys the corpora's sha256 by corpus name (frame_plus, frame_minus), not by arm name.
     base = dirs.direction_key(ident, {"frame_plus": "a", "frame_minus": "b"}, s, chat)
     assert base == dirs.direction_key(dict(ident), {"frame_plus": "a", "frame_minus": "b"}, DirectionSettings(),
                                       ChatFormat(tiny_model[1], {}))
@@ -188,6 +190,11 @@ def test_tiny_model_end_to_end_and_cached(tiny_model, tmp_path, monkeypatch):
     assert max(d.accuracy("user_mean")) <= 0.6
     summary = json.loads((tmp_path / "cache" / "directions" / f"{d.key}.json").read_text())
     assert summary["l_star"]["assistant_mean"] == d.l_star() and summary["n_pairs"] == 12
+    # Keyed by the corpus files' names, as before the arms were renamed (issue 16): old caches stay valid.
+    shas = {path.stem: file_sha256(path) for path in corpora.values()}
+    assert set(shas) == {"frame_plus", "frame_minus"}
+    assert d.key == dirs.direction_key(dirs.model_identity(cfg.model, next(model.parameters()).dtype), shas,
+                                       settings, ChatFormat(tokenizer))
     # Second call: from the cache, no forward pass.
     monkeypatch.setattr(dirs, "corpus_activations", lambda *a, **k: pytest.fail("recomputed"))
     again = dirs.get_directions(model, ChatFormat(tokenizer), cfg.model, corpora, tmp_path / "cache", settings)
