@@ -85,3 +85,34 @@ def test_a_folder_the_user_set_wins(tmp_path, monkeypatch, tiny_model):
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
     compile_decoder_layers(model, tmp_path / "sweep")
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str((tmp_path / "sweep").resolve())
+
+
+def test_a_jobs_forward_variants_stay_compiled(tiny_model, monkeypatch):
+    """A job calls the compiled layers with a first layer whose input needs no grad and later ones whose input
+    does, micro-batches of other lengths and sizes, padded and unpadded (no mask), and validation without
+    grad: each is a recompile, more than dynamo's default limit of 8, past which it runs the layer eagerly."""
+    import torch._dynamo
+
+    from lbt.model.lora import wrap_lora
+    from lbt.model.module import supervised_token_loss
+
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    torch._dynamo.reset()
+    cfg, tok, _ = tiny_model
+    torch.manual_seed(0)
+    model = wrap_lora(load_model(cfg.model, tok, torch.float32), OmegaConf.create(
+        {"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["q_proj", "v_proj"]}))
+    compile_decoder_layers(model)
+    generator = torch.Generator().manual_seed(5)
+    for rows, length, padded in ((4, 40, True), (4, 36, True), (3, 52, True), (4, 40, False), (2, 31, False)):
+        ids = torch.randint(3, 2000, (rows, length), generator=generator)
+        mask = torch.ones_like(ids)
+        if padded:
+            mask[0, : length // 3] = 0
+        batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": mask}
+        for train in (True, False):
+            model.train(train)
+            with torch.set_grad_enabled(train):
+                loss, n = supervised_token_loss(model, batch)
+                if train:
+                    (loss / n).backward()

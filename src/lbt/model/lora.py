@@ -92,6 +92,9 @@ def quantized_compute_dtype(model: torch.nn.Module) -> torch.dtype | None:
     return dtype or model.dtype
 
 
+RECOMPILE_LIMIT = 32
+
+
 def compile_decoder_layers(model: torch.nn.Module, cache_dir: str | os.PathLike | None = None) -> None:
     """torch.compile each decoder layer in place (one graph reused by every layer; the loss, masks and
     optimizer stay eager). Evaluation runs the layers eagerly (see `eager_layers`).
@@ -107,6 +110,7 @@ def compile_decoder_layers(model: torch.nn.Module, cache_dir: str | os.PathLike 
     rounds the small LoRA delta less than eager does: the same adapter scores a slightly lower loss there,
     while both paths learn the same adapter (benchmarks/RESULTS.md, compile_check, 2026-11-27).
     """
+    import torch._dynamo
     import torch._inductor.config as inductor_config
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
@@ -115,6 +119,11 @@ def compile_decoder_layers(model: torch.nn.Module, cache_dir: str | os.PathLike 
     if cache_dir is not None and os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, "", default_cache_dir()):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(cache_dir).resolve())
     inductor_config.fallback_random = True
+    # One code object serves every layer, and a job calls it in up to 2 (first layer's input needs no grad,
+    # the others' does) x 2 (train, validation without grad) x 2 (padded mask, none) x 2 (first shapes, then
+    # dynamic) variants, past dynamo's default limit of 8, beyond which a variant silently runs eagerly (seen
+    # in a GPU job at its first validation).
+    torch._dynamo.config.recompile_limit = max(int(torch._dynamo.config.recompile_limit), RECOMPILE_LIMIT)
     for layer in decoder_layers(model):
         layer.compile()
 
