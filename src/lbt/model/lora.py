@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -95,6 +96,16 @@ def quantized_compute_dtype(model: torch.nn.Module) -> torch.dtype | None:
 RECOMPILE_LIMIT = 32
 
 
+def _inductor_default_dir() -> str:
+    """Inductor's own default cache folder (moved between modules across torch versions)."""
+    for module in ("torch._inductor.runtime.cache_dir_utils", "torch._inductor.runtime.runtime_utils"):
+        try:
+            return importlib.import_module(module).default_cache_dir()
+        except (ImportError, AttributeError):
+            continue
+    return ""  # unknown: only an unset variable is then taken as not the user's
+
+
 def compile_decoder_layers(model: torch.nn.Module, cache_dir: str | os.PathLike | None = None) -> None:
     """torch.compile each decoder layer in place (one graph reused by every layer; the loss, masks and
     optimizer stay eager). Evaluation runs the layers eagerly (see `eager_layers`).
@@ -112,18 +123,18 @@ def compile_decoder_layers(model: torch.nn.Module, cache_dir: str | os.PathLike 
     """
     import torch._dynamo
     import torch._inductor.config as inductor_config
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     # Inductor writes its default folder into the environment the first time it asks for one, so a value
     # other than that default is the user's.
-    if cache_dir is not None and os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, "", default_cache_dir()):
+    if cache_dir is not None and os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, "", _inductor_default_dir()):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(cache_dir).resolve())
     inductor_config.fallback_random = True
     # One code object serves every layer, and a job calls it in up to 2 (first layer's input needs no grad,
     # the others' does) x 2 (train, validation without grad) x 2 (padded mask, none) x 2 (first shapes, then
     # dynamic) variants, past dynamo's default limit of 8, beyond which a variant silently runs eagerly (seen
     # in a GPU job at its first validation).
-    torch._dynamo.config.recompile_limit = max(int(torch._dynamo.config.recompile_limit), RECOMPILE_LIMIT)
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+    setattr(torch._dynamo.config, name, max(int(getattr(torch._dynamo.config, name)), RECOMPILE_LIMIT))
     for layer in decoder_layers(model):
         layer.compile()
 
