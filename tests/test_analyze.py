@@ -449,3 +449,19 @@ def test_unfinished_job_is_flagged_with_what_its_card_says_is_missing(sweep_setu
     report = json.loads((out / "report.json").read_text())
     assert report["missing"]["incomplete_jobs"] == [
         {"job": str(job), "status": "incomplete", "done": False, "missing": card["missing"]}]
+
+
+def test_two_jobs_for_one_cell_are_refused_naming_both(sweep_setup, tmp_path, capsys):
+    """Two jobs of one model, arm and seed (here the same job beside a copy, as a job trained before the arms
+    were renamed sits beside its retrained copy) would be pooled as one seed's rows: the analysis refuses,
+    naming the cell and both folders."""
+    sweep, _, _, common = sweep_setup
+    shutil.copytree(sweep / "tiny-plus-s0", sweep / "tiny-frame_plus-s0")
+    card = json.loads((sweep / "tiny-frame_plus-s0" / "run.json").read_text())
+    card["job"]["arm"] = "frame_plus"
+    (sweep / "tiny-frame_plus-s0" / "run.json").write_text(json.dumps(card))
+    assert main([str(sweep), "--out", str(tmp_path / "analysis"), "--no-wandb", *common]) != 0
+    err = capsys.readouterr().err
+    assert "more than one job for one model, arm and seed" in err
+    assert "(tiny, plus, seed 0)" in err and "tiny-plus-s0" in err and "tiny-frame_plus-s0" in err
+    assert not (tmp_path / "analysis" / "report.json").exists()

@@ -40,7 +40,7 @@ def test_parse_rates_match_the_rows_and_reach_the_report(sweep, analysed):  # no
     report, md = analysed
     assert "## Parse rates" in md
     rates = {(r["arm"], r["phase"], r["item_set"], r["measure"]): r for r in report["parse_rates"]}
-    for arm in ARMS.values():
+    for arm in ARMS:
         rows = read_rows(RunDir(sweep / f"tiny-{arm}-s0").rows("final", "target", "forced_choice"))
         parsed = sum(1 for r in rows if r.get("parsed") and math.isfinite(r["stance"]))
         assert all(

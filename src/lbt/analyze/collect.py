@@ -108,7 +108,24 @@ def find_jobs(sweeps: list[Path]) -> list[Job]:
         if not found:
             raise AnalyzeError(f"no job directories (a directory containing run.json) under {sweep}")
         jobs.extend(load_job(path) for path in found)
+    check_one_job_per_cell(jobs)
     return jobs
+
+
+def check_one_job_per_cell(jobs: list[Job]) -> None:
+    """AnalyzeError when two study jobs share a model, arm and seed: their rows would be pooled as one
+    seed's (a setting swept beside the arms, the same sweep run twice, or a job trained before the arms were
+    renamed beside its retrained copy), and the statistics would count them as one replicate."""
+    by_cell: dict[tuple, list[Job]] = {}
+    for job in jobs:
+        if job.is_study_job:
+            by_cell.setdefault((job.family, job.arm, job.seed), []).append(job)
+    clashes = {cell: found for cell, found in by_cell.items() if len(found) > 1}
+    if clashes:
+        lines = [f"{found[0].label}: {', '.join(str(job.path) for job in found)}" for found in clashes.values()]
+        raise AnalyzeError(
+            "more than one job for one model, arm and seed (the analysis needs one job per cell: point it at "
+            "folders holding one setting, or move the extra jobs out): " + "; ".join(lines))
 
 
 def row_line(path: Path, index: int) -> int:
