@@ -77,7 +77,6 @@ class CheckpointPhases(L.Callback):
         self.evaluators = list(evaluators)
         self.base_cache = base_cache  # None: every job evaluates its own base (hardware.fast.share_base)
         self.run = RunDir(self.job_dir)
-        self.ckpt_dir = self.run.checkpoints
         self.phases = planned_phases(self.steps, total_steps)
 
     @property
@@ -181,9 +180,9 @@ class CheckpointPhases(L.Callback):
         at_checkpoint = step in self.steps
         if at_checkpoint:
             if trainer.is_global_zero:
-                atomic_save_dir(pl_module.model.save_pretrained, self.ckpt_dir / f"adapter_step_{step}")
+                atomic_save_dir(pl_module.model.save_pretrained, self.run.adapter_at(step))
             if step != self.total_steps:
-                self.dispatch(trainer, pl_module, f"step_{step}")
+                self.dispatch(trainer, pl_module, step_phase(step))
         if at_checkpoint or (self.resume_every and step % self.resume_every == 0):
             self.save_resumable(trainer)
 

@@ -86,7 +86,6 @@ def package_versions() -> dict[str, str | None]:
     return {"python": platform.python_version(), **installed_versions(PACKAGES)}
 
 
-
 def record_status(run: RunDir, card: dict[str, Any], status: str, error: BaseException | None = None, *,
                   write: bool = True, **fields: Any) -> None:
     """Set the card's status and fields (and the error's type, message and traceback tail), then write it

@@ -22,7 +22,7 @@ evaluated again, and its files stored. A job file that is already there and inta
 (a resumed job's repair). Other ranks never touch the cache: they wait at the evaluators' own broadcasts
 and barriers while rank 0 copies (or waits on the lock: within the process group's timeout, as for any
 base evaluation). A job whose base was copied logs the base scalars, tables and plots from the copied
-files (`log_served`), as if it had evaluated them.
+files (`Evaluator.log_written`), as if it had evaluated them.
 """
 
 from __future__ import annotations
@@ -134,17 +134,6 @@ def base_key(cfg: DictConfig | Mapping[str, Any]) -> str:
     return f"{material['model'].get('name') or 'model'}-{digest}"
 
 
-def cached_files(evaluator: Evaluator, run: RunDir) -> list[Expected]:
-    """What an evaluator leaves at base: its planned files, and the probe's per-prompt base values (which
-    later phases pair with; not planned, since they are recomputed when missing)."""
-    from lbt.probe.evaluator import ProbeEvaluator, probe_file
-
-    files = list(evaluator.planned_files(run, "base"))
-    if isinstance(evaluator, ProbeEvaluator):
-        files.append(Expected(probe_file(run, "base_values.pt")))
-    return files
-
-
 def problem(expected: Expected) -> str | None:
     """Why a file is not intact: file_problem for JSON and rows, a torch.load for a .pt file."""
     if expected.path.suffix != ".pt":
@@ -186,7 +175,7 @@ class BaseCache:
     def fetch(self, evaluator: Evaluator, run: RunDir) -> bool:
         """Copy the evaluator's base files from the entry into the job directory; False (nothing copied)
         when the entry lacks one of them or holds a bad one (set aside: the base is evaluated again)."""
-        files = cached_files(evaluator, run)
+        files = evaluator.base_files(run)
         stored = [self.in_entry(run, e) for e in files]
         bad = [(e, why) for e in stored if (why := problem(e))]
         for expected, why in bad:
@@ -195,16 +184,17 @@ class BaseCache:
         if bad or not files:
             return False
         for own, cached in zip(files, stored):
-            if own.path.exists() and problem(own) is None:
-                continue  # an intact file of this job is never overwritten
             if own.path.exists():
-                set_aside(own.path, str(problem(own)))
+                why = problem(own)
+                if why is None:
+                    continue  # an intact file of this job is never overwritten
+                set_aside(own.path, why)
             _copy(cached.path, own.path)
         return True
 
     def store(self, evaluator: Evaluator, run: RunDir) -> None:
         """Keep the evaluator's base files in the entry (those it lacks), once they are all intact."""
-        files = cached_files(evaluator, run)
+        files = evaluator.base_files(run)
         if not files or any(problem(e) for e in files):
             return
         for own in files:
@@ -235,31 +225,4 @@ class BaseCache:
             if not card.exists() and self.entry.is_dir():
                 atomic_write(card, json.dumps({"key": self.key}, indent=2) + "\n")
         for evaluator in served:
-            log_served(evaluator, session)
-
-
-def log_served(evaluator: Evaluator, session: Session) -> None:
-    """Log what the evaluator logs at base, from the copied files: a job whose base came from the cache has
-    the same base scalars (and W&B tables and plots) as one that evaluated it."""
-    from lbt import wandb_keys as keys
-    from lbt.eval.evaluators import CapabilityEvaluator, StanceEvaluator, base_shifts, log_row_tables
-    from lbt.eval.summary import flat_metrics
-    from lbt.probe.evaluator import ProbeEvaluator, log_phase
-    from lbt.rundir import read_json
-
-    run = session.run
-    if isinstance(evaluator, StanceEvaluator):
-        summary = read_json(run.summary("base"))
-        session.log_metrics({**flat_metrics(summary), keys.EVAL_SECONDS: summary["wall_s"],
-                             **base_shifts(run, "base", summary)})
-        if evaluator.log_tables:
-            log_row_tables(session, list(evaluator.item_sets), evaluator.measures_at("base"))
-    elif isinstance(evaluator, CapabilityEvaluator):
-        record = read_json(run.capability("base"))
-        rates = record["refusal"]
-        scalars = zip((keys.PERPLEXITY, keys.MMLU_ACCURACY, keys.COMPLY_CORRECT_RATE, keys.REFUSE_CORRECT_RATE),
-                      (record["perplexity"], record["mmlu_accuracy"], rates["comply_correct_rate"],
-                       rates["refuse_correct_rate"]))
-        session.log_metrics({name: float(v) for name, v in scalars if v is not None})
-    elif isinstance(evaluator, ProbeEvaluator):
-        log_phase(session, "base", read_json(run.probe("base")))
+            evaluator.log_written("base", session)

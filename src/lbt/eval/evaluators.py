@@ -146,13 +146,20 @@ class StanceEvaluator(Evaluator):
         )
         if session.is_zero:
             write_json_once(run.summary(phase), summary)
-            session.log_metrics({**flat_metrics(summary), keys.EVAL_SECONDS: summary["wall_s"],
-                                 **base_shifts(run, phase, summary)})
-            if self.log_tables:
-                log_row_tables(session, list(self.item_sets), measures)
+            self.log_summary(phase, summary, session)
             log.info("eval %s: %s in %.1f s", phase, _brief(summary), summary["wall_s"])
         session.barrier()
         return summary
+
+    def log_summary(self, phase: str, summary: Mapping[str, Any], session: Session) -> None:
+        """The phase's scalars with their shift from base and, with W&B, the rows tables (rank 0)."""
+        session.log_metrics({**flat_metrics(summary), keys.EVAL_SECONDS: summary["wall_s"],
+                             **base_shifts(session.run, phase, summary)})
+        if self.log_tables:
+            log_row_tables(session, list(self.item_sets), self.measures_at(phase))
+
+    def log_written(self, phase: str, session: Session) -> None:
+        self.log_summary(phase, read_json(session.run.summary(phase)), session)
 
     def _score(self, model: torch.nn.Module | None, phase: str, measures: list[str], session: Session):
         run = session.run
@@ -324,18 +331,16 @@ class CapabilityEvaluator(Evaluator):
                 record = self.measure(model, phase, session.run)
             record["wall_s"] = round(time.perf_counter() - started, 3)
             write_json_once(out, record)
-            scalars = {
-                keys.PERPLEXITY: record["perplexity"],
-                keys.MMLU_ACCURACY: record["mmlu_accuracy"],
-                keys.COMPLY_CORRECT_RATE: record["refusal"]["comply_correct_rate"],
-                keys.REFUSE_CORRECT_RATE: record["refusal"]["refuse_correct_rate"],
-            }
-            session.log_metrics({k: float(v) for k, v in scalars.items() if v is not None})
+            log_capability(record, session)
             log.info("capability %s: perplexity %s, refusal %s, flags %s", phase, record["perplexity"],
                      record["refusal"], record["flags"])
         if planned:
             session.barrier()
         return record
+
+    def log_written(self, phase: str, session: Session) -> None:
+        if self.planned_files(session.run, phase):
+            log_capability(read_json(session.run.capability(phase)), session)
 
     def measure(self, model: torch.nn.Module, phase: str, run: RunDir) -> dict[str, Any]:
         from lbt.eval.capability import capability_flags, mmlu_accuracy, perplexity, refusal_rates
@@ -368,6 +373,17 @@ class CapabilityEvaluator(Evaluator):
         record["flags"] = capability_flags(record, base, **self.thresholds)
         record["base"] = {k: base.get(k) for k in ("perplexity", "mmlu_accuracy")} if base else None
         return record
+
+
+def log_capability(record: Mapping[str, Any], session: Session) -> None:
+    """A capability record's scalars (those measured) to every logger."""
+    scalars = {
+        keys.PERPLEXITY: record["perplexity"],
+        keys.MMLU_ACCURACY: record["mmlu_accuracy"],
+        keys.COMPLY_CORRECT_RATE: record["refusal"]["comply_correct_rate"],
+        keys.REFUSE_CORRECT_RATE: record["refusal"]["refuse_correct_rate"],
+    }
+    session.log_metrics({k: float(v) for k, v in scalars.items() if v is not None})
 
 
 def _spread_refusal(battery: list[dict], limit: int | None) -> list[dict]:

@@ -77,3 +77,12 @@ class Evaluator(abc.ABC):
     @abc.abstractmethod
     def evaluate(self, model: torch.nn.Module, phase: str, session: Session) -> Any:
         """Make what is missing of the phase's planned files (the model as it is at that phase)."""
+
+    def base_files(self, run: RunDir) -> list[Expected]:
+        """Everything it leaves at base, which a sweep's base cache stores and copies (lbt.eval.base_cache):
+        its planned files, and what later phases read back."""
+        return self.planned_files(run, "base")
+
+    def log_written(self, phase: str, session: Session) -> None:
+        """Log what `evaluate` logs for `phase`, from the files it wrote: a job whose base files were copied
+        from the sweep's base cache logs the same values as one that evaluated them. Nothing by default."""

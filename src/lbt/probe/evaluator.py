@@ -38,7 +38,7 @@ from lbt.eval.session import Evaluator, Session
 from lbt.model.modes import evaluation_mode
 from lbt.probe.directions import Directions, DirectionSettings, get_directions
 from lbt.probe.measure import answer_activations, forced_choice_prompts
-from lbt.rundir import Expected, RunDir, atomic_save, file_problem, set_aside, write_json_once
+from lbt.rundir import Expected, RunDir, atomic_save, file_problem, read_json, set_aside, write_json_once
 from lbt.study import FRAMED_ARMS, arm_name
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,13 @@ class ProbeEvaluator(Evaluator):
     def planned_files(self, run: RunDir, phase: str) -> list[Expected]:
         """probe/<phase>.json (rank 0 writes it; base_values.pt is a cache, recomputed when missing)."""
         return [Expected(run.probe(phase))]
+
+    def base_files(self, run: RunDir) -> list[Expected]:
+        """probe/base.json and the per-prompt base projections later phases pair with."""
+        return [*self.planned_files(run, "base"), Expected(probe_file(run, "base_values.pt"))]
+
+    def log_written(self, phase: str, session: Session) -> None:
+        log_phase(session, phase, read_json(session.run.probe(phase)))
 
     def project(self, model: torch.nn.Module, directions: Directions, adapters: bool = True
                 ) -> dict[str, torch.Tensor]:
