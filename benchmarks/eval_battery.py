@@ -13,6 +13,9 @@ model, same items, one process.
     # the battery under each decode mode of greedy generation (hardware.fast.decode), same process
     python benchmarks/eval_battery.py --model qwen --random-init --device cuda --batch-size 512 \
         --decode eager graph --skip-reference
+    # prompts' shared openings run once (hardware.fast.share_prefix) against the whole prompts, same process
+    python benchmarks/eval_battery.py --model qwen --random-init --device cuda --batch-size 512 \
+        --decode graph --share-prefix off on --skip-reference
 
 The battery is the 4 measures letter_logprob, forced_choice, logprob and likert by default (--measures adds
 open_ended). The reference (tests/eval_reference.py) scores one prompt at a time with a full forward of
@@ -26,7 +29,9 @@ In bf16 the two paths round differently, so differences of ~1e-2 in log-probs ar
 A random-init model never writes a parsable answer, so generation runs to max_new_tokens for every row on
 both sides (the battery's early stop cannot help it); --max-new-tokens sets both generation lengths.
 --decode times the battery once per greedy-decoding mode (eager | static | graph, see
-lbt.eval.scoring.set_decode) and compares each mode's rows with the first mode's as it does the reference's.
+lbt.eval.scoring.set_decode), --share-prefix once per prefix-sharing setting (off | on, see lbt.eval.prefix)
+within each mode, and each variant's rows are compared with the first variant's as they are with the
+reference's.
 --json writes the numbers to a file (for benchmarks/RESULTS.md).
 """
 
@@ -51,7 +56,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from lbt.data.chat import ChatFormat
 from lbt.eval.battery import score_item_set
 from lbt.eval.items import load_item_set
-from lbt.eval.scoring import set_decode
+from lbt.eval.scoring import set_decode, set_share_prefix
 from lbt.eval.settings import BatterySettings
 from lbt.model.load import load_model, load_tokenizer, resolve_dtype
 from lbt.model.modes import evaluation_mode
@@ -101,6 +106,45 @@ def differences(battery: dict[str, list[dict]], reference: dict[str, list[dict]]
     return out
 
 
+def profile(model, chat, items, measures: list[str], settings: BatterySettings, device: str, label: str) -> dict:
+    """Per measure (forced choice with its letters as one): wall time, the time GPU kernels and copies ran
+    (torch.profiler), and, from a second run under cProfile, the host functions with most own time. A
+    measure whose GPU time is far below its wall time is bound by the host."""
+    import cProfile
+    import io
+    import pstats
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    parts = [[m for m in ("letter_logprob", "forced_choice") if m in measures]]
+    parts += [[m] for m in measures if m not in ("letter_logprob", "forced_choice")]
+    out = {}
+    for part in filter(None, parts):
+        name = "+".join(part)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+        synchronize(device)
+        started = time.perf_counter()
+        with torch_profile(activities=activities) as prof:
+            score_item_set(model, chat, items, part, settings)
+            synchronize(device)
+        wall = time.perf_counter() - started
+        gpu = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
+        host = cProfile.Profile()
+        host.enable()
+        score_item_set(model, chat, items, part, settings)
+        synchronize(device)
+        host.disable()
+        text = io.StringIO()
+        pstats.Stats(host, stream=text).sort_stats("tottime").print_stats(12)
+        top = [line for line in text.getvalue().splitlines() if line.strip()][-12:]
+        print(f"profile ({label}) {name}: wall {wall:.3f} s (under the profiler), GPU busy {gpu:.3f} s "
+              f"({100 * gpu / wall:.0f} %); host functions by own time (cProfile):")
+        print("\n".join("    " + line for line in top))
+        out[name] = {"wall_s": wall, "gpu_busy_s": gpu, "host_top": top}
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -121,6 +165,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--decode", nargs="+", default=[None], choices=["eager", "static", "graph"],
                         help="greedy-decoding modes to time in turn (default: the device's default)")
+    parser.add_argument("--share-prefix", nargs="+", default=[None], choices=["off", "on"],
+                        help="prefix sharing settings to time in turn, after each decode mode (default: off)")
+    parser.add_argument("--profile", action="store_true",
+                        help="after timing, profile each variant per measure: wall vs GPU busy time, top host functions")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.threads:
@@ -154,8 +202,11 @@ def main(argv: list[str] | None = None) -> dict:
     }
     with evaluation_mode(model):
         by_mode: dict[str, dict] = {}
-        for mode in args.decode:
+        variants = [(mode, share) for mode in args.decode for share in args.share_prefix]
+        for mode, share in variants:
             set_decode(mode)
+            set_share_prefix(share == "on")
+            label = " ".join(f"{k}={v}" for k, v in (("decode", mode), ("share_prefix", share)) if v)
             score_item_set(
                 model, chat, load_item_set(args.items, max_items=4), args.measures, settings
             )  # warm-up
@@ -169,23 +220,28 @@ def main(argv: list[str] | None = None) -> dict:
                 times.append(time.perf_counter() - started)
             battery_s = statistics.median(times)
             print(
-                f"battery{f' (decode={mode})' if mode else ''}:   {battery_s:8.3f} s (median of {len(times)}; "
+                f"battery{f' ({label})' if label else ''}:   {battery_s:8.3f} s (median of {len(times)}; "
                 f"min {min(times):.3f} s) per measure: { {k: round(v, 3) for k, v in timings.items()} }"
             )
-            by_mode[str(mode)] = {"battery_s": battery_s, "battery_min_s": min(times),
+            by_mode[label or "default"] = {"battery_s": battery_s, "battery_min_s": min(times),
                                   "battery_per_measure_s": timings, "rows": rows}
+            if args.profile:
+                by_mode[label or "default"]["profile"] = profile(model, chat, items, args.measures, settings,
+                                                                 args.device, label or "default")
         set_decode(None)
-        first = by_mode[str(args.decode[0])]
+        set_share_prefix(None)
+        first_label = next(iter(by_mode))
+        first = by_mode[first_label]
         rows, battery_s = first["rows"], first["battery_s"]
         result.update(battery_s=battery_s, battery_min_s=first["battery_min_s"],
                       battery_per_measure_s=first["battery_per_measure_s"])
-        if len(args.decode) > 1:
-            result["decode"] = {}
-            for mode, entry in by_mode.items():
+        if len(by_mode) > 1:
+            result["variants"] = {}
+            for label, entry in by_mode.items():
                 entry = dict(entry)
-                if mode != str(args.decode[0]):
+                if label != first_label:
                     diff = differences(entry["rows"], rows)
-                    print(f"decode={mode} vs decode={args.decode[0]}: {first['battery_s'] / entry['battery_s']:.2f}x")
+                    print(f"{label} vs {first_label}: {first['battery_s'] / entry['battery_s']:.2f}x")
                     for measure, d in diff.items():
                         print(
                             f"  {measure:15s} max |diff| {d['max_abs_diff']:.2e}; rows with a different "
@@ -194,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
                     entry["differences"] = diff
                     entry["ratio_vs_first"] = first["battery_s"] / entry["battery_s"]
                 del entry["rows"]
-                result["decode"][mode] = entry
+                result["variants"][label] = entry
         if not args.skip_reference:
             reference_rows(model, chat, items.items[:1], "letter_logprob", settings)  # warm-up
             synchronize(args.device)

@@ -196,7 +196,8 @@ def _greedy_batch(
         )
 
     mask, positions = inputs["attention_mask"], inputs["position_ids"]
-    out = forward(inputs["input_ids"], mask, positions, None)
+    # The prompt's forward takes `inputs` whole: with shared prefixes they hold the prefixes' cache too.
+    out = model(**inputs, use_cache=True, logits_to_keep=1)
     for step in range(max_new_tokens):
         cache = output_cache(out)
         logits = out.logits[:, -1]

@@ -45,6 +45,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from lbt.choices import OPTION_FORMS
+from lbt.eval import prefix
 from lbt.eval.batching import (
     cache_kwargs,
     gather_logprobs,
@@ -56,9 +57,10 @@ from lbt.eval.batching import (
     right_pad,
 )
 from lbt.eval.decode import DECODE_MODES, Generation, decode_batch, set_decode
+from lbt.eval.prefix import set_share_prefix
 
-# The engine's decoding settings travel with it: `lbt.config` checks `hardware.fast.decode` against
-# DECODE_MODES and `lbt.train` / `lbt.evaluate` apply it with set_decode.
+# The engine's settings travel with it: `lbt.config` checks `hardware.fast.decode` against DECODE_MODES, and
+# `lbt.train` / `lbt.evaluate` apply it with set_decode and `hardware.fast.share_prefix` with set_share_prefix.
 __all__ = [
     "DECODE_MODES",
     "OPTION_FORMS",
@@ -75,6 +77,7 @@ __all__ = [
     "no_intervention",
     "option_text",
     "set_decode",
+    "set_share_prefix",
 ]
 
 log = logging.getLogger(__name__)
@@ -149,7 +152,9 @@ class Engine:
 
     tokenizer: decodes generated text and gives the pad id; `pad` overrides the pad id (log-likelihood
     requests need no tokenizer). decode: eager | static | graph for generation (None: the process
-    default, `set_decode`). The caller puts the model in `lbt.model.modes.evaluation_mode`."""
+    default, `set_decode`). share_prefix: whether next_token, continuation and generate run prompts'
+    shared prefixes once (`lbt.eval.prefix`; None: the process default, `set_share_prefix`). The caller
+    puts the model in `lbt.model.modes.evaluation_mode`."""
 
     def __init__(
         self,
@@ -158,29 +163,37 @@ class Engine:
         batch_size: int = 32,
         pad: int | None = None,
         decode: str | None = None,
+        share_prefix: bool | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
         self.model, self.tokenizer, self.batch_size, self.decode = model, tokenizer, int(batch_size), decode
         self.pad_id = int(pad) if pad is not None else pad_id_of(tokenizer)
+        self.share_prefix = share_prefix
+
+    def _shares(self, intervention: Intervention | None) -> bool:
+        """Whether this call's prompts share their prefixes (`lbt.eval.prefix`): asked for (the engine's
+        setting, else the process default), no intervention, and a model that allows it."""
+        asked = self.share_prefix if self.share_prefix is not None else prefix.share_prefix_default()
+        return asked and intervention is None and prefix.usable(self.model)
 
     def next_token(
         self, requests: Sequence[NextToken], intervention: Intervention | None = None
     ) -> list[list[float]]:
         """log P(target | prompt) for every target of every request."""
 
-        def score(batch: PaddedBatch, inputs: dict[str, torch.Tensor]) -> list[list[float]]:
+        def score(batch: PaddedBatch, inputs: dict[str, Any]) -> list[list[float]]:
             logits = self.model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
             return gather_logprobs(logits, [requests[i].targets for i in batch.indices])
 
-        return self.map_batches([r.prompt for r in requests], score, intervention)
+        return self.map_batches([r.prompt for r in requests], score, intervention, share=self._shares(intervention))
 
     def continuation(
         self, requests: Sequence[Continuation], intervention: Intervention | None = None
     ) -> list[list[list[float]]]:
         """result[i][j][t] = log P(options[j][t] | prompt + options[j][:t]) of request i."""
 
-        def score(batch: PaddedBatch, inputs: dict[str, torch.Tensor]) -> list[list[list[float]]]:
+        def score(batch: PaddedBatch, inputs: dict[str, Any]) -> list[list[list[float]]]:
             options = [requests[i].options for i in batch.indices]
             out = self.model(**inputs, use_cache=True, logits_to_keep=1)
             # The first option token is read off the prompt's last position.
@@ -195,7 +208,7 @@ class Engine:
                     result[row][j].extend(values)
             return result
 
-        return self.map_batches([r.prompt for r in requests], score, intervention)
+        return self.map_batches([r.prompt for r in requests], score, intervention, share=self._shares(intervention))
 
     def generate(self, requests: Sequence[Greedy], intervention: Intervention | None = None) -> list[Generation]:
         """Greedy continuations in request order (see `lbt.eval.decode.decode_batch`)."""
@@ -207,7 +220,7 @@ class Engine:
         results: list[Generation | None] = [None] * len(requests)
         for max_new_tokens, members in groups.items():
 
-            def decode(batch: PaddedBatch, inputs: dict[str, torch.Tensor], members=members, n=max_new_tokens):
+            def decode(batch: PaddedBatch, inputs: dict[str, Any], members=members, n=max_new_tokens):
                 chosen = [requests[members[i]] for i in batch.indices]
                 return decode_batch(self.model, self.tokenizer, inputs, n, [r.stop for r in chosen],
                                     [list(r.first_targets) for r in chosen], self.decode)
@@ -216,27 +229,37 @@ class Engine:
                 # The intervention sees request indices, not positions within this group.
                 return (intervention or no_intervention)(PaddedBatch([members[i] for i in batch.indices], batch.width))
 
-            for i, generation in zip(members, self.map_batches([requests[i].prompt for i in members], decode,
-                                                               around)):
+            prompts = [requests[i].prompt for i in members]
+            share = self._shares(intervention)
+            for i, generation in zip(members, self.map_batches(prompts, decode, None if share else around,
+                                                               share=share)):
                 results[i] = generation
         return results  # type: ignore[return-value]
 
     def map_batches(
         self,
         prompts: Sequence[Sequence[int]],
-        score: Callable[[PaddedBatch, dict[str, torch.Tensor]], Sequence[T]],
+        score: Callable[[PaddedBatch, dict[str, Any]], Sequence[T]],
         intervention: Intervention | None = None,
         padding: str = "left",
+        share: bool = False,
     ) -> list[T]:
         """score(batch, inputs) → one answer per row, over batches of similar length, inside
         intervention(batch), without gradients; answers in prompt order. On a GPU out-of-memory error the
         whole call runs again with half the batch. padding: "left" (prompts to continue; inputs hold
         input_ids, attention_mask and position_ids counting real tokens) or "right" (teacher-forced text
-        read from column 0; input_ids and attention_mask)."""
+        read from column 0; input_ids and attention_mask). share: prompts that open alike run their
+        common prefix once (`lbt.eval.prefix`, left padding only): inputs then also hold that prefix's
+        key/value cache under the model's cache argument, and the mask covers its columns too, so `score`
+        must pass `inputs` to the model whole."""
         if padding not in PADDINGS:
             raise ValueError(f"padding={padding!r}: use one of {sorted(PADDINGS)}")
+        if share and padding != "left":
+            raise ValueError("prefix sharing continues left-padded prompts only")
         while True:
             try:
+                if share:
+                    return self._map_shared(prompts, score)
                 return self._map(prompts, score, intervention or no_intervention, PADDINGS[padding])
             except torch.cuda.OutOfMemoryError:
                 if self.batch_size <= 1:
@@ -258,6 +281,23 @@ class Engine:
             batch = PaddedBatch(indices, inputs["input_ids"].shape[1])
             with intervention(batch):
                 answers = score(batch, inputs)
+            for i, answer in zip(indices, answers):
+                results[i] = answer
+        return results
+
+    @torch.no_grad()
+    def _map_shared(self, prompts, score) -> list:
+        """`_map` with shared prefixes: a batch keeps a group's prompts together; one that would gain too
+        little (`prefix.worth_sharing`) runs its prompts whole."""
+        device = model_device(self.model)
+        plan = prefix.plan_prefixes(prompts)
+        results: list = [None] * len(prompts)
+        for indices in prefix.shared_batches(plan, prompts, self.batch_size):
+            if prefix.worth_sharing(plan, prompts, indices):
+                inputs = prefix.shared_inputs(self.model, plan, prompts, indices, self.pad_id, device)
+            else:
+                inputs = left_pad([prompts[i] for i in indices], self.pad_id, device)
+            answers = score(PaddedBatch(indices, inputs["input_ids"].shape[1]), inputs)
             for i, answer in zip(indices, answers):
                 results[i] = answer
         return results

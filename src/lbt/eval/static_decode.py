@@ -128,7 +128,7 @@ class _StaticStep:
                  chosen: torch.Tensor, eos: torch.Tensor, steps: int):
         from transformers import StaticCache
 
-        n, width = inputs["input_ids"].shape
+        n, width = inputs["attention_mask"].shape  # wider than input_ids when a shared prefix is cached
         device = chosen.device
         self.model, self.eos = model, eos
         self.cache = StaticCache(config=base_model_of(model).config, max_cache_len=width + steps)
