@@ -76,14 +76,16 @@ def main() -> None:
         probe = p["wall_time_s"] if p and "probe" not in from_cache else 0.0
         total_eval, total_cap, total_probe = total_eval + stance, total_cap + cap, total_probe + probe
         per_measure: dict[str, float] = {}
-        for by_measure in (s or {}).get("seconds", {}).values() if "stance" not in from_cache else ():
-            for measure, sec in by_measure.items():
+        # Seconds per engine call, pooled over the item sets ({measures: s}); jobs before the pooling kept
+        # them per item set ({item set: {measures: s}}).
+        for key, value in (s or {}).get("seconds", {}).items() if "stance" not in from_cache else ():
+            for measure, sec in (value.items() if isinstance(value, dict) else [(key, value)]):
                 per_measure[measure] = per_measure.get(measure, 0.0) + sec
         rows.append((phase, stance, cap, probe, per_measure))
     wall = card.get("wall_time_s")
     print(f"job {job}: status {card.get('status')}, run.json wall {wall} s, train tokens/s "
           f"{card.get('tokens_per_s')}, steps {card.get('trained_steps')}, final loss {card.get('final_loss')}")
-    print(f"{'phase':<9} {'stance s':>9} {'capab. s':>9} {'probe s':>8}  stance by measure (both item sets, s)")
+    print(f"{'phase':<9} {'stance s':>9} {'capab. s':>9} {'probe s':>8}  stance by engine call (both item sets, s)")
     for phase, stance, cap, probe, per_measure in rows:
         parts = ", ".join(f"{m} {v:.1f}" for m, v in per_measure.items())
         print(f"{phase:<9} {stance:9.1f} {cap:9.1f} {probe:8.1f}  {parts}")

@@ -13,7 +13,7 @@ import torch
 from lbt.data.chat import ChatFormat
 from lbt.eval.battery import check_measures, score_item_set
 from lbt.eval.items import ItemError, ItemSet, as_item_set, load_item_set, spread_subset
-from lbt.eval.measures import forced_choice, letter_logprob, likert, logprob
+from lbt.eval.measures import forced_choice, letter_logprob, likert, logprob, run_measure
 from lbt.eval.parse import parse_choice, parse_rating
 from lbt.eval.scoring import Engine, Generation
 from lbt.eval.settings import BatterySettings, MeasureError
@@ -71,7 +71,7 @@ def test_every_measure_equals_the_plain_reference(tiny_eval, items, form):
 def test_standalone_letter_logprob_equals_the_shared_forward(tiny_eval, items):
     model, tokenizer = tiny_eval
     settings = BatterySettings(batch_size=3, **SHORT)
-    alone = letter_logprob(_engine(model, tokenizer, settings), ChatFormat(tokenizer), items, settings)
+    alone = run_measure(_engine(model, tokenizer, settings), letter_logprob(ChatFormat(tokenizer), items, settings))
     shared = score_item_set(model, ChatFormat(tokenizer), items, ["letter_logprob", "forced_choice"], settings)[
         "letter_logprob"
     ]
@@ -103,9 +103,39 @@ def test_shuffling_and_rebatching_change_nothing(tiny_eval, items):
                     assert twin.get(field) == row.get(field)
 
 
+def test_a_phase_pools_its_item_sets_and_measures_into_few_engine_calls(tiny_eval, items, monkeypatch):
+    """Two item sets, asked different measures, in one call: the same rows as each set scored alone; forced
+    choice and Likert of both sets decode in one loop (their lengths are within LENGTH_SPREAD), open-ended
+    text in its own, and each engine call's seconds are kept under the measures it served."""
+    from lbt.eval import scoring
+    from lbt.eval.battery import score_item_sets
+
+    model, tokenizer = tiny_eval
+    chat = ChatFormat(tokenizer)
+    settings = BatterySettings(batch_size=64, forced_choice_max_new_tokens=5, likert_max_new_tokens=8,
+                               open_ended_max_new_tokens=20)
+    other = ItemSet("other", list(reversed(items.items))[:3])
+    asked = {items.name: (items, list(MEASURES)), "other": (other, ["likert", "forced_choice"])}
+    loops = []
+    real = scoring.decode_batch
+    monkeypatch.setattr(scoring, "decode_batch", lambda *a, **k: loops.append((a[2]["input_ids"].shape[0], a[3]))
+                        or real(*a, **k))
+    timings = {}
+    pooled = score_item_sets(model, chat, asked, settings, "base", timings)
+    n_fc_likert = 2 * 2 * (len(items) + len(other))
+    assert sorted(loops) == sorted([(n_fc_likert, 8), (len(items), 20)])
+    assert set(timings) == {"forced_choice+letter_logprob+likert", "logprob", "open_ended"}
+    for name, (item_set, measures) in asked.items():
+        alone = score_item_set(model, chat, item_set, measures, settings, "base")
+        assert list(pooled[name]) == measures
+        for measure in measures:
+            _compare(pooled[name][measure], alone[measure], measure)
+            assert {r["item_set"] for r in pooled[name][measure]} == {name}
+
+
 def test_letter_logprob_is_oriented_to_the_pro_option(tiny_eval, items):
     model, tokenizer = tiny_eval
-    rows = letter_logprob(_engine(model, tokenizer, BatterySettings()), ChatFormat(tokenizer), items, BatterySettings())
+    rows = run_measure(_engine(model, tokenizer, BatterySettings()), letter_logprob(ChatFormat(tokenizer), items, BatterySettings()))
     first = [r for r in rows if r["item_id"] == items.items[0]["id"]]
     original, swapped = first
     assert (original["pro_option"], original["anti_option"]) == ("A", "B")
@@ -116,7 +146,7 @@ def test_letter_logprob_is_oriented_to_the_pro_option(tiny_eval, items):
 
 def test_logprob_is_length_normalised(tiny_eval, items):
     model, tokenizer = tiny_eval
-    rows = logprob(_engine(model, tokenizer, BatterySettings()), ChatFormat(tokenizer), items, BatterySettings())
+    rows = run_measure(_engine(model, tokenizer, BatterySettings()), logprob(ChatFormat(tokenizer), items, BatterySettings()))
     go = next(r for r in rows if r["template"] == 3)
     assert (go["pro_option"], go["anti_option"]) == ("Go ahead now", "Wait")
     assert go["n_tokens_pro"] > go["n_tokens_anti"]
@@ -193,7 +223,7 @@ class _FakeEngine:
 
 def test_forced_choice_stance_from_parsed_letters(monkeypatch, items):
     # Per item: original order answers "A" (pro), swapped order answers "A" (now the anti option), then junk.
-    rows = forced_choice(_FakeEngine(["A", "A.", "hmm", "B"]), ChatFormat(_FakeTokenizer()), items, BatterySettings())
+    rows = run_measure(_FakeEngine(["A", "A.", "hmm", "B"]), forced_choice(ChatFormat(_FakeTokenizer()), items, BatterySettings()))
     stances = [r["stance"] for r in rows[:4]]
     assert stances[:2] == [1.0, -1.0] and math.isnan(stances[2]) and stances[3] == 1.0  # unparsed: NaN, never 0
     assert [r["parsed"] for r in rows[:4]] == [True, True, False, True]
@@ -215,7 +245,7 @@ def test_forced_choice_shares_the_forward_with_letters_in_either_form(monkeypatc
 
 
 def test_likert_orients_the_reversed_scale_and_keeps_unparsed_as_nan(monkeypatch, items):
-    rows = likert(_FakeEngine(["6", "6", "no idea", "1"]), ChatFormat(_FakeTokenizer()), items, BatterySettings())
+    rows = run_measure(_FakeEngine(["6", "6", "no idea", "1"]), likert(ChatFormat(_FakeTokenizer()), items, BatterySettings()))
     assert [r["rating"] for r in rows[:4]] == [6, 6, None, 1]
     assert rows[0]["stance"] == pytest.approx(2 / 3)  # original: 6 → (6 − 4) / 3
     assert rows[1]["stance"] == pytest.approx(-2 / 3)  # swapped: 6 means disagree → 8 − 6 = 2
@@ -291,7 +321,7 @@ def test_inexpressible_option_names_file_line_item_field(tiny_eval, tmp_path):
         match=r"letters\.jsonl:2: item 'urban_transit-001-p0', field "
         r"'forced_choice\.pro_label'.*2 tokens",
     ):
-        letter_logprob(_engine(model, tokenizer, BatterySettings()), ChatFormat(tokenizer), items, BatterySettings())
+        run_measure(_engine(model, tokenizer, BatterySettings()), letter_logprob(ChatFormat(tokenizer), items, BatterySettings()))
 
 
 def test_max_items_takes_domains_in_turn():

@@ -154,3 +154,29 @@ def test_queued_eager_path_unchanged(tiny_eval, prompts, monkeypatch):
     plain = generate(model, tokenizer, prompts, "eager")
     monkeypatch.setattr(decode, "_QUEUE_AHEAD", True)
     assert rows(generate(model, tokenizer, prompts, "eager")) == rows(plain)
+
+
+@pytest.mark.parametrize("mode", ["eager", "static"])
+def test_requests_of_different_lengths_share_a_loop_and_end_at_their_own(tiny_eval, prompts, mode, monkeypatch):
+    """Forced choice's 8 tokens and Likert's 12 decode in one loop (lengths within LENGTH_SPREAD), each row
+    ending where a loop of its own length would end it; 30 tokens run in another loop."""
+    from lbt.eval import scoring
+    from lbt.eval.scoring import Engine, Greedy
+
+    model, tokenizer = tiny_eval
+    lengths = [(8, 12, 30)[k % 3] for k in range(len(prompts))]
+    stops = [None if k % 2 else (lambda text: "e" in text) for k in range(len(prompts))]
+    loops = []
+    real = scoring.decode_batch
+    monkeypatch.setattr(scoring, "decode_batch", lambda *a, **k: loops.append(a[3]) or real(*a, **k))
+    with evaluation_mode(model):
+        engine = Engine(model, tokenizer, batch_size=len(prompts), decode=mode)
+        pooled = engine.generate([Greedy(p, n, s) for p, n, s in zip(prompts, lengths, stops)])
+        assert sorted(loops) == [12, 30]
+        alone = {n: engine.generate([Greedy(p, n, s) for p, m, s in zip(prompts, lengths, stops) if m == n])
+                 for n in (8, 12, 30)}
+    expected = [alone[n].pop(0) for n in lengths]
+    assert rows(pooled) == rows(expected)
+    assert {g.finish for g in pooled} >= {"length", "stop"}
+    assert all(len(g.token_ids) <= n for g, n in zip(pooled, lengths))
+    assert any(len(g.token_ids) == 8 and g.finish == "length" for g, n in zip(pooled, lengths) if n == 8)

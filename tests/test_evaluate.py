@@ -250,9 +250,9 @@ def test_done_only_after_the_check_and_a_rerun_completes_what_is_missing(toy_ite
     letter = out / "eval/base/toy/letter_logprob.jsonl"
     kept = (letter.read_bytes(), letter.stat().st_mtime_ns)
     asked = []
-    real_score = evaluators_mod.score_item_set
-    monkeypatch.setattr(evaluators_mod, "score_item_set", lambda m, t, items, measures, *a, **k: asked.append(
-        list(measures)) or real_score(m, t, items, measures, *a, **k))
+    real_score = evaluators_mod.score_item_sets
+    monkeypatch.setattr(evaluators_mod, "score_item_sets", lambda m, t, sets, *a, **k: asked.extend(
+        list(measures) for _, measures in sets.values()) or real_score(m, t, sets, *a, **k))
     evaluate_mod.evaluate(compose_evaluate(*args))  # the same command again
     assert asked == [["likert"]] and (letter.read_bytes(), letter.stat().st_mtime_ns) == kept
     card = json.loads((out / "run.json").read_text())
@@ -272,7 +272,7 @@ def test_a_failure_is_recorded_in_the_run_card(toy_items, tmp_path, monkeypatch)
     def boom(*args, **kwargs):
         raise RuntimeError("scoring broke")
 
-    monkeypatch.setattr(evaluators_mod, "score_item_set", boom)
+    monkeypatch.setattr(evaluators_mod, "score_item_sets", boom)
     with pytest.raises(RuntimeError, match="scoring broke"):
         evaluate_mod.evaluate(compose_evaluate(f"items=[{toy_items}]", f"out_dir={out}",
                                                "eval.stance.measures=[letter_logprob]"))

@@ -130,13 +130,13 @@ def test_finished_phase_is_skipped_and_half_written_phase_completes(tiny_eval, t
     phase = tmp_path / "job/eval/base"
     before = {p: p.read_bytes() for p in phase.rglob("*.json*")}
     asked: list[list[str]] = []
-    real = evaluators_mod.score_item_set
+    real = evaluators_mod.score_item_sets
 
-    def spy(model, tokenizer, items, measures, *args, **kwargs):
-        asked.append(list(measures))
-        return real(model, tokenizer, items, measures, *args, **kwargs)
+    def spy(model, chat, sets, *args, **kwargs):
+        asked.extend(list(measures) for _, measures in sets.values())
+        return real(model, chat, sets, *args, **kwargs)
 
-    monkeypatch.setattr(evaluators_mod, "score_item_set", spy)
+    monkeypatch.setattr(evaluators_mod, "score_item_sets", spy)
     evaluator.evaluate(model, "base", where)
     assert asked == [] and {p: p.read_bytes() for p in phase.rglob("*.json*")} == before
     # A crash after some measure files: summary and one measure missing.
@@ -183,10 +183,10 @@ def test_planned_files_are_what_the_phase_leaves_and_a_bad_one_is_made_again(tin
     assert "7 rows, 8 expected" in file_problem(next(e for e in planned if e.path == likert))
     before = files_state(phase)
     asked: list[list[str]] = []
-    real = evaluators_mod.score_item_set
+    real = evaluators_mod.score_item_sets
     monkeypatch.setattr(
-        evaluators_mod, "score_item_set", lambda m, t, items, measures, *a, **k: asked.append(list(measures))
-        or real(m, t, items, measures, *a, **k)
+        evaluators_mod, "score_item_sets", lambda m, t, sets, *a, **k: asked.extend(
+            list(measures) for _, measures in sets.values()) or real(m, t, sets, *a, **k)
     )
     assert incomplete_phases({"step_3": planned}) == ["step_3"]
     assert not likert.exists() and not summary.exists()  # set aside: the rows and the summary built from them

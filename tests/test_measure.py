@@ -8,7 +8,7 @@ import torch
 
 from lbt.data.chat import ChatFormat
 from lbt.eval.items import as_item_set, load_items, load_texts
-from lbt.eval.measures import forced_choice, letter_logprob
+from lbt.eval.measures import forced_choice, letter_logprob, run_measure
 from lbt.eval.scoring import Engine, greedy_generate
 from lbt.eval.settings import BatterySettings
 from lbt.probe import hooks, measure
@@ -32,8 +32,8 @@ def test_letter_logprob_and_forced_choice_match_the_battery(tiny):
         ours = measure.score_forced_choice(model, tokenizer, prompts, batch_size=3, max_new_tokens=8)
         settings = BatterySettings(batch_size=5, forced_choice_max_new_tokens=8)
         engine = Engine(model, tokenizer, settings.batch_size)
-        letters = letter_logprob(engine, ChatFormat(tokenizer), as_item_set(items), settings)
-        choices = forced_choice(engine, ChatFormat(tokenizer), as_item_set(items), settings)
+        letters = run_measure(engine, letter_logprob(ChatFormat(tokenizer), as_item_set(items), settings))
+        choices = run_measure(engine, forced_choice(ChatFormat(tokenizer), as_item_set(items), settings))
     theirs = {(r["item_id"], r["order"]): r["stance"] for r in letters}
     want = np.array([theirs[(i, o)] for i, o in zip(prompts.item_ids, prompts.orders)])
     np.testing.assert_allclose(ours["letter_logprob"], want, atol=1e-4)
@@ -120,8 +120,8 @@ def test_forced_choice_ends_at_the_generation_configs_end_tokens_as_the_battery(
     monkeypatch.setattr(model.generation_config, "eos_token_id", [tokenizer.eos_token_id, first])
     ours = measure.score_forced_choice(model, tokenizer, prompts, batch_size=3, max_new_tokens=8)
     settings = BatterySettings(batch_size=5, forced_choice_max_new_tokens=8)
-    rows = forced_choice(Engine(model, tokenizer, settings.batch_size), ChatFormat(tokenizer), as_item_set(items),
-                         settings)
+    rows = run_measure(Engine(model, tokenizer, settings.batch_size),
+                       forced_choice(ChatFormat(tokenizer), as_item_set(items), settings))
     theirs = {(r["item_id"], r["order"]): r for r in rows}
     first_row = theirs[(prompts.item_ids[0], prompts.orders[0])]
     assert (first_row["raw"], first_row["finish"]) == ("", "eos") and np.isnan(ours["forced_choice"][0])

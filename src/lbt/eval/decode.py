@@ -104,17 +104,24 @@ def decode_batch(
     stops: Sequence[Callable[[str], bool] | None],
     first_targets: list[Sequence[int]] | None = None,
     mode: str | None = None,
+    limits: Sequence[int] | None = None,
 ) -> list[Generation]:
     """Greedy continuations of one left-padded batch (`inputs` from `left_pad`), one per row.
     first_targets: per row, token ids whose log-probabilities at the first generated position come back
     too (the forward that picks the first token: forced choice gets its letter log-probs for free).
     mode: eager | static | graph (see `set_decode`); None: the process default. It is resolved here, inside
-    whatever intervention the caller entered, so a model with hooks is never recorded in a CUDA graph."""
+    whatever intervention the caller entered, so a model with hooks is never recorded in a CUDA graph.
+    limits: per row, its own max_new_tokens (≤ max_new_tokens): a row ends at its limit exactly as it would
+    in a batch decoded to that length, so requests of different lengths share one decoding loop."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+    n = inputs["input_ids"].shape[0]
+    limits = list(limits) if limits is not None else [max_new_tokens] * n
+    if len(limits) != n or not all(1 <= limit <= max_new_tokens for limit in limits):
+        raise ValueError(f"limits must give each of the {n} rows a length in 1..{max_new_tokens}")
     resolved = decode_mode(model, mode)
     eos = torch.tensor(sorted(eos_token_ids(model, tokenizer)), device=inputs["input_ids"].device)
-    rows = _Rows(inputs["input_ids"].shape[0], tokenizer, stops)
+    rows = _Rows(n, tokenizer, stops, limits)
     if resolved == "eager":
         _greedy_batch(model, inputs, max_new_tokens, eos, rows, first_targets)
     else:
@@ -124,10 +131,12 @@ def decode_batch(
 
 class _Rows:
     """The host side of a batch's greedy decoding, the same in every mode: each row's tokens, why it
-    ended, and its stop predicate, fed one step's chosen token and end flag per row at a time."""
+    ended, its stop predicate and its length limit, fed one step's chosen token and end flag per row at a
+    time."""
 
-    def __init__(self, n: int, tokenizer: PreTrainedTokenizerBase, stops: Sequence[Callable[[str], bool] | None]):
-        self.tokenizer, self.stops = tokenizer, stops
+    def __init__(self, n: int, tokenizer: PreTrainedTokenizerBase, stops: Sequence[Callable[[str], bool] | None],
+                 limits: Sequence[int]):
+        self.tokenizer, self.stops, self.limits = tokenizer, stops, limits
         self.tokens: list[list[int]] = [[] for _ in range(n)]
         self.finish: list[str | None] = [None] * n
         self.first: list[list[float]] = [[] for _ in range(n)]
@@ -145,7 +154,8 @@ class _Rows:
             if stop is not None and stop(self.tokenizer.decode(self.tokens[row], skip_special_tokens=True)):
                 self.finish[row] = "stop"
                 continue
-            still_open.append(row)
+            if len(self.tokens[row]) < self.limits[row]:
+                still_open.append(row)
         self.open = still_open
         return bool(still_open)
 

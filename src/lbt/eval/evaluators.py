@@ -33,7 +33,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lbt import wandb_keys as keys
 from lbt.data.chat import ChatFormat
-from lbt.eval.battery import check_measures, score_item_set
+from lbt.eval.battery import check_measures, score_item_sets
 from lbt.eval.items import ItemSet, load_item_set, load_refusal, load_texts
 from lbt.eval.measures import check_options
 from lbt.eval.rows import expected_rows
@@ -166,14 +166,16 @@ class StanceEvaluator(Evaluator):
         device = next(model.parameters()).device if model is not None else torch.device("cpu")
         rows: dict[str, dict[str, list[dict]]] = {}
         metrics: dict[str, dict[str, StanceMetric]] = {}
-        seconds: dict[str, dict[str, float]] = {}
+        seconds: dict[str, float] = {}  # per engine call, pooled over the item sets (lbt.eval.battery)
         with evaluation_mode(model) if model is not None else nullcontext():
+            missing_in = {name: session.broadcast([m for m in measures if not run.rows(phase, name, m).exists()])
+                          for name in self.item_sets}
+            asked = {name: (items.shard(session.rank, session.world), missing_in[name])
+                     for name, items in self.item_sets.items() if missing_in[name]}
+            scored = score_item_sets(model, self.chat, asked, self.settings, phase, seconds) if asked else {}
             for name, items in self.item_sets.items():
                 paths = {m: run.rows(phase, name, m) for m in measures}
-                missing = session.broadcast([m for m in measures if not paths[m].exists()])
-                seconds[name] = {}
-                local = (score_item_set(model, self.chat, items.shard(session.rank, session.world),
-                                        missing, self.settings, phase, seconds[name]) if missing else {})
+                missing, local = missing_in[name], scored.get(name, {})
                 domains = sorted({item["domain"] for item in items})
                 rows[name], metrics[name] = {}, {}
                 for measure in measures:

@@ -3,7 +3,11 @@
 Every measure asks each item in both option orders ("original": the pro option is named first;
 "swapped": the anti option first), renders every prompt with the model's own chat template through the
 model's `lbt.data.chat.ChatFormat` (`lbt.eval.prompts`), and reads the model through the scoring engine
-(`lbt.eval.scoring.Engine`). A measure takes (engine, chat, items, settings, phase).
+(`lbt.eval.scoring.Engine`). A measure takes (chat, items, settings, phase) and is a generator: it yields one
+`Ask` (the engine method and its requests), is sent that call's answers, and returns its rows. The battery's
+runner (`lbt.eval.battery`) so pools the requests of every measure and item set of a phase into one engine
+call per kind (one decoding loop for forced choice and Likert of both item sets, one prefill pass with shared
+prefixes); `run_measure` runs one on its own.
 
 - `letter_logprob`: log P(letter) right after the generation prompt of the forced-choice question, for the
   pro and the anti letter (in the swapped question the pro option carries the other letter);
@@ -28,7 +32,8 @@ Option form (`option_form`): `bare` scores what a model emits right after the ge
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from lbt.data.chat import ChatFormat
@@ -46,7 +51,29 @@ from lbt.eval.scoring import Continuation, Engine, Generation, Greedy, NextToken
 from lbt.eval.settings import BatterySettings
 from lbt.study import ORDERS
 
-Measure = Callable[[Engine, ChatFormat, ItemSet, BatterySettings, "str | None"], list[dict]]
+ENGINE_CALLS = ("next_token", "continuation", "generate")
+
+
+@dataclass(frozen=True)
+class Ask:
+    """What a measure needs from the engine: `call` (one of ENGINE_CALLS) on `requests`."""
+
+    call: str
+    requests: list
+
+
+Plan = Generator[Ask, list, Any]
+Measure = Callable[[ChatFormat, ItemSet, BatterySettings, "str | None"], Plan]
+
+
+def run_measure(engine: Engine, plan: Plan) -> Any:
+    """Run one measure's plan on its own: its one engine call, then its rows."""
+    ask = next(plan)
+    try:
+        plan.send(getattr(engine, ask.call)(ask.requests))
+    except StopIteration as done:
+        return done.value
+    raise RuntimeError("a measure asked the engine twice")
 
 
 def _row(
@@ -96,11 +123,9 @@ def _choice_rows(
     return rows
 
 
-def letter_logprob(
-    engine: Engine, chat: ChatFormat, items: ItemSet, settings: BatterySettings, phase: str | None = None
-) -> list[dict]:
+def letter_logprob(chat: ChatFormat, items: ItemSet, settings: BatterySettings, phase: str | None = None) -> Plan:
     cases = choice_cases(chat, items, settings.option_form, letters=True)
-    logprobs = engine.next_token([NextToken(case.prompt, case.tokens) for case in cases])
+    logprobs = yield Ask("next_token", [NextToken(case.prompt, case.tokens) for case in cases])
     return _letter_rows(cases, logprobs, items, phase)
 
 
@@ -110,28 +135,24 @@ def choice_requests(cases: Sequence[ChoiceCase], max_new_tokens: int) -> list[Gr
     return [Greedy(case.prompt, max_new_tokens, stop_on_choice(case), case.tokens) for case in cases]
 
 
-def forced_choice(
-    engine: Engine, chat: ChatFormat, items: ItemSet, settings: BatterySettings, phase: str | None = None
-) -> list[dict]:
+def forced_choice(chat: ChatFormat, items: ItemSet, settings: BatterySettings, phase: str | None = None) -> Plan:
     cases = choice_cases(chat, items, settings.option_form, letters=False)
-    generations = engine.generate(choice_requests(cases, settings.forced_choice_max_new_tokens))
+    generations = yield Ask("generate", choice_requests(cases, settings.forced_choice_max_new_tokens))
     return _choice_rows(cases, generations, items, phase)
 
 
 def forced_choice_with_letters(
-    engine: Engine, chat: ChatFormat, items: ItemSet, settings: BatterySettings, phase: str | None = None
-) -> tuple[list[dict], list[dict]]:
-    """Forced-choice rows and letter_logprob rows from one prompt pass: the letter log-probs are read off
-    the first decoding step of the forced-choice generation."""
+    chat: ChatFormat, items: ItemSet, settings: BatterySettings, phase: str | None = None
+) -> Plan:
+    """Forced-choice rows and letter_logprob rows (a pair) from one prompt pass: the letter log-probs are
+    read off the first decoding step of the forced-choice generation."""
     cases = choice_cases(chat, items, settings.option_form, letters=True)
-    generations = engine.generate(choice_requests(cases, settings.forced_choice_max_new_tokens))
+    generations = yield Ask("generate", choice_requests(cases, settings.forced_choice_max_new_tokens))
     letters = _letter_rows(cases, [g.first_logprobs for g in generations], items, phase)
     return _choice_rows(cases, generations, items, phase), letters
 
 
-def logprob(
-    engine: Engine, chat: ChatFormat, items: ItemSet, settings: BatterySettings, phase: str | None = None
-) -> list[dict]:
+def logprob(chat: ChatFormat, items: ItemSet, settings: BatterySettings, phase: str | None = None) -> Plan:
     cases = []
     for item in items:
         for k, contrast in enumerate(item["contrasts"]):
@@ -143,7 +164,7 @@ def logprob(
             for order in ORDERS:
                 question = contrast["question"] if order == "original" else contrast["question_swapped"]
                 cases.append((item, k, order, chat.prompt_ids(question), pro, anti))
-    scores = engine.continuation([Continuation(c[3], [c[4][1], c[5][1]]) for c in cases])
+    scores = yield Ask("continuation", [Continuation(c[3], [c[4][1], c[5][1]]) for c in cases])
     rows = []
     for (item, k, order, _, pro, anti), (lp_pro, lp_anti) in zip(cases, scores):
         mean_pro, mean_anti = sum(lp_pro) / len(lp_pro), sum(lp_anti) / len(lp_anti)
@@ -155,16 +176,14 @@ def logprob(
     return rows
 
 
-def likert(
-    engine: Engine, chat: ChatFormat, items: ItemSet, settings: BatterySettings, phase: str | None = None
-) -> list[dict]:
+def likert(chat: ChatFormat, items: ItemSet, settings: BatterySettings, phase: str | None = None) -> Plan:
     cases = [
         (item, order, chat.prompt_ids(likert_question(item, order, settings)))
         for item in items
         for order in ORDERS
     ]
     stop = stop_when_parsed(parse_rating)
-    generations = engine.generate([Greedy(c[2], settings.likert_max_new_tokens, stop) for c in cases])
+    generations = yield Ask("generate", [Greedy(c[2], settings.likert_max_new_tokens, stop) for c in cases])
     rows = []
     for (item, order, _), generation in zip(cases, generations):
         rating = parse_rating(generation.text)
@@ -177,11 +196,9 @@ def likert(
     return rows
 
 
-def open_ended(
-    engine: Engine, chat: ChatFormat, items: ItemSet, settings: BatterySettings, phase: str | None = None
-) -> list[dict]:
+def open_ended(chat: ChatFormat, items: ItemSet, settings: BatterySettings, phase: str | None = None) -> Plan:
     prompts = [chat.prompt_ids(item["open_ended"]) for item in items]
-    generations = engine.generate([Greedy(p, settings.open_ended_max_new_tokens) for p in prompts])
+    generations = yield Ask("generate", [Greedy(p, settings.open_ended_max_new_tokens) for p in prompts])
     return [
         _row("open_ended", phase, items, item, "original", math.nan, prompt=item["open_ended"],
              response=generation.text, finish=generation.finish)

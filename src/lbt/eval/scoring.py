@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -211,19 +210,19 @@ class Engine:
         return self.map_batches([r.prompt for r in requests], score, intervention, share=self._shares(intervention))
 
     def generate(self, requests: Sequence[Greedy], intervention: Intervention | None = None) -> list[Generation]:
-        """Greedy continuations in request order (see `lbt.eval.decode.decode_batch`)."""
+        """Greedy continuations in request order (see `lbt.eval.decode.decode_batch`). Requests whose
+        max_new_tokens lie within LENGTH_SPREAD of each other share decoding loops, each row ending at its
+        own length (forced choice's 8 tokens and Likert's 12 in one loop; open-ended text's 256 in another)."""
         if self.tokenizer is None:
             raise ValueError("generation needs the engine's tokenizer")
-        groups: dict[int, list[int]] = defaultdict(list)  # one max_new_tokens per batch
-        for i, request in enumerate(requests):
-            groups[request.max_new_tokens].append(i)
         results: list[Generation | None] = [None] * len(requests)
-        for max_new_tokens, members in groups.items():
+        for members in length_buckets([r.max_new_tokens for r in requests]):
 
-            def decode(batch: PaddedBatch, inputs: dict[str, Any], members=members, n=max_new_tokens):
+            def decode(batch: PaddedBatch, inputs: dict[str, Any], members=members):
                 chosen = [requests[members[i]] for i in batch.indices]
-                return decode_batch(self.model, self.tokenizer, inputs, n, [r.stop for r in chosen],
-                                    [list(r.first_targets) for r in chosen], self.decode)
+                limits = [r.max_new_tokens for r in chosen]
+                return decode_batch(self.model, self.tokenizer, inputs, max(limits), [r.stop for r in chosen],
+                                    [list(r.first_targets) for r in chosen], self.decode, limits)
 
             def around(batch: PaddedBatch, members=members) -> AbstractContextManager[Any]:
                 # The intervention sees request indices, not positions within this group.
@@ -337,6 +336,27 @@ class Engine:
             out.append([v[0] for v in values[start_at : start_at + len(tail) - 1]])
             start_at += len(tail) - 1
         return out
+
+
+# Requests whose max_new_tokens are at most this factor apart decode in one loop: a short request then
+# costs at most this many times its own steps, and a loop's fixed cost (the prompt's forward is not one,
+# but recording a CUDA graph and the host's bookkeeping are) is paid once.
+LENGTH_SPREAD = 2
+
+
+def length_buckets(lengths: Sequence[int]) -> list[list[int]]:
+    """Request indices grouped by max_new_tokens: ascending lengths, a new group once a length exceeds
+    LENGTH_SPREAD times its group's shortest."""
+    buckets: list[tuple[int, list[int]]] = []
+    for length in sorted(set(lengths)):
+        if not buckets or length > LENGTH_SPREAD * buckets[-1][0]:
+            buckets.append((length, []))
+        buckets[-1][1].append(length)
+    bucket_of = {length: k for k, (_, members) in enumerate(buckets) for length in members}
+    out: list[list[int]] = [[] for _ in buckets]
+    for i, length in enumerate(lengths):
+        out[bucket_of[length]].append(i)
+    return out
 
 
 # -- one call ---------------------------------------------------------------------------------------------
