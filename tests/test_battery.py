@@ -107,6 +107,7 @@ def test_a_phase_pools_its_item_sets_and_measures_into_few_engine_calls(tiny_eva
     """Two item sets, asked different measures, in one call: the same rows as each set scored alone; forced
     choice and Likert of both sets decode in one loop (their lengths are within LENGTH_SPREAD), open-ended
     text in its own, and each engine call's seconds are kept under the measures it served."""
+    from lbt.eval import battery as battery_mod
     from lbt.eval import scoring
     from lbt.eval.battery import score_item_sets
 
@@ -131,6 +132,18 @@ def test_a_phase_pools_its_item_sets_and_measures_into_few_engine_calls(tiny_eva
         for measure in measures:
             _compare(pooled[name][measure], alone[measure], measure)
             assert {r["item_set"] for r in pooled[name][measure]} == {name}
+    # hardware.fast.pool_measures=false: one engine call per measure and item set, the same rows.
+    loops.clear()
+    battery_mod.set_pool_measures(False)
+    try:
+        unpooled = score_item_sets(model, chat, asked, settings, "base")
+    finally:
+        battery_mod.set_pool_measures(None)
+    assert sorted(loops) == sorted([(2 * len(items), 5), (2 * len(other), 5), (2 * len(items), 8),
+                                    (2 * len(other), 8), (len(items), 20)])
+    for name, (_, measures) in asked.items():
+        for measure in measures:
+            _compare(unpooled[name][measure], pooled[name][measure], measure)
 
 
 def test_letter_logprob_is_oriented_to_the_pro_option(tiny_eval, items):

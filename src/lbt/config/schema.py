@@ -134,6 +134,7 @@ class Fast:
     compile_cache: bool = True  # compiled layers cached in <paths.cache_dir>/inductor, shared by a sweep's jobs
     decode: Annotated[str, one_of(*DECODE_MODES)] | None = None   # null: graph on a GPU, eager on a CPU
     share_base: bool = False  # the base phase evaluated once per sweep (lbt.eval.base_cache); on in hardware=gpu
+    pool_measures: bool = True  # a phase's measures and item sets in one engine call per kind (lbt.eval.battery)
     share_prefix: bool = False  # prompts that open alike run their common prefix once (lbt.eval.prefix); on in hardware=gpu
 
 

@@ -33,6 +33,17 @@ def check_measures(measures: Iterable[str]) -> list[str]:
     return measures
 
 
+# Whether a phase's asks are pooled into few engine calls (`hardware.fast.pool_measures`, set_pool_measures);
+# off, every measure of every item set makes its own call, as before the pooling.
+_POOL = True
+
+
+def set_pool_measures(on: bool | None) -> None:
+    """Pool a phase's measures and item sets into few engine calls (True; None: the default, True) or not."""
+    global _POOL
+    _POOL = True if on is None else bool(on)
+
+
 def score_item_set(
     model: torch.nn.Module,
     chat: ChatFormat,
@@ -105,7 +116,10 @@ def score_item_sets(
 
 def _engine_calls(asks: Sequence[Ask]) -> list[list[int]]:
     """Indices of the asks answered by one engine call: one call per kind, and generation split where
-    `Engine.generate` would decode in separate loops anyway (so each call's time is its own loop's)."""
+    `Engine.generate` would decode in separate loops anyway (so each call's time is its own loop's); one
+    call per ask when pooling is off."""
+    if not _POOL:
+        return [[k] for k in range(len(asks))]
     calls: dict[tuple[str, int], list[int]] = {}
     generation = [k for k, ask in enumerate(asks) if ask.call == "generate"]
     loop_of = {}
