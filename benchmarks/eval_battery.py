@@ -107,29 +107,24 @@ def differences(battery: dict[str, list[dict]], reference: dict[str, list[dict]]
 
 
 def profile(model, chat, items, measures: list[str], settings: BatterySettings, device: str, label: str) -> dict:
-    """Per measure (forced choice with its letters as one): wall time, the time GPU kernels and copies ran
-    (torch.profiler), and, from a second run under cProfile, the host functions with most own time. A
-    measure whose GPU time is far below its wall time is bound by the host."""
+    """Per measure (forced choice with its letters as one): wall time, then, from a second run under
+    cProfile, the host functions with most own time. A call that copies to the GPU from pageable memory or
+    reads a result (`torch.tensor(..., device=...)`, `.tolist()`, an event's synchronize) also waits there
+    for the GPU's queued work, so its own time is the GPU's as much as the host's."""
     import cProfile
     import io
     import pstats
-
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
 
     parts = [[m for m in ("letter_logprob", "forced_choice") if m in measures]]
     parts += [[m] for m in measures if m not in ("letter_logprob", "forced_choice")]
     out = {}
     for part in filter(None, parts):
         name = "+".join(part)
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
         synchronize(device)
         started = time.perf_counter()
-        with torch_profile(activities=activities) as prof:
-            score_item_set(model, chat, items, part, settings)
-            synchronize(device)
+        score_item_set(model, chat, items, part, settings)
+        synchronize(device)
         wall = time.perf_counter() - started
-        gpu = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
         host = cProfile.Profile()
         host.enable()
         score_item_set(model, chat, items, part, settings)
@@ -138,10 +133,9 @@ def profile(model, chat, items, measures: list[str], settings: BatterySettings, 
         text = io.StringIO()
         pstats.Stats(host, stream=text).sort_stats("tottime").print_stats(12)
         top = [line for line in text.getvalue().splitlines() if line.strip()][-12:]
-        print(f"profile ({label}) {name}: wall {wall:.3f} s (under the profiler), GPU busy {gpu:.3f} s "
-              f"({100 * gpu / wall:.0f} %); host functions by own time (cProfile):")
+        print(f"profile ({label}) {name}: wall {wall:.3f} s alone; host functions by own time (cProfile):")
         print("\n".join("    " + line for line in top))
-        out[name] = {"wall_s": wall, "gpu_busy_s": gpu, "host_top": top}
+        out[name] = {"wall_s": wall, "host_top": top}
     return out
 
 
@@ -168,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--share-prefix", nargs="+", default=[None], choices=["off", "on"],
                         help="prefix sharing settings to time in turn, after each decode mode (default: off)")
     parser.add_argument("--profile", action="store_true",
-                        help="after timing, profile each variant per measure: wall vs GPU busy time, top host functions")
+                        help="after timing, profile each variant per measure: wall time and the top host functions")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.threads:
