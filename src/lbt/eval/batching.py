@@ -52,6 +52,18 @@ def output_cache(output: Any) -> Any:
     return cache if cache is not None else output.past_key_values
 
 
+def attention_kinds(config: Any) -> set[str]:
+    """The attention kinds of a model's decoder layers ("full_attention" unless the config lists others, e.g.
+    "sliding_attention")."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return set(getattr(text, "layer_types", None) or ["full_attention"])
+
+
+def has_forward_hooks(model: torch.nn.Module) -> bool:
+    """Whether any submodule has a forward hook or pre-hook (probe capture, steering, patching)."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
 def base_model_of(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model inside a peft wrapper (the model itself otherwise)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -22,7 +22,14 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from lbt.choices import DECODE_MODES
-from lbt.eval.batching import cache_kwargs, eos_token_ids, gather_logprobs, model_device, output_cache
+from lbt.eval.batching import (
+    cache_kwargs,
+    eos_token_ids,
+    gather_logprobs,
+    has_forward_hooks,
+    model_device,
+    output_cache,
+)
 from lbt.eval.static_decode import greedy_batch_static, static_unsupported
 
 log = logging.getLogger(__name__)
@@ -83,7 +90,7 @@ def decode_mode(model: torch.nn.Module, mode: str | None = None) -> str:
         return "eager"
     if chosen == "graph" and device.type != "cuda":
         return "static"
-    if chosen == "graph" and any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+    if chosen == "graph" and has_forward_hooks(model):
         # A hook's Python runs once, while the graph is recorded (e.g. a probe intervention's on/off
         # predicate or position offsets); uncaptured steps run it every step.
         _log_once("decode=graph: the model has forward hooks; decoding static steps without a CUDA graph")

@@ -29,7 +29,14 @@ from typing import Any
 
 import torch
 
-from lbt.eval.batching import base_model_of, cache_kwargs, left_pad, output_cache
+from lbt.eval.batching import (
+    attention_kinds,
+    base_model_of,
+    cache_kwargs,
+    has_forward_hooks,
+    left_pad,
+    output_cache,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +59,7 @@ def share_prefix_default() -> bool:
 
 def sharing_unsupported(model: torch.nn.Module) -> str | None:
     """Why prompts of this model cannot share prefixes, or None."""
-    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+    if has_forward_hooks(model):
         return "the model has forward hooks (they would see the prompts split in two)"
     config = getattr(base_model_of(model), "config", None)
     if config is None:
@@ -60,10 +67,8 @@ def sharing_unsupported(model: torch.nn.Module) -> str | None:
     attention = getattr(config, "_attn_implementation", None)
     if attention not in ("sdpa", "eager"):
         return f"attention {attention!r} (prefix sharing passes padded masks: sdpa or eager only)"
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    layer_types = set(getattr(text, "layer_types", None) or ["full_attention"])
-    if layer_types != {"full_attention"}:
-        return f"layer types {sorted(layer_types)} (a sliding window counts columns, which pads shift)"
+    if attention_kinds(config) != {"full_attention"}:
+        return f"layer types {sorted(attention_kinds(config))} (a sliding window counts columns, which pads shift)"
     return None
 
 

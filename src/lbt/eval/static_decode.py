@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers import __version__ as transformers_version
 
-from lbt.eval.batching import base_model_of, cache_kwargs, gather_logprobs, output_cache
+from lbt.eval.batching import attention_kinds, base_model_of, cache_kwargs, gather_logprobs, output_cache
 
 
 def static_unsupported(model: torch.nn.Module) -> str | None:
@@ -39,10 +39,8 @@ def static_unsupported(model: torch.nn.Module) -> str | None:
         return "quantized weights"
     if getattr(config, "_attn_implementation", None) != "sdpa":
         return f"attention {getattr(config, '_attn_implementation', None)!r} (static decoding passes sdpa masks)"
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    layer_types = set(getattr(text, "layer_types", None) or ["full_attention"])
-    if layer_types != {"full_attention"}:
-        return f"layer types {sorted(layer_types)} (static decoding masks full attention only)"
+    if attention_kinds(config) != {"full_attention"}:
+        return f"layer types {sorted(attention_kinds(config))} (static decoding masks full attention only)"
     return None
 
 
