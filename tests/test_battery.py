@@ -387,3 +387,17 @@ def test_out_of_memory_at_one_prompt_is_raised(tiny_eval, monkeypatch):
     with pytest.raises(torch.cuda.OutOfMemoryError):
         score_item_set(model, ChatFormat(tokenizer), as_item_set(make_items(1), "t"), ["likert"], settings)
     assert settings.batch_size == 1
+
+
+def test_a_plan_that_asks_the_engine_twice_is_refused():
+    from lbt.eval.measures import Ask, finish
+
+    def greedy_plan():
+        yield Ask("next_token", [])
+        yield Ask("next_token", [])
+        return []
+
+    plan = greedy_plan()
+    next(plan)
+    with pytest.raises(RuntimeError, match="asked the engine twice"):
+        finish(plan, [])

@@ -17,7 +17,7 @@ import torch
 
 from lbt.data.chat import ChatFormat
 from lbt.eval.items import ItemSet
-from lbt.eval.measures import MEASURE_FUNCTIONS, Ask, Plan, forced_choice_with_letters
+from lbt.eval.measures import MEASURE_FUNCTIONS, Ask, Plan, finish, forced_choice_with_letters
 from lbt.eval.scoring import Engine, length_buckets
 from lbt.eval.settings import BatterySettings, MeasureError
 from lbt.study import MEASURES
@@ -99,12 +99,7 @@ def score_item_sets(
             start = 0
             for k in members:
                 size = len(asks[k].requests)
-                try:
-                    units[k][2].send(answers[start:start + size])
-                except StopIteration as done:
-                    results[k] = done.value
-                else:
-                    raise RuntimeError(f"measure {units[k][1]} asked the engine twice")
+                results[k] = finish(units[k][2], answers[start:start + size])
                 start += size
     finally:
         settings.batch_size = engine.batch_size

@@ -51,12 +51,11 @@ from lbt.eval.scoring import Continuation, Engine, Generation, Greedy, NextToken
 from lbt.eval.settings import BatterySettings
 from lbt.study import ORDERS
 
-ENGINE_CALLS = ("next_token", "continuation", "generate")
-
 
 @dataclass(frozen=True)
 class Ask:
-    """What a measure needs from the engine: `call` (one of ENGINE_CALLS) on `requests`."""
+    """What a measure needs from the engine: the method `call` (next_token, continuation or generate) on
+    `requests`."""
 
     call: str
     requests: list
@@ -66,14 +65,19 @@ Plan = Generator[Ask, list, Any]
 Measure = Callable[[ChatFormat, ItemSet, BatterySettings, "str | None"], Plan]
 
 
-def run_measure(engine: Engine, plan: Plan) -> Any:
-    """Run one measure's plan on its own: its one engine call, then its rows."""
-    ask = next(plan)
+def finish(plan: Plan, answers: list) -> Any:
+    """Send a plan the answers to its one ask; its rows (a plan that asks again is a bug in the measure)."""
     try:
-        plan.send(getattr(engine, ask.call)(ask.requests))
+        plan.send(answers)
     except StopIteration as done:
         return done.value
     raise RuntimeError("a measure asked the engine twice")
+
+
+def run_measure(engine: Engine, plan: Plan) -> Any:
+    """Run one measure's plan on its own: its one engine call, then its rows."""
+    ask = next(plan)
+    return finish(plan, getattr(engine, ask.call)(ask.requests))
 
 
 def _row(
