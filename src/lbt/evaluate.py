@@ -130,15 +130,12 @@ def output_directory(cfg: DictConfig) -> Path:
 
 
 def load_evaluated_model(cfg: DictConfig, tokenizer, adapter: Path | None) -> torch.nn.Module:
-    from lbt.eval.battery import set_pool_measures
-    from lbt.eval.scoring import set_decode, set_share_prefix
+    from lbt.eval.battery import apply_fast_settings
     from lbt.model.load import resolve_dtype
 
     dtype = resolve_dtype(cfg.model.dtype or cfg.hardware.dtype)
     device = "cuda" if cfg.hardware.accelerator == "gpu" else "cpu"
-    set_decode(cfg.hardware.fast.get("decode"))  # how greedy decoding runs (lbt.eval.scoring)
-    set_share_prefix(cfg.hardware.fast.get("share_prefix"))  # whether shared prompt openings run once
-    set_pool_measures(cfg.hardware.fast.get("pool_measures"))  # whether a phase's measures share engine calls
+    apply_fast_settings(cfg.hardware.fast)  # how evaluation decodes, shares prompt openings and pools calls
     model = load_model(cfg.model, tokenizer, dtype, device=device)
     if adapter is not None:
         from peft import PeftModel

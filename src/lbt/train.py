@@ -194,8 +194,7 @@ def run_job(cfg: DictConfig, run: RunDir, card: dict[str, Any]) -> dict[str, Any
     from lbt.data.chat import ChatFormat
     from lbt.data.datamodule import CorpusDataModule
     from lbt.eval.base_cache import BaseCache
-    from lbt.eval.battery import set_pool_measures
-    from lbt.eval.scoring import set_decode, set_share_prefix
+    from lbt.eval.battery import apply_fast_settings
     from lbt.loggers import build_logger
     from lbt.model.load import resolve_dtype
     from lbt.model.lora import compile_decoder_layers
@@ -230,9 +229,7 @@ def run_job(cfg: DictConfig, run: RunDir, card: dict[str, Any]) -> dict[str, Any
     evaluators = job_evaluators(cfg, chat)
     callbacks = job_callbacks(cfg, chat)
     fast = cfg.hardware.fast
-    set_decode(fast.get("decode"))  # how evaluation's greedy decoding runs (lbt.eval.scoring)
-    set_share_prefix(fast.get("share_prefix"))  # whether evaluation runs shared prompt openings once
-    set_pool_measures(fast.get("pool_measures"))  # whether a phase's measures share engine calls
+    apply_fast_settings(fast)  # how evaluation decodes, shares prompt openings and pools its engine calls
     data = CorpusDataModule(
         corpus["path"], chat, seed=int(cfg.seed), max_length=int(cfg.train.max_length),
         effective_batch=int(cfg.train.effective_batch), micro_batch=int(cfg.train.micro_batch),

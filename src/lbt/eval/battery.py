@@ -18,7 +18,7 @@ import torch
 from lbt.data.chat import ChatFormat
 from lbt.eval.items import ItemSet
 from lbt.eval.measures import MEASURE_FUNCTIONS, Ask, Plan, finish, forced_choice_with_letters
-from lbt.eval.scoring import Engine, length_buckets
+from lbt.eval.scoring import Engine, length_buckets, set_decode, set_share_prefix
 from lbt.eval.settings import BatterySettings, MeasureError
 from lbt.study import MEASURES
 
@@ -42,6 +42,15 @@ def set_pool_measures(on: bool | None) -> None:
     """Pool a phase's measures and item sets into few engine calls (True; None: the default, True) or not."""
     global _POOL
     _POOL = True if on is None else bool(on)
+
+
+def apply_fast_settings(fast: Mapping[str, Any]) -> None:
+    """The process-wide evaluation settings of `hardware.fast`: how greedy decoding runs (`decode`),
+    whether shared prompt openings run once (`share_prefix`) and whether a phase's measures share engine
+    calls (`pool_measures`). `lbt.train` and `lbt.evaluate` apply them before any scoring."""
+    set_decode(fast.get("decode"))
+    set_share_prefix(fast.get("share_prefix"))
+    set_pool_measures(fast.get("pool_measures"))
 
 
 def score_item_set(

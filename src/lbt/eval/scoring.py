@@ -59,7 +59,8 @@ from lbt.eval.decode import DECODE_MODES, Generation, decode_batch, set_decode
 from lbt.eval.prefix import set_share_prefix
 
 # The engine's settings travel with it: `lbt.config` checks `hardware.fast.decode` against DECODE_MODES, and
-# `lbt.train` / `lbt.evaluate` apply it with set_decode and `hardware.fast.share_prefix` with set_share_prefix.
+# `lbt.train` / `lbt.evaluate` apply it and `hardware.fast.share_prefix` through
+# lbt.eval.battery.apply_fast_settings (set_decode, set_share_prefix).
 __all__ = [
     "DECODE_MODES",
     "OPTION_FORMS",
@@ -216,6 +217,7 @@ class Engine:
         if self.tokenizer is None:
             raise ValueError("generation needs the engine's tokenizer")
         results: list[Generation | None] = [None] * len(requests)
+        share = self._shares(intervention)
         for members in length_buckets([r.max_new_tokens for r in requests]):
 
             def decode(batch: PaddedBatch, inputs: dict[str, Any], members=members):
@@ -229,7 +231,6 @@ class Engine:
                 return (intervention or no_intervention)(PaddedBatch([members[i] for i in batch.indices], batch.width))
 
             prompts = [requests[i].prompt for i in members]
-            share = self._shares(intervention)
             for i, generation in zip(members, self.map_batches(prompts, decode, None if share else around,
                                                                share=share)):
                 results[i] = generation
