@@ -46,7 +46,8 @@ def corpus_examples(tokenizer, max_length: int, target: int) -> list:
     return [examples[i % len(examples)] for i in range(target)]
 
 
-def build(model_cfg, tokenizer, device, lora_cfg, adapters: str, compile_layers: bool):
+def build(model_cfg, tokenizer, device, lora_cfg, adapters: str, compile_layers: bool,
+          compiled_rng: bool = False):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = load_model(model_cfg, tokenizer, dtype, device=device)
     model = wrap_lora(model, lora_cfg, adapters=adapters)
@@ -56,6 +57,10 @@ def build(model_cfg, tokenizer, device, lora_cfg, adapters: str, compile_layers:
             torch.nn.init.normal_(p, std=0.02)
     if compile_layers:
         compile_decoder_layers(model)
+        if compiled_rng:  # inductor's own dropout RNG instead of eager's (compiling is lazy: takes effect)
+            import torch._inductor.config as inductor_config
+
+            inductor_config.fallback_random = False
     model.train()
     return model
 
@@ -73,7 +78,8 @@ def run_path(name, model, steps_batches, device, lr, ce_chunk, warmup, autocast=
         total = 0.0
         prof = None
         if profile and i == len(steps_batches) - 1:
-            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                      torch.profiler.ProfilerActivity.CUDA])
             prof.__enter__()
         for micro in batches:
             micro = {k: v.to(device) for k, v in micro.items()}
@@ -93,7 +99,7 @@ def run_path(name, model, steps_batches, device, lr, ce_chunk, warmup, autocast=
         dt = time.perf_counter() - t0
         if prof is not None:
             prof.__exit__(None, None, None)
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+            print_profile(prof, dt)
         losses.append(total / step_tokens)
         if i >= warmup:
             seconds += dt
@@ -102,6 +108,20 @@ def run_path(name, model, steps_batches, device, lr, ce_chunk, warmup, autocast=
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     return {"tokens_per_s": tokens / seconds if seconds else float("nan"), "losses": losses,
             "peak_mem_gib": peak, "timed_tokens": tokens, "timed_seconds": seconds}
+
+
+def print_profile(prof, wall_s: float) -> None:
+    """The step's kernels by device time, and how much of the step's wall the GPU was busy."""
+    from torch.autograd import DeviceType
+
+    averages = prof.key_averages()
+    print(averages.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70))
+    kernels = [e for e in averages if e.device_type == DeviceType.CUDA]
+    busy = sum(e.self_device_time_total for e in kernels) / 1e6
+    gemm = sum(e.self_device_time_total for e in kernels
+               if any(k in e.key.lower() for k in ("gemm", "nvjet", "cutlass", "sm90_xmma"))) / 1e6
+    print(f"  profiled step: wall {wall_s:.3f} s (profiler on), kernels {busy:.3f} s "
+          f"({busy / wall_s:.0%} of wall), GEMM kernels {gemm:.3f} s ({gemm / max(busy, 1e-9):.0%} of kernels)")
 
 
 def smoke_checks(model, model_cfg, tokenizer, device, lora_cfg, out_dir: Path) -> dict:
@@ -141,10 +161,13 @@ def main() -> None:
     ap.add_argument("--variants", default="mb16-eager",
                     help="lbt variants, comma-separated: mb<N> = length-sorted padded micro-batches of N, "
                          "pack<N> = packed rows of N tokens; suffixes: -bf16 or -fp32 adapters (default autocast), "
-                         "-eager (no compile), -fullce (supervised-only logits, no chunking)")
+                         "-eager (no compile), -fullce (supervised-only logits, no chunking), "
+                         "-irng (compiled dropout draws inductor's RNG, not eager's), "
+                         "-nodrop (LoRA dropout 0: the bound on what a faster dropout could gain)")
     ap.add_argument("--ce-chunk", type=int, default=4096)
     ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--profile", action="store_true", help="CUDA kernel profile of the last variant's last step")
+    ap.add_argument("--profile", action="store_true",
+                    help="kernel profile of the last variant's last step, and the share of its wall the GPU was busy")
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--out", default="/tmp/lbt-bench")
     args = ap.parse_args()
@@ -182,6 +205,7 @@ def main() -> None:
         adapters = "bf16" if "bf16" in flags else "fp32" if "fp32" in flags else "autocast"
         compile_layers = not args.no_compile and "eager" not in flags
         ce_chunk = 0 if "fullce" in flags else args.ce_chunk
+        variant_lora = OmegaConf.merge(lora_cfg, {"dropout": 0.0}) if "nodrop" in flags else lora_cfg
         size = int(layout.removeprefix("mb").removeprefix("pack"))
         packed = layout.startswith("pack")
         steps = [(sum(examples[j].n_supervised for j in m),
@@ -190,8 +214,8 @@ def main() -> None:
         del model
         torch.cuda.empty_cache() if args.device == "cuda" else None
         torch._dynamo.reset()
-        model = build(model_cfg, tokenizer, args.device, lora_cfg, adapters=adapters,
-                      compile_layers=compile_layers)
+        model = build(model_cfg, tokenizer, args.device, variant_lora, adapters=adapters,
+                      compile_layers=compile_layers, compiled_rng="irng" in flags)
         n_params = n_params or sum(p.numel() for p in model.parameters())
         print(f"lbt path {variant}", flush=True)
         results[f"lbt_{variant}"] = run_path("lbt", model, steps, args.device, float(train_cfg.lr),
