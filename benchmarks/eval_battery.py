@@ -38,6 +38,8 @@ reference's.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import math
 import platform
@@ -133,10 +135,43 @@ def profile(model, chat, items, measures: list[str], settings: BatterySettings, 
         text = io.StringIO()
         pstats.Stats(host, stream=text).sort_stats("tottime").print_stats(12)
         top = [line for line in text.getvalue().splitlines() if line.strip()][-12:]
-        print(f"profile ({label}) {name}: wall {wall:.3f} s alone; host functions by own time (cProfile):")
+        busy, collections = kernel_busy(model, chat, items, part, settings, device)
+        print(f"profile ({label}) {name}: wall {wall:.3f} s alone; GPU kernels {busy:.3f} s of a third run, "
+              f"which had {collections[0]} full garbage collections ({collections[1]:.3f} s); host functions by "
+              "own time (cProfile, second run):")
         print("\n".join("    " + line for line in top))
-        out[name] = {"wall_s": wall, "host_top": top}
+        out[name] = {"wall_s": wall, "host_top": top, "kernel_s": busy, "full_collections": collections}
     return out
+
+
+def kernel_busy(model, chat, items, part: list[str], settings: BatterySettings, device: str) -> tuple[float, tuple]:
+    """Seconds of GPU kernels in one run of `part` (0 on a CPU), and the (count, seconds) of the full
+    garbage collections Python ran meanwhile (each walks every live object: a pause of the host)."""
+
+    from torch.autograd import DeviceType
+
+    pauses, started = [], {}
+
+    def watch(phase, info):
+        if info["generation"] == 2:
+            if phase == "start":
+                started["at"] = time.perf_counter()
+            else:
+                pauses.append(time.perf_counter() - started["at"])
+
+    gc.callbacks.append(watch)
+    on_gpu = device.startswith("cuda")
+    profiler = (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) if on_gpu
+                else contextlib.nullcontext())
+    try:
+        with profiler as prof:
+            score_item_set(model, chat, items, part, settings)
+            synchronize(device)
+    finally:
+        gc.callbacks.remove(watch)
+    busy = (sum(e.self_device_time_total for e in prof.key_averages() if e.device_type == DeviceType.CUDA)
+            if on_gpu else 0.0)
+    return busy / 1e6, (len(pauses), sum(pauses))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -161,6 +196,10 @@ def main(argv: list[str] | None = None) -> dict:
                         help="greedy-decoding modes to time in turn (default: the device's default)")
     parser.add_argument("--share-prefix", nargs="+", default=[None], choices=["off", "on"],
                         help="prefix sharing settings to time in turn, after each decode mode (default: off)")
+    parser.add_argument("--gc", nargs="+", default=[None], choices=["normal", "frozen"],
+                        help="Python's garbage collector as is, or with the objects alive before the timed runs "
+                             "frozen (gc.freeze: no full collection walks them); frozen stays frozen, so list "
+                             "normal first")
     parser.add_argument("--profile", action="store_true",
                         help="after timing, profile each variant per measure: wall time and the top host functions")
     parser.add_argument("--json", type=Path, default=None)
@@ -196,11 +235,14 @@ def main(argv: list[str] | None = None) -> dict:
     }
     with evaluation_mode(model):
         by_mode: dict[str, dict] = {}
-        variants = [(mode, share) for mode in args.decode for share in args.share_prefix]
-        for mode, share in variants:
+        variants = [(mode, share, heap) for heap in args.gc for mode in args.decode for share in args.share_prefix]
+        for mode, share, heap in variants:
             set_decode(mode)
             set_share_prefix(share == "on")
-            label = " ".join(f"{k}={v}" for k, v in (("decode", mode), ("share_prefix", share)) if v)
+            if heap == "frozen" and not gc.get_freeze_count():
+                gc.collect()
+                gc.freeze()  # every object alive now (torch, transformers, the model, the items) skips full collections
+            label = " ".join(f"{k}={v}" for k, v in (("decode", mode), ("share_prefix", share), ("gc", heap)) if v)
             score_item_set(
                 model, chat, load_item_set(args.items, max_items=4), args.measures, settings
             )  # warm-up
