@@ -1,0 +1,91 @@
+"""Where a whole job's training steps go: a Lightning callback for `python -m lbt.train` (benchmarks only).
+
+    PYTHONPATH=benchmarks:$PYTHONPATH python -m lbt.train ... +callbacks.steps._target_=step_profile.StepProfile \
+        +callbacks.steps.profile_from=60 +callbacks.steps.profile_steps=2
+
+At the end of training it logs each step's wall time (the GPU synchronized at every step's start, so a
+step's time is its own), their median and spread, the steps that ran an evaluation phase or wrote a
+checkpoint (their time includes that work), Python's full garbage collections (count and seconds), and, for
+`profile_steps` steps from `profile_from` on, the GPU kernels' busy time against the wall and the top kernels
+and host operations. `benchmarks/train_throughput.py` times the same training step outside Lightning.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import statistics
+import time
+from typing import Any
+
+import lightning as L
+import torch
+
+log = logging.getLogger("step_profile")
+
+
+class StepProfile(L.Callback):
+    def __init__(self, profile_from: int = 60, profile_steps: int = 2, **_: Any):
+        self.profile_from, self.profile_steps = int(profile_from), int(profile_steps)
+        self.starts: list[tuple[int, float]] = []
+        self.pauses: list[float] = []
+        self._collecting = 0.0
+        self._profiler = None
+        self._profile_started = 0.0
+
+    def _watch(self, phase: str, info: dict) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            self._collecting = time.perf_counter()
+        else:
+            self.pauses.append(time.perf_counter() - self._collecting)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        gc.callbacks.append(self._watch)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        step = trainer.global_step
+        if step == self.profile_from and torch.cuda.is_available():
+            self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                                torch.profiler.ProfilerActivity.CUDA])
+            self._profiler.__enter__()
+            self._profile_started = now
+        elif step == self.profile_from + self.profile_steps and self._profiler is not None:
+            self._profiler.__exit__(None, None, None)
+            self._report_profile(now - self._profile_started)
+            self._profiler = None
+        self.starts.append((step, now))
+
+    def _report_profile(self, wall: float) -> None:
+        from torch.autograd import DeviceType
+
+        averages = self._profiler.key_averages()
+        kernels = [e for e in averages if e.device_type == DeviceType.CUDA]
+        busy = sum(e.self_device_time_total for e in kernels) / 1e6
+        log.info("profiled steps %d-%d: wall %.3f s, GPU kernels %.3f s (%.0f %%)", self.profile_from,
+                 self.profile_from + self.profile_steps - 1, wall, busy, 100 * busy / wall)
+        log.info("top kernels:\n%s", averages.table(sort_by="self_device_time_total", row_limit=15,
+                                                     max_name_column_width=60))
+        log.info("top host operations:\n%s", averages.table(sort_by="self_cpu_time_total", row_limit=15,
+                                                             max_name_column_width=60))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        gc.callbacks.remove(self._watch)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        ends = [t for _, t in self.starts[1:]] + [time.perf_counter()]
+        steps = [(step, end - start) for (step, start), end in zip(self.starts, ends)]
+        if not steps:
+            return
+        times = sorted(seconds for _, seconds in steps)
+        slow = sorted(steps, key=lambda s: -s[1])[:8]
+        log.info("steps: %d, wall %.1f s; median %.3f s, 10th-90th percentile %.3f-%.3f s; slowest (step: s, "
+                 "including any phase or checkpoint after it): %s", len(steps), sum(times),
+                 statistics.median(times), times[len(times) // 10], times[(9 * len(times)) // 10],
+                 ", ".join(f"{step}: {seconds:.2f}" for step, seconds in slow))
+        log.info("full garbage collections during training: %d, %.3f s", len(self.pauses), sum(self.pauses))
