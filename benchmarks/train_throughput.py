@@ -9,9 +9,9 @@ records, chat-templated, replicated to ~3,000), from the same random-init weight
   naive: HF model + peft defaults (fp32 adapters), padded micro-batches in random order, logits over the
          full vocabulary at every position;
   lbt:   the functions `python -m lbt.train hardware=gpu` uses: fp32 adapters computed under bf16 autocast,
-         length-sorted padded micro-batches, chunked supervised-only cross-entropy, eager decoder layers
-         (the default variant mb16-eager; variants without -eager compile each layer, which learns the same
-         adapter but logs a slightly lower bf16 loss: benchmarks/RESULTS.md, compile_check).
+         length-sorted padded micro-batches, chunked supervised-only cross-entropy (-fce: fused, as
+         hardware=gpu runs it), decoder layers compiled (variants without -eager; compiled layers learn the
+         same adapter but log a slightly lower bf16 loss: benchmarks/RESULTS.md, compile_check).
 Reported: real (non-pad) tokens/s, MFU (4·N FLOPs per token, N = parameters; 989 TFLOP/s bf16 dense on
 an H100 SXM), peak memory, the loss of both after the same steps. A smoke check then saves the lbt
 adapter, reloads it into a fresh model and compares logits, and checks a capture hook under compile.
@@ -65,7 +65,8 @@ def build(model_cfg, tokenizer, device, lora_cfg, adapters: str, compile_layers:
     return model
 
 
-def run_path(name, model, steps_batches, device, lr, ce_chunk, warmup, autocast=False, profile=False):
+def run_path(name, model, steps_batches, device, lr, ce_chunk, warmup, autocast=False, profile=False,
+             fused_ce=False):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     losses, tokens, seconds = [], 0, 0.0
@@ -88,7 +89,7 @@ def run_path(name, model, steps_batches, device, lr, ce_chunk, warmup, autocast=
                     loss_sum, _ = supervised_token_loss(model, micro)
                 else:
                     loss_sum, _ = supervised_token_loss(model, micro, supervised_logits_only=True,
-                                                        ce_chunk=ce_chunk)
+                                                        ce_chunk=ce_chunk, fused_ce=fused_ce)
             (loss_sum / step_tokens).backward()
             total += float(loss_sum.detach())
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -163,7 +164,8 @@ def main() -> None:
                          "pack<N> = packed rows of N tokens; suffixes: -bf16 or -fp32 adapters (default autocast), "
                          "-eager (no compile), -fullce (supervised-only logits, no chunking), "
                          "-irng (compiled dropout draws inductor's RNG, not eager's), "
-                         "-nodrop (LoRA dropout 0: the bound on what a faster dropout could gain)")
+                         "-nodrop (LoRA dropout 0: the bound on what a faster dropout could gain), "
+                         "-fce (hardware.fast.fused_ce: each chunk's loss and gradient in one pass)")
     ap.add_argument("--ce-chunk", type=int, default=4096)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--profile", action="store_true",
@@ -220,7 +222,8 @@ def main() -> None:
         print(f"lbt path {variant}", flush=True)
         results[f"lbt_{variant}"] = run_path("lbt", model, steps, args.device, float(train_cfg.lr),
                                              ce_chunk, args.warmup, autocast=adapters == "autocast",
-                                             profile=args.profile and variant == args.variants.split(",")[-1])
+                                             profile=args.profile and variant == args.variants.split(",")[-1],
+                                             fused_ce="fce" in flags)
     results["n_params"] = n_params
     for key, res in list(results.items()):
         if isinstance(res, dict) and "tokens_per_s" in res:

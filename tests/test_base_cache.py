@@ -68,7 +68,7 @@ def test_same_config_same_key():
     assert key_of() == key_of()
     # What does not touch the base phase shares it: the arm, the seed, training settings, the switch itself.
     assert key_of() == key_of("arm=minus", "seed=3", "train.lr=1e-3", "hardware.fast.share_base=false",
-                              "hardware.micro_batch=2", "hardware.fast.ce_chunk=64", "hardware.fast.pack_tokens=512",
+                              "hardware.micro_batch=2", "hardware.fast.ce_chunk=64", "hardware.fast.fused_ce=true", "hardware.fast.pack_tokens=512",
                               "hardware.fast.compile_layers=true", "hardware.fast.compile_cache=false")
 
 

@@ -115,7 +115,7 @@ def test_fast_loss_variants_equal_the_plain_loss_and_gradients(tmp_path, tiny_mo
     packed = micro_batches(examples, 5, tok.pad_token_id, pack_tokens=1024, pad_multiple=32)
     results = []
     for batches, kwargs in [(padded, {}), (padded, {"supervised_logits_only": True}),
-                            (packed, {}), (packed, {"ce_chunk": 7})]:
+                            (packed, {}), (packed, {"ce_chunk": 7}), (packed, {"ce_chunk": 7, "fused_ce": True})]:
         torch.manual_seed(0)
         model = wrap_lora(load_model(model_cfg, tok, torch.float32), OmegaConf.create(
             {"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["q_proj", "v_proj", "down_proj"]}))

@@ -255,6 +255,7 @@ def run_job(cfg: DictConfig, run: RunDir, card: dict[str, Any]) -> dict[str, Any
     phases = CheckpointPhases(job_dir, total, list(cfg.train.checkpoint_fractions),
                               int(cfg.train.resume_every_steps or 0), evaluators, BaseCache.from_config(cfg))
     module = LoRAModule(model, cfg.train, total_steps=total, ce_chunk=int(fast.ce_chunk),
+                        fused_ce=bool(fast.get("fused_ce")),
                         val_batches=data.val_micro_batches(), validation_steps=phases.steps)
     logger = build_logger(cfg.logger, job_dir, card["job"], config, rank_zero=rank_zero)
     # GracefulStop last: its preemption checkpoint is taken after every other callback's step-end work.

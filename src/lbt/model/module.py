@@ -34,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from lbt import wandb_keys as keys
 from lbt.data.chat import IGNORE_INDEX
 from lbt.loggers import log_at_step
+from lbt.model.fused_ce import fused_linear_ce
 
 
 class NonFiniteLossError(RuntimeError):
@@ -66,9 +67,14 @@ def _chunk_ce(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor)
 
 
 def chunked_lm_loss(hidden: torch.Tensor, lm_head: torch.nn.Linear, targets: torch.Tensor,
-                    chunk: int) -> torch.Tensor:
+                    chunk: int, fused: bool = False) -> torch.Tensor:
     """Sum of cross-entropy of lm_head(hidden) against targets, chunk rows at a time, recomputing each
-    chunk's logits in backward: the [tokens × vocabulary] fp32 logits never exist all at once."""
+    chunk's logits in backward: the [tokens × vocabulary] fp32 logits never exist all at once.
+
+    fused (`hardware.fast.fused_ce`): each chunk's loss and its gradient with respect to `hidden` in one pass
+    (`fused_linear_ce`), for a frozen lm_head (LoRA never adapts it; a trainable one takes the plain path)."""
+    if fused and not lm_head.weight.requires_grad:
+        return fused_linear_ce(hidden, lm_head.weight, targets, chunk)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk):
         total = total + checkpoint(_chunk_ce, hidden[start:start + chunk], targets[start:start + chunk],
@@ -77,12 +83,14 @@ def chunked_lm_loss(hidden: torch.Tensor, lm_head: torch.nn.Linear, targets: tor
 
 
 def supervised_token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor],
-                          supervised_logits_only: bool = False, ce_chunk: int = 0) -> tuple[torch.Tensor, int]:
+                          supervised_logits_only: bool = False, ce_chunk: int = 0,
+                          fused_ce: bool = False) -> tuple[torch.Tensor, int]:
     """(sum of cross-entropy over supervised tokens, their count) for one micro-batch.
 
     supervised_logits_only: compute the vocabulary projection only at positions whose next token is
     supervised, instead of at every position (the logits dominate memory and time for big vocabularies).
     ce_chunk > 0: additionally never hold those logits at once (chunked_lm_loss); plain lm_head models only.
+    fused_ce (with ce_chunk > 0): each chunk's loss and gradient in one pass (fused_linear_ce).
     """
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
@@ -91,7 +99,7 @@ def supervised_token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]
     if ce_chunk > 0:
         lm = causal_lm(model)
         hidden = lm.model(**inputs, use_cache=False).last_hidden_state[:, :-1]
-        loss_sum = chunked_lm_loss(hidden[keep], lm.lm_head, targets[keep], ce_chunk)
+        loss_sum = chunked_lm_loss(hidden[keep], lm.lm_head, targets[keep], ce_chunk, fused=fused_ce)
         return loss_sum, int(keep.sum())
     if supervised_logits_only:
         # Positions (in any row) whose next token is supervised; logits only there.
@@ -106,7 +114,7 @@ def supervised_token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]
 
 class LoRAModule(L.LightningModule):
     def __init__(self, model: torch.nn.Module, train_cfg: DictConfig, total_steps: int,
-                 supervised_logits_only: bool = False, ce_chunk: int = 0,
+                 supervised_logits_only: bool = False, ce_chunk: int = 0, fused_ce: bool = False,
                  val_batches: Sequence[dict[str, torch.Tensor]] = (), validation_steps: Sequence[int] = ()):
         super().__init__()
         self.model = model
@@ -114,6 +122,7 @@ class LoRAModule(L.LightningModule):
         self.total_steps = int(total_steps)
         self.supervised_logits_only = supervised_logits_only
         self.ce_chunk = int(ce_chunk)
+        self.fused_ce = bool(fused_ce)
         self.automatic_optimization = False
         # The Lightning checkpoint holds only trainable weights; the frozen base is rebuilt from config.
         self.strict_loading = False
@@ -165,7 +174,8 @@ class LoRAModule(L.LightningModule):
         total = torch.zeros((), device=self.device)
         for micro in batch["micro_batches"]:
             micro = {k: v.to(self.device) for k, v in micro.items()}
-            loss_sum, _ = supervised_token_loss(self.model, micro, self.supervised_logits_only, self.ce_chunk)
+            loss_sum, _ = supervised_token_loss(self.model, micro, self.supervised_logits_only, self.ce_chunk,
+                                                self.fused_ce)
             self.manual_backward(loss_sum / step_tokens)
             total += loss_sum.detach()
         if world > 1:
