@@ -32,7 +32,7 @@ ANSWER = {"forced_choice": "choice", "likert": "rating"}
 def job_dir(path: Path, scratch: Path) -> Path:
     if path.is_dir():
         return path
-    target = scratch / path.name.replace(".", "_")
+    target = Path(tempfile.mkdtemp(dir=scratch))  # its own folder: two tarballs may share a name (A.eval.tar.gz)
     with tarfile.open(path) as tar:
         tar.extractall(target, filter="data")
     return target / "job"
