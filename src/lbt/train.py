@@ -195,6 +195,7 @@ def run_job(cfg: DictConfig, run: RunDir, card: dict[str, Any]) -> dict[str, Any
     from lbt.data.datamodule import CorpusDataModule
     from lbt.eval.base_cache import BaseCache
     from lbt.eval.battery import apply_fast_settings
+    from lbt.heap import FrozenHeap
     from lbt.loggers import build_logger
     from lbt.model.load import resolve_dtype
     from lbt.model.lora import compile_decoder_layers
@@ -260,9 +261,10 @@ def run_job(cfg: DictConfig, run: RunDir, card: dict[str, Any]) -> dict[str, Any
     logger = build_logger(cfg.logger, job_dir, card["job"], config, rank_zero=rank_zero)
     # GracefulStop last: its preemption checkpoint is taken after every other callback's step-end work.
     stop = GracefulStop(phases.save_resumable)
+    heap = [FrozenHeap(phases.steps)] if fast.get("freeze_heap") else []  # after phases: it settles after each
     trainer = L.Trainer(
         **trainer_args, max_epochs=1, max_steps=total, logger=logger,
-        callbacks=[phases, *callbacks, RNGState(), Progress(cfg.train.get("log_every_steps")), stop],
+        callbacks=[phases, *heap, *callbacks, RNGState(), Progress(cfg.train.get("log_every_steps")), stop],
         enable_checkpointing=False,
         use_distributed_sampler=False, num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1,
         enable_model_summary=False, enable_progress_bar=False, default_root_dir=str(job_dir), deterministic=False)
