@@ -59,6 +59,7 @@ class StepProfile(L.Callback):
             self._profiler.__exit__(None, None, None)
             self._report_profile(now - self._profile_started)
             self._profiler = None
+            now = time.perf_counter()  # the profiler's teardown (seconds) belongs to no step
         self.starts.append((step, now))
 
     def _report_profile(self, wall: float) -> None:
