@@ -12,6 +12,9 @@ records, chat-templated, replicated to ~3,000), from the same random-init weight
          length-sorted padded micro-batches, chunked supervised-only cross-entropy (-fce: fused, as
          hardware=gpu runs it), decoder layers compiled (variants without -eager; compiled layers learn the
          same adapter but log a slightly lower bf16 loss: benchmarks/RESULTS.md, compile_check).
+The first compiled variant first runs its steps once untimed (--no-prime skips that), so each variant is timed
+with inductor's cache as warm as a sweep's later jobs have it: unprimed, the first variant compiled new shapes
+inside its timed steps (1.2-1.8 s against 1.03-1.16 s a step on an H100: benchmarks/RESULTS.md).
 Reported: real (non-pad) tokens/s, MFU (4·N FLOPs per token, N = parameters; 989 TFLOP/s bf16 dense on
 an H100 SXM), peak memory, the loss of both after the same steps. A smoke check then saves the lbt
 adapter, reloads it into a fresh model and compares logits, and checks a capture hook under compile.
@@ -171,6 +174,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="kernel profile of the last variant's last step, and the share of its wall the GPU was busy")
     ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--no-prime", action="store_true",
+                    help="time the first compiled variant without an untimed pass before it (its timed steps then "
+                         "include compiling new shapes, as a sweep's first job does)")
     ap.add_argument("--out", default="/tmp/lbt-bench")
     args = ap.parse_args()
 
@@ -202,6 +208,7 @@ def main() -> None:
         del model
         torch.cuda.empty_cache() if args.device == "cuda" else None
     model = None
+    primed = args.no_prime
     for variant in args.variants.split(","):
         layout, *flags = variant.split("-")
         adapters = "bf16" if "bf16" in flags else "fp32" if "fp32" in flags else "autocast"
@@ -213,11 +220,18 @@ def main() -> None:
         steps = [(sum(examples[j].n_supervised for j in m),
                   micro_batches([examples[j] for j in m], size, pad_id, pack_tokens=size if packed else 0))
                  for m in plan]
-        del model
-        torch.cuda.empty_cache() if args.device == "cuda" else None
-        torch._dynamo.reset()
-        model = build(model_cfg, tokenizer, args.device, variant_lora, adapters=adapters,
-                      compile_layers=compile_layers, compiled_rng="irng" in flags)
+        passes = ["prime", "timed"] if compile_layers and not primed else ["timed"]
+        for run in passes:
+            del model
+            torch.cuda.empty_cache() if args.device == "cuda" else None
+            torch._dynamo.reset()
+            model = build(model_cfg, tokenizer, args.device, variant_lora, adapters=adapters,
+                          compile_layers=compile_layers, compiled_rng="irng" in flags)
+            if run == "prime":  # untimed: compiles this run's shapes into inductor's cache, as a sweep's first job does
+                print(f"priming {variant}", flush=True)
+                run_path("prime", model, steps, args.device, float(train_cfg.lr), ce_chunk, len(steps),
+                         autocast=adapters == "autocast", fused_ce="fce" in flags)
+                primed = True
         n_params = n_params or sum(p.numel() for p in model.parameters())
         print(f"lbt path {variant}", flush=True)
         results[f"lbt_{variant}"] = run_path("lbt", model, steps, args.device, float(train_cfg.lr),
