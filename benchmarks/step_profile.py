@@ -4,8 +4,8 @@
         +callbacks.steps.profile_from=60 +callbacks.steps.profile_steps=2
 
 At the end of training it logs each step's wall time (the GPU synchronized at every step's start, so a
-step's time is its own), their median and spread, the steps that ran an evaluation phase or wrote a
-checkpoint (their time includes that work), Python's full garbage collections (count and seconds), and, for
+step's time is its own), their median and spread, the slowest steps with the part spent inside
+training_step (the rest is data, evaluation phases, checkpoints and callbacks), Python's full garbage collections (count and seconds), and, for
 `profile_steps` steps from `profile_from` on, the GPU kernels' busy time against the wall and the top kernels
 and host operations. `benchmarks/train_throughput.py` times the same training step outside Lightning.
 """
@@ -28,6 +28,8 @@ class StepProfile(L.Callback):
     def __init__(self, profile_from: int = 60, profile_steps: int = 2, **_: Any):
         self.profile_from, self.profile_steps = int(profile_from), int(profile_steps)
         self.starts: list[tuple[int, float]] = []
+        self.inside: dict[int, float] = {}  # step -> seconds inside training_step (LoRAModule's own clock)
+        self._clock = 0.0
         self.pauses: list[float] = []
         self._collecting = 0.0
         self._profiler = None
@@ -61,6 +63,14 @@ class StepProfile(L.Callback):
             self._profiler = None
             now = time.perf_counter()  # the profiler's teardown (seconds) belongs to no step
         self.starts.append((step, now))
+        self._clock = float(getattr(pl_module, "_train_seconds", 0.0))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        # training_step's own seconds (forward, backward, optimizer, validation; not synchronized, so a step's
+        # queued GPU work may land in the next): the rest of a step is data, phases, checkpoints, callbacks.
+        step = self.starts[-1][0] if self.starts else trainer.global_step
+        self.inside[step] = float(getattr(pl_module, "_train_seconds", 0.0)) - self._clock
 
     def _report_profile(self, wall: float) -> None:
         from torch.autograd import DeviceType
@@ -88,5 +98,6 @@ class StepProfile(L.Callback):
         log.info("steps: %d, wall %.1f s; median %.3f s, 10th-90th percentile %.3f-%.3f s; slowest (step: s, "
                  "including any phase or checkpoint after it): %s", len(steps), sum(times),
                  statistics.median(times), times[len(times) // 10], times[(9 * len(times)) // 10],
-                 ", ".join(f"{step}: {seconds:.2f}" for step, seconds in slow))
+                 ", ".join(f"{step}: {seconds:.2f} ({self.inside.get(step, float('nan')):.2f} in training_step)"
+                           for step, seconds in slow))
         log.info("full garbage collections during training: %d, %.3f s", len(self.pauses), sum(self.pauses))

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Issue 15's measurements on the device machine, in stages that each fit one call's 600 s (run from the root of a
+# snapshot of the repository, with PYTHONPATH holding <snapshot>/src; results go to the device tool's $OUT).
+#   bash benchmarks/speed_device.sh train           # train_throughput: naive, mb16, mb16-fce (primed), profile  ~300 s
+#   bash benchmarks/speed_device.sh warm B          # a 12-step job fills the sweep's caches, then a later job   ~330 s
+#   bash benchmarks/speed_device.sh B nofreeze      # a later job, then one with hardware.fast.freeze_heap=false ~360 s
+#   ITEMS=<reference>/target_items.jsonl bash benchmarks/speed_device.sh battery   # the 54 published items   ~90 s
+# Stages run in the order given. `warm` leaves base, directions and compiled layers in /tmp/lbt-cache, as a
+# sweep's first job does; the later jobs need it on the same (warm) machine. Every job runs with
+# benchmarks/step_profile.py, which logs each step's time (and the part inside training_step), the full garbage
+# collections, and a CPU+GPU profile of steps STEP and STEP+1 (default 60: no phase among them; a phase in a
+# profiled step makes the profile huge).
+set -uo pipefail
+dest=${OUT:?OUT is the device tool\'s folder}
+export PYTHONPATH=${PYTHONPATH:-}:$PWD/benchmarks PYTHONUNBUFFERED=1
+cache=/tmp/lbt-cache
+profile=(+callbacks.steps._target_=step_profile.StepProfile "+callbacks.steps.profile_from=${STEP:-60}")
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+for stage in "$@"; do
+  echo "== $stage $(date -u +%H:%M:%S)"
+  case $stage in
+    train)
+      python3 benchmarks/train_throughput.py --model qwen --steps 8 --warmup 3 --naive-micro-batch 8 \
+        --variants mb16,mb16-fce --profile --out "$dest/tt" 2>&1 | grep -v Warning > "$dest/train_throughput.log"
+      rm -rf "$dest/tt/adapter"
+      grep -E "priming|lbt path|step [0-9]|profiled step" "$dest/train_throughput.log" ;;
+    battery)
+      python3 benchmarks/eval_battery.py --model qwen --random-init --device cuda --batch-size 512 --decode graph \
+        --share-prefix on --gc normal frozen --skip-reference --items "${ITEMS:?ITEMS names target_items.jsonl}" \
+        --profile --repeats 5 --json "$dest/battery54.json" 2>&1 | grep -v Warn > "$dest/battery.log"
+      grep -E "^battery|^profile|vs " "$dest/battery.log" ;;
+    warm)
+      LIMIT=200 bash benchmarks/full_job_device.sh warm paths.cache_dir=$cache train.max_steps=12 > /dev/null
+      grep -E "done:|Traceback" /tmp/lbt-full-job-warm/job.log | tail -2 ;;
+    B)
+      LIMIT=280 bash benchmarks/full_job_device.sh B paths.cache_dir=$cache "${profile[@]}" | grep -v "^-\|^d\|^total"
+      grep step_profile /tmp/lbt-full-job-B/job.log | grep -E "steps:|collections|profiled" ;;
+    nofreeze)
+      LIMIT=280 bash benchmarks/full_job_device.sh nofreeze paths.cache_dir=$cache hardware.fast.freeze_heap=false \
+        "${profile[@]}" | grep -v "^-\|^d\|^total"
+      grep step_profile /tmp/lbt-full-job-nofreeze/job.log | grep -E "steps:|collections|profiled" ;;
+    *) echo "unknown stage $stage (train, battery, warm, B, nofreeze)"; exit 2 ;;
+  esac
+done
+echo "== end $(date -u +%H:%M:%S)"
