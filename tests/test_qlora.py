@@ -82,6 +82,9 @@ def test_random_init_4bit_quantizes_the_same_weights():
     assert dequant.shape == dense.shape and not torch.equal(dequant, dense)
     assert torch.corrcoef(torch.stack([dequant.flatten(), dense.flatten()]))[0, 1] > 0.99
     assert torch.equal(q4.model.embed_tokens.weight, full.model.embed_tokens.weight)  # not quantized
+    # Named as the unquantized random init is, not after the temporary folder it was quantized through.
+    assert q4.config._name_or_path == full.config._name_or_path
+    assert q4.name_or_path == full.name_or_path
 
 
 @needs_bnb
@@ -105,6 +108,9 @@ def test_4bit_job_trains_only_lora_and_its_adapter_reloads_on_a_4bit_base(tiny_c
     card = train_mod.train(cfg)
     job = tmp_path / "job"
     assert card["status"] == "done" and (job / "DONE").exists()
+    # The saved adapter names no deleted temporary folder as its base model.
+    adapter_config = json.loads((job / "adapter" / "adapter_config.json").read_text())
+    assert "lbt-random-init-" not in str(adapter_config.get("base_model_name_or_path"))
 
     model = seen["model"]
     linears = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]

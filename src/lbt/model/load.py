@@ -141,11 +141,16 @@ def load_model(model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, dtype:
         if quant:
             # Quantize the same random weights the unquantized job gets, by the loader real weights take
             # (which leaves the model in eval mode: keep from_config's train mode, as unquantized).
-            training = model.training
+            training, name = model.training, model.config._name_or_path
             with tempfile.TemporaryDirectory(prefix="lbt-random-init-") as folder:
                 model.save_pretrained(folder)
                 del model
                 model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).train(training)
+            # The model keeps the unquantized random init's name, not the deleted folder's (peft writes it into
+            # every saved adapter's config as the base model).
+            model.config._name_or_path = name
+            if hasattr(model, "name_or_path"):
+                model.name_or_path = name
     else:
         model = AutoModelForCausalLM.from_pretrained(model_cfg.path, **kwargs)
         if not quant:
