@@ -8,13 +8,15 @@
 # Stages run in the order given. `warm` leaves base, directions and compiled layers in /tmp/lbt-cache, as a
 # sweep's first job does; the later jobs need it on the same (warm) machine. Every job runs with
 # benchmarks/step_profile.py, which logs each step's time (and the part inside training_step), the full garbage
-# collections, and a CPU+GPU profile of steps STEP and STEP+1 (default 60: no phase among them; a phase in a
-# profiled step makes the profile huge).
+# collections, and, with STEP set, a CPU+GPU profile of steps STEP and STEP+1 (60 has no phase near it; a phase
+# in a profiled step makes the profile huge).
 set -uo pipefail
 dest=${OUT:?OUT is the device tool\'s folder}
 export PYTHONPATH=${PYTHONPATH:-}:$PWD/benchmarks PYTHONUNBUFFERED=1
 cache=/tmp/lbt-cache
-profile=(+callbacks.steps._target_=step_profile.StepProfile "+callbacks.steps.profile_from=${STEP:-60}")
+# No profiler unless STEP is set: its teardown (about 15 s) would count in the job's wall time.
+profile=(+callbacks.steps._target_=step_profile.StepProfile "+callbacks.steps.profile_from=${STEP:-0}"
+         "+callbacks.steps.profile_steps=$([ -n "${STEP:-}" ] && echo 2 || echo 0)")
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 for stage in "$@"; do
   echo "== $stage $(date -u +%H:%M:%S)"

@@ -6,7 +6,7 @@
 At the end of training it logs each step's wall time (the GPU synchronized at every step's start, so a
 step's time is its own), their median and spread, the slowest steps with the part spent inside
 training_step (the rest is data, evaluation phases, checkpoints and callbacks), Python's full garbage collections (count and seconds), and, for
-`profile_steps` steps from `profile_from` on, the GPU kernels' busy time against the wall and the top kernels
+`profile_steps` steps from `profile_from` on (0: none), the GPU kernels' busy time against the wall and the top kernels
 and host operations. `benchmarks/train_throughput.py` times the same training step outside Lightning.
 """
 
@@ -52,7 +52,7 @@ class StepProfile(L.Callback):
             torch.cuda.synchronize()
         now = time.perf_counter()
         step = trainer.global_step
-        if step == self.profile_from and torch.cuda.is_available():
+        if step == self.profile_from and self.profile_steps > 0 and torch.cuda.is_available():
             self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                                 torch.profiler.ProfilerActivity.CUDA])
             self._profiler.__enter__()
