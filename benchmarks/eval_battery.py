@@ -55,6 +55,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
+from profiling import FullCollections, kernel_seconds
+
 from lbt.data.chat import ChatFormat
 from lbt.eval.battery import score_item_set
 from lbt.eval.items import load_item_set
@@ -146,32 +148,15 @@ def profile(model, chat, items, measures: list[str], settings: BatterySettings, 
 
 def kernel_busy(model, chat, items, part: list[str], settings: BatterySettings, device: str) -> tuple[float, tuple]:
     """Seconds of GPU kernels in one run of `part` (0 on a CPU), and the (count, seconds) of the full
-    garbage collections Python ran meanwhile (each walks every live object: a pause of the host)."""
-
-    from torch.autograd import DeviceType
-
-    pauses, started = [], {}
-
-    def watch(phase, info):
-        if info["generation"] == 2:
-            if phase == "start":
-                started["at"] = time.perf_counter()
-            else:
-                pauses.append(time.perf_counter() - started["at"])
-
-    gc.callbacks.append(watch)
+    garbage collections Python ran meanwhile."""
     on_gpu = device.startswith("cuda")
     profiler = (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) if on_gpu
                 else contextlib.nullcontext())
-    try:
-        with profiler as prof:
-            score_item_set(model, chat, items, part, settings)
-            synchronize(device)
-    finally:
-        gc.callbacks.remove(watch)
-    busy = (sum(e.self_device_time_total for e in prof.key_averages() if e.device_type == DeviceType.CUDA)
-            if on_gpu else 0.0)
-    return busy / 1e6, (len(pauses), sum(pauses))
+    with FullCollections() as collections, profiler as prof:
+        score_item_set(model, chat, items, part, settings)
+        synchronize(device)
+    busy = kernel_seconds(prof.key_averages()) if on_gpu else 0.0
+    return busy, (len(collections.pauses), sum(collections.pauses))
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -12,7 +12,6 @@ and host operations. `benchmarks/train_throughput.py` times the same training st
 
 from __future__ import annotations
 
-import gc
 import logging
 import statistics
 import time
@@ -20,6 +19,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from profiling import FullCollections, kernel_seconds
 
 log = logging.getLogger("step_profile")
 
@@ -30,21 +30,12 @@ class StepProfile(L.Callback):
         self.starts: list[tuple[int, float]] = []
         self.inside: dict[int, float] = {}  # step -> seconds inside training_step (LoRAModule's own clock)
         self._clock = 0.0
-        self.pauses: list[float] = []
-        self._collecting = 0.0
+        self.collections = FullCollections()
         self._profiler = None
         self._profile_started = 0.0
 
-    def _watch(self, phase: str, info: dict) -> None:
-        if info["generation"] != 2:
-            return
-        if phase == "start":
-            self._collecting = time.perf_counter()
-        else:
-            self.pauses.append(time.perf_counter() - self._collecting)
-
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        gc.callbacks.append(self._watch)
+        self.collections.start()
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -73,11 +64,8 @@ class StepProfile(L.Callback):
         self.inside[step] = float(getattr(pl_module, "_train_seconds", 0.0)) - self._clock
 
     def _report_profile(self, wall: float) -> None:
-        from torch.autograd import DeviceType
-
         averages = self._profiler.key_averages()
-        kernels = [e for e in averages if e.device_type == DeviceType.CUDA]
-        busy = sum(e.self_device_time_total for e in kernels) / 1e6
+        busy = kernel_seconds(averages)
         log.info("profiled steps %d-%d: wall %.3f s, GPU kernels %.3f s (%.0f %%)", self.profile_from,
                  self.profile_from + self.profile_steps - 1, wall, busy, 100 * busy / wall)
         log.info("top kernels:\n%s", averages.table(sort_by="self_device_time_total", row_limit=15,
@@ -86,7 +74,7 @@ class StepProfile(L.Callback):
                                                              max_name_column_width=60))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        gc.callbacks.remove(self._watch)
+        self.collections.stop()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         ends = [t for _, t in self.starts[1:]] + [time.perf_counter()]
@@ -100,4 +88,5 @@ class StepProfile(L.Callback):
                  statistics.median(times), times[len(times) // 10], times[(9 * len(times)) // 10],
                  ", ".join(f"{step}: {seconds:.2f} ({self.inside.get(step, float('nan')):.2f} in training_step)"
                            for step, seconds in slow))
-        log.info("full garbage collections during training: %d, %.3f s", len(self.pauses), sum(self.pauses))
+        pauses = self.collections.pauses
+        log.info("full garbage collections during training: %d, %.3f s", len(pauses), sum(pauses))

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from profiling import kernel_seconds
 
 from lbt.data.chat import ChatFormat
 from lbt.data.datamodule import micro_batches, step_plan
@@ -116,14 +117,9 @@ def run_path(name, model, steps_batches, device, lr, ce_chunk, warmup, autocast=
 
 def print_profile(prof, wall_s: float) -> None:
     """The step's kernels by device time, and how much of the step's wall the GPU was busy."""
-    from torch.autograd import DeviceType
-
     averages = prof.key_averages()
     print(averages.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70))
-    kernels = [e for e in averages if e.device_type == DeviceType.CUDA]
-    busy = sum(e.self_device_time_total for e in kernels) / 1e6
-    gemm = sum(e.self_device_time_total for e in kernels
-               if any(k in e.key.lower() for k in ("gemm", "nvjet", "cutlass", "sm90_xmma"))) / 1e6
+    busy, gemm = kernel_seconds(averages), kernel_seconds(averages, gemm_only=True)
     print(f"  profiled step: wall {wall_s:.3f} s (profiler on), kernels {busy:.3f} s "
           f"({busy / wall_s:.0%} of wall), GEMM kernels {gemm:.3f} s ({gemm / max(busy, 1e-9):.0%} of kernels)")
 
