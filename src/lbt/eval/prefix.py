@@ -67,8 +67,9 @@ def sharing_unsupported(model: torch.nn.Module) -> str | None:
     attention = getattr(config, "_attn_implementation", None)
     if attention not in ("sdpa", "eager"):
         return f"attention {attention!r} (prefix sharing passes padded masks: sdpa or eager only)"
-    if attention_kinds(config) != {"full_attention"}:
-        return f"layer types {sorted(attention_kinds(config))} (a sliding window counts columns, which pads shift)"
+    kinds = attention_kinds(config)
+    if kinds != {"full_attention"}:
+        return f"layer types {sorted(kinds)} (a sliding window counts columns, which pads shift)"
     return None
 
 

@@ -39,8 +39,9 @@ def static_unsupported(model: torch.nn.Module) -> str | None:
         return "quantized weights"
     if getattr(config, "_attn_implementation", None) != "sdpa":
         return f"attention {getattr(config, '_attn_implementation', None)!r} (static decoding passes sdpa masks)"
-    if attention_kinds(config) != {"full_attention"}:
-        return f"layer types {sorted(attention_kinds(config))} (static decoding masks full attention only)"
+    kinds = attention_kinds(config)
+    if kinds != {"full_attention"}:
+        return f"layer types {sorted(kinds)} (static decoding masks full attention only)"
     return None
 
 
