@@ -51,7 +51,7 @@ def corpus_examples(tokenizer, max_length: int, target: int) -> list:
 
 
 def build(model_cfg, tokenizer, device, lora_cfg, adapters: str, compile_layers: bool,
-          compiled_rng: bool = False):
+          compiled_rng: bool = False, dynamic: bool | None = True):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = load_model(model_cfg, tokenizer, dtype, device=device)
     model = wrap_lora(model, lora_cfg, adapters=adapters)
@@ -60,7 +60,7 @@ def build(model_cfg, tokenizer, device, lora_cfg, adapters: str, compile_layers:
         if "lora_A" in name:
             torch.nn.init.normal_(p, std=0.02)
     if compile_layers:
-        compile_decoder_layers(model)
+        compile_decoder_layers(model, dynamic=dynamic)
         if compiled_rng:  # inductor's own dropout RNG instead of eager's (compiling is lazy: takes effect)
             import torch._inductor.config as inductor_config
 
@@ -164,7 +164,8 @@ def main() -> None:
                          "-eager (no compile), -fullce (supervised-only logits, no chunking), "
                          "-irng (compiled dropout draws inductor's RNG, not eager's), "
                          "-nodrop (LoRA dropout 0: the bound on what a faster dropout could gain), "
-                         "-fce (hardware.fast.fused_ce: each chunk's loss and gradient in one pass)")
+                         "-fce (hardware.fast.fused_ce: each chunk's loss and gradient in one pass), "
+                         "-auto (torch's automatic dynamic shapes, not hardware.fast.compile_dynamic)")
     ap.add_argument("--ce-chunk", type=int, default=4096)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--profile", action="store_true",
@@ -222,7 +223,8 @@ def main() -> None:
             torch.cuda.empty_cache() if args.device == "cuda" else None
             torch._dynamo.reset()
             model = build(model_cfg, tokenizer, args.device, variant_lora, adapters=adapters,
-                          compile_layers=compile_layers, compiled_rng="irng" in flags)
+                          compile_layers=compile_layers, compiled_rng="irng" in flags,
+                          dynamic=None if "auto" in flags else True)
             if run == "prime":  # untimed: compiles this run's shapes into inductor's cache, as a sweep's first job does
                 print(f"priming {variant}", flush=True)
                 run_path("prime", model, steps, args.device, float(train_cfg.lr), ce_chunk, len(steps),

@@ -13,11 +13,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 
+from lbt import train as train_mod
 from lbt.model.load import load_model
 from lbt.model.lora import compile_decoder_layers
+from tests.conftest import compose_train
 
 # One process = one job: a tiny LoRA model with compiled layers, two training steps, then inductor's own
 # counters of graphs compiled (miss) and loaded from the cache (hit).
@@ -116,3 +119,67 @@ def test_a_jobs_forward_variants_stay_compiled(tiny_model, monkeypatch):
                 loss, n = supervised_token_loss(model, batch)
                 if train:
                     (loss / n).backward()
+
+
+def _train_graphs(model, dynamic: bool | None, compiled: bool = True) -> tuple[list[int], list[float]]:
+    """Train steps over micro-batches of other lengths and sizes (as a job's length-sorted micro-batches and
+    an epoch's short last step give): dynamo's graph count after each, and each step's loss."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from lbt.model.module import supervised_token_loss
+
+    torch._dynamo.reset()
+    counters.clear()
+    if compiled:
+        compile_decoder_layers(model, dynamic=dynamic)
+    model.train()
+    generator = torch.Generator().manual_seed(5)
+    graphs, losses = [], []
+    for rows, length in ((4, 40), (4, 36), (3, 52), (4, 44)):
+        ids = torch.randint(3, 2000, (rows, length), generator=generator)
+        mask = torch.ones_like(ids)
+        mask[0, : length // 3] = 0
+        loss, n = supervised_token_loss(model, {"input_ids": ids, "labels": ids.clone(), "attention_mask": mask})
+        (loss / n).backward()
+        graphs.append(int(counters["stats"]["unique_graphs"]))
+        losses.append(float(loss / n))
+    return graphs, losses
+
+
+def test_dynamic_layers_compile_once_for_every_micro_batch(tiny_model):
+    """`hardware.fast.compile_dynamic`: the first step compiles graphs that serve every later length and batch
+    size; torch's default compiles again when the length changes and again when the batch size does (a job's
+    step 44 of 90 on a GPU). Same losses as the eager layers."""
+    from lbt.model.lora import wrap_lora
+
+    cfg, tok, _ = tiny_model
+    lora = OmegaConf.create({"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["q_proj", "v_proj"]})
+
+    def fresh():
+        torch.manual_seed(0)
+        return wrap_lora(load_model(cfg.model, tok, torch.float32), lora)
+
+    _, eager = _train_graphs(fresh(), None, compiled=False)
+    default_graphs, _ = _train_graphs(fresh(), None)
+    dynamic_graphs, dynamic = _train_graphs(fresh(), True)
+    assert dynamic_graphs[0] > 0 and dynamic_graphs == [dynamic_graphs[0]] * 4
+    assert default_graphs[1] > default_graphs[0] and default_graphs[2] > default_graphs[1]
+    assert dynamic == pytest.approx(eager, rel=1e-5)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize(("setting", "dynamic"), [("true", True), ("false", None)])
+def test_a_job_compiles_its_layers_as_compile_dynamic_says(tiny_cfg, tmp_path, monkeypatch, setting, dynamic):
+    from lbt.model import lora
+
+    seen = []
+    monkeypatch.setattr(lora, "compile_decoder_layers", lambda model, cache_dir, dynamic: seen.append(dynamic))
+    done = train_mod.train(tiny_cfg(f"++job_dir={tmp_path}", "train.max_steps=1", "hardware.fast.compile_layers=true",
+                                    f"hardware.fast.compile_dynamic={setting}"))
+    assert done["status"] == "done" and seen == [dynamic]
+
+
+def test_gpu_hardware_compiles_dynamic_layers():
+    assert compose_train(["hardware=gpu"]).hardware.fast.compile_dynamic is True
+    assert compose_train(["hardware=gpu", "hardware.fast.compile_dynamic=false"]).hardware.fast.compile_dynamic is False

@@ -106,9 +106,16 @@ def _inductor_default_dir() -> str:
     return ""  # unknown: only an unset variable is then taken as not the user's
 
 
-def compile_decoder_layers(model: torch.nn.Module, cache_dir: str | os.PathLike | None = None) -> None:
+def compile_decoder_layers(model: torch.nn.Module, cache_dir: str | os.PathLike | None = None,
+                           dynamic: bool | None = None) -> None:
     """torch.compile each decoder layer in place (one graph reused by every layer; the loss, masks and
     optimizer stay eager). Evaluation runs the layers eagerly (see `eager_layers`).
+
+    dynamic: True compiles every size as a symbol from the first step (`hardware.fast.compile_dynamic`), so
+    one graph serves every micro-batch. None is torch's default: the first shapes compile as constants, and
+    each size seen to change compiles again as a symbol. A training job sees its sequence length change at
+    step 1 and its batch size at an epoch's short last step, so that default compiled three graphs per
+    variant, one of them in the middle of the job (step 44 of 90: 20-24 s on an H100, benchmarks/RESULTS.md).
 
     cache_dir: where inductor keeps its compiled graphs and kernels (TORCHINDUCTOR_CACHE_DIR), so that the
     jobs of a sweep, on any node that sees the folder, load the first job's compilation instead of redoing it.
@@ -130,13 +137,13 @@ def compile_decoder_layers(model: torch.nn.Module, cache_dir: str | os.PathLike 
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(cache_dir).resolve())
     inductor_config.fallback_random = True
     # One code object serves every layer, and a job calls it in up to 2 (first layer's input needs no grad,
-    # the others' does) x 2 (train, validation without grad) x 2 (padded mask, none) x 2 (first shapes, then
-    # dynamic) variants, past dynamo's default limit of 8, beyond which a variant silently runs eagerly (seen
-    # in a GPU job at its first validation).
+    # the others' does) x 2 (train, validation without grad) x 2 (padded mask, none) x 3 (without `dynamic`:
+    # first shapes, then a dynamic length, then a dynamic batch too) variants, past dynamo's default limit of
+    # 8, beyond which a variant silently runs eagerly (seen in a GPU job at its first validation).
     name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
     setattr(torch._dynamo.config, name, max(int(getattr(torch._dynamo.config, name)), RECOMPILE_LIMIT))
     for layer in decoder_layers(model):
-        layer.compile()
+        layer.compile(dynamic=dynamic)
 
 
 @contextlib.contextmanager
