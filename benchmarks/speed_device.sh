@@ -33,7 +33,7 @@ for stage in "$@"; do
       grep -E "^battery|^profile|vs " "$dest/battery.log" ;;
     warm)
       # The same callbacks as the later jobs: they are part of the shared base's key (lbt.eval.base_cache).
-      LIMIT=200 bash benchmarks/full_job_device.sh warm paths.cache_dir=$cache train.max_steps=12 \
+      LIMIT=230 bash benchmarks/full_job_device.sh warm paths.cache_dir=$cache train.max_steps=12 \
         "train.checkpoint_fractions=[1.0]" "${profile[@]}" > /dev/null
       grep -E "done:|Traceback" /tmp/lbt-full-job-warm/job.log | tail -2 ;;
     B)
