@@ -8,6 +8,9 @@ import time
 from typing import Self
 
 GEMM_KERNELS = ("gemm", "nvjet", "cutlass", "sm90_xmma")
+# Names of the benchmarks' own `torch.profiler.record_function` regions: the profiler also shows each as a GPU
+# span, which is no kernel.
+REGION = "bench/"
 
 
 def kernel_seconds(averages, gemm_only: bool = False) -> float:
@@ -15,7 +18,37 @@ def kernel_seconds(averages, gemm_only: bool = False) -> float:
     from torch.autograd import DeviceType
 
     return sum(e.self_device_time_total for e in averages if e.device_type == DeviceType.CUDA and
-               (not gemm_only or any(k in e.key.lower() for k in GEMM_KERNELS))) / 1e6
+               not e.key.startswith(REGION) and (not gemm_only or any(k in e.key.lower() for k in GEMM_KERNELS))) / 1e6
+
+
+def idle_by_region(events) -> dict[str, tuple[float, float]]:
+    """For each `record_function` region named REGION + ..., over all its occurrences in a profiler's
+    `events()`: (its wall seconds, the seconds of it in which the GPU ran no kernel), plus "all" for the span
+    from the first region's start to the last one's end. Where the GPU waits for the host."""
+    from torch.autograd import DeviceType
+
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events
+                   if e.device_type == DeviceType.CUDA and not e.name.startswith(REGION))
+    busy: list[list[float]] = []
+    for start, end in spans:
+        if busy and start <= busy[-1][1]:
+            busy[-1][1] = max(busy[-1][1], end)
+        else:
+            busy.append([start, end])
+
+    def idle(start: float, end: float) -> float:
+        return end - start - sum(max(0.0, min(end, b) - max(start, a)) for a, b in busy if b > start and a < end)
+
+    regions = [(e.name, e.time_range.start, e.time_range.end) for e in events
+               if e.device_type == DeviceType.CPU and e.name.startswith(REGION)]
+    out: dict[str, tuple[float, float]] = {}
+    for name, start, end in regions:
+        wall, gap = out.get(name, (0.0, 0.0))
+        out[name] = (wall + (end - start) / 1e6, gap + idle(start, end) / 1e6)
+    if regions:
+        first, last = min(r[1] for r in regions), max(r[2] for r in regions)
+        out["all"] = ((last - first) / 1e6, idle(first, last) / 1e6)
+    return out
 
 
 class FullCollections:

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Issue 15's measurements on the device machine, in stages that each fit one call's 600 s (run from the root of a
 # snapshot of the repository, with PYTHONPATH holding <snapshot>/src; results go to the device tool's $OUT).
-#   bash benchmarks/speed_device.sh train           # train_throughput: naive, mb16, mb16-fce (primed), profile  ~300 s
+#   bash benchmarks/speed_device.sh train           # train_throughput: naive, then mb16-fce with the loss's mask
+#                                                   # (-sync), torch's default dynamic shapes (-auto), and as the
+#                                                   # GPU default; profile with GPU idle per region   ~320 s
 #   bash benchmarks/speed_device.sh warm B          # a 12-step job fills the sweep's caches, then a later job   ~330 s
 #   bash benchmarks/speed_device.sh B nofreeze      # a later job, then one with hardware.fast.freeze_heap=false ~360 s
 #   ITEMS=<reference>/target_items.jsonl bash benchmarks/speed_device.sh battery   # the 54 published items   ~90 s
@@ -23,9 +25,10 @@ for stage in "$@"; do
   case $stage in
     train)
       python3 benchmarks/train_throughput.py --model qwen --steps 8 --warmup 3 --naive-micro-batch 8 \
-        --variants mb16,mb16-fce --profile --out "$dest/tt" 2>&1 | grep -v Warning > "$dest/train_throughput.log"
+        --variants mb16-fce-sync,mb16-fce-auto,mb16-fce --profile --out "$dest/tt" 2>&1 | grep -v Warning \
+        > "$dest/train_throughput.log"
       rm -rf "$dest/tt/adapter"
-      grep -E "priming|lbt path|step [0-9]|profiled step" "$dest/train_throughput.log" ;;
+      grep -E "priming|lbt path|step [0-9]|profiled step|GPU idle" "$dest/train_throughput.log" ;;
     battery)
       python3 benchmarks/eval_battery.py --model qwen --random-init --device cuda --batch-size 512 --decode graph \
         --share-prefix on --gc normal frozen --skip-reference --items "${ITEMS:?ITEMS names target_items.jsonl}" \

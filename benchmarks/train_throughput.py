@@ -12,9 +12,11 @@ records, chat-templated, replicated to ~3,000), from the same random-init weight
          length-sorted padded micro-batches, chunked supervised-only cross-entropy (-fce: fused, as
          hardware=gpu runs it), decoder layers compiled (variants without -eager; compiled layers learn the
          same adapter but log a slightly lower bf16 loss: benchmarks/RESULTS.md, compile_check).
-The first compiled variant first runs its steps once untimed (--no-prime skips that), so each variant is timed
-with inductor's cache as warm as a sweep's later jobs have it: unprimed, the first variant compiled new shapes
-inside its timed steps (1.2-1.8 s against 1.03-1.16 s a step on an H100: benchmarks/RESULTS.md).
+The first compiled variant of each kind of graph (-auto, -irng) first runs its steps once untimed (--no-prime
+skips that), so each variant is timed with inductor's cache as warm as a sweep's later jobs have it: unprimed,
+the first variant compiled new shapes inside its timed steps (1.2-1.8 s against 1.03-1.16 s a step on an H100:
+benchmarks/RESULTS.md). --profile also gives, per region of the step (forward+loss, backward, optimizer), the
+time in which the GPU ran no kernel: where it waited for the host.
 Reported: real (non-pad) tokens/s, MFU (4·N FLOPs per token, N = parameters; 989 TFLOP/s bf16 dense on
 an H100 SXM), peak memory, the loss of both after the same steps. A smoke check then saves the lbt
 adapter, reloads it into a fresh model and compares logits, and checks a capture hook under compile.
@@ -29,7 +31,8 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from profiling import kernel_seconds
+from profiling import REGION, idle_by_region, kernel_seconds
+from torch.profiler import record_function
 
 from lbt.data.chat import ChatFormat
 from lbt.data.datamodule import micro_batches, step_plan
@@ -80,25 +83,29 @@ def run_path(name, model, steps_batches, device, lr, ce_chunk, warmup, autocast=
         if device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        total = 0.0
         prof = None
         if profile and i == len(steps_batches) - 1:
             prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                       torch.profiler.ProfilerActivity.CUDA])
             prof.__enter__()
+        losses_on_device = []
         for micro in batches:
-            micro = {k: v.to(device) for k, v in micro.items()}
-            with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):
-                if name == "naive":
-                    loss_sum, _ = supervised_token_loss(model, micro)
-                else:
-                    loss_sum, _ = supervised_token_loss(model, micro, supervised_logits_only=True,
-                                                        ce_chunk=ce_chunk, fused_ce=fused_ce)
-            (loss_sum / step_tokens).backward()
-            total += float(loss_sum.detach())
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+            with record_function(REGION + "forward+loss"):
+                micro = {k: v.to(device) for k, v in micro.items()}
+                with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):
+                    if name == "naive":
+                        loss_sum, _ = supervised_token_loss(model, micro)
+                    else:
+                        loss_sum, _ = supervised_token_loss(model, micro, supervised_logits_only=True,
+                                                            ce_chunk=ce_chunk, fused_ce=fused_ce)
+            with record_function(REGION + "backward"):
+                (loss_sum / step_tokens).backward()
+            losses_on_device.append(loss_sum.detach())  # read once the step is done, as training_step does
+        with record_function(REGION + "optimizer"):
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        total = float(sum(losses_on_device))
         if device == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -122,6 +129,8 @@ def print_profile(prof, wall_s: float) -> None:
     busy, gemm = kernel_seconds(averages), kernel_seconds(averages, gemm_only=True)
     print(f"  profiled step: wall {wall_s:.3f} s (profiler on), kernels {busy:.3f} s "
           f"({busy / wall_s:.0%} of wall), GEMM kernels {gemm:.3f} s ({gemm / max(busy, 1e-9):.0%} of kernels)")
+    for region, (wall, idle) in idle_by_region(prof.events()).items():
+        print(f"  GPU idle in {region.removeprefix(REGION)}: {idle:.3f} s of {wall:.3f} s")
 
 
 def smoke_checks(model, model_cfg, tokenizer, device, lora_cfg, out_dir: Path) -> dict:
@@ -165,7 +174,8 @@ def main() -> None:
                          "-irng (compiled dropout draws inductor's RNG, not eager's), "
                          "-nodrop (LoRA dropout 0: the bound on what a faster dropout could gain), "
                          "-fce (hardware.fast.fused_ce: each chunk's loss and gradient in one pass), "
-                         "-auto (torch's automatic dynamic shapes, not hardware.fast.compile_dynamic)")
+                         "-auto (torch's automatic dynamic shapes, not hardware.fast.compile_dynamic), "
+                         "-sync (the loss's positions from a mask on the device, not the batch's supervised_index)")
     ap.add_argument("--ce-chunk", type=int, default=4096)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--profile", action="store_true",
@@ -206,6 +216,7 @@ def main() -> None:
         torch.cuda.empty_cache() if args.device == "cuda" else None
     model = None
     primed = args.no_prime
+    primed_graphs: set[tuple[bool, bool]] = set()
     for variant in args.variants.split(","):
         layout, *flags = variant.split("-")
         adapters = "bf16" if "bf16" in flags else "fp32" if "fp32" in flags else "autocast"
@@ -217,7 +228,11 @@ def main() -> None:
         steps = [(sum(examples[j].n_supervised for j in m),
                   micro_batches([examples[j] for j in m], size, pad_id, pack_tokens=size if packed else 0))
                  for m in plan]
-        passes = ["prime", "timed"] if compile_layers and not primed else ["timed"]
+        if "sync" in flags:  # the loss finds its positions with a mask on the device (a wait for the host)
+            steps = [(n, [{k: v for k, v in m.items() if k != "supervised_index"} for m in batches])
+                     for n, batches in steps]
+        graphs = ("auto" in flags, "irng" in flags)  # what the compiled layers' graphs depend on
+        passes = ["prime", "timed"] if compile_layers and not primed and graphs not in primed_graphs else ["timed"]
         for run in passes:
             del model
             torch.cuda.empty_cache() if args.device == "cuda" else None
@@ -229,7 +244,7 @@ def main() -> None:
                 print(f"priming {variant}", flush=True)
                 run_path("prime", model, steps, args.device, float(train_cfg.lr), ce_chunk, len(steps),
                          autocast=adapters == "autocast", fused_ce="fce" in flags)
-                primed = True
+                primed_graphs.add(graphs)
         n_params = n_params or sum(p.numel() for p in model.parameters())
         print(f"lbt path {variant}", flush=True)
         results[f"lbt_{variant}"] = run_path("lbt", model, steps, args.device, float(train_cfg.lr),

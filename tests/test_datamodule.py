@@ -172,3 +172,41 @@ def test_compiled_layers_train_exactly_like_eager_with_dropout(tiny_model):
             curve.append(float(loss) / n)
         losses.append(curve)
     assert max(abs(a - b) for a, b in zip(*losses)) < 1e-5
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("pack", [0, 1024])
+def test_the_host_made_supervised_index_gives_the_masks_loss_and_gradients_exactly(tiny_model, pack, fused):
+    """`supervised_index` (made with the batch on the host) takes the same rows, in the same order, as the
+    boolean mask over the labels: the same loss, count and gradients to the last bit."""
+    from lbt.data.datamodule import supervised_index
+
+    cfg, tok, _ = tiny_model
+    examples = [ChatFormat(tok).example(str(i), f"Question {i}?", "word and more " * (3 + 2 * i), 256)
+                for i in range(5)]
+    batches = micro_batches(examples, 3, tok.pad_token_id, pack_tokens=pack, pad_multiple=32)
+    for micro in batches:
+        keep = micro["labels"][:, 1:] != IGNORE_INDEX
+        width = micro["labels"].shape[1]
+        expected = [b * width + t for b, t in keep.nonzero().tolist()]
+        assert micro["supervised_index"].tolist() == expected == supervised_index(micro["labels"]).tolist()
+    results = []
+    for indexed in (True, False):
+        torch.manual_seed(0)
+        model = wrap_lora(load_model(cfg.model, tok, torch.float32), OmegaConf.create(
+            {"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["q_proj", "v_proj", "down_proj"]}))
+        for p in model.parameters():
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.02)
+        losses, counts = [], []
+        for micro in batches:
+            micro = micro if indexed else {k: v for k, v in micro.items() if k != "supervised_index"}
+            loss, n = supervised_token_loss(model, micro, ce_chunk=7, fused_ce=fused)
+            loss.backward()
+            losses.append(float(loss))
+            counts.append(n)
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+        results.append((losses, counts, grads))
+    assert results[0][0] == results[1][0] and results[0][1] == results[1][1]
+    assert all(isinstance(n, int) for n in results[0][1])
+    assert torch.equal(results[0][2], results[1][2])
