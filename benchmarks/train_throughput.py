@@ -12,7 +12,7 @@ records, chat-templated, replicated to ~3,000), from the same random-init weight
          length-sorted padded micro-batches, chunked supervised-only cross-entropy (-fce: fused, as
          hardware=gpu runs it), decoder layers compiled (variants without -eager; compiled layers learn the
          same adapter but log a slightly lower bf16 loss: benchmarks/RESULTS.md, compile_check).
-The first compiled variant of each kind of graph (-auto, -irng) first runs its steps once untimed (--no-prime
+The first compiled variant of each kind of graph (-dyn, -irng) first runs its steps once untimed (--no-prime
 skips that), so each variant is timed with inductor's cache as warm as a sweep's later jobs have it: unprimed,
 the first variant compiled new shapes inside its timed steps (1.2-1.8 s against 1.03-1.16 s a step on an H100:
 benchmarks/RESULTS.md). --profile also gives, per region of the step (forward+loss, backward, optimizer), the
@@ -54,7 +54,7 @@ def corpus_examples(tokenizer, max_length: int, target: int) -> list:
 
 
 def build(model_cfg, tokenizer, device, lora_cfg, adapters: str, compile_layers: bool,
-          compiled_rng: bool = False, dynamic: bool | None = True):
+          compiled_rng: bool = False, dynamic: bool | None = None):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = load_model(model_cfg, tokenizer, dtype, device=device)
     model = wrap_lora(model, lora_cfg, adapters=adapters)
@@ -174,7 +174,7 @@ def main() -> None:
                          "-irng (compiled dropout draws inductor's RNG, not eager's), "
                          "-nodrop (LoRA dropout 0: the bound on what a faster dropout could gain), "
                          "-fce (hardware.fast.fused_ce: each chunk's loss and gradient in one pass), "
-                         "-auto (torch's automatic dynamic shapes, not hardware.fast.compile_dynamic), "
+                         "-dyn (layers compiled with every size a symbol from the first step, not as jobs do), "
                          "-sync (the loss's positions from a mask on the device, not the batch's supervised_index)")
     ap.add_argument("--ce-chunk", type=int, default=4096)
     ap.add_argument("--no-compile", action="store_true")
@@ -231,7 +231,7 @@ def main() -> None:
         if "sync" in flags:  # the loss finds its positions with a mask on the device (a wait for the host)
             steps = [(n, [{k: v for k, v in m.items() if k != "supervised_index"} for m in batches])
                      for n, batches in steps]
-        graphs = ("auto" in flags, "irng" in flags)  # what the compiled layers' graphs depend on
+        graphs = ("dyn" in flags, "irng" in flags)  # what the compiled layers' graphs depend on
         passes = ["prime", "timed"] if compile_layers and not primed and graphs not in primed_graphs else ["timed"]
         for run in passes:
             del model
@@ -239,7 +239,7 @@ def main() -> None:
             torch._dynamo.reset()
             model = build(model_cfg, tokenizer, args.device, variant_lora, adapters=adapters,
                           compile_layers=compile_layers, compiled_rng="irng" in flags,
-                          dynamic=None if "auto" in flags else True)
+                          dynamic=True if "dyn" in flags else None)
             if run == "prime":  # untimed: compiles this run's shapes into inductor's cache, as a sweep's first job does
                 print(f"priming {variant}", flush=True)
                 run_path("prime", model, steps, args.device, float(train_cfg.lr), ce_chunk, len(steps),

@@ -17,10 +17,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lbt import train as train_mod
 from lbt.model.load import load_model
 from lbt.model.lora import compile_decoder_layers
-from tests.conftest import compose_train
 
 # One process = one job: a tiny LoRA model with compiled layers, two training steps, then inductor's own
 # counters of graphs compiled (miss) and loaded from the cache (hit).
@@ -148,9 +146,9 @@ def _train_graphs(model, dynamic: bool | None, compiled: bool = True) -> tuple[l
 
 
 def test_dynamic_layers_compile_once_for_every_micro_batch(tiny_model):
-    """`hardware.fast.compile_dynamic`: the first step compiles graphs that serve every later length and batch
-    size; torch's default compiles again when the length changes and again when the batch size does (a job's
-    step 44 of 90 on a GPU). Same losses as the eager layers."""
+    """`compile_decoder_layers(dynamic=True)`: the first step compiles graphs that serve every later length and
+    batch size; torch's default (what a job uses) compiles again when the length changes and again when the
+    batch size does (a job's step 44 of 90 on a GPU). Same losses as the eager layers."""
     from lbt.model.lora import wrap_lora
 
     cfg, tok, _ = tiny_model
@@ -167,19 +165,3 @@ def test_dynamic_layers_compile_once_for_every_micro_batch(tiny_model):
     assert default_graphs[1] > default_graphs[0] and default_graphs[2] > default_graphs[1]
     assert dynamic == pytest.approx(eager, rel=1e-5)
 
-
-@pytest.mark.usefixtures("one_thread")
-@pytest.mark.parametrize(("setting", "dynamic"), [("true", True), ("false", None)])
-def test_a_job_compiles_its_layers_as_compile_dynamic_says(tiny_cfg, tmp_path, monkeypatch, setting, dynamic):
-    from lbt.model import lora
-
-    seen = []
-    monkeypatch.setattr(lora, "compile_decoder_layers", lambda model, cache_dir, dynamic: seen.append(dynamic))
-    done = train_mod.train(tiny_cfg(f"++job_dir={tmp_path}", "train.max_steps=1", "hardware.fast.compile_layers=true",
-                                    f"hardware.fast.compile_dynamic={setting}"))
-    assert done["status"] == "done" and seen == [dynamic]
-
-
-def test_gpu_hardware_compiles_dynamic_layers():
-    assert compose_train(["hardware=gpu"]).hardware.fast.compile_dynamic is True
-    assert compose_train(["hardware=gpu", "hardware.fast.compile_dynamic=false"]).hardware.fast.compile_dynamic is False

@@ -252,7 +252,7 @@ def run_job(cfg: DictConfig, run: RunDir, card: dict[str, Any]) -> dict[str, Any
     model = wrap_lora(model, cfg.train.lora, adapters=str(fast.adapters))
     if fast.compile_layers:
         inductor_dir = Path(str(cfg.paths.cache_dir)) / "inductor" if fast.get("compile_cache") else None
-        compile_decoder_layers(model, inductor_dir, dynamic=True if fast.get("compile_dynamic") else None)
+        compile_decoder_layers(model, inductor_dir)
     phases = CheckpointPhases(job_dir, total, list(cfg.train.checkpoint_fractions),
                               int(cfg.train.resume_every_steps or 0), evaluators, BaseCache.from_config(cfg))
     module = LoRAModule(model, cfg.train, total_steps=total, ce_chunk=int(fast.ce_chunk),

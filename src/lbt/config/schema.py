@@ -133,7 +133,6 @@ class Fast:
     compile_layers: bool
     fused_ce: bool = False  # with ce_chunk: each chunk's loss and gradient in one pass (lbt.model.fused_ce); on in hardware=gpu
     compile_cache: bool = True  # compiled layers cached in <paths.cache_dir>/inductor, shared by a sweep's jobs
-    compile_dynamic: bool = False  # compiled layers take every size as a symbol from the first step: one graph for all micro-batches; on in hardware=gpu
     decode: Annotated[str, one_of(*DECODE_MODES)] | None = None   # null: graph on a GPU, eager on a CPU
     share_base: bool = False  # the base phase evaluated once per sweep (lbt.eval.base_cache); on in hardware=gpu
     pool_measures: bool = True  # a phase's measures and item sets in one engine call per kind (lbt.eval.battery)

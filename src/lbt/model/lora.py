@@ -111,11 +111,12 @@ def compile_decoder_layers(model: torch.nn.Module, cache_dir: str | os.PathLike 
     """torch.compile each decoder layer in place (one graph reused by every layer; the loss, masks and
     optimizer stay eager). Evaluation runs the layers eagerly (see `eager_layers`).
 
-    dynamic: True compiles every size as a symbol from the first step (`hardware.fast.compile_dynamic`), so
-    one graph serves every micro-batch. None is torch's default: the first shapes compile as constants, and
-    each size seen to change compiles again as a symbol. A training job sees its sequence length change at
-    step 1 and its batch size at an epoch's short last step, so that default compiled three graphs per
-    variant, one of them in the middle of the job (step 44 of 90: 20-24 s on an H100, benchmarks/RESULTS.md).
+    dynamic: None (what a job uses) is torch's default: the first shapes compile as constants, and each size
+    seen to change compiles again as a symbol: a job's length at step 1, its batch size at an epoch's short
+    last step (a sweep's first job compiles there, step 44 of 90: 20-24 s on an H100; the later jobs load it).
+    True compiles every size as a symbol from the first step, one graph for every micro-batch; on an H100 that
+    graph took 93 s to compile and a later job still spent 50 s in its first step against 11 s (benchmarks/
+    RESULTS.md, 2026-12-06 night), so jobs keep the default.
 
     cache_dir: where inductor keeps its compiled graphs and kernels (TORCHINDUCTOR_CACHE_DIR), so that the
     jobs of a sweep, on any node that sees the folder, load the first job's compilation instead of redoing it.
