@@ -174,8 +174,7 @@ def main() -> None:
                          "-irng (compiled dropout draws inductor's RNG, not eager's), "
                          "-nodrop (LoRA dropout 0: the bound on what a faster dropout could gain), "
                          "-fce (hardware.fast.fused_ce: each chunk's loss and gradient in one pass), "
-                         "-dyn (layers compiled with every size a symbol from the first step, not as jobs do), "
-                         "-sync (the loss's positions from a mask on the device, not the batch's supervised_index)")
+                         "-dyn (layers compiled with every size a symbol from the first step, not as jobs do)")
     ap.add_argument("--ce-chunk", type=int, default=4096)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--profile", action="store_true",
@@ -228,9 +227,6 @@ def main() -> None:
         steps = [(sum(examples[j].n_supervised for j in m),
                   micro_batches([examples[j] for j in m], size, pad_id, pack_tokens=size if packed else 0))
                  for m in plan]
-        if "sync" in flags:  # the loss finds its positions with a mask on the device (a wait for the host)
-            steps = [(n, [{k: v for k, v in m.items() if k != "supervised_index"} for m in batches])
-                     for n, batches in steps]
         graphs = ("dyn" in flags, "irng" in flags)  # what the compiled layers' graphs depend on
         passes = ["prime", "timed"] if compile_layers and not primed and graphs not in primed_graphs else ["timed"]
         for run in passes:

@@ -55,18 +55,8 @@ def step_plan(n_examples: int, effective_batch: int, epochs: int, seed: int) -> 
     return steps
 
 
-def supervised_index(labels: torch.Tensor) -> torch.Tensor:
-    """Where the loss reads the model: the flat (row × width) positions whose next token is supervised, in
-    row-major order. Made on the host with the batch, so that a GPU step never waits to learn how many there are
-    (a boolean mask over the device's labels would: `lbt.model.module.supervised_token_loss`)."""
-    width = labels.shape[1]
-    rows, columns = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
-    return rows * width + columns
-
-
 def pad_batch(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded micro-batch: input_ids, attention_mask, labels (−100 on padding), n_real_tokens, and the
-    supervised positions (`supervised_index`)."""
+    """Right-padded micro-batch: input_ids, attention_mask, labels (−100 on padding), n_real_tokens."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -76,8 +66,7 @@ def pad_batch(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         ids[row, :n] = torch.tensor(e.input_ids)
         labels[row, :n] = torch.tensor(e.labels)
         mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "n_real_tokens": mask.sum(),
-            "supervised_index": supervised_index(labels)}
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "n_real_tokens": mask.sum()}
 
 
 def pack_batch(examples: list[Example], pad_id: int, pad_multiple: int = 1) -> dict[str, torch.Tensor]:
@@ -95,9 +84,8 @@ def pack_batch(examples: list[Example], pad_id: int, pad_multiple: int = 1) -> d
     ids += [pad_id] * pad
     labels += [IGNORE_INDEX] * pad
     positions += list(range(pad))
-    label_row = torch.tensor([labels])
-    return {"input_ids": torch.tensor([ids]), "labels": label_row, "position_ids": torch.tensor([positions]),
-            "n_real_tokens": torch.tensor(len(ids) - pad), "supervised_index": supervised_index(label_row)}
+    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+            "position_ids": torch.tensor([positions]), "n_real_tokens": torch.tensor(len(ids) - pad)}
 
 
 def micro_batches(examples: list[Example], micro_batch: int, pad_id: int, pack_tokens: int = 0,

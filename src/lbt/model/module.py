@@ -90,21 +90,10 @@ def supervised_token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]
     supervised_logits_only: compute the vocabulary projection only at positions whose next token is
     supervised, instead of at every position (the logits dominate memory and time for big vocabularies).
     ce_chunk > 0: additionally never hold those logits at once (chunked_lm_loss); plain lm_head models only.
-    With the batch's `supervised_index` (`lbt.data.datamodule.supervised_index`, made on the host) the positions
-    are gathered by index: the same rows in the same order as the boolean mask takes, without the device-to-host
-    wait a mask's count costs on a GPU (two per micro-batch, each draining the GPU's queue).
     fused_ce (with ce_chunk > 0): each chunk's loss and gradient in one pass (fused_linear_ce).
     """
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-    index = batch.get("supervised_index")
-    if ce_chunk > 0 and index is not None:
-        lm = causal_lm(model)
-        hidden = lm.model(**inputs, use_cache=False).last_hidden_state
-        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
-        loss_sum = chunked_lm_loss(hidden, lm.lm_head, labels.reshape(-1).index_select(0, index + 1), ce_chunk,
-                                   fused=fused_ce)
-        return loss_sum, index.numel()
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     if ce_chunk > 0:
