@@ -115,8 +115,8 @@ def compile_decoder_layers(model: torch.nn.Module, cache_dir: str | os.PathLike 
     seen to change compiles again as a symbol: a job's length at step 1, its batch size at an epoch's short
     last step (a sweep's first job compiles there, step 44 of 90: 20-24 s on an H100; the later jobs load it).
     True compiles every size as a symbol from the first step, one graph for every micro-batch; on an H100 that
-    graph took 93 s to compile and a later job still spent 50 s in its first step against 11 s (benchmarks/
-    RESULTS.md, 2026-12-06 night), so jobs keep the default.
+    graph took 93 s to compile and a later job still spent 50 s in its first step against 11 s
+    (benchmarks/RESULTS.md, "Issue 15, 2026-12-06 night"), so jobs keep the default.
 
     cache_dir: where inductor keeps its compiled graphs and kernels (TORCHINDUCTOR_CACHE_DIR), so that the
     jobs of a sweep, on any node that sees the folder, load the first job's compilation instead of redoing it.
