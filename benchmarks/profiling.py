@@ -17,8 +17,9 @@ def kernel_seconds(averages, gemm_only: bool = False) -> float:
     """Seconds of GPU kernels in a profiler's `key_averages()` (only matrix-multiply kernels if `gemm_only`)."""
     from torch.autograd import DeviceType
 
-    return sum(e.self_device_time_total for e in averages if e.device_type == DeviceType.CUDA and
-               not e.key.startswith(REGION) and (not gemm_only or any(k in e.key.lower() for k in GEMM_KERNELS))) / 1e6
+    return sum(e.self_device_time_total for e in averages
+               if e.device_type == DeviceType.CUDA and not e.key.startswith(REGION)
+               and (not gemm_only or any(k in e.key.lower() for k in GEMM_KERNELS))) / 1e6
 
 
 def idle_by_region(events) -> dict[str, tuple[float, float]]:

@@ -164,4 +164,3 @@ def test_dynamic_layers_compile_once_for_every_micro_batch(tiny_model):
     assert dynamic_graphs[0] > 0 and dynamic_graphs == [dynamic_graphs[0]] * 4
     assert default_graphs[1] > default_graphs[0] and default_graphs[2] > default_graphs[1]
     assert dynamic == pytest.approx(eager, rel=1e-5)
-
