@@ -112,8 +112,8 @@ def compile_decoder_layers(model: torch.nn.Module, cache_dir: str | os.PathLike 
     optimizer stay eager). Evaluation runs the layers eagerly (see `eager_layers`).
 
     dynamic: None (what a job uses) is torch's default: the first shapes compile as constants, and each size
-    seen to change compiles again as a symbol: a job's length at step 1, its batch size at an epoch's short
-    last step (a sweep's first job compiles there, step 44 of 90: 20-24 s on an H100; the later jobs load it).
+    seen to change compiles again as a symbol, the batch size at an epoch's short last step included (a sweep's
+    first job compiles there, step 44 of 90: 20-24 s on an H100; the later jobs load it).
     True compiles every size as a symbol from the first step, one graph for every micro-batch; on an H100 that
     graph took 93 s to compile and a later job still spent 50 s in its first step against 11 s
     (benchmarks/RESULTS.md, "Issue 15, 2026-12-06 night"), so jobs keep the default.
