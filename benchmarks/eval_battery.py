@@ -62,6 +62,7 @@ from lbt.eval.battery import score_item_set
 from lbt.eval.items import load_item_set
 from lbt.eval.scoring import set_decode, set_share_prefix
 from lbt.eval.settings import BatterySettings
+from lbt.heap import settle_heap
 from lbt.model.load import load_model, load_tokenizer, resolve_dtype
 from lbt.model.modes import evaluation_mode
 from tests.eval_reference import reference_rows
@@ -225,8 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
             set_decode(mode)
             set_share_prefix(share == "on")
             if heap == "frozen" and not gc.get_freeze_count():
-                gc.collect()
-                gc.freeze()  # every object alive now (torch, transformers, the model, the items) skips full collections
+                settle_heap()  # as FrozenHeap does in a job: every object alive now skips full collections
             label = " ".join(f"{k}={v}" for k, v in (("decode", mode), ("share_prefix", share), ("gc", heap)) if v)
             score_item_set(
                 model, chat, load_item_set(args.items, max_items=4), args.measures, settings

@@ -5,9 +5,9 @@
 
 At the end of training it logs each step's wall time (the GPU synchronized at every step's start, so a
 step's time is its own), their median and spread, the slowest steps with the part spent inside
-training_step (the rest is data, evaluation phases, checkpoints and callbacks), Python's full garbage collections (count and seconds), and, for
-`profile_steps` steps from `profile_from` on (0: none), the GPU kernels' busy time against the wall and the top kernels
-and host operations. `benchmarks/train_throughput.py` times the same training step outside Lightning.
+training_step (the rest is data, evaluation phases, checkpoints and callbacks), Python's full garbage
+collections (count and seconds), and, for `profile_steps` steps from `profile_from` on (0: none), the GPU
+kernels' busy time against the wall and the top kernels and host operations. `benchmarks/train_throughput.py` times the same training step outside Lightning.
 """
 
 from __future__ import annotations

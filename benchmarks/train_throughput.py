@@ -214,7 +214,6 @@ def main() -> None:
         del model
         torch.cuda.empty_cache() if args.device == "cuda" else None
     model = None
-    primed = args.no_prime
     primed_graphs: set[tuple[bool, bool]] = set()
     for variant in args.variants.split(","):
         layout, *flags = variant.split("-")
@@ -228,7 +227,7 @@ def main() -> None:
                   micro_batches([examples[j] for j in m], size, pad_id, pack_tokens=size if packed else 0))
                  for m in plan]
         graphs = ("dyn" in flags, "irng" in flags)  # what the compiled layers' graphs depend on
-        passes = ["prime", "timed"] if compile_layers and not primed and graphs not in primed_graphs else ["timed"]
+        passes = ["prime", "timed"] if compile_layers and not args.no_prime and graphs not in primed_graphs else ["timed"]
         for run in passes:
             del model
             torch.cuda.empty_cache() if args.device == "cuda" else None
