@@ -164,3 +164,53 @@ def test_dynamic_layers_compile_once_for_every_micro_batch(tiny_model):
     assert dynamic_graphs[0] > 0 and dynamic_graphs == [dynamic_graphs[0]] * 4
     assert default_graphs[1] > default_graphs[0] and default_graphs[2] > default_graphs[1]
     assert dynamic == pytest.approx(eager, rel=1e-5)
+
+
+def test_filled_rows_and_eager_validation_compile_no_graph_of_their_own(tiny_model):
+    """A job with compiled layers fills its short micro-batches (`micro_batches(fill_rows=True)`) and reads
+    its validation loss eagerly (`LoRAModule.validation_loss`): after the first two steps (the first
+    shapes, then a dynamic length), neither a short last step nor a validation compiles another graph.
+    Unfilled, the short step does; the validation loss equals the eager model's and training mode comes
+    back."""
+    from torch._dynamo.utils import counters
+
+    from lbt.data.chat import ChatFormat
+    from lbt.data.datamodule import micro_batches
+    from lbt.model.lora import wrap_lora
+    from lbt.model.module import LoRAModule, supervised_token_loss
+
+    cfg, tok, _ = tiny_model
+    chat = ChatFormat(tok)
+    steps = [[chat.example(f"{s}-{i}", f"Question {s} {i}?", "word and more " * (3 + 2 * s + i), 256)
+              for i in range(n)] for s, n in enumerate((4, 4, 3))]
+    val = [chat.example(f"v{i}", f"Held out {i}?", "more words " * (4 + i), 256) for i in range(5)]
+
+    def graphs_after_each_step(fill: bool) -> tuple[list[int], LoRAModule]:
+        torch.manual_seed(0)
+        model = wrap_lora(load_model(cfg.model, tok, torch.float32), OmegaConf.create(
+            {"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["q_proj", "v_proj"]}))
+        torch._dynamo.reset()
+        counters.clear()
+        compile_decoder_layers(model)
+        module = LoRAModule(model, OmegaConf.create({}), total_steps=3,
+                            val_batches=micro_batches(val, 4, tok.pad_token_id))
+        model.train()
+        graphs = []
+        for examples in steps:
+            for micro in micro_batches(examples, 4, tok.pad_token_id, fill_rows=fill):
+                loss, n = supervised_token_loss(model, micro)
+                (loss / n).backward()
+            graphs.append(int(counters["stats"]["unique_graphs"]))
+        return graphs, module
+
+    unfilled, _ = graphs_after_each_step(False)
+    assert unfilled[2] > unfilled[1]
+    filled, module = graphs_after_each_step(True)
+    assert filled[2] == filled[1]
+    val_loss = module.validation_loss(module.val_batches)
+    assert int(counters["stats"]["unique_graphs"]) == filled[2]
+    assert module.model.training
+    with torch.no_grad():
+        module.model.eval()
+        sums = [supervised_token_loss(module.model, micro) for micro in module.val_batches]
+    assert val_loss == pytest.approx(sum(float(s) for s, _ in sums) / sum(n for _, n in sums), rel=1e-6)

@@ -94,6 +94,55 @@ def test_datamodule_step_tokens_count_the_whole_step(tmp_path, tiny_model):
     assert [m["input_ids"].shape[0] for m in item["micro_batches"]] == [3, 3, 2]
 
 
+def test_filled_micro_batches_have_full_rows_and_the_same_loss_and_gradients(tmp_path, tiny_model):
+    """fill_rows (on with compiled layers): an epoch's short last micro-batch gets filler rows up to the
+    micro-batch size; they count no real token, carry no label, attend to one token of their own, and leave
+    the loss and every gradient as they were (fp32)."""
+    cfg, tok, _ = tiny_model
+    examples = [ChatFormat(tok).example(str(i), f"Question {i}?", "word and more " * (3 + i), 256) for i in range(7)]
+    plain = micro_batches(examples, 3, tok.pad_token_id)
+    filled = micro_batches(examples, 3, tok.pad_token_id, fill_rows=True)
+    assert [m["input_ids"].shape[0] for m in plain] == [3, 3, 1]
+    assert [m["input_ids"].shape[0] for m in filled] == [3, 3, 3]
+    for a, b in zip(plain, filled):
+        rows = a["input_ids"].shape[0]
+        assert int(a["n_real_tokens"]) == int(b["n_real_tokens"]) == int(a["attention_mask"].sum())
+        for key in ("input_ids", "attention_mask", "labels"):
+            assert torch.equal(a[key], b[key][:rows])
+        assert bool((b["labels"][rows:] == IGNORE_INDEX).all())
+        assert b["attention_mask"][rows:].tolist() == [[1] + [0] * (b["attention_mask"].shape[1] - 1)] * (3 - rows)
+    results = []
+    for batches in (plain, filled):
+        torch.manual_seed(0)
+        model = wrap_lora(load_model(cfg.model, tok, torch.float32), OmegaConf.create(
+            {"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["q_proj", "v_proj", "down_proj"]}))
+        for p in model.parameters():
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.02)
+        losses = []
+        for micro in batches:
+            loss, n = supervised_token_loss(model, micro, ce_chunk=16, fused_ce=True)
+            loss.backward()
+            losses.append((float(loss.detach()), n))
+        results.append((losses, torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])))
+    (plain_losses, plain_grad), (filled_losses, filled_grad) = results
+    assert [n for _, n in plain_losses] == [n for _, n in filled_losses]
+    assert [v for v, _ in filled_losses] == pytest.approx([v for v, _ in plain_losses], rel=1e-6)
+    torch.testing.assert_close(filled_grad, plain_grad, atol=1e-6, rtol=1e-5)
+
+
+def test_the_datamodule_fills_the_short_steps_micro_batches_only_when_asked(tmp_path, tiny_model):
+    _, tok, _ = tiny_model
+    corpus = str(write_toy_corpus(tmp_path / "c.jsonl", n=20))
+    for fill, sizes in ((False, [3, 3, 2]), (True, [3, 3, 3])):
+        dm = CorpusDataModule(corpus, ChatFormat(tok), seed=0, max_length=128, effective_batch=8, micro_batch=3,
+                              epochs=1, fill_rows=fill)
+        item = dm.train_dataloader().dataset[0]
+        assert [m["input_ids"].shape[0] for m in item["micro_batches"]] == sizes
+        assert sum(int(m["n_real_tokens"]) for m in item["micro_batches"]) == sum(
+            len(dm.train_examples[j].input_ids) for j in dm.plan[0])
+
+
 def test_packed_rows_keep_every_token_and_restart_positions(tmp_path, tiny_model):
     _, tok, _ = tiny_model
     examples = [ChatFormat(tok).example(str(i), "Q" * (i + 1), "answer " * (5 + i), 256) for i in range(6)]

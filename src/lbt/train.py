@@ -235,7 +235,7 @@ def run_job(cfg: DictConfig, run: RunDir, card: dict[str, Any]) -> dict[str, Any
         corpus["path"], chat, seed=int(cfg.seed), max_length=int(cfg.train.max_length),
         effective_batch=int(cfg.train.effective_batch), micro_batch=int(cfg.train.micro_batch),
         epochs=int(cfg.train.epochs), max_steps=cfg.train.max_steps, val_fraction=float(cfg.data.val_fraction),
-        pack_tokens=int(fast.pack_tokens),
+        pack_tokens=int(fast.pack_tokens), fill_rows=bool(fast.compile_layers),
         num_workers=int(cfg.hardware.num_workers))
     config = public_config(cfg)
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []

@@ -55,18 +55,25 @@ def step_plan(n_examples: int, effective_batch: int, epochs: int, seed: int) -> 
     return steps
 
 
-def pad_batch(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded micro-batch: input_ids, attention_mask, labels (−100 on padding), n_real_tokens."""
+def pad_batch(examples: list[Example], pad_id: int, rows: int = 0) -> dict[str, torch.Tensor]:
+    """Right-padded micro-batch: input_ids, attention_mask, labels (−100 on padding), n_real_tokens.
+
+    rows > len(examples): filler rows up to that many, each one pad token that attends to itself (a row
+    with no real token would leave attention nothing to attend to) and no label, so they add nothing to
+    the loss or its gradient; n_real_tokens counts the examples' tokens only."""
+    n_rows = max(len(examples), int(rows))
     width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
+    labels = torch.full((n_rows, width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((n_rows, width), dtype=torch.long)
     for row, e in enumerate(examples):
         n = len(e.input_ids)
         ids[row, :n] = torch.tensor(e.input_ids)
         labels[row, :n] = torch.tensor(e.labels)
         mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "n_real_tokens": mask.sum()}
+    n_real = mask.sum()
+    mask[len(examples):, 0] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "n_real_tokens": n_real}
 
 
 def pack_batch(examples: list[Example], pad_id: int, pad_multiple: int = 1) -> dict[str, torch.Tensor]:
@@ -89,12 +96,17 @@ def pack_batch(examples: list[Example], pad_id: int, pad_multiple: int = 1) -> d
 
 
 def micro_batches(examples: list[Example], micro_batch: int, pad_id: int, pack_tokens: int = 0,
-                  pad_multiple: int = 128) -> list[dict]:
+                  pad_multiple: int = 128, fill_rows: bool = False) -> list[dict]:
     """Sort by length and cut into padded micro-batches; with pack_tokens > 0, pack rows of at most that
-    many tokens instead (first-fit over the length-sorted examples, longest first)."""
+    many tokens instead (first-fit over the length-sorted examples, longest first).
+
+    fill_rows: every padded micro-batch has micro_batch rows, a short one completed with filler rows
+    (`pad_batch`). Compiled layers then see one batch size: an epoch's short last step does not compile
+    them again (20-24 s on an H100, benchmarks/RESULTS.md)."""
     if pack_tokens <= 0:
         ordered = sorted(examples, key=lambda e: len(e.input_ids))
-        return [pad_batch(ordered[i:i + micro_batch], pad_id) for i in range(0, len(ordered), micro_batch)]
+        rows = micro_batch if fill_rows else 0
+        return [pad_batch(ordered[i:i + micro_batch], pad_id, rows) for i in range(0, len(ordered), micro_batch)]
     rows: list[list[Example]] = []
     room: list[int] = []
     for example in sorted(examples, key=lambda e: -len(e.input_ids)):
@@ -123,10 +135,10 @@ class StepDataset(Dataset):
     """Item `step` is optimizer step `step` of the plan, as this rank's micro-batches."""
 
     def __init__(self, examples: list[Example], plan: list[list[int]], micro_batch: int, pad_id: int,
-                 rank: int = 0, world_size: int = 1, pack_tokens: int = 0):
+                 rank: int = 0, world_size: int = 1, pack_tokens: int = 0, fill_rows: bool = False):
         self.examples, self.plan = examples, plan
         self.micro_batch, self.pad_id, self.pack_tokens = micro_batch, pad_id, pack_tokens
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.fill_rows = rank, world_size, fill_rows
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -137,7 +149,8 @@ class StepDataset(Dataset):
         return {
             "step": step,
             "step_tokens": sum(e.n_supervised for e in members),
-            "micro_batches": micro_batches(mine, self.micro_batch, self.pad_id, self.pack_tokens) if mine else [],
+            "micro_batches": (micro_batches(mine, self.micro_batch, self.pad_id, self.pack_tokens,
+                                            fill_rows=self.fill_rows) if mine else []),
         }
 
 
@@ -167,12 +180,12 @@ class CorpusDataModule(L.LightningDataModule):
 
     def __init__(self, corpus_path: str, chat: ChatFormat, seed: int, max_length: int,
                  effective_batch: int, micro_batch: int, epochs: int, max_steps: int | None = None,
-                 val_fraction: float = 0.05, pack_tokens: int = 0, num_workers: int = 0):
+                 val_fraction: float = 0.05, pack_tokens: int = 0, num_workers: int = 0, fill_rows: bool = False):
         super().__init__()
         self.records = load_corpus(corpus_path)
         self.chat, self.seed, self.max_length = chat, int(seed), int(max_length)
         self.effective_batch, self.micro_batch = int(effective_batch), int(micro_batch)
-        self.pack_tokens, self.num_workers = int(pack_tokens), int(num_workers)
+        self.pack_tokens, self.num_workers, self.fill_rows = int(pack_tokens), int(num_workers), bool(fill_rows)
         train_records, val_records = split_records(self.records, val_fraction)
         if not train_records:
             raise ValueError(f"{corpus_path}: no training records left after the validation split")
@@ -207,7 +220,7 @@ class CorpusDataModule(L.LightningDataModule):
             # After a resume the trainer has restored global_step: continue the plan where it stopped.
             self.start_step = self.trainer.global_step
         dataset = StepDataset(self.train_examples, self.plan, self.micro_batch, self.pad_id, rank, world,
-                              self.pack_tokens)
+                              self.pack_tokens, self.fill_rows)
         return DataLoader(dataset, sampler=ResumeSampler(len(self.plan), self.start_step), batch_size=None,
                           num_workers=self.num_workers, persistent_workers=False)
 

@@ -112,8 +112,10 @@ def compile_decoder_layers(model: torch.nn.Module, cache_dir: str | os.PathLike 
     optimizer stay eager). Evaluation runs the layers eagerly (see `eager_layers`).
 
     dynamic: None (what a job uses) is torch's default: the first shapes compile as constants, and each size
-    seen to change compiles again as a symbol, the batch size at an epoch's short last step included (a sweep's
-    first job compiles there, step 44 of 90: 20-24 s on an H100; the later jobs load it).
+    seen to change compiles again as a symbol. A job so compiles at step 0 and again at step 1 (the length);
+    it fills an epoch's short last micro-batch with rows that add nothing (`lbt.data.datamodule.pad_batch`),
+    since a new batch size compiled once more there (step 44 of 90: 20-24 s on an H100), and reads its
+    validation loss eagerly.
     True compiles every size as a symbol from the first step, one graph for every micro-batch; on an H100 that
     graph took 93 s to compile and a later job still spent 50 s in its first step against 11 s
     (benchmarks/RESULTS.md, "Issue 15, 2026-12-06 night"), so jobs keep the default.
@@ -137,10 +139,11 @@ def compile_decoder_layers(model: torch.nn.Module, cache_dir: str | os.PathLike 
     if cache_dir is not None and os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, "", _inductor_default_dir()):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(cache_dir).resolve())
     inductor_config.fallback_random = True
-    # One code object serves every layer, and a job calls it in up to 2 (first layer's input needs no grad,
-    # the others' does) x 2 (train, validation without grad) x 2 (padded mask, none) x 3 (without `dynamic`:
-    # first shapes, then a dynamic length, then a dynamic batch too) variants, past dynamo's default limit of
-    # 8, beyond which a variant silently runs eagerly (seen in a GPU job at its first validation).
+    # One code object serves every layer, and a caller may call it in up to 2 (first layer's input needs no
+    # grad, the others' does) x 2 (with grad, without) x 2 (padded mask, none) x 3 (without `dynamic`: first
+    # shapes, then a dynamic length, then a dynamic batch too) variants, past dynamo's default limit of 8,
+    # beyond which a variant silently runs eagerly (seen in a GPU job at its first validation, before
+    # validation ran eagerly).
     name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
     setattr(torch._dynamo.config, name, max(int(getattr(torch._dynamo.config, name)), RECOMPILE_LIMIT))
     for layer in decoder_layers(model):

@@ -35,6 +35,7 @@ from lbt import wandb_keys as keys
 from lbt.data.chat import IGNORE_INDEX
 from lbt.loggers import log_at_step
 from lbt.model.fused_ce import fused_linear_ce
+from lbt.model.modes import evaluation_mode
 
 
 class NonFiniteLossError(RuntimeError):
@@ -233,15 +234,15 @@ class LoRAModule(L.LightningModule):
     def tokens_per_second(self) -> float:
         return self.tokens_seen / self._train_seconds if self._train_seconds else 0.0
 
-    @torch.no_grad()
     def validation_loss(self, micro_batches: list[dict[str, torch.Tensor]]) -> float:
-        """Mean token loss over the held-out split, with dropout off."""
-        was_training = self.model.training
-        self.model.eval()
+        """Mean token loss over the held-out split, read as every measurement reads the model
+        (`evaluation_mode`: dropout off, no gradients, compiled layers run eagerly). Compiled, the
+        validation forward would compile graphs of its own (no gradients, the split's own short last
+        micro-batch) in a sweep's first job and load them in every later one."""
         loss_sum, count = 0.0, 0
-        for micro in micro_batches:
-            micro = {k: v.to(self.device) for k, v in micro.items()}
-            s, n = supervised_token_loss(self.model, micro)
-            loss_sum, count = loss_sum + float(s), count + n
-        self.model.train(was_training)
+        with evaluation_mode(self.model):
+            for micro in micro_batches:
+                micro = {k: v.to(self.device) for k, v in micro.items()}
+                s, n = supervised_token_loss(self.model, micro)
+                loss_sum, count = loss_sum + float(s), count + n
         return loss_sum / count if count else float("nan")
