@@ -4,7 +4,7 @@
 #   bash benchmarks/speed_device.sh train           # train_throughput: naive, mb16-fce with inductor's dropout RNG
 #                                                   # (-irng), mb16-fce; each graph kind primed; profile
 #                                                   # with the GPU's idle time per region of the step      ~330 s
-#   bash benchmarks/speed_device.sh warm B          # a 46-step job fills the sweep's caches, then a later job   ~470 s
+#   bash benchmarks/speed_device.sh warm B          # a 12-step job fills the sweep's caches, then a later job   ~400 s
 #   bash benchmarks/speed_device.sh B nofreeze      # a later job, then one with hardware.fast.freeze_heap=false ~360 s
 #   ITEMS=<reference>/target_items.jsonl bash benchmarks/speed_device.sh battery   # the 54 published items   ~90 s
 # Stages run in the order given. `warm` leaves base, directions and compiled layers in /tmp/lbt-cache, as a
@@ -36,9 +36,10 @@ for stage in "$@"; do
       grep -E "^battery|^profile|vs " "$dest/battery.log" ;;
     warm)
       # The same callbacks as the later jobs: they are part of the shared base's key (lbt.eval.base_cache).
-      # 46 steps: past the first epoch's short last step (44), whose smaller batch compiles once more; with
-      # 12 steps a later job compiled it itself (24 s inside its step 44, benchmarks/RESULTS.md).
-      LIMIT=270 bash benchmarks/full_job_device.sh warm paths.cache_dir=$cache train.max_steps=46 \
+      # 12 steps, short of the first epoch's short last step (44): before its micro-batches were filled to full
+      # rows, its smaller batch compiled once more, and a later job after this warm job compiled it itself (24 s
+      # inside its step 44, benchmarks/RESULTS.md); a fast step 44 in the later job shows that it no longer does.
+      LIMIT=230 bash benchmarks/full_job_device.sh warm paths.cache_dir=$cache train.max_steps=12 \
         "train.checkpoint_fractions=[1.0]" "${profile[@]}" > /dev/null
       grep -E "done:|Traceback" /tmp/lbt-full-job-warm/job.log | tail -2 ;;
     B)
