@@ -107,15 +107,17 @@ def _inductor_default_dir() -> str:
 
 
 def compile_decoder_layers(model: torch.nn.Module, cache_dir: str | os.PathLike | None = None,
-                           dynamic: bool | None = None) -> None:
+                           dynamic: bool | None = None, symbolic_length: bool = True) -> None:
     """torch.compile each decoder layer in place (one graph reused by every layer; the loss, masks and
     optimizer stay eager). Evaluation runs the layers eagerly (see `eager_layers`).
 
     dynamic: None (what a job uses) is torch's default: the first shapes compile as constants, and each size
-    seen to change compiles again as a symbol. A job so compiles at step 0 and again at step 1 (the length);
-    it fills an epoch's short last micro-batch with rows that add nothing (`lbt.data.datamodule.pad_batch`),
-    since a new batch size compiled once more there (step 44 of 90: 20-24 s on an H100), and reads its
-    validation loss eagerly.
+    seen to change compiles again as a symbol. With symbolic_length (`_symbolic_length`) the sequence length
+    is a symbol from the first call, so the length-sorted micro-batches of a job share the graphs of its first
+    step; without it, step 1 compiled again (17 s of a sweep's first job on an H100). A job also fills an
+    epoch's short last micro-batch with rows that add nothing (`lbt.data.datamodule.pad_batch`), since a new
+    batch size compiled once more there (step 44 of 90: 20-24 s on an H100), and reads its validation loss
+    eagerly: a job's training compiles once.
     True compiles every size as a symbol from the first step, one graph for every micro-batch; on an H100 that
     graph took 93 s to compile and a later job still spent 50 s in its first step against 11 s
     (benchmarks/RESULTS.md, "Issue 15, 2026-12-06 night"), so jobs keep the default.
@@ -148,6 +150,38 @@ def compile_decoder_layers(model: torch.nn.Module, cache_dir: str | os.PathLike 
     setattr(torch._dynamo.config, name, max(int(getattr(torch._dynamo.config, name)), RECOMPILE_LIMIT))
     for layer in decoder_layers(model):
         layer.compile(dynamic=dynamic)
+        if symbolic_length and dynamic is None:
+            layer._compiled_call_impl = _symbolic_length(layer._compiled_call_impl)
+
+
+def _tensors(obj: Any):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from _tensors(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _tensors(item)
+
+
+def _symbolic_length(compiled):
+    """A compiled layer call that first marks, in every tensor argument, each dimension past the first as
+    long as the hidden states' sequence (the hidden states', the position embeddings', the mask's) as
+    dynamic (`torch._dynamo.maybe_mark_dynamic`: a symbol unless the layer's code needs it constant). The
+    batch and model dimensions stay constants, as torch's default compiles them."""
+    import torch._dynamo
+
+    def call(*args, **kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        length = hidden.shape[1]
+        for tensor in _tensors((args, kwargs)):
+            for dim in range(1, tensor.dim()):
+                if tensor.shape[dim] == length:
+                    torch._dynamo.maybe_mark_dynamic(tensor, dim)
+        return compiled(*args, **kwargs)
+
+    return call
 
 
 @contextlib.contextmanager
