@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
-from profiling import FullCollections, kernel_seconds
+from profiling import FullCollections, kernel_seconds, top_kernels
 
 from lbt.data.chat import ChatFormat
 from lbt.eval.battery import score_item_set
@@ -138,18 +138,22 @@ def profile(model, chat, items, measures: list[str], settings: BatterySettings, 
         text = io.StringIO()
         pstats.Stats(host, stream=text).sort_stats("tottime").print_stats(12)
         top = [line for line in text.getvalue().splitlines() if line.strip()][-12:]
-        busy, collections = kernel_busy(model, chat, items, part, settings, device)
+        busy, collections, kernels = kernel_busy(model, chat, items, part, settings, device)
         print(f"profile ({label}) {name}: wall {wall:.3f} s alone; GPU kernels {busy:.3f} s of a third run, "
               f"which had {collections[0]} full garbage collections ({collections[1]:.3f} s); host functions by "
               "own time (cProfile, second run):")
         print("\n".join("    " + line for line in top))
-        out[name] = {"wall_s": wall, "host_top": top, "kernel_s": busy, "full_collections": collections}
+        for kernel, seconds, calls in kernels:
+            print(f"    GPU kernel {seconds:.4f} s in {calls:5d} calls: {kernel}")
+        out[name] = {"wall_s": wall, "host_top": top, "kernel_s": busy, "full_collections": collections,
+                     "top_kernels": kernels}
     return out
 
 
-def kernel_busy(model, chat, items, part: list[str], settings: BatterySettings, device: str) -> tuple[float, tuple]:
-    """Seconds of GPU kernels in one run of `part` (0 on a CPU), and the (count, seconds) of the full
-    garbage collections Python ran meanwhile."""
+def kernel_busy(model, chat, items, part: list[str], settings: BatterySettings,
+                device: str) -> tuple[float, tuple, list]:
+    """Seconds of GPU kernels in one run of `part` (0 on a CPU), the (count, seconds) of the full garbage
+    collections Python ran meanwhile, and the kernels with the most time (`profiling.top_kernels`)."""
     on_gpu = device.startswith("cuda")
     profiler = (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) if on_gpu
                 else contextlib.nullcontext())
@@ -157,7 +161,8 @@ def kernel_busy(model, chat, items, part: list[str], settings: BatterySettings, 
         score_item_set(model, chat, items, part, settings)
         synchronize(device)
     busy = kernel_seconds(prof.key_averages()) if on_gpu else 0.0
-    return busy, (len(collections.pauses), sum(collections.pauses))
+    top = top_kernels(prof.key_averages()) if on_gpu else []
+    return busy, (len(collections.pauses), sum(collections.pauses)), top
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -22,6 +22,16 @@ def kernel_seconds(averages, gemm_only: bool = False) -> float:
                and (not gemm_only or any(k in e.key.lower() for k in GEMM_KERNELS))) / 1e6
 
 
+def top_kernels(averages, n: int = 8) -> list[tuple[str, float, int]]:
+    """The n GPU kernels with the most time in a profiler's `key_averages()`: (name cut to 90 characters,
+    seconds, calls)."""
+    from torch.autograd import DeviceType
+
+    kernels = [e for e in averages if e.device_type == DeviceType.CUDA and not e.key.startswith(REGION)]
+    kernels.sort(key=lambda e: -e.self_device_time_total)
+    return [(e.key[:90], e.self_device_time_total / 1e6, e.count) for e in kernels[:n]]
+
+
 def idle_by_region(events) -> dict[str, tuple[float, float]]:
     """For each `record_function` region named REGION + ..., over all its occurrences in a profiler's
     `events()`: (its wall seconds, the seconds of it in which the GPU ran no kernel), plus "all" for the span

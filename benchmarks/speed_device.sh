@@ -34,7 +34,7 @@ for stage in "$@"; do
       python3 benchmarks/eval_battery.py --model qwen --random-init --device cuda --batch-size 512 --decode graph \
         --share-prefix on --gc normal frozen --skip-reference --items "${ITEMS:?ITEMS names target_items.jsonl}" \
         --profile --repeats 5 --json "$dest/battery54.json" 2>&1 | grep -v Warn > "$dest/battery.log"
-      grep -E "^battery|^profile|vs " "$dest/battery.log" ;;
+      grep -E "^battery|^profile|vs |GPU kernel" "$dest/battery.log" ;;
     warm)
       # The same callbacks as the later jobs: they are part of the shared base's key (lbt.eval.base_cache).
       # 12 steps, short of the first epoch's short last step (44): before its micro-batches were filled to full
