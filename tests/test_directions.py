@@ -219,3 +219,32 @@ def test_missing_corpus_is_a_clear_error(tiny_model, tmp_path):
                                                           "minus": tmp_path / "nope2.jsonl"}, tmp_path)
     with pytest.raises(ValueError, match="variant"):
         dirs.get_directions(model, ChatFormat(tokenizer), cfg.model, {}, tmp_path, DirectionSettings(variant="bogus"))
+
+
+def test_probe_accuracies_on_workers_equal_the_serial_ones(monkeypatch):
+    """The probes of every summary and layer may fit on worker processes (`lbt.probe.accuracy`); each fit
+    uses one BLAS thread there and here, so the accuracies, and so ℓ*, are the same numbers. Features wide
+    enough for the workers, with a class difference that grows with the layer."""
+    from lbt.probe import accuracy
+
+    rng = np.random.default_rng(3)
+    y = np.r_[np.zeros(40), np.ones(40)]
+    groups = [f"s{i % 20}" for i in range(80)]
+    width = accuracy.PARALLEL_MIN_FEATURES
+    features = [rng.normal(size=(80, width)) + 0.02 * layer * y[:, None] for layer in range(5)]
+    serial = accuracy.probe_accuracies(features, y, groups, workers=1)
+    spawned = []
+    real = accuracy.probe_accuracy
+
+    def counted(*args, **kwargs):  # runs in this process only when the fits are not on workers
+        spawned.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(accuracy, "probe_accuracy", counted)
+    on_workers = accuracy.probe_accuracies(features, y, groups, workers=2)
+    assert spawned == []  # the fits ran on the workers (a worker appends to its own copy of the list)
+    assert on_workers == serial
+    assert serial[-1] > serial[0]
+    narrow = [x[:, :8] for x in features]
+    assert accuracy.probe_accuracies(narrow, y, groups, workers=2) == [real(x, y, groups) for x in narrow]
+    assert len(spawned) == 5  # too narrow for workers: fitted here

@@ -51,6 +51,7 @@ from lbt.data.records import CorpusRecord, file_sha256, load_corpus
 from lbt.eval.batching import length_batches, pad_id_of, right_pad
 from lbt.model.modes import evaluation_mode
 from lbt.probe import hooks
+from lbt.probe.accuracy import probe_accuracies
 from lbt.rundir import atomic_save, write_json_atomic
 from lbt.study import ARMS, FRAMED_ARMS, MINUS, PLUS
 
@@ -150,28 +151,6 @@ def cohens_d(a: np.ndarray, b: np.ndarray) -> float:
     return diff / float(np.sqrt(pooled))
 
 
-def probe_accuracy(x: np.ndarray, y: np.ndarray, groups: Sequence[str], folds: int = 5) -> float:
-    """Held-out accuracy of a standardised L2 logistic regression, folds grouped by scenario."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import GroupKFold
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    groups = np.asarray(groups)
-    n_splits = min(folds, len(set(groups.tolist())))
-    if n_splits < 2:
-        return float("nan")
-    correct = 0
-    for train, test in GroupKFold(n_splits=n_splits).split(x, y, groups):
-        if len(set(y[train].tolist())) < 2:  # one class only: predict it
-            correct += int((y[test] == y[train][0]).sum())
-            continue
-        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
-        clf.fit(x[train], y[train])
-        correct += int((clf.predict(x[test]) == y[test]).sum())
-    return correct / len(y)
-
-
 def best_layer(accuracy: Sequence[float], separation: Sequence[float]) -> int:
     """ℓ*: best accuracy; ties (within 1e-9) → larger |separation| → earlier layer."""
     acc = np.nan_to_num(np.asarray(accuracy, dtype=float), nan=-1.0)
@@ -194,6 +173,12 @@ def fit_directions(plus: Mapping[str, torch.Tensor], minus: Mapping[str, torch.T
 
     plus/minus: {summary: (N, L, D)} activations of the FRAME+ and FRAME− records."""
     result: dict[str, Any] = {"variants": {}, "l_star": {}}
+    y = np.r_[np.zeros(len(scenarios_plus)), np.ones(len(scenarios_minus))]
+    groups = list(scenarios_plus) + list(scenarios_minus)
+    # Every summary's and layer's probe in one call: the fits are most of the time, and independent.
+    features = {summary: [torch.cat([plus[summary][:, layer], minus[summary][:, layer]]).float().numpy()
+                          for layer in range(plus[summary].shape[1])] for summary in plus}
+    flat = probe_accuracies([x for summary in plus for x in features[summary]], y, groups, folds)
     for summary in plus:
         xp, xm = plus[summary].float(), minus[summary].float()
         diff = xm.mean(0) - xp.mean(0)  # (L, D), towards FRAME− (pro-change)
@@ -201,13 +186,9 @@ def fit_directions(plus: Mapping[str, torch.Tensor], minus: Mapping[str, torch.T
         shared = sorted(set(mp) & set(mm))
         paired = torch.stack([mm[s] - mp[s] for s in shared]) if shared else torch.zeros(0, *diff.shape)
         unit = unit_rows(diff)
-        n_layers = diff.shape[0]
-        y = np.r_[np.zeros(len(xp)), np.ones(len(xm))]
-        groups = list(scenarios_plus) + list(scenarios_minus)
-        accuracy, separation, consistency = [], [], []
-        for layer in range(n_layers):
-            x = torch.cat([xp[:, layer], xm[:, layer]]).numpy()
-            accuracy.append(probe_accuracy(x, y, groups, folds))
+        accuracy, flat = flat[:len(features[summary])], flat[len(features[summary]):]
+        separation, consistency = [], []
+        for layer, x in enumerate(features[summary]):
             proj = x @ unit[layer].numpy()
             separation.append(cohens_d(proj[y == 1], proj[y == 0]))
             consistency.append(mean_pairwise_cosine(paired[:, layer]) if len(shared) else float("nan"))
