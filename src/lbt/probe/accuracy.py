@@ -1,7 +1,8 @@
 """Held-out accuracy of the per-layer probes, the slow part of computing directions (`lbt.probe.directions`).
 
 A model's directions fit 3 summaries x every layer x 5 folds of logistic regression: 540 fits for
-Qwen2.5-3B, about 20 s of a sweep's first job on one core (benchmarks/RESULTS.md). They are independent, so
+Qwen2.5-3B, about 20 s of a sweep's first job on an H100 host, one after another (benchmarks/RESULTS.md,
+"Issue 15, 2026-12-06 late"). They are independent, so
 `probe_accuracies` spreads them over the job's CPUs. Every fit uses one BLAS thread, on a worker or not, so
 an accuracy (and so ℓ*) is the same number however many CPUs the node has. This module imports no torch:
 the workers start with numpy and scikit-learn only.
