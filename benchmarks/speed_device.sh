@@ -7,6 +7,8 @@
 #                                                   # per region of the step                               ~400 s
 #   bash benchmarks/speed_device.sh warm B          # a 12-step job fills the sweep's caches, then a later job   ~400 s
 #   bash benchmarks/speed_device.sh B nofreeze      # a later job, then one with hardware.fast.freeze_heap=false ~360 s
+#   EXTRA="hardware.eval_batch_size=1024" bash benchmarks/speed_device.sh B Bx   # a later job, then one with the
+#                                                   # overrides in EXTRA (space-separated)                 ~360 s
 #   ITEMS=<reference>/target_items.jsonl bash benchmarks/speed_device.sh battery   # the 54 published items   ~90 s
 # Stages run in the order given. `warm` leaves base, directions and compiled layers in /tmp/lbt-cache, as a
 # sweep's first job does; the later jobs need it on the same (warm) machine. Every job runs with
@@ -50,7 +52,13 @@ for stage in "$@"; do
       LIMIT=280 bash benchmarks/full_job_device.sh nofreeze paths.cache_dir=$cache hardware.fast.freeze_heap=false \
         "${profile[@]}" | grep -v "^-\|^d\|^total"
       grep step_profile /tmp/lbt-full-job-nofreeze/job.log | grep -E "steps:|collections|profiled" ;;
-    *) echo "unknown stage $stage (train, battery, warm, B, nofreeze)"; exit 2 ;;
+    Bx)
+      read -ra extra <<< "${EXTRA:?EXTRA holds the overrides of the Bx job}"
+      echo "Bx overrides: ${extra[*]}"
+      LIMIT=280 bash benchmarks/full_job_device.sh Bx paths.cache_dir=$cache "${extra[@]}" "${profile[@]}" \
+        | grep -v "^-\|^d\|^total"
+      grep step_profile /tmp/lbt-full-job-Bx/job.log | grep -E "steps:|collections|profiled" ;;
+    *) echo "unknown stage $stage (train, battery, warm, B, Bx, nofreeze)"; exit 2 ;;
   esac
 done
 echo "== end $(date -u +%H:%M:%S)"
