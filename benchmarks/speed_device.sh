@@ -4,12 +4,12 @@
 #   bash benchmarks/speed_device.sh train           # train_throughput: naive, mb16-fce with inductor's dropout RNG
 #                                                   # (-irng), with coordinate-descent tuning (-cdt), mb16-fce;
 #                                                   # each graph kind primed; profile with the GPU's idle time
-#                                                   # per region of the step                               ~400 s
-#   bash benchmarks/speed_device.sh warm B          # a 12-step job fills the sweep's caches, then a later job   ~400 s
-#   bash benchmarks/speed_device.sh B nofreeze      # a later job, then one with hardware.fast.freeze_heap=false ~360 s
+#                                                   # per region of the step                               ~260 s
+#   bash benchmarks/speed_device.sh warm B          # a 12-step job fills the sweep's caches, then a later job   ~330 s
+#   bash benchmarks/speed_device.sh B nofreeze      # a later job, then one with hardware.fast.freeze_heap=false ~380 s
 #   EXTRA="hardware.eval_batch_size=1024" bash benchmarks/speed_device.sh B Bx   # a later job, then one with the
-#                                                   # overrides in EXTRA (space-separated)                 ~360 s
-#   ITEMS=<reference>/target_items.jsonl bash benchmarks/speed_device.sh battery   # the 54 published items   ~90 s
+#                                                   # overrides in EXTRA (space-separated)                 ~380 s
+#   ITEMS=<reference>/target_items.jsonl bash benchmarks/speed_device.sh battery   # the 54 published items   ~40 s
 # Stages run in the order given. `warm` leaves base, directions and compiled layers in /tmp/lbt-cache, as a
 # sweep's first job does; the later jobs need it on the same (warm) machine. Every job runs with
 # benchmarks/step_profile.py, which logs each step's time (and the part inside training_step), the full garbage
