@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Issue 15's measurements on the device machine, in stages that each fit one call's 600 s (run from the root of a
 # snapshot of the repository, with PYTHONPATH holding <snapshot>/src; results go to the device tool's $OUT).
-#   bash benchmarks/speed_device.sh train           # train_throughput: naive, mb16-fce with inductor's dropout RNG
-#                                                   # (-irng), with coordinate-descent tuning (-cdt), mb16-fce;
-#                                                   # each graph kind primed; profile with the GPU's idle time
-#                                                   # per region of the step                               ~260 s
+#   bash benchmarks/speed_device.sh train           # train_throughput: naive, then the variants in VARIANTS
+#                                                   # (default mb16-fce, the GPU default; -irng and -cdt were
+#                                                   # measured and not adopted: benchmarks/RESULTS.md), each
+#                                                   # graph kind primed; profile with the GPU's idle time per
+#                                                   # region of the step                          ~130 s (~260 s with 3)
 #   bash benchmarks/speed_device.sh warm B          # a 12-step job fills the sweep's caches, then a later job   ~330 s
 #   bash benchmarks/speed_device.sh B nofreeze      # a later job, then one with hardware.fast.freeze_heap=false ~380 s
 #   EXTRA="hardware.eval_batch_size=1024" bash benchmarks/speed_device.sh B Bx   # a later job, then one with the
@@ -28,7 +29,7 @@ for stage in "$@"; do
   case $stage in
     train)
       python3 benchmarks/train_throughput.py --model qwen --steps 8 --warmup 3 --naive-micro-batch 8 \
-        --variants mb16-fce-irng,mb16-fce-cdt,mb16-fce --profile --out "$dest/tt" 2>&1 | grep -v Warning \
+        --variants "${VARIANTS:-mb16-fce}" --profile --out "$dest/tt" 2>&1 | grep -v Warning \
         > "$dest/train_throughput.log"
       rm -rf "$dest/tt/adapter"
       grep -E "priming|lbt path|step [0-9]|profiled step|GPU idle" "$dest/train_throughput.log" ;;
