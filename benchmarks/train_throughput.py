@@ -12,7 +12,7 @@ records, chat-templated, replicated to ~3,000), from the same random-init weight
          length-sorted padded micro-batches, chunked supervised-only cross-entropy (-fce: fused, as
          hardware=gpu runs it), decoder layers compiled (variants without -eager; compiled layers learn the
          same adapter but log a slightly lower bf16 loss: benchmarks/RESULTS.md, compile_check).
-The first compiled variant of each kind of graph (-dyn, -irng, -cdt) first runs its steps once untimed (--no-prime
+The first compiled variant of each kind of graph (-dyn, -irng, -cdt, -fold) first runs its steps once untimed (--no-prime
 skips that), so each variant is timed with inductor's cache as warm as a sweep's later jobs have it: unprimed,
 the first variant compiled new shapes inside its timed steps (1.2-1.8 s against 1.03-1.16 s a step on an H100:
 benchmarks/RESULTS.md). --profile also gives, per region of the step (forward+loss, backward, optimizer), the
@@ -37,6 +37,7 @@ from torch.profiler import record_function
 from lbt.data.chat import ChatFormat
 from lbt.data.datamodule import micro_batches, step_plan
 from lbt.data.records import load_corpus
+from lbt.model.folded_lora import fold_lora
 from lbt.model.load import load_model, load_tokenizer
 from lbt.model.lora import compile_decoder_layers, eager_layers, wrap_lora
 from lbt.model.module import supervised_token_loss
@@ -54,10 +55,12 @@ def corpus_examples(tokenizer, max_length: int, target: int) -> list:
 
 
 def build(model_cfg, tokenizer, device, lora_cfg, adapters: str, compile_layers: bool,
-          compiled_rng: bool = False, dynamic: bool | None = None, tuned: bool = False):
+          compiled_rng: bool = False, dynamic: bool | None = None, tuned: bool = False, fold: bool = False):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = load_model(model_cfg, tokenizer, dtype, device=device)
     model = wrap_lora(model, lora_cfg, adapters=adapters)
+    if fold:
+        fold_lora(model)
     torch.manual_seed(1234)  # the same adapter init in both paths
     for name, p in model.named_parameters():
         if "lora_A" in name:
@@ -177,7 +180,8 @@ def main() -> None:
                          "-nodrop (LoRA dropout 0: the bound on what a faster dropout could gain), "
                          "-fce (hardware.fast.fused_ce: each chunk's loss and gradient in one pass), "
                          "-dyn (layers compiled with every size a symbol from the first step, not as jobs do), "
-                         "-cdt (inductor's coordinate-descent tuning of its generated kernels' block sizes)")
+                         "-cdt (inductor's coordinate-descent tuning of its generated kernels' block sizes), "
+                         "-fold (hardware.fast.fold_lora: gate/up LoRA B products inside the base GEMMs)")
     ap.add_argument("--ce-chunk", type=int, default=4096)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--profile", action="store_true",
@@ -217,7 +221,7 @@ def main() -> None:
         del model
         torch.cuda.empty_cache() if args.device == "cuda" else None
     model = None
-    primed_graphs: set[tuple[bool, bool, bool]] = set()
+    primed_graphs: set[tuple[bool, ...]] = set()
     for variant in args.variants.split(","):
         layout, *flags = variant.split("-")
         adapters = "bf16" if "bf16" in flags else "fp32" if "fp32" in flags else "autocast"
@@ -229,7 +233,8 @@ def main() -> None:
         steps = [(sum(examples[j].n_supervised for j in m),
                   micro_batches([examples[j] for j in m], size, pad_id, pack_tokens=size if packed else 0))
                  for m in plan]
-        graphs = ("dyn" in flags, "irng" in flags, "cdt" in flags)  # what the compiled layers' graphs depend on
+        # What the compiled layers' graphs depend on.
+        graphs = ("dyn" in flags, "irng" in flags, "cdt" in flags, "fold" in flags)
         passes = ["prime", "timed"] if compile_layers and not args.no_prime and graphs not in primed_graphs else ["timed"]
         for run in passes:
             del model
@@ -237,7 +242,7 @@ def main() -> None:
             torch._dynamo.reset()
             model = build(model_cfg, tokenizer, args.device, variant_lora, adapters=adapters,
                           compile_layers=compile_layers, compiled_rng="irng" in flags,
-                          dynamic=True if "dyn" in flags else None, tuned="cdt" in flags)
+                          dynamic=True if "dyn" in flags else None, tuned="cdt" in flags, fold="fold" in flags)
             if run == "prime":  # untimed: compiles this run's shapes into inductor's cache, as a sweep's first job does
                 print(f"priming {variant}", flush=True)
                 run_path("prime", model, steps, args.device, float(train_cfg.lr), ce_chunk, len(steps),

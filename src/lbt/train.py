@@ -197,6 +197,7 @@ def run_job(cfg: DictConfig, run: RunDir, card: dict[str, Any]) -> dict[str, Any
     from lbt.eval.battery import apply_fast_settings
     from lbt.heap import FrozenHeap
     from lbt.loggers import build_logger
+    from lbt.model.folded_lora import fold_lora
     from lbt.model.load import resolve_dtype
     from lbt.model.lora import compile_decoder_layers
     from lbt.model.module import LoRAModule
@@ -250,6 +251,8 @@ def run_job(cfg: DictConfig, run: RunDir, card: dict[str, Any]) -> dict[str, Any
     device = f"cuda:{env_local_rank()}" if cfg.hardware.accelerator == "gpu" else "cpu"
     model = load_model(cfg.model, tokenizer, dtype, device=device)
     model = wrap_lora(model, cfg.train.lora, adapters=str(fast.adapters))
+    if fast.get("fold_lora"):
+        fold_lora(model)
     if fast.compile_layers:
         inductor_dir = Path(str(cfg.paths.cache_dir)) / "inductor" if fast.get("compile_cache") else None
         compile_decoder_layers(model, inductor_dir)

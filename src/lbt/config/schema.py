@@ -132,6 +132,7 @@ class Fast:
     ce_chunk: Natural
     compile_layers: bool
     fused_ce: bool = False  # with ce_chunk: each chunk's loss and gradient in one pass (lbt.model.fused_ce); on in hardware=gpu
+    fold_lora: bool = False  # a wide LoRA layer's B product inside its base GEMM (lbt.model.folded_lora); off everywhere until measured
     compile_cache: bool = True  # compiled layers cached in <paths.cache_dir>/inductor, shared by a sweep's jobs
     decode: Annotated[str, one_of(*DECODE_MODES)] | None = None   # null: graph on a GPU, eager on a CPU
     share_base: bool = False  # the base phase evaluated once per sweep (lbt.eval.base_cache); on in hardware=gpu

@@ -98,7 +98,8 @@ def code_identity(package: Path | None = None) -> str:
 
 # `hardware.fast` settings that act on training alone (evaluation runs the decoder layers eagerly, see
 # lora.eager_layers), so jobs that differ only in them share one base.
-TRAINING_ONLY_FAST = frozenset({"share_base", "pack_tokens", "ce_chunk", "fused_ce", "freeze_heap", "compile_layers", "compile_cache"})
+TRAINING_ONLY_FAST = frozenset({"share_base", "pack_tokens", "ce_chunk", "fused_ce", "freeze_heap", "compile_layers",
+                                "compile_cache", "fold_lora"})
 
 
 def base_material(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:

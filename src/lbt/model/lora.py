@@ -246,10 +246,14 @@ def lean_lora(model: torch.nn.Module):
     for module in model.modules():
         adapter = _lean_candidate(module)
         if adapter is not None:
+            # A forward of the job's own (`lbt.model.folded_lora`) comes back on exit.
+            swapped.append((module, module.__dict__.get("forward")))
             module.forward = _lean_forward(module, adapter)
-            swapped.append(module)
     try:
         yield model
     finally:
-        for module in swapped:
-            del module.forward
+        for module, own in swapped:
+            if own is None:
+                del module.forward
+            else:
+                module.forward = own
