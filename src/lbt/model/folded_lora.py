@@ -25,6 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lbt.model.lora import plain_adapter
+
 
 class _FoldedLinear(torch.autograd.Function):
     """y = x Wᵀ + h Bᵀ (+ bias) as one GEMM; gradients for x, h and B (the base weight and bias are frozen)."""
@@ -44,6 +46,8 @@ class _FoldedLinear(torch.autograd.Function):
         h, weight, lora_b = ctx.saved_tensors
         x_dtype, h_dtype, b_dtype, dtype = ctx.dtypes
         dy = dy.to(dtype)
+        # Joined again rather than saved: holding it from forward to backward would keep a copy of every
+        # folded layer's weight for the whole micro-batch.
         joined = torch.cat([weight.to(dtype), lora_b.to(dtype)], dim=1)
         grads = dy @ joined
         width = weight.shape[1]
@@ -60,24 +64,21 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def folded_candidate(module: torch.nn.Module) -> str | None:
-    """The adapter name when `module` is a peft LoRA Linear that folds: training mode, one active plain
-    adapter, not merged or disabled, an unquantized nn.Linear base with a frozen weight and bias, no input
-    upcast (adapters=autocast or bf16; or everything in one dtype, as on a CPU), and an output wider than its
-    input; None otherwise."""
-    from peft.tuners.lora.layer import Linear as LoraLinear
+def _widening(base: torch.nn.Module) -> bool:
+    """An unquantized nn.Linear whose output is wider than its input: the layers that fold."""
+    return type(base) is torch.nn.Linear and base.out_features > base.in_features
 
-    if type(module) is not LoraLinear or not module.training or module.merged or module.disable_adapters:
+
+def folded_candidate(module: torch.nn.Module) -> str | None:
+    """The adapter name when `module` is a peft LoRA Linear that folds: one plain adapter (`plain_adapter`)
+    in training mode, a widening base (`_widening`) with a frozen weight and bias, and no input upcast
+    (adapters=autocast or bf16; or everything in one dtype, as on a CPU); None otherwise."""
+    adapter = plain_adapter(module)
+    if adapter is None or not module.training or not _widening(module.base_layer):
         return None
     base = module.base_layer
-    if type(base) is not torch.nn.Linear or base.out_features <= base.in_features:
-        return None
     if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
         return None
-    active = [a for a in module.active_adapters if a in module.lora_A]
-    if len(active) != 1 or active[0] in getattr(module, "lora_variant", {}):
-        return None
-    adapter = active[0]
     if getattr(module, "cast_input_dtype_enabled", True) and module.lora_A[adapter].weight.dtype != base.weight.dtype:
         return None
     return adapter
@@ -104,8 +105,7 @@ def fold_lora(model: torch.nn.Module) -> int:
 
     folded = 0
     for module in model.modules():
-        base = getattr(module, "base_layer", None)
-        if type(module) is LoraLinear and type(base) is torch.nn.Linear and base.out_features > base.in_features:
+        if type(module) is LoraLinear and _widening(module.base_layer):
             module.forward = _folded_forward(module)
             folded += 1
     return folded

@@ -222,18 +222,24 @@ def _lean_forward(layer: torch.nn.Module, adapter: str):
     return forward
 
 
-def _lean_candidate(module: torch.nn.Module) -> str | None:
-    """The adapter name when `module` is a peft LoRA Linear whose eval forward is the plain
-    `base(x) + B(A(x)) * scaling` (one active adapter, no DoRA or other variant, not merged, not
-    disabled, dropout off); None otherwise."""
+def plain_adapter(module: torch.nn.Module) -> str | None:
+    """The adapter name when `module` is a peft LoRA Linear computing `base(x) + B(A(drop(x))) * scaling`
+    for one adapter (one active adapter, no DoRA or other variant, not merged, adapters not disabled);
+    None otherwise. Both of lbt's own LoRA forwards (`_lean_forward`, `lbt.model.folded_lora`) start here."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
-    if type(module) is not LoraLinear or module.training or module.merged or module.disable_adapters:
+    if type(module) is not LoraLinear or module.merged or module.disable_adapters:
         return None
     active = [a for a in module.active_adapters if a in module.lora_A]
     if len(active) != 1 or active[0] in getattr(module, "lora_variant", {}):
         return None
     return active[0]
+
+
+def _lean_candidate(module: torch.nn.Module) -> str | None:
+    """The adapter name when `module` runs one plain adapter (`plain_adapter`) in eval mode (dropout off),
+    so that its forward is `base(x) + B(A(x)) * scaling`; None otherwise."""
+    return None if module.training else plain_adapter(module)
 
 
 @contextlib.contextmanager
