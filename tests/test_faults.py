@@ -265,6 +265,10 @@ def test_nonfinite_loss_fails_the_job_keeps_the_last_checkpoint_and_a_rerun_fini
     card = check_finished(run.root, reference)
     assert card["previous_attempts"] == 1 and card["attempts"][0]["status"] == "failed"
     assert card["attempts"][0]["error"]["type"] == "NonFiniteLossError"
+    # Each attempt keeps where and when it ran; the card's own host is the last attempt's.
+    assert card["attempts"][0]["started"] <= card["started"]
+    assert card["attempts"][0]["host"]["name"] == card["host"]["name"] == socket.gethostname()
+    assert card["host"]["gpus"] == [] and "cuda_visible_devices" in card["host"]
     assert writes(job) == PHASES                          # every phase's files written once, in all
     assert {name: v for name, v in snapshot(run.root / "eval").items() if name in kept} == kept
 

@@ -32,7 +32,7 @@ def run_tiny_job(job_dir: Path, cache_dir: Path) -> None:
     env = dict(os.environ, LBT_ROOT=".", WANDB_MODE="offline", PYTHONHASHSEED="0")
     command = [sys.executable, "-m", "lbt.train", "logger=csv", f"hydra.run.dir={job_dir}",
                f"paths.cache_dir={cache_dir}"]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 

@@ -18,7 +18,8 @@ from tests.conftest import ROOT, write_toy_corpus
 SHIPPED = ["lbt/conf/train.yaml", "lbt/conf/evaluate.yaml", "lbt/conf/hardware/gpu.yaml",
            "lbt/conf/hydra/launcher/slurm.yaml", "lbt/data/prompt_templates.yaml",
            "hydra_plugins/lbt_launchers/launchers.py", "lbt/assets/tiny_tokenizer/tokenizer.json"]
-SCRIPTS = ["lbt-train", "lbt-evaluate", "lbt-analyze", "lbt-interp", "lbt-judge", "lbt-plan", "lbt-dashboard"]
+SCRIPTS = ["lbt-train", "lbt-evaluate", "lbt-analyze", "lbt-interp", "lbt-judge", "lbt-plan", "lbt-dashboard",
+           "lbt-check"]
 
 
 def run(command: list, **kwargs) -> subprocess.CompletedProcess:
@@ -63,3 +64,6 @@ def test_the_wheel_installs_and_its_console_script_runs_a_job_elsewhere(tmp_path
     card = json.loads((job / "run.json").read_text())
     assert (job / "DONE").exists() and card["status"] == "done" and (job / "adapter").is_dir()
     assert Path(card["config"]["arm"]["corpus"]) == corpus
+    # The installed check agrees with the DONE it finds.
+    checked = run([site / "bin" / "lbt-check", job.parent], cwd=elsewhere, env=env)
+    assert checked.stdout.splitlines() == [f"complete: {job}", "1 job(s): 1 complete"]

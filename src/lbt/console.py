@@ -38,6 +38,7 @@ USER_ERRORS = frozenset({
     "lbt.model.load.ModelConfigError",                      # a model section that cannot load
     "lbt.evaluate.AdapterError",                            # adapter= is not a peft adapter directory
     "lbt.stats.prereg.LockError",                           # analysis without its preregistration lock
+    "lbt.check.NoJobs",                                     # lbt.check given a folder that holds no job
     "builtins.FileNotFoundError",                           # a path given on the command line or in config
 })
 

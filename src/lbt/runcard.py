@@ -10,6 +10,7 @@ import importlib.metadata
 import os
 import platform
 import re
+import socket
 import subprocess
 import time
 import traceback
@@ -20,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lbt.rundir import RunDir, read_json, write_json_atomic
 
-__all__ = ["git_sha", "package_versions", "public_config", "read_json", "record_status", "scrub_secrets",
+__all__ = ["git_sha", "host_info", "package_versions", "public_config", "read_json", "record_status", "scrub_secrets",
            "write_json_atomic"]
 
 SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential|auth)", re.IGNORECASE)
@@ -84,6 +85,17 @@ def installed_versions(names: tuple[str, ...]) -> dict[str, str | None]:
 
 def package_versions() -> dict[str, str | None]:
     return {"python": platform.python_version(), **installed_versions(PACKAGES)}
+
+
+def host_info() -> dict[str, Any]:
+    """Where this attempt of a job runs: the host, the GPUs it was given (CUDA_VISIBLE_DEVICES, as the
+    local_gpus launcher or SLURM set it) and their names, and the SLURM job id."""
+    import torch
+
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] \
+        if torch.cuda.is_available() else []
+    return {"name": socket.gethostname(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "gpus": gpus, "slurm_job": os.environ.get("SLURM_JOB_ID")}
 
 
 def record_status(run: RunDir, card: dict[str, Any], status: str, error: BaseException | None = None, *,

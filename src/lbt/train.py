@@ -23,7 +23,7 @@ from lbt.config.entries import build
 from lbt.console import deferred, is_user_error, quiet_libraries, user_errors
 from lbt.data.records import file_sha256, load_corpus
 from lbt.joblock import JobLock, JobLocked
-from lbt.runcard import git_sha, package_versions, public_config, public_overrides
+from lbt.runcard import git_sha, host_info, package_versions, public_config, public_overrides
 from lbt.rundir import (
     CorruptFile,
     RunDir,
@@ -217,8 +217,9 @@ def run_job(cfg: DictConfig, run: RunDir, card: dict[str, Any]) -> dict[str, Any
             previous = {}
         card["previous_attempts"] = int(previous.get("previous_attempts", 0)) + 1
         card["attempts"] = [*previous.get("attempts", []),
-                            {k: previous.get(k) for k in ("status", "interrupted_at_step", "error") if previous.get(k)}]
-    record_status(run, card, "running", started=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                            {k: previous.get(k) for k in ("status", "started", "host", "interrupted_at_step", "error")
+                             if previous.get(k)}]
+    record_status(run, card, "running", started=time.strftime("%Y-%m-%dT%H:%M:%S"), host=host_info())
     corpus = check_corpus(cfg)
 
     if cfg.hardware.get("cpu_threads"):
