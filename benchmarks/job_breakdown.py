@@ -99,6 +99,9 @@ def main() -> None:
     if wall:
         rest = wall - total_eval - total_cap - total_probe
         print(f"rest (model build, data, training, saves): {rest:.1f} s of {wall:.1f} s")
+    if card.get("startup_s") is not None:
+        print(f"before the job (process start to run.json's start: Python, imports, Hydra's compose, the config "
+              f"check): {card['startup_s']:.1f} s, outside run.json's wall")
     print("timeline (s since the job log's first line):")
     for t, msg in events:
         print(f"  {t:7.1f}  {msg[:150]}")

@@ -24,6 +24,9 @@ def finished(tmp_path_factory) -> Path:
     job = tmp_path_factory.mktemp("check") / "job"
     run_tiny_job(job, job.parent / "cache")
     assert (job / "DONE").exists()
+    # The job's process started it: the card says how long Python, the imports and the compose took first.
+    card = json.loads((job / "run.json").read_text())
+    assert 0.5 < card["startup_s"] < 120
     return job
 
 

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lbt.rundir import RunDir, read_json, write_json_atomic
 
-__all__ = ["git_sha", "host_info", "package_versions", "public_config", "read_json", "record_status", "scrub_secrets",
+__all__ = ["git_sha", "host_info", "package_versions", "process_age_s", "public_config", "read_json", "record_status", "scrub_secrets",
            "write_json_atomic"]
 
 SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential|auth)", re.IGNORECASE)
@@ -96,6 +96,17 @@ def host_info() -> dict[str, Any]:
         if torch.cuda.is_available() else []
     return {"name": socket.gethostname(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "gpus": gpus, "slurm_job": os.environ.get("SLURM_JOB_ID")}
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux: /proc), None where that cannot be read."""
+    try:
+        after_name = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        start_ticks = int(after_name[19])  # field 22, starttime: clock ticks after boot
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def record_status(run: RunDir, card: dict[str, Any], status: str, error: BaseException | None = None, *,

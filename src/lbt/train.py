@@ -23,7 +23,7 @@ from lbt.config.entries import build
 from lbt.console import deferred, is_user_error, quiet_libraries, user_errors
 from lbt.data.records import file_sha256, load_corpus
 from lbt.joblock import JobLock, JobLocked
-from lbt.runcard import git_sha, host_info, package_versions, public_config, public_overrides
+from lbt.runcard import git_sha, host_info, package_versions, process_age_s, public_config, public_overrides
 from lbt.rundir import (
     CorruptFile,
     RunDir,
@@ -185,6 +185,19 @@ def record_status(run: RunDir, card: dict[str, Any], status: str, error: BaseExc
     runcard.record_status(run, card, status, error, write=env_rank() == 0, **fields)
 
 
+_JOBS_IN_PROCESS = 0
+
+
+def startup_seconds() -> float | None:
+    """For the first job of a process, the seconds from the process's start to the job's: Python, the
+    imports, Hydra's compose, the config check and any wait for a GPU lock (None for a later job of the same
+    process, e.g. Hydra's sequential launcher, or where the process's age cannot be read)."""
+    global _JOBS_IN_PROCESS
+    _JOBS_IN_PROCESS += 1
+    age = process_age_s() if _JOBS_IN_PROCESS == 1 else None
+    return None if age is None else round(age, 2)
+
+
 def run_job(cfg: DictConfig, run: RunDir, card: dict[str, Any]) -> dict[str, Any]:
     import lightning as L
     import torch
@@ -217,9 +230,10 @@ def run_job(cfg: DictConfig, run: RunDir, card: dict[str, Any]) -> dict[str, Any
             previous = {}
         card["previous_attempts"] = int(previous.get("previous_attempts", 0)) + 1
         card["attempts"] = [*previous.get("attempts", []),
-                            {k: previous.get(k) for k in ("status", "started", "host", "interrupted_at_step", "error")
-                             if previous.get(k)}]
-    record_status(run, card, "running", started=time.strftime("%Y-%m-%dT%H:%M:%S"), host=host_info())
+                            {k: previous.get(k) for k in ("status", "started", "host", "startup_s",
+                                                          "interrupted_at_step", "error") if previous.get(k)}]
+    record_status(run, card, "running", started=time.strftime("%Y-%m-%dT%H:%M:%S"), host=host_info(),
+                  startup_s=startup_seconds())
     corpus = check_corpus(cfg)
 
     if cfg.hardware.get("cpu_threads"):
