@@ -10,6 +10,9 @@
 #   bash benchmarks/speed_device.sh B nofreeze      # a later job, then one with hardware.fast.freeze_heap=false ~380 s
 #   EXTRA="hardware.eval_batch_size=1024" bash benchmarks/speed_device.sh B Bx   # a later job, then one with the
 #                                                   # overrides in EXTRA (space-separated)                 ~380 s
+#   EXTRA="hardware.fast.fold_lora=true" bash benchmarks/speed_device.sh warmx Bx   # the same for overrides that
+#                                                   # change the compiled layers: warmx is `warm` with EXTRA, so
+#                                                   # that Bx loads its layers from the cache as B does  ~320 s
 #   ITEMS=<reference>/target_items.jsonl bash benchmarks/speed_device.sh battery   # the 54 published items   ~40 s
 # Stages run in the order given. `warm` leaves base, directions and compiled layers in /tmp/lbt-cache, as a
 # sweep's first job does; the later jobs need it on the same (warm) machine. Every job runs with
@@ -38,14 +41,16 @@ for stage in "$@"; do
         --share-prefix on --gc normal frozen --skip-reference --items "${ITEMS:?ITEMS names target_items.jsonl}" \
         --profile --repeats 5 --json "$dest/battery54.json" 2>&1 | grep -v Warn > "$dest/battery.log"
       grep -E "^battery|^profile|vs |GPU kernel" "$dest/battery.log" ;;
-    warm)
+    warm|warmx)
       # The same callbacks as the later jobs: they are part of the shared base's key (lbt.eval.base_cache).
       # 12 steps, short of the first epoch's short last step (44): before its micro-batches were filled to full
       # rows, its smaller batch compiled once more, and a later job after this warm job compiled it itself (24 s
       # inside its step 44, benchmarks/RESULTS.md); a fast step 44 in the later job shows that it no longer does.
-      LIMIT=230 bash benchmarks/full_job_device.sh warm paths.cache_dir=$cache train.max_steps=12 \
-        "train.checkpoint_fractions=[1.0]" "${profile[@]}" > /dev/null
-      grep -E "done:|Traceback" /tmp/lbt-full-job-warm/job.log | tail -2 ;;
+      extra=()
+      [ "$stage" = warmx ] && read -ra extra <<< "${EXTRA:?EXTRA holds the overrides of the warmx job}"
+      LIMIT=230 bash benchmarks/full_job_device.sh "$stage" paths.cache_dir=$cache train.max_steps=12 \
+        "train.checkpoint_fractions=[1.0]" "${extra[@]}" "${profile[@]}" > /dev/null
+      grep -E "done:|Traceback" "/tmp/lbt-full-job-$stage/job.log" | tail -2 ;;
     B)
       LIMIT=280 bash benchmarks/full_job_device.sh B paths.cache_dir=$cache "${profile[@]}" | grep -v "^-\|^d\|^total"
       grep step_profile /tmp/lbt-full-job-B/job.log | grep -E "steps:|collections|profiled" ;;
@@ -59,7 +64,7 @@ for stage in "$@"; do
       LIMIT=280 bash benchmarks/full_job_device.sh Bx paths.cache_dir=$cache "${extra[@]}" "${profile[@]}" \
         | grep -v "^-\|^d\|^total"
       grep step_profile /tmp/lbt-full-job-Bx/job.log | grep -E "steps:|collections|profiled" ;;
-    *) echo "unknown stage $stage (train, battery, warm, B, Bx, nofreeze)"; exit 2 ;;
+    *) echo "unknown stage $stage (train, battery, warm, warmx, B, Bx, nofreeze)"; exit 2 ;;
   esac
 done
 echo "== end $(date -u +%H:%M:%S)"
