@@ -17,6 +17,7 @@ import logging
 import netrc
 import os
 import socket
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -159,20 +160,14 @@ def appending_csv_logger(job_dir: Path):
 
 def mark_wandb_preempting() -> None:
     """Tell W&B this run stops to be requeued (shown as preempted, not crashed); it resumes with the same id."""
-    try:
-        import wandb
-    except ImportError:
-        return
-    if wandb.run is not None:
+    wandb = sys.modules.get("wandb")  # a process that never imported wandb has no run (and pays no import)
+    if wandb is not None and wandb.run is not None:
         wandb.run.mark_preempting()
 
 
 def finish_wandb(exit_code: int | None = None) -> None:
     """Close the W&B run of this process, if any, so multirun jobs never log into each other's run;
     a failed job's run ends with its non-zero exit code (shown as failed in W&B)."""
-    try:
-        import wandb
-    except ImportError:
-        return
-    if wandb.run is not None:
+    wandb = sys.modules.get("wandb")  # a process that never imported wandb has no run (and pays no import)
+    if wandb is not None and wandb.run is not None:
         wandb.finish(exit_code=exit_code)
