@@ -267,7 +267,8 @@ def run_job(cfg: DictConfig, run: RunDir, card: dict[str, Any]) -> dict[str, Any
     model = load_model(cfg.model, tokenizer, dtype, device=device)
     model = wrap_lora(model, cfg.train.lora, adapters=str(fast.adapters))
     if fast.get("fold_lora"):
-        fold_lora(model)
+        log.info("fold_lora: %d LoRA layers wider out than in compute their B product inside the base GEMM",
+                 fold_lora(model))
     if fast.compile_layers:
         inductor_dir = Path(str(cfg.paths.cache_dir)) / "inductor" if fast.get("compile_cache") else None
         compile_decoder_layers(model, inductor_dir)
