@@ -279,6 +279,89 @@ def test_local_launcher_hands_each_job_its_own_gpu(tmp_path, monkeypatch, hydra_
                        ).launch([["seed=0"]], initial_job_idx=0)
 
 
+def test_local_launcher_shares_a_gpu_between_jobs_when_asked(tmp_path, monkeypatch, hydra_launcher):
+    """jobs_per_gpu=2 on GPUs 3 and 5: four jobs at once, spread over both GPUs first; a finished job's slot
+    goes to the next job; the jobs are told how many share a GPU (their GPU locks have that many slots)."""
+    from hydra_plugins.lbt_launchers import launchers
+
+    monkeypatch.setenv("LBT_GPUS", "3,5")
+    monkeypatch.setenv("LBT_JOBS_PER_GPU", "1")  # the launcher sets it for its jobs: restored after the test
+    monkeypatch.setattr(launchers.time, "sleep", lambda s: None)
+    launcher = hydra_launcher(["hydra/launcher=local_gpus", "hardware=gpu", "sweep_name=g",
+                               "hydra.launcher.jobs_per_gpu=2", f"hydra.sweep.dir={tmp_path / 'g'}"])
+    events: list = []
+
+    class FakeJob:
+        def __init__(self, idx):
+            self.idx, self.polls = idx, 0
+
+        def done(self):
+            self.polls += 1
+            return self.idx == 1 or self.polls > 3                       # job 1 (GPU 5) ends first
+
+        def results(self):
+            events.append(("end", self.idx))
+            return [self.idx]
+
+    class FakeExecutor:
+        def __init__(self):
+            self.params: dict = {}
+
+        def update_parameters(self, **params):
+            self.params.update(params)
+
+        def submit(self, fn, *args):
+            events.append(("start", args[2], self.params["visible_gpus"], os.environ["LBT_JOBS_PER_GPU"]))
+            return FakeJob(args[2])
+
+    monkeypatch.setattr(launcher, "_executor", FakeExecutor)
+    assert launcher.launch([[f"seed={i}"] for i in range(5)], initial_job_idx=0) == [0, 1, 2, 3, 4]
+    assert events[:6] == [("start", 0, (3,), "2"), ("start", 1, (5,), "2"), ("start", 2, (3,), "2"),
+                          ("start", 3, (5,), "2"), ("end", 1), ("start", 4, (5,), "2")]
+    for bad in ("0", "two"):
+        with pytest.raises(ValueError, match="hydra.launcher.jobs_per_gpu=.*whole number"):
+            hydra_launcher(["hydra/launcher=local_gpus", "hardware=gpu", f"hydra.launcher.jobs_per_gpu={bad}",
+                            f"hydra.sweep.dir={tmp_path / 'b'}"]).launch([["seed=0"]], initial_job_idx=0)
+
+
+def test_gpu_lock_slots_let_k_jobs_share_a_gpu_and_keep_a_lone_job_out(tmp_path, monkeypatch):
+    import threading
+
+    hardware = OmegaConf.create({"accelerator": "gpu", "devices": 1, "num_nodes": 1})
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2")
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
+
+    def waits(slots: int) -> threading.Thread:
+        """A job of another sweep asking for GPU 2 with `slots`: still waiting after 0.3 s."""
+        thread = threading.Thread(target=cluster.lock_local_gpus, args=(hardware, tmp_path, 0.01, slots))
+        thread.start()
+        thread.join(0.3)
+        assert thread.is_alive()
+        return thread
+
+    try:
+        assert cluster.lock_local_gpus(hardware, tmp_path, slots=2) == ["2"]    # two jobs share GPU 2 ...
+        assert cluster.lock_local_gpus(hardware, tmp_path, slots=2) == ["2"]
+        held = list(cluster._locks)
+        cluster._locks.clear()
+        third = waits(2)                                                        # ... a third waits
+        lone = waits(1)                                                         # ... as does a job alone
+        held[1].close()                                                         # the first job ends
+        third.join(5)
+        assert not third.is_alive() and lone.is_alive()                         # its slot goes to the third
+        for handle in [*held, *cluster._locks]:                                 # every sharing job ends
+            handle.close()
+        cluster._locks.clear()
+        lone.join(5)
+        assert not lone.is_alive() and len(cluster._locks) == 1                # the lone job has the GPU
+    finally:
+        while cluster._locks:
+            cluster._locks.pop().close()
+    monkeypatch.setenv("LBT_JOBS_PER_GPU", "0")
+    with pytest.raises(ValueError, match="LBT_JOBS_PER_GPU='0'"):
+        cluster.lock_local_gpus(hardware, tmp_path)
+
+
 def test_gpu_lock_keeps_a_second_sweep_waiting(tmp_path, monkeypatch):
     import threading
 

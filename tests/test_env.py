@@ -73,14 +73,15 @@ def test_config_reads_an_empty_variable_as_unset(monkeypatch):
 
 
 def test_launcher_presets_read_empty_variables_as_unset(monkeypatch):
-    for name in ("LBT_SLURM_PARTITION", "LBT_SLURM_TIME_MIN", "LBT_MAX_PARALLEL"):
+    for name in ("LBT_SLURM_PARTITION", "LBT_SLURM_TIME_MIN", "LBT_MAX_PARALLEL", "LBT_JOBS_PER_GPU"):
         monkeypatch.setenv(name, "")
     slurm = OmegaConf.load(CONF / "hydra/launcher/slurm.yaml")
     local = OmegaConf.load(CONF / "hydra/launcher/local_gpus.yaml")
-    assert (slurm.partition, slurm.timeout_min, local.max_parallel) == (None, 240, None)
+    assert (slurm.partition, slurm.timeout_min, local.max_parallel, local.jobs_per_gpu) == (None, 240, None, 1)
     monkeypatch.setenv("LBT_SLURM_TIME_MIN", "30")
     monkeypatch.setenv("LBT_MAX_PARALLEL", "2")
-    assert (slurm.timeout_min, local.max_parallel) == (30, 2)
+    monkeypatch.setenv("LBT_JOBS_PER_GPU", "2")
+    assert (slurm.timeout_min, local.max_parallel, local.jobs_per_gpu) == (30, 2, 2)
 
 
 def test_no_config_reads_lbt_wandb_or_hf_variables_with_oc_env():

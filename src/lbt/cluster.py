@@ -83,39 +83,72 @@ def gpu_pool() -> list[str]:
 _locks: list[Any] = []  # open lock files: a GPU stays locked for this process's lifetime
 
 
-def lock_local_gpus(hardware: DictConfig, lock_dir: str | Path | None = None, poll_s: float = 5.0) -> list[str]:
+JOBS_PER_GPU_ENV = "LBT_JOBS_PER_GPU"  # set by the local_gpus launcher for its jobs (hydra.launcher.jobs_per_gpu)
+
+
+def jobs_per_gpu() -> int:
+    """How many jobs of this job's sweep may share one GPU (LBT_JOBS_PER_GPU, default 1)."""
+    value = (os.environ.get(JOBS_PER_GPU_ENV) or "1").strip()
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{JOBS_PER_GPU_ENV}={value!r}: use a whole number ≥ 1 (jobs sharing one GPU)")
+    return int(value)
+
+
+def lock_local_gpus(hardware: DictConfig, lock_dir: str | Path | None = None, poll_s: float = 5.0,
+                    slots: int | None = None) -> list[str]:
     """Under hydra/launcher=local_gpus, lock the GPUs the launcher gave this job (CUDA_VISIBLE_DEVICES),
     waiting while a job of another sweep on this machine holds one.
 
-    The launcher never gives one GPU to two of its own jobs; the file locks (released by the OS when the
-    process ends, however it ends) extend that to several sweeps on one machine. No-op outside submitit's
-    local executor or on CPU.
+    The launcher gives one GPU to at most `jobs_per_gpu` of its own jobs; the file locks (released by the OS
+    when the process ends, however it ends) extend that to several sweeps on one machine. With one job per
+    GPU a job holds `gpu<id>.lock` alone. With k per GPU it holds `gpu<id>.lock` shared with the other
+    sharing jobs, and one of k slot locks (`gpu<id>.slot<s>.lock`): a job that wants a GPU alone waits for
+    all sharing jobs, and sharing jobs wait for it (slots: k; None: `jobs_per_gpu()`). No-op outside
+    submitit's local executor or on CPU.
     """
     if os.environ.get("SUBMITIT_EXECUTOR") != "local" or str(hardware.accelerator) != "gpu":
         return []
     gpus = [g.strip() for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    slots = jobs_per_gpu() if slots is None else slots
     folder = Path(lock_dir or os.environ.get("LBT_GPU_LOCK_DIR") or Path(tempfile.gettempdir()) / "lbt-gpu-locks")
     folder.mkdir(parents=True, exist_ok=True)
     for gpu in gpus:
-        handle = open(folder / f"gpu{gpu}.lock", "a+")  # noqa: SIM115 -- held open: the lock lives with it
-        waited = False
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError:
-                if not waited:
-                    log.info("local_gpus: GPU %s is busy (another sweep); waiting for it", gpu)
-                    waited = True
-                time.sleep(poll_s)
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        _locks.append(handle)
+        if slots == 1:
+            _locks.append(_lock_waiting([folder / f"gpu{gpu}.lock"], fcntl.LOCK_EX, gpu, poll_s))
+        else:
+            _locks.append(_lock_waiting([folder / f"gpu{gpu}.lock"], fcntl.LOCK_SH, gpu, poll_s))
+            _locks.append(_lock_waiting([folder / f"gpu{gpu}.slot{s}.lock" for s in range(slots)],
+                                        fcntl.LOCK_EX, gpu, poll_s))
     if gpus:
-        log.info("local_gpus: this job runs on GPU %s", ",".join(gpus))
+        log.info("local_gpus: this job runs on GPU %s%s", ",".join(gpus),
+                 f" (shared by up to {slots} jobs)" if slots > 1 else "")
     return gpus
+
+
+def _lock_waiting(paths: list[Path], mode: int, gpu: str, poll_s: float) -> Any:
+    """The first of `paths` this process can lock (flock `mode`), waiting while all are held; the open
+    file is returned and stays open: the lock lives with it."""
+    handles = [open(path, "a+") for path in paths]  # noqa: SIM115 -- one is kept open: the lock lives with it
+    waited = False
+    while True:
+        for handle in handles:
+            try:
+                fcntl.flock(handle, mode | fcntl.LOCK_NB)
+            except OSError:
+                continue
+            for other in handles:
+                if other is not handle:
+                    other.close()
+            if mode == fcntl.LOCK_EX:
+                handle.seek(0)
+                handle.truncate()
+                handle.write(f"{os.getpid()}\n")
+                handle.flush()
+            return handle
+        if not waited:
+            log.info("local_gpus: GPU %s is busy (another sweep); waiting for it", gpu)
+            waited = True
+        time.sleep(poll_s)
 
 
 # -- resumable RNG state ------------------------------------------------------------------------------

@@ -5,7 +5,8 @@
   (tests/test_slurm.py).
 - `SequentialLauncher` (the default for `-m`): Hydra's basic launcher; finished jobs are not launched.
 - `LocalGPULauncher` (hydra/launcher=local_gpus): runs a sweep's jobs as local submitit jobs in parallel,
-  one GPU each, as many at a time as there are GPUs.
+  one GPU each, as many at a time as there are GPUs (times `jobs_per_gpu`, for jobs small enough to share
+  one).
 
 Each logs one summary line per cell when the sweep ends (done / failed with its error / skipped). The
 submitit ones keep submitit's requeue protocol: the job function is the launcher itself, whose
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +32,8 @@ from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 from omegaconf import DictConfig, OmegaConf
 
 import lbt.env  # noqa: F401 -- registers ${lbt.env:NAME,default} wherever Hydra composes (light: no torch)
+
+JOBS_PER_GPU_ENV = "LBT_JOBS_PER_GPU"  # also read by lbt.cluster.lock_local_gpus (inside each job)
 
 log = logging.getLogger(__name__)
 
@@ -175,19 +179,21 @@ class SlurmLauncher(SkipFinishedJobs, submitit_launcher.SlurmLauncher):
 
 
 class LocalGPULauncher(SkipFinishedJobs, submitit_launcher.LocalLauncher):
-    """A sweep's jobs as local submitit jobs, at most `max_parallel` at a time (default: one per GPU of the
-    pool, 1 on CPU), each on its own GPU.
+    """A sweep's jobs as local submitit jobs, at most `max_parallel` at a time (default: `jobs_per_gpu` per
+    GPU of the pool, 1 on CPU), each on one GPU, shared with at most `jobs_per_gpu` − 1 other jobs (default
+    1: a GPU of its own; more only for jobs whose peak memory fits that share of the card).
 
     submitit_local alone would give every job the same GPUs; here the launcher keeps the list of free GPUs
     and submits each job with `visible_gpus=[its GPU]`, so submitit sets CUDA_VISIBLE_DEVICES when it
     creates the job's process (before anything in it can start CUDA); a finished job's GPU goes to the
-    next job. Inside, lbt.cluster.lock_local_gpus also locks it, so that two sweeps on one machine wait
-    for each other. A job that gets the requeue signal checkpoints, exits with submitit's requeue code and
+    next job, which gets the GPU running the fewest jobs. Inside, lbt.cluster.lock_local_gpus also locks
+    it (one of its `jobs_per_gpu` slots), so that two sweeps on one machine wait for each other. A job that gets the requeue signal checkpoints, exits with submitit's requeue code and
     is restarted by submitit's local controller, on the same GPU.
     """
 
-    def __init__(self, max_parallel: int | None = None, **params: Any) -> None:
+    def __init__(self, max_parallel: int | None = None, jobs_per_gpu: int | None = 1, **params: Any) -> None:
         self.max_parallel = max_parallel
+        self.jobs_per_gpu = jobs_per_gpu
         super().__init__(**params)
 
     def _executor(self) -> Any:
@@ -215,12 +221,23 @@ class LocalGPULauncher(SkipFinishedJobs, submitit_launcher.LocalLauncher):
             raise ValueError(f"hydra/launcher=local_gpus: no GPU ids to hand out ({pool}); set LBT_GPUS=0,1,...")
         return [int(g) for g in pool]
 
+    def slots(self) -> int:
+        """Jobs that may share one GPU (hydra.launcher.jobs_per_gpu, ≥ 1)."""
+        value = self.jobs_per_gpu if self.jobs_per_gpu is not None else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"hydra.launcher.jobs_per_gpu={value!r}: use a whole number ≥ 1 (jobs sharing one GPU)")
+        return value
+
     def launch_pending(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        free = self.gpu_pool()
+        pool, slots = self.gpu_pool(), self.slots()
+        free = [gpu for _ in range(slots) for gpu in pool]  # each GPU once per job it may hold
         limit = min(int(self.max_parallel or len(free) or 1), len(free) or len(job_overrides))
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         log.info("local_gpus: %d jobs, at most %d at a time%s; sweep dir %s", len(job_overrides), limit,
-                 f" on GPUs {','.join(map(str, free))}" if free else "", self.config.hydra.sweep.dir)
+                 f" on GPUs {','.join(map(str, pool))}" + (f", {slots} jobs per GPU" if slots > 1 else "")
+                 if pool else "", self.config.hydra.sweep.dir)
+        # The jobs' processes inherit it: lbt.cluster.lock_local_gpus lets this many jobs hold one GPU.
+        os.environ[JOBS_PER_GPU_ENV] = str(slots)
         executor = self._executor()
         queue = list(enumerate(job_overrides, start=initial_job_idx))
         running: list[tuple[int, Sequence[str], Any, int | None]] = []
@@ -228,7 +245,10 @@ class LocalGPULauncher(SkipFinishedJobs, submitit_launcher.LocalLauncher):
         while queue or running:
             while queue and len(running) < limit:
                 idx, overrides = queue.pop(0)
-                gpu = free.pop(0) if free else None
+                gpu = None
+                if free:  # the free slot of the GPU running the fewest jobs (the pool's order breaks ties)
+                    load = {g: sum(r[3] == g for r in running) for g in free}
+                    gpu = free.pop(free.index(min(free, key=lambda g: (load[g], pool.index(g)))))
                 executor.update_parameters(gpus_per_node=0 if gpu is None else 1,
                                            visible_gpus=() if gpu is None else (gpu,))
                 log.info("\t#%d : %s%s", idx, " ".join(filter_overrides(overrides)),
