@@ -232,8 +232,10 @@ def run_job(cfg: DictConfig, run: RunDir, card: dict[str, Any]) -> dict[str, Any
         card["attempts"] = [*previous.get("attempts", []),
                             {k: previous.get(k) for k in ("status", "started", "host", "startup_s",
                                                           "interrupted_at_step", "error") if previous.get(k)}]
-    record_status(run, card, "running", started=time.strftime("%Y-%m-%dT%H:%M:%S"), host=host_info(),
-                  startup_s=startup_seconds())
+    # Rank 0 alone writes the card, so it alone asks for the GPUs' names (which starts CUDA in the process:
+    # another rank of a multi-GPU job would start it on a GPU that is not its own).
+    record_status(run, card, "running", started=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                  host=host_info() if rank_zero else None, startup_s=startup_seconds())
     corpus = check_corpus(cfg)
 
     if cfg.hardware.get("cpu_threads"):
