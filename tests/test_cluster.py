@@ -236,59 +236,16 @@ def test_trainer_switches_off_lightning_requeue_whenever_slurm_runs_the_job(monk
 
 # -- one GPU per job ----------------------------------------------------------------------------------
 
-def test_local_launcher_hands_each_job_its_own_gpu(tmp_path, monkeypatch, hydra_launcher):
-    """3 jobs on GPUs 3 and 5: two at a time, each submitted with one GPU, a finished job's GPU reused."""
+def fake_local_jobs(launcher, monkeypatch, ends_first: set[int]) -> list:
+    """Replace the local_gpus launcher's submitit executor by one that records each submission as ("start",
+    job index, visible GPUs, GPUs per node, LBT_JOBS_PER_GPU its process would inherit) and each collected
+    job as ("end", index); the jobs in `ends_first` end at their first poll, the others at their fourth. A
+    job's result is its index."""
     from hydra_plugins.lbt_launchers import launchers
 
-    monkeypatch.setenv("LBT_GPUS", "3,5")
+    # The launcher sets LBT_JOBS_PER_GPU for its jobs: monkeypatched here, so it is restored afterwards.
+    monkeypatch.setenv("LBT_JOBS_PER_GPU", "1")
     monkeypatch.setattr(launchers.time, "sleep", lambda s: None)
-    launcher = hydra_launcher(["hydra/launcher=local_gpus", "hardware=gpu", "sweep_name=g",
-                               f"hydra.sweep.dir={tmp_path / 'g'}"])
-    events: list = []
-
-    class FakeJob:
-        def __init__(self, args):
-            self.idx, self.polls = args[2], 0
-
-        def done(self):
-            self.polls += 1
-            return self.polls > (1 if self.idx == 0 else 3)             # job 0 ends first
-
-        def results(self):
-            events.append(("end", self.idx))
-            return [f"result {self.idx}"]
-
-    class FakeExecutor:
-        def __init__(self):
-            self.params: dict = {}
-
-        def update_parameters(self, **params):
-            self.params.update(params)
-
-        def submit(self, fn, *args):
-            assert fn is launcher
-            events.append(("start", args[2], self.params["visible_gpus"], self.params["gpus_per_node"]))
-            return FakeJob(args)
-
-    monkeypatch.setattr(launcher, "_executor", FakeExecutor)
-    returns = launcher.launch([["seed=0"], ["seed=1"], ["seed=2"]], initial_job_idx=0)
-    assert returns == ["result 0", "result 1", "result 2"]
-    assert events[:4] == [("start", 0, (3,), 1), ("start", 1, (5,), 1), ("end", 0), ("start", 2, (3,), 1)]
-    with pytest.raises(ValueError, match="one GPU per job"):
-        hydra_launcher(["hydra/launcher=local_gpus", "hardware=multi_gpu", f"hydra.sweep.dir={tmp_path / 'm'}"]
-                       ).launch([["seed=0"]], initial_job_idx=0)
-
-
-def test_local_launcher_shares_a_gpu_between_jobs_when_asked(tmp_path, monkeypatch, hydra_launcher):
-    """jobs_per_gpu=2 on GPUs 3 and 5: four jobs at once, spread over both GPUs first; a finished job's slot
-    goes to the next job; the jobs are told how many share a GPU (their GPU locks have that many slots)."""
-    from hydra_plugins.lbt_launchers import launchers
-
-    monkeypatch.setenv("LBT_GPUS", "3,5")
-    monkeypatch.setenv("LBT_JOBS_PER_GPU", "1")  # the launcher sets it for its jobs: restored after the test
-    monkeypatch.setattr(launchers.time, "sleep", lambda s: None)
-    launcher = hydra_launcher(["hydra/launcher=local_gpus", "hardware=gpu", "sweep_name=g",
-                               "hydra.launcher.jobs_per_gpu=2", f"hydra.sweep.dir={tmp_path / 'g'}"])
     events: list = []
 
     class FakeJob:
@@ -297,7 +254,7 @@ def test_local_launcher_shares_a_gpu_between_jobs_when_asked(tmp_path, monkeypat
 
         def done(self):
             self.polls += 1
-            return self.idx == 1 or self.polls > 3                       # job 1 (GPU 5) ends first
+            return self.idx in ends_first or self.polls > 3
 
         def results(self):
             events.append(("end", self.idx))
@@ -311,13 +268,41 @@ def test_local_launcher_shares_a_gpu_between_jobs_when_asked(tmp_path, monkeypat
             self.params.update(params)
 
         def submit(self, fn, *args):
-            events.append(("start", args[2], self.params["visible_gpus"], os.environ["LBT_JOBS_PER_GPU"]))
+            assert fn is launcher
+            events.append(("start", args[2], self.params["visible_gpus"], self.params["gpus_per_node"],
+                           os.environ["LBT_JOBS_PER_GPU"]))
             return FakeJob(args[2])
 
     monkeypatch.setattr(launcher, "_executor", FakeExecutor)
+    return events
+
+
+def test_local_launcher_hands_each_job_its_own_gpu(tmp_path, monkeypatch, hydra_launcher):
+    """3 jobs on GPUs 3 and 5: two at a time, each submitted with one GPU, a finished job's GPU reused."""
+    monkeypatch.setenv("LBT_GPUS", "3,5")
+    launcher = hydra_launcher(["hydra/launcher=local_gpus", "hardware=gpu", "sweep_name=g",
+                               f"hydra.sweep.dir={tmp_path / 'g'}"])
+    events = fake_local_jobs(launcher, monkeypatch, ends_first={0})
+    assert launcher.launch([["seed=0"], ["seed=1"], ["seed=2"]], initial_job_idx=0) == [0, 1, 2]
+    assert events[:4] == [("start", 0, (3,), 1, "1"), ("start", 1, (5,), 1, "1"), ("end", 0),
+                          ("start", 2, (3,), 1, "1")]
+    with pytest.raises(ValueError, match="one GPU per job"):
+        hydra_launcher(["hydra/launcher=local_gpus", "hardware=multi_gpu", f"hydra.sweep.dir={tmp_path / 'm'}"]
+                       ).launch([["seed=0"]], initial_job_idx=0)
+
+
+def test_local_launcher_shares_a_gpu_between_jobs_when_asked(tmp_path, monkeypatch, hydra_launcher):
+    """jobs_per_gpu=2 on GPUs 3 and 5, three jobs at a time: spread over both GPUs first; when both jobs on
+    GPU 3 end, the next two go to GPU 3 (the one running the fewest), not to GPU 5's free slot; the jobs are
+    told how many share a GPU (their GPU locks have that many slots)."""
+    monkeypatch.setenv("LBT_GPUS", "3,5")
+    launcher = hydra_launcher(["hydra/launcher=local_gpus", "hardware=gpu", "sweep_name=g",
+                               "hydra.launcher.jobs_per_gpu=2", "hydra.launcher.max_parallel=3",
+                               f"hydra.sweep.dir={tmp_path / 'g'}"])
+    events = fake_local_jobs(launcher, monkeypatch, ends_first={0, 2})
     assert launcher.launch([[f"seed={i}"] for i in range(5)], initial_job_idx=0) == [0, 1, 2, 3, 4]
-    assert events[:6] == [("start", 0, (3,), "2"), ("start", 1, (5,), "2"), ("start", 2, (3,), "2"),
-                          ("start", 3, (5,), "2"), ("end", 1), ("start", 4, (5,), "2")]
+    assert events[:7] == [("start", 0, (3,), 1, "2"), ("start", 1, (5,), 1, "2"), ("start", 2, (3,), 1, "2"),
+                          ("end", 0), ("end", 2), ("start", 3, (3,), 1, "2"), ("start", 4, (3,), 1, "2")]
     for bad in ("0", "two"):
         with pytest.raises(ValueError, match="hydra.launcher.jobs_per_gpu=.*whole number"):
             hydra_launcher(["hydra/launcher=local_gpus", "hardware=gpu", f"hydra.launcher.jobs_per_gpu={bad}",
