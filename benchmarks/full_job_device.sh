@@ -6,6 +6,7 @@
 #   bash benchmarks/full_job_device.sh eager                            # full_job.sh's defaults
 #   bash benchmarks/full_job_device.sh graph hardware.fast.decode=graph   # extra args go to lbt.train
 # LIMIT (seconds, default 540) stops the job before the device tool's 600 s limit, so the files come back.
+# IMPORTTIME=1 adds the job's slowest imports to the breakdown (what its startup_s is made of).
 set -uo pipefail
 label=$1; shift
 dest=${OUT:?OUT is the device tool\'s folder}
@@ -23,13 +24,23 @@ date -u
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 echo "job $label: full_job.sh $*"
 t0=$SECONDS
-OUT=$job_out timeout "${LIMIT:-540}" bash benchmarks/full_job.sh "$@"
+# IMPORTTIME=1: Python reports every import's time into the job log (PYTHONPROFILEIMPORTTIME, in each of the
+# job's Python processes); the slowest top-level imports go to the breakdown and the rest of those lines out.
+OUT=$job_out PYTHONPROFILEIMPORTTIME=${IMPORTTIME:+1} timeout "${LIMIT:-540}" bash benchmarks/full_job.sh "$@"
 echo "full_job.sh exit $? after $((SECONDS - t0)) s"
 job=$job_out/job
+imports=
+if [ -n "${IMPORTTIME:-}" ]; then
+  imports=$(grep "^import time:" "$job_out/job.log" | awk -F'|' '$3 ~ /^ [^ ]/ {printf "%.3f %s\n", $2 / 1e6, $3}' \
+    | sort -rn | head -15)
+  grep -v "^import time:" "$job_out/job.log" > "$job_out/job.log.tmp" && mv "$job_out/job.log.tmp" "$job_out/job.log"
+fi
 cp "$job_out/job.log" "$dest/$label.job.log" 2>/dev/null
 cp "$job/run.json" "$dest/$label.run.json" 2>/dev/null
-python3 benchmarks/job_breakdown.py "$job" "$job_out/job.log" --summaries "$dest/$label.summaries.json" \
-  | tee "$dest/$label.breakdown.txt"
+{
+  python3 benchmarks/job_breakdown.py "$job" "$job_out/job.log" --summaries "$dest/$label.summaries.json"
+  [ -n "$imports" ] && printf 'slowest top-level imports (s, cumulative; every Python process of the job):\n%s\n' "$imports"
+} | tee "$dest/$label.breakdown.txt"
 # Every row, summary, capability and probe file (small: ~2 MB) for the comparison of two jobs.
 (cd "$job_out" && tar --exclude="*.pt" -czf "$dest/$label.eval.tar.gz" job/run.json job/eval job/probe job.log 2>/dev/null)
 grep -E "decode=|Traceback|Error" "$job_out/job.log" | grep -v -i warn | head -5

@@ -15,7 +15,8 @@
 # (call again); 2: refused before the sweep (a sweep dir from an earlier run, a missing package); 1: a part
 # failed (the last line of study.txt says which).
 # Knobs: SWEEP (sweep_name, default study4), MODELS (qwen,llama), HW (hardware=gpu), EXTRA (more overrides,
-# space-separated), LIMIT (the sweep's timeout in s, default 1500), WAIT (s one call waits, default 480),
+# space-separated), JOBS_PER_GPU (hydra.launcher.jobs_per_gpu, default 1: jobs sharing one GPU), LIMIT (the
+# sweep's timeout in s, default 1500), WAIT (s one call waits, default 480),
 # LBT_MAX_PARALLEL (jobs at once; default one per GPU), SWEEP_DIR (hydra.sweep.dir; default Hydra's own,
 # multirun/$SWEEP), STATE (default /tmp/lbt-study-$SWEEP: the sweep's shared caches as paths.cache_dir, its
 # log and clock; to start over, remove it and the sweep dir). W&B runs offline (WANDB_MODE); where wandb is
@@ -34,6 +35,7 @@ state=${STATE:-/tmp/lbt-study-$sweep}
 sweep_dir=${SWEEP_DIR:-multirun/$sweep}
 models=${MODELS:-qwen,llama}
 expect=$(($(tr ',' '\n' <<< "$models" | grep -c .) * 9))   # x 3 arms x 3 seeds
+per_gpu=${JOBS_PER_GPU:-1}
 read -ra hw <<< "${HW:-hardware=gpu}"
 read -ra extra <<< "${EXTRA:-}"
 export PYTHONUNBUFFERED=1 WANDB_MODE=${WANDB_MODE:-offline} HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
@@ -81,7 +83,8 @@ start_sweep() {
   fi
   [ -z "$(missing_modules matplotlib)" ] \
     || echo "WARNING: matplotlib is not installed: the analysis (its figures) will fail" > "$state/notes"
-  local cmd=(python -m lbt.train -m hydra/launcher=local_gpus experiment=paper "model=$models"
+  local cmd=(python -m lbt.train -m hydra/launcher=local_gpus "hydra.launcher.jobs_per_gpu=$per_gpu"
+             experiment=paper "model=$models"
              arm=plus,minus,neutral seed=0,1,2 model.random_init=true "${hw[@]}" "sweep_name=$sweep"
              "paths.cache_dir=$state/cache" ${SWEEP_DIR:+"hydra.sweep.dir=$SWEEP_DIR"} "${logger[@]}"
              "${extra[@]}")
@@ -180,7 +183,7 @@ analyse_and_report() {
   fi
   echo
   echo "== jobs: python benchmarks/study_report.py $sweep_dir --expect $expect --sweep-wall $wall"
-  python benchmarks/study_report.py "$sweep_dir" --expect "$expect" --sweep-wall "$wall" \
+  python benchmarks/study_report.py "$sweep_dir" --expect "$expect" --sweep-wall "$wall" --jobs-per-gpu "$per_gpu" \
     --sweep-start "$start" --json "$dest/report.json"
   report_rc=$?
   pack "$rc" "$report_rc"

@@ -10,7 +10,7 @@ card's start: Python's start, imports and Hydra's compose come before it). A job
 DONE is listed as unfinished; its end is the card's last write, to place it among the others.
 
 Printed: one row per job sorted by start (seconds since the sweep's first start), the peak number of jobs
-running at once and how long each number ran, each GPU's jobs in order, any two jobs on one GPU at once,
+running at once and how long each number ran, each GPU's jobs in order, more jobs on one GPU at once than --jobs-per-gpu allows,
 the span (first start to last DONE) and, given the sweep's own wall time, the launcher's overhead (wall −
 span: the processes' starts, the launcher's polling and its end). Exit 0 iff every job folder holds a
 finished job and, with --expect N, there are N of them.
@@ -138,14 +138,24 @@ def gpu_sequences(jobs: list[Job]) -> dict[str, list[str]]:
     return dict(sorted(sequences.items()))
 
 
-def gpu_conflicts(spans: list[tuple[float, float, Job]]) -> list[list[str]]:
-    """Pairs of jobs that ran on one GPU at the same time (the launcher must never do that)."""
-    pairs = []
-    for i, (s1, e1, a) in enumerate(spans):
-        for s2, e2, b in spans[i + 1 :]:
-            if a.gpu == b.gpu != NO_GPU and s1 < e2 and s2 < e1:
-                pairs.append(sorted([a.label, b.label]))
-    return sorted(pairs)
+def gpu_conflicts(spans: list[tuple[float, float, Job]], per_gpu: int = 1) -> list[list[str]]:
+    """The jobs running on one GPU whenever more than `per_gpu` did at once (the launcher's jobs_per_gpu: it
+    must never put more there). A job that ends in the second another starts does not overlap it."""
+    found: list[list[str]] = []
+    for gpu in sorted({job.gpu for _, _, job in spans} - {NO_GPU}):
+        events = sorted(
+            [(s, 1, job.label) for s, _, job in spans if job.gpu == gpu]
+            + [(e, -1, job.label) for _, e, job in spans if job.gpu == gpu]
+        )
+        running: set[str] = set()
+        for _, delta, label in events:
+            if delta < 0:
+                running.discard(label)
+                continue
+            running.add(label)
+            if len(running) > per_gpu and sorted(running) not in found:
+                found.append(sorted(running))
+    return sorted(found)
 
 
 def summarize(
@@ -153,6 +163,7 @@ def summarize(
     expect: int | None = None,
     sweep_wall: float | None = None,
     sweep_start: float | None = None,
+    per_gpu: int = 1,
 ) -> dict[str, Any]:
     t0 = min((j.start for j in jobs if j.start is not None), default=None)
     spans = [] if t0 is None else intervals(jobs, t0)
@@ -182,7 +193,8 @@ def summarize(
         "peak_running": peak,
         "seconds_running": {str(k): round(v, 1) for k, v in seconds.items()},
         "gpus": gpu_sequences(jobs),
-        "gpu_conflicts": gpu_conflicts(spans),
+        "jobs_per_gpu": per_gpu,
+        "gpu_conflicts": gpu_conflicts(spans, per_gpu),
         "span_s": span,
         "sweep_wall_s": sweep_wall,
         "launcher_overhead_s": None if sweep_wall is None or span is None else round(sweep_wall - span, 1),
@@ -220,7 +232,7 @@ def report_lines(summary: dict[str, Any]) -> list[str]:
     for gpu, labels in summary["gpus"].items():
         lines.append(f"GPU {gpu}: {len(labels)} job(s): {' -> '.join(labels)}")
     conflicts = "; ".join(" & ".join(pair) for pair in summary["gpu_conflicts"]) or "none"
-    lines.append(f"two jobs on one GPU at once: {conflicts}")
+    lines.append(f"more than {summary['jobs_per_gpu']} job(s) on one GPU at once: {conflicts}")
     lines.append(f"span (first start -> last DONE): {seconds_text(summary['span_s'])} s")
     if summary["sweep_wall_s"] is not None:
         lead_in = summary["lead_in_s"]
@@ -246,12 +258,20 @@ def main(argv: list[str] | None = None) -> int:
         "--sweep-wall", type=float, help="the sweep's wall time in seconds, measured by the caller"
     )
     parser.add_argument("--sweep-start", type=float, help="the sweep's start, seconds since the epoch")
+    parser.add_argument(
+        "--jobs-per-gpu",
+        type=int,
+        default=1,
+        help="jobs the launcher may run on one GPU at once (hydra.launcher.jobs_per_gpu)",
+    )
     parser.add_argument("--json", type=Path, help="write the summary here as JSON too")
     args = parser.parse_args(argv)
     if not args.sweep.is_dir():
         print(f"error: no sweep directory {args.sweep}", file=sys.stderr)
         return 2
-    summary = summarize(find_jobs(args.sweep), args.expect, args.sweep_wall, args.sweep_start)
+    summary = summarize(
+        find_jobs(args.sweep), args.expect, args.sweep_wall, args.sweep_start, args.jobs_per_gpu
+    )
     summary["sweep"] = str(args.sweep)
     print("\n".join(report_lines(summary)))
     if args.json:

@@ -121,9 +121,16 @@ def test_two_jobs_on_one_gpu_at_once_are_named(tmp_path):
     write_job(sweep, "qwen-plus-s0", "00:00:00", "00:01:00", "0")
     write_job(sweep, "qwen-plus-s1", "00:00:30", "00:01:30", "0")
     write_job(sweep, "qwen-plus-s2", "00:01:30", "00:02:00", "0")  # starts when s1 ends: no conflict
-    _, summary, _ = report(sweep)
+    _, summary, text = report(sweep)
     assert summary["gpu_conflicts"] == [["qwen-plus-s0", "qwen-plus-s1"]]
     assert summary["peak_running"] == 2
+    assert "more than 1 job(s) on one GPU at once: qwen-plus-s0 & qwen-plus-s1" in text
+    # With two jobs per GPU (hydra.launcher.jobs_per_gpu=2) that is allowed; a third at once is not.
+    assert report(sweep, "--jobs-per-gpu", "2")[1]["gpu_conflicts"] == []
+    write_job(sweep, "qwen-plus-s3", "00:00:45", "00:00:50", "0")
+    assert report(sweep, "--jobs-per-gpu", "2")[1]["gpu_conflicts"] == [
+        ["qwen-plus-s0", "qwen-plus-s1", "qwen-plus-s3"]
+    ]
 
 
 def test_missing_done_is_unfinished_and_placed_by_its_card(tmp_path):
