@@ -195,6 +195,10 @@ def test_slurm_preset_submits_only_unfinished_jobs_with_requeue_settings(tmp_pat
     (sweep / "tiny-plus-s0").mkdir(parents=True)
     (sweep / "tiny-plus-s0" / "DONE").write_text("x")
     (sweep / "tiny-plus-s0" / "run.json").write_text('{"status": "done"}')
+    # seed 2 finished before the arms were renamed (issue 16): its folder says frame_plus
+    (sweep / "tiny-frame_plus-s2").mkdir(parents=True)
+    (sweep / "tiny-frame_plus-s2" / "DONE").write_text("x")
+    (sweep / "tiny-frame_plus-s2" / "run.json").write_text('{"status": "done", "arm": "frame_plus"}')
     captured = {}
 
     def fake_map_array(executor, fn, *iterables):
@@ -212,15 +216,37 @@ def test_slurm_preset_submits_only_unfinished_jobs_with_requeue_settings(tmp_pat
     (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
     (bin_dir / "srun").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    jobs = [["seed=0"], ["seed=1"]]
+    jobs = [["seed=0"], ["seed=1"], ["seed=2"]]
     returns = launcher.launch(jobs, initial_job_idx=0)
-    assert [r.return_value for r in returns] == [{"status": "done"}, "trained"]
-    assert [args[0] for args in captured["args"]] == [["seed=1"]]   # the finished job is not submitted
+    assert [r.return_value for r in returns] == [{"status": "done"}, "trained",
+                                                 {"status": "done", "arm": "frame_plus"}]
+    assert [args[0] for args in captured["args"]] == [["seed=1"]]   # the finished jobs are not submitted
+    assert not (sweep / "tiny-plus-s2").exists()
     script = captured["executor"]._executor._make_submission_file_text("python -m x", "uid")
     for line in ("--partition=a100", "--gpus-per-node=1", "--ntasks-per-node=1", "--signal=USR2@300",
                  "--time=240", "export HYDRA_FULL_ERROR=1"):
         assert line in script, line
     assert captured["executor"]._executor.max_num_timeout == 20
+
+
+def test_a_job_finished_under_its_arms_earlier_name_is_not_trained_again(tmp_path):
+    """A sweep re-run after the arms were renamed (issue 16): plus finds its frame_plus folder and stops there;
+    a cell without such a folder, or whose old folder did not finish, is trained."""
+    from lbt.rundir import finished_folder, legacy_twin
+
+    old = tmp_path / "tiny-frame_plus-s0"
+    old.mkdir()
+    (old / "run.json").write_text('{"status": "done", "job": {"arm": "frame_plus"}}')
+    assert legacy_twin(tmp_path / "tiny-plus-s0") == old and finished_folder(tmp_path / "tiny-plus-s0") is None
+    (old / "DONE").write_text("x")
+    assert finished_folder(tmp_path / "tiny-plus-s0") == old
+    card = train_mod.train(compose_train([f"+job_dir={tmp_path / 'tiny-plus-s0'}", "sweep_name=t"]))
+    assert card == {"status": "done", "job": {"arm": "frame_plus"}} and not (tmp_path / "tiny-plus-s0").exists()
+    # Only today's plus/minus have earlier names; a single run's override hash is kept.
+    (tmp_path / "qwen-frame_minus-s3_0123abcd").mkdir()
+    assert legacy_twin(tmp_path / "qwen-minus-s3_0123abcd") == tmp_path / "qwen-frame_minus-s3_0123abcd"
+    for name in ("tiny-neutral-s0", "tiny-plus-s1", "job", "tiny-frame_plus-s0"):
+        assert legacy_twin(tmp_path / name) is None, name
 
 
 def test_trainer_switches_off_lightning_requeue_whenever_slurm_runs_the_job(monkeypatch):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -109,6 +110,35 @@ class RunDir:
 
     def is_done(self) -> bool:
         return self.done.exists()
+
+
+# -- a finished job under its earlier name ----------------------------------------------------------------
+
+# A job folder named <model>-<arm>-s<seed> (a sweep's subdir; a single run adds _<hash> of its overrides).
+_CELL_NAME = re.compile(r"^(?P<model>.+)-(?P<arm>[^-]+)-s(?P<seed>\d+)(?P<rest>_[0-9a-f]{8})?$")
+
+
+def legacy_twin(folder: Path) -> Path | None:
+    """The folder this job's cell was trained in before the arms took today's names (issue 16), if it
+    exists beside it: `qwen-frame_plus-s0` for `qwen-plus-s0` (and minus); None otherwise."""
+    from lbt.study import LEGACY_ARM_NAMES
+
+    match = _CELL_NAME.match(Path(folder).name)
+    old = {new: old for old, new in LEGACY_ARM_NAMES.items()}.get(match["arm"]) if match else None
+    if old is None:
+        return None
+    twin = Path(folder).with_name(f"{match['model']}-{old}-s{match['seed']}{match['rest'] or ''}")
+    return twin if twin.is_dir() else None
+
+
+def finished_folder(folder: Path) -> Path | None:
+    """Where this job already finished: `folder` if it holds DONE, else its pre-rename twin (`legacy_twin`)
+    if that does; None when the job still has to run. A sweep re-run after the arms were renamed then skips
+    the cells it finished before, instead of training them again under the new name."""
+    if RunDir(folder).is_done():
+        return Path(folder)
+    twin = legacy_twin(folder)
+    return twin if twin is not None and RunDir(twin).is_done() else None
 
 
 # -- the folder of a single run ---------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from lbt.rundir import (
     CorruptFile,
     RunDir,
     completeness,
+    finished_folder,
     read_json,
     set_aside,
 )
@@ -144,10 +145,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     quiet_libraries()
     run = RunDir(job_directory(cfg))
-    if run.is_done():
-        log.info("skip: %s already finished (DONE present); nothing is overwritten. To train this job again, "
-                 "give it another folder (run_name=<name>, or hydra.run.dir=<dir>)", run.root)
-        return read_json(run.card)
+    finished = finished_folder(run.root)
+    if finished is not None:
+        log.info("skip: %s already finished (DONE present%s); nothing is overwritten. To train this job again, "
+                 "give it another folder (run_name=<name>, or hydra.run.dir=<dir>)", finished,
+                 "" if finished == run.root else f", under the arm's earlier name; not trained again as {run.root}")
+        return read_json(RunDir(finished).card)
     run.root.mkdir(parents=True, exist_ok=True)
     lock = JobLock(run) if env_rank() == 0 else None   # the other ranks of a DDP job share rank 0's lock
     if lock is not None:

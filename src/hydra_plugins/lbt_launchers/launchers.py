@@ -32,6 +32,7 @@ from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 from omegaconf import DictConfig, OmegaConf
 
 import lbt.env  # noqa: F401 -- registers ${lbt.env:NAME,default} wherever Hydra composes (light: no torch)
+from lbt.rundir import finished_folder
 
 JOBS_PER_GPU_ENV = "LBT_JOBS_PER_GPU"  # also read by lbt.cluster.lock_local_gpus (inside each job)
 
@@ -63,7 +64,8 @@ def finished_job(job_dir: Path, overrides: Sequence[str]) -> JobReturn:
 
 
 class SkipFinishedJobs:
-    """Hydra launcher mixin: a job whose directory holds DONE is not launched (one log line each), so
+    """Hydra launcher mixin: a job whose directory holds DONE (or whose folder under the arm's pre-rename name
+    does: `lbt.rundir.finished_folder`) is not launched (one log line each), so
     re-running a finished sweep writes nothing into its job directories; after the sweep, one summary
     line per cell (done / failed with its error / skipped)."""
 
@@ -76,9 +78,12 @@ class SkipFinishedJobs:
         pending: list[tuple[int, Sequence[str]]] = []
         for i, overrides in enumerate(job_overrides):
             job_dir = job_dirs[i] = job_dir_of(self.config, self.hydra_context, overrides)
-            if job_dir is not None and (job_dir / "DONE").exists():
-                log.info("skip: %s already finished (DONE present); not launched", job_dir)
-                returns[i] = finished_job(job_dir, overrides)
+            finished = finished_folder(job_dir) if job_dir is not None else None
+            if finished is not None:
+                log.info("skip: %s already finished (DONE present%s); not launched", finished,
+                         "" if finished == job_dir else f", under the arm's earlier name, for {job_dir.name}")
+                job_dirs[i] = finished
+                returns[i] = finished_job(finished, overrides)
             else:
                 pending.append((i, overrides))
         skipped = set(returns)
