@@ -14,8 +14,8 @@ the same check again from outside, on folders that may since have been copied, s
 One line per job: `complete`; `unfinished` (no DONE: the card's status and what it lists as missing);
 `DONE BUT INCOMPLETE` with what is missing; or `cannot check`, with why the plan could not be rebuilt here
 (an item file or tokenizer not found, a card of an older lbt). Exit code 0 only when every job is complete;
-1 otherwise; 2 for a folder that holds no job. Relative item paths in a card resolve from the working directory, so run it
-from the folder the sweep was started in.
+1 otherwise; 2 for a folder that holds no job. Relative item paths in a card resolve from the working
+directory, so run it from the folder the sweep was started in.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ class JobCheck:
     missing: list[str] = field(default_factory=list)
 
     def line(self) -> str:
-        head = {"complete": "complete", "unfinished": f"unfinished: no DONE (run.json status {self.status!r})",
+        head = {"complete": "complete",
+                "unfinished": f"unfinished: no DONE (run.json status {self.status!r})",
                 "incomplete": "DONE BUT INCOMPLETE", "unchecked": "cannot check"}[self.outcome]
         return f"{head}: {self.path}" + "".join(f"\n    - {m}" for m in self.missing)
 
@@ -85,7 +86,8 @@ def planned_check(folder: Path, card: dict[str, Any], chats: dict[str, Any]) -> 
     evaluators = job_evaluators(cfg, chats[model_key])
     phases = CheckpointPhases(folder, planned, list(cfg.train.checkpoint_fractions), 0, evaluators)
     trained = card.get("trained_steps")
-    result = completeness(RunDir(folder), planned, -1 if trained is None else int(trained), phases.phase_files())
+    trained_steps = -1 if trained is None else int(trained)
+    result = completeness(RunDir(folder), planned, trained_steps, phases.phase_files())
     result.missing += [f"checkpoint of {p}: {why}" for p, why in phases.adapter_files().items() if why]
     return result.missing
 
@@ -113,7 +115,8 @@ def check_job(folder: Path, chats: dict[str, Any] | None = None) -> JobCheck:
         missing = planned_check(folder, card, {} if chats is None else chats)
     except Exception as err:  # noqa: BLE001 -- the plan cannot be rebuilt here: an item file moved, a
         # tokenizer not on disk, a card written by an older lbt whose config this one cannot build
-        return JobCheck(folder, "unchecked", status, [f"cannot rebuild the job's plan: {type(err).__name__}: {err}"])
+        why = f"cannot rebuild the job's plan: {type(err).__name__}: {err}"
+        return JobCheck(folder, "unchecked", status, [why])
     if status != "done":
         missing.insert(0, f"run.json says status {status!r}, not 'done'")
     return JobCheck(folder, "incomplete" if missing else "complete", status, missing)
@@ -143,13 +146,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{len(results)} job(s): " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
     if args.json:
         Path(args.json).write_text(json.dumps(
-            [{"job": str(r.path), "outcome": r.outcome, "status": r.status, "missing": r.missing} for r in results],
+            [{"job": str(r.path), "outcome": r.outcome, "status": r.status, "missing": r.missing}
+             for r in results],
             indent=2) + "\n", encoding="utf-8")
     return 0 if all(r.outcome == "complete" for r in results) else 1
 
 
 if __name__ == "__main__":
-    # Through the module's importable name, so that its errors are lbt.check's (not __main__'s) for user_errors.
+    # Through the module's importable name, so that user_errors sees lbt.check's errors (not __main__'s).
     from lbt.check import main as check_main
 
     sys.exit(check_main())

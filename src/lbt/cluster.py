@@ -83,7 +83,8 @@ def gpu_pool() -> list[str]:
 _locks: list[Any] = []  # open lock files: a GPU stays locked for this process's lifetime
 
 
-JOBS_PER_GPU_ENV = "LBT_JOBS_PER_GPU"  # set by the local_gpus launcher for its jobs (hydra.launcher.jobs_per_gpu)
+# The local_gpus launcher sets it for its jobs (hydra.launcher.jobs_per_gpu).
+JOBS_PER_GPU_ENV = "LBT_JOBS_PER_GPU"
 
 
 def jobs_per_gpu() -> int:

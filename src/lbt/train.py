@@ -147,9 +147,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run = RunDir(job_directory(cfg))
     finished = finished_folder(run.root)
     if finished is not None:
-        log.info("skip: %s already finished (DONE present%s); nothing is overwritten. To train this job again, "
-                 "give it another folder (run_name=<name>, or hydra.run.dir=<dir>)", finished,
-                 "" if finished == run.root else f", under the arm's earlier name; not trained again as {run.root}")
+        earlier = "" if finished == run.root else \
+            f", under the arm's earlier name; not trained again as {run.root}"
+        log.info("skip: %s already finished (DONE present%s); nothing is overwritten. To train this job "
+                 "again, give it another folder (run_name=<name>, or hydra.run.dir=<dir>)", finished, earlier)
         return read_json(RunDir(finished).card)
     run.root.mkdir(parents=True, exist_ok=True)
     lock = JobLock(run) if env_rank() == 0 else None   # the other ranks of a DDP job share rank 0's lock

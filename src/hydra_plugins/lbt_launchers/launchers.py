@@ -192,8 +192,9 @@ class LocalGPULauncher(SkipFinishedJobs, submitit_launcher.LocalLauncher):
     and submits each job with `visible_gpus=[its GPU]`, so submitit sets CUDA_VISIBLE_DEVICES when it
     creates the job's process (before anything in it can start CUDA); a finished job's GPU goes to the
     next job, which gets the GPU running the fewest jobs. Inside, lbt.cluster.lock_local_gpus also locks
-    it (one of its `jobs_per_gpu` slots), so that two sweeps on one machine wait for each other. A job that gets the requeue signal checkpoints, exits with submitit's requeue code and
-    is restarted by submitit's local controller, on the same GPU.
+    it (one of its `jobs_per_gpu` slots), so that two sweeps on one machine wait for each other. A job that
+    gets the requeue signal checkpoints, exits with submitit's requeue code and is restarted by submitit's
+    local controller, on the same GPU.
     """
 
     def __init__(self, max_parallel: int | None = None, jobs_per_gpu: int | None = 1, **params: Any) -> None:
@@ -230,7 +231,8 @@ class LocalGPULauncher(SkipFinishedJobs, submitit_launcher.LocalLauncher):
         """Jobs that may share one GPU (hydra.launcher.jobs_per_gpu, ≥ 1)."""
         value = self.jobs_per_gpu if self.jobs_per_gpu is not None else 1
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"hydra.launcher.jobs_per_gpu={value!r}: use a whole number ≥ 1 (jobs sharing one GPU)")
+            raise ValueError(f"hydra.launcher.jobs_per_gpu={value!r}: use a whole number ≥ 1 "
+                             "(jobs sharing one GPU)")
         return value
 
     def launch_pending(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
