@@ -306,6 +306,7 @@ def fake_local_jobs(launcher, monkeypatch, ends_first: set[int]) -> list:
 def test_local_launcher_hands_each_job_its_own_gpu(tmp_path, monkeypatch, hydra_launcher):
     """3 jobs on GPUs 3 and 5: two at a time, each submitted with one GPU, a finished job's GPU reused."""
     monkeypatch.setenv("LBT_GPUS", "3,5")
+    monkeypatch.setenv("LBT_JOBS_PER_GPU", "")  # the launcher's default, whatever the shell holds
     launcher = hydra_launcher(["hydra/launcher=local_gpus", "hardware=gpu", "sweep_name=g",
                                f"hydra.sweep.dir={tmp_path / 'g'}"])
     events = fake_local_jobs(launcher, monkeypatch, ends_first={0})
@@ -322,6 +323,7 @@ def test_local_launcher_shares_a_gpu_between_jobs_when_asked(tmp_path, monkeypat
     GPU 3 end, the next two go to GPU 3 (the one running the fewest), not to GPU 5's free slot; the jobs are
     told how many share a GPU (their GPU locks have that many slots)."""
     monkeypatch.setenv("LBT_GPUS", "3,5")
+    monkeypatch.setenv("LBT_JOBS_PER_GPU", "")  # the override below decides, whatever the shell holds
     launcher = hydra_launcher(["hydra/launcher=local_gpus", "hardware=gpu", "sweep_name=g",
                                "hydra.launcher.jobs_per_gpu=2", "hydra.launcher.max_parallel=3",
                                f"hydra.sweep.dir={tmp_path / 'g'}"])
@@ -378,6 +380,7 @@ def test_gpu_lock_keeps_a_second_sweep_waiting(tmp_path, monkeypatch):
 
     hardware = OmegaConf.create({"accelerator": "gpu", "devices": 1, "num_nodes": 1})
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2")
+    monkeypatch.setenv("LBT_JOBS_PER_GPU", "1")                           # a GPU per job
     assert cluster.lock_local_gpus(hardware, tmp_path) == []              # not a submitit_local job
     monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
     assert cluster.lock_local_gpus(OmegaConf.create({"accelerator": "cpu"}), tmp_path) == []

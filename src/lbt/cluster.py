@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from lbt.env import JOBS_PER_GPU_ENV
 from lbt.joblock import slurm_job_id
 
 log = logging.getLogger(__name__)
@@ -81,10 +82,6 @@ def gpu_pool() -> list[str]:
 
 
 _locks: list[Any] = []  # open lock files: a GPU stays locked for this process's lifetime
-
-
-# The local_gpus launcher sets it for its jobs (hydra.launcher.jobs_per_gpu).
-JOBS_PER_GPU_ENV = "LBT_JOBS_PER_GPU"
 
 
 def jobs_per_gpu() -> int:

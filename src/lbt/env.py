@@ -28,6 +28,9 @@ RESOLVER = "lbt.env"
 PREFIXES = ("LBT_", "WANDB_", "HF_")
 # What wandb itself accepts in WANDB_MODE (it validates the variable); lbt's `auto` is LBT_WANDB_MODE's.
 WANDB_MODES = ("online", "offline", "disabled", "dryrun", "shared", "run")
+# How many jobs of a sweep may share one GPU: the local_gpus launcher sets it for its jobs' processes
+# (hydra.launcher.jobs_per_gpu), and lbt.cluster.lock_local_gpus reads it inside each job.
+JOBS_PER_GPU_ENV = "LBT_JOBS_PER_GPU"
 
 
 def env_value(name: str) -> str | None:

@@ -32,9 +32,8 @@ from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 from omegaconf import DictConfig, OmegaConf
 
 import lbt.env  # noqa: F401 -- registers ${lbt.env:NAME,default} wherever Hydra composes (light: no torch)
+from lbt.env import JOBS_PER_GPU_ENV
 from lbt.rundir import finished_folder
-
-JOBS_PER_GPU_ENV = "LBT_JOBS_PER_GPU"  # also read by lbt.cluster.lock_local_gpus (inside each job)
 
 log = logging.getLogger(__name__)
 
