@@ -75,7 +75,6 @@ def planned_check(folder: Path, card: dict[str, Any], chats: dict[str, Any]) -> 
     from lbt.data.chat import ChatFormat
     from lbt.model.load import load_tokenizer
     from lbt.phases import CheckpointPhases
-    from lbt.rundir import RunDir, completeness
     from lbt.train import job_evaluators
 
     cfg = OmegaConf.create(card["config"])
@@ -86,10 +85,7 @@ def planned_check(folder: Path, card: dict[str, Any], chats: dict[str, Any]) -> 
     evaluators = job_evaluators(cfg, chats[model_key])
     phases = CheckpointPhases(folder, planned, list(cfg.train.checkpoint_fractions), 0, evaluators)
     trained = card.get("trained_steps")
-    trained_steps = -1 if trained is None else int(trained)
-    result = completeness(RunDir(folder), planned, trained_steps, phases.phase_files())
-    result.missing += [f"checkpoint of {p}: {why}" for p, why in phases.adapter_files().items() if why]
-    return result.missing
+    return phases.completeness(-1 if trained is None else int(trained)).missing
 
 
 def check_job(folder: Path, chats: dict[str, Any] | None = None) -> JobCheck:

@@ -33,9 +33,11 @@ from lbt.eval.base_cache import BaseCache
 from lbt.eval.session import Evaluator, Session
 from lbt.model.lora import eager_layers
 from lbt.rundir import (
+    Completeness,
     Expected,
     RunDir,
     adapter_problem,
+    completeness,
     incomplete_phases,
     planned_phases,
     set_aside,
@@ -91,6 +93,13 @@ class CheckpointPhases(L.Callback):
     def adapter_files(self) -> dict[str, str | None]:
         """Problems of the saved step adapters (checkpoints/adapter_step_<n>/), by phase."""
         return {step_phase(s): adapter_problem(self.run.adapter_at(s)) for s in self.steps}
+
+    def completeness(self, trained_steps: int) -> Completeness:
+        """The check behind DONE for this plan (`rundir.completeness`), the step adapters included: each
+        lost one is listed as `checkpoint of <phase>: <why>`."""
+        result = completeness(self.run, self.total_steps, trained_steps, self.phase_files())
+        result.missing += [f"checkpoint of {p}: {why}" for p, why in self.adapter_files().items() if why]
+        return result
 
     def repair(self, trainer: L.Trainer, module: L.LightningModule, upto_step: int) -> None:
         """Run again every phase up to `upto_step` whose files are missing or corrupt (after a resume)."""

@@ -27,7 +27,6 @@ from lbt.runcard import git_sha, host_info, package_versions, process_age_s, pub
 from lbt.rundir import (
     CorruptFile,
     RunDir,
-    completeness,
     finished_folder,
     read_json,
     set_aside,
@@ -313,8 +312,7 @@ def run_job(cfg: DictConfig, run: RunDir, card: dict[str, Any]) -> dict[str, Any
                   "loss_history": module.loss_history,
                   "val_loss": [{"step": s, "loss": v} for s, v in module.val_history]}
     if trainer.is_global_zero:
-        check = completeness(run, total, trainer.global_step, phases.phase_files())
-        check.missing += [f"checkpoint of {p}: {why}" for p, why in phases.adapter_files().items() if why]
+        check = phases.completeness(trainer.global_step)
         if not check.ok:
             record_status(run, card, "incomplete", missing=check.missing, **fields)
             lost = [m for m in check.missing if m.startswith("checkpoint of ")]
