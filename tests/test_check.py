@@ -65,6 +65,18 @@ def test_a_finished_job_and_a_sweep_of_it_are_complete(finished, tmp_path, capsy
                                                                        ("tiny-plus-s0", "complete")]
 
 
+def test_a_folder_of_sweeps_is_checked_as_lbt_analyze_finds_it(finished, tmp_path, capsys):
+    """multirun/<date>/<time>/<job>: the jobs two levels down are found, as lbt.analyze finds them."""
+    from lbt.analyze.collect import find_jobs
+
+    multirun = tmp_path / "multirun"
+    jobs = [copy(finished, multirun / "2026-12-07" / day / "tiny-plus-s0") for day in ("10-00-00", "11-00-00")]
+    assert check.main([str(multirun)]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"complete: {job}" for job in jobs] + [
+        "2 job(s): 2 complete"]
+    assert [job.path for job in find_jobs([multirun / "2026-12-07" / "10-00-00"])] == jobs[:1]
+
+
 def truncate_rows(job: Path) -> str:
     rows = job / "eval" / "final" / "target" / "logprob.jsonl"
     lines = rows.read_text().splitlines(keepends=True)

@@ -3,8 +3,8 @@
 A job writes DONE only after the completeness check (`lbt.rundir.completeness`) passes. This command runs
 the same check again from outside, on folders that may since have been copied, synced or pruned:
 
-- a job folder is one holding `run.json`; a folder given that holds none is a sweep, and its job folders are
-  the sub-folders that hold one;
+- a job folder is one holding `run.json`; a folder given that holds none is a sweep (or a folder of
+  sweeps), and its job folders are the folders below it that hold one, at any depth, as lbt.analyze finds them;
 - for a job with DONE, the job's plan is rebuilt from its run card (the resolved config, the planned steps):
   its evaluators, read from the config's item files, say which phase files must exist and how many rows
   each holds. Every planned step must have run, `adapter/` and each step adapter must load, and every
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from lbt.console import user_errors
+from lbt.rundir import job_folders_under
 
 
 class NoJobs(ValueError):
@@ -57,10 +58,7 @@ def job_folders(paths: Sequence[str | Path]) -> list[Path]:
     for given in map(Path, paths):
         if not given.is_dir():
             raise NoJobs(f"{given}: no such folder")
-        if (given / "run.json").is_file():
-            found = [given]
-        else:
-            found = sorted(p.parent for p in given.glob("*/run.json"))
+        found = job_folders_under(given)
         if not found:
             raise NoJobs(f"{given}: no run.json in it or in its sub-folders (not a job or sweep folder)")
         jobs += [p for p in found if p not in jobs]

@@ -141,6 +141,16 @@ def finished_folder(folder: Path) -> Path | None:
     return twin if twin is not None and RunDir(twin).is_done() else None
 
 
+def job_folders_under(folder: Path) -> list[Path]:
+    """Every job folder (one holding run.json) at or below `folder`, in path order: a sweep's jobs, the jobs
+    of several sweeps under one multirun folder, or `folder` itself when it is a job. lbt.check and
+    lbt.analyze both find jobs this way, so they agree on what a folder holds."""
+    folder = Path(folder)
+    if (folder / "run.json").is_file():
+        return [folder]
+    return sorted(p.parent for p in folder.rglob("run.json"))
+
+
 # -- the folder of a single run ---------------------------------------------------------------------------
 
 def run_dir_name(run_name: str | None, identity: str, overrides: str) -> str:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lbt.rundir import CorruptFile, RunDir, read_json, read_rows
+from lbt.rundir import CorruptFile, RunDir, job_folders_under, read_json, read_rows
 from lbt.study import STUDY_ARMS, arm_name, is_phase, phase_key
 
 ITEM_SET_ROLES = {"target": "target", "target_items": "target", "source": "source", "source_items": "source"}
@@ -104,10 +104,10 @@ def find_jobs(sweeps: list[Path]) -> list[Job]:
     for sweep in sweeps:
         if not sweep.is_dir():
             raise AnalyzeError(f"sweep directory {sweep} does not exist")
-        found = sorted(sweep.rglob("run.json"))
+        found = job_folders_under(sweep)
         if not found:
             raise AnalyzeError(f"no job directories (a directory containing run.json) under {sweep}")
-        jobs.extend(load_job(path) for path in found)
+        jobs.extend(load_job(path / "run.json") for path in found)
     check_one_job_per_cell(jobs)
     return jobs
 
