@@ -68,16 +68,63 @@ def test_folded_layers_train_like_peft_with_dropout(tiny_model):
     torch.testing.assert_close(folded_grads, plain_grads, rtol=1e-4, atol=1e-7)
 
 
-def test_compiled_folded_layers_train_like_peft(tiny_model):
+def test_compiled_folded_layers_train_like_peft_and_their_graphs_are_cached(tiny_model, tmp_path, monkeypatch):
+    """Compiled, the folded layers learn as peft's do, and AOTAutograd keeps their graphs in its cache: a later
+    job of a sweep loads them instead of tracing the layer again (a torch.autograd.Function made it bypass
+    the cache, and a later job's first step took 10 s longer on an H100)."""
     import torch._dynamo
+    from torch._dynamo.utils import counters
 
     plain_losses, plain_grads = _train(_model(tiny_model, False)[0])
     model, _ = _model(tiny_model, True)
     torch._dynamo.reset()
-    compile_decoder_layers(model)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    compile_decoder_layers(model, cache_dir=tmp_path / "inductor")
+    counters.clear()
     losses, grads = _train(model)
     assert losses == pytest.approx(plain_losses, rel=1e-5)
     torch.testing.assert_close(grads, plain_grads, rtol=1e-3, atol=1e-6)
+    aot = dict(counters["aot_autograd"])
+    assert aot.get("autograd_cache_bypass", 0) == 0, aot
+    assert aot.get("autograd_cache_saved", 0) + aot.get("autograd_cache_hit", 0) > 0, aot
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_folded_gemm_gives_the_unfolded_output_and_gradients(bias):
+    """x Wᵀ + h Bᵀ (+ b) and its gradients for x, h and B, as the two GEMMs give them (fp32); the frozen
+    weight and bias get none."""
+    from lbt.model.folded_lora import _folded
+
+    gen = torch.Generator().manual_seed(3)
+    x, h = torch.randn(2, 5, 6, generator=gen), torch.randn(2, 5, 3, generator=gen)
+    weight, b = torch.randn(10, 6, generator=gen), torch.randn(10, generator=gen) if bias else None
+    lora_b = torch.randn(10, 3, generator=gen)
+    outs = []
+    for fn in (lambda *a: _folded(*a),
+               lambda x, h, w, b_, lb: torch.nn.functional.linear(x, w, b_) + torch.nn.functional.linear(h, lb)):
+        leaves = [t.clone().requires_grad_() for t in (x, h, lora_b)]
+        y = fn(leaves[0], leaves[1], weight, b, leaves[2])
+        (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        outs.append([y.detach(), *(t.grad for t in leaves)])
+    for got, want in zip(*outs):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_folded_gemm_runs_in_autocasts_dtype_and_returns_each_gradient_in_its_own():
+    from lbt.model.folded_lora import _folded
+
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 6, generator=gen, requires_grad=True)
+    h = torch.randn(4, 3, generator=gen, requires_grad=True)
+    lora_b = torch.randn(10, 3, generator=gen, requires_grad=True)  # fp32 adapter weights, as hardware=gpu
+    weight = torch.randn(10, 6, generator=gen).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = _folded(x, h, weight, None, lora_b)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert (x.grad.dtype, h.grad.dtype, lora_b.grad.dtype) == (torch.float32,) * 3
+    want = x.detach() @ weight.float().T + h.detach() @ lora_b.detach().T
+    torch.testing.assert_close(y.float(), want, rtol=3e-2, atol=3e-2)
 
 
 def test_evaluation_leaves_the_folded_forward_in_place(tiny_model):

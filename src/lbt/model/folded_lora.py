@@ -28,32 +28,48 @@ import torch.nn.functional as F
 from lbt.model.lora import plain_adapter
 
 
-class _FoldedLinear(torch.autograd.Function):
-    """y = x Wᵀ + h Bᵀ (+ bias) as one GEMM; gradients for x, h and B (the base weight and bias are frozen)."""
+# A custom op with its own backward, not a torch.autograd.Function: inside a compiled layer an autograd.Function
+# makes AOTAutograd bypass its cache (torch 2.13 logs "Unsupported call_function target
+# autograd_function_apply"), so every later job of a sweep traced and partitioned the layer again. On an H100 a
+# later job's first step then took 19.7 s against 9.4 s without folding, and the job gained nothing
+# (benchmarks/RESULTS.md, 2026-12-07 morning). A custom op keeps the cache: tests/test_folded_lora.py.
+@torch.library.custom_op("lbt::folded_linear", mutates_args=())
+def folded_linear(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  lora_b: torch.Tensor) -> torch.Tensor:
+    """y = x Wᵀ + h Bᵀ (+ bias) as one GEMM over [x | h]; every input in one dtype (`_folded` casts them)."""
+    return F.linear(torch.cat([x, h], dim=-1), torch.cat([weight, lora_b], dim=1), bias)
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                lora_b: torch.Tensor) -> torch.Tensor:
-        dtype = _compute_dtype(x)
-        ctx.save_for_backward(h, weight, lora_b)
-        ctx.dtypes = (x.dtype, h.dtype, lora_b.dtype, dtype)
-        joined = torch.cat([weight.to(dtype), lora_b.to(dtype)], dim=1)
-        return F.linear(torch.cat([x.to(dtype), h.to(dtype)], dim=-1), joined,
-                        None if bias is None else bias.to(dtype))
 
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        h, weight, lora_b = ctx.saved_tensors
-        x_dtype, h_dtype, b_dtype, dtype = ctx.dtypes
-        dy = dy.to(dtype)
-        # Joined again rather than saved: holding it from forward to backward would keep a copy of every
-        # folded layer's weight for the whole micro-batch.
-        joined = torch.cat([weight.to(dtype), lora_b.to(dtype)], dim=1)
-        grads = dy @ joined
-        width = weight.shape[1]
-        dx, dh = grads[..., :width], grads[..., width:]
-        db = dy.reshape(-1, dy.shape[-1]).T @ h.reshape(-1, h.shape[-1]).to(dtype)
-        return dx.to(x_dtype), dh.to(h_dtype), None, None, db.to(b_dtype)
+@folded_linear.register_fake
+def _folded_linear_shape(x, h, weight, bias, lora_b):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _folded_linear_save(ctx, inputs, output) -> None:
+    _, h, weight, _, lora_b = inputs
+    ctx.save_for_backward(h, weight, lora_b)
+
+
+def _folded_linear_backward(ctx, dy: torch.Tensor):
+    """Gradients for x, h and B in one GEMM for both inputs; none for the frozen base weight and bias."""
+    h, weight, lora_b = ctx.saved_tensors
+    # Joined again rather than saved: holding it from forward to backward would keep a copy of every folded
+    # layer's weight for the whole micro-batch.
+    grads = dy @ torch.cat([weight, lora_b], dim=1)
+    width = weight.shape[1]
+    db = dy.reshape(-1, dy.shape[-1]).T @ h.reshape(-1, h.shape[-1])
+    return grads[..., :width], grads[..., width:], None, None, db
+
+
+folded_linear.register_autograd(_folded_linear_backward, setup_context=_folded_linear_save)
+
+
+def _folded(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            lora_b: torch.Tensor) -> torch.Tensor:
+    """`folded_linear` in the dtype the GEMM runs in; each gradient comes back in its input's own dtype."""
+    dtype = _compute_dtype(x)
+    return folded_linear(x.to(dtype), h.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
+                         lora_b.to(dtype))
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -93,7 +109,7 @@ def _folded_forward(layer: torch.nn.Module):
             return peft_forward(layer, x, *args, **kwargs)
         base = layer.base_layer
         h = layer.lora_A[adapter](layer.lora_dropout[adapter](x)) * layer.scaling[adapter]
-        return _FoldedLinear.apply(x, h, base.weight, base.bias, layer.lora_B[adapter].weight)
+        return _folded(x, h, base.weight, base.bias, layer.lora_B[adapter].weight)
 
     return forward
 
