@@ -68,15 +68,17 @@ def test_folded_layers_train_like_peft_with_dropout(tiny_model):
     torch.testing.assert_close(folded_grads, plain_grads, rtol=1e-4, atol=1e-7)
 
 
-def test_compiled_folded_layers_train_like_peft_and_their_graphs_are_cached(tiny_model, tmp_path, monkeypatch):
-    """Compiled, the folded layers learn as peft's do, and AOTAutograd keeps their graphs in its cache: a later
-    job of a sweep loads them instead of tracing the layer again (a torch.autograd.Function made it bypass
-    the cache, and a later job's first step took 10 s longer on an H100)."""
+@pytest.mark.parametrize("fold", [True, False])
+def test_compiled_layers_train_like_peft_and_their_graphs_are_cached(tiny_model, tmp_path, monkeypatch, fold):
+    """Compiled, the layers (folded or not) learn as peft's eager ones do, and AOTAutograd keeps their graphs
+    in its cache: a later job of a sweep loads them instead of tracing the layer again (the folded GEMM as a
+    torch.autograd.Function made it bypass the cache, and a later job's first step took 10 s longer on an
+    H100)."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
     plain_losses, plain_grads = _train(_model(tiny_model, False)[0])
-    model, _ = _model(tiny_model, True)
+    model, _ = _model(tiny_model, fold)
     torch._dynamo.reset()
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     compile_decoder_layers(model, cache_dir=tmp_path / "inductor")
