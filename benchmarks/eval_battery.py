@@ -63,6 +63,7 @@ from lbt.eval.items import load_item_set
 from lbt.eval.scoring import set_decode, set_share_prefix
 from lbt.eval.settings import BatterySettings
 from lbt.heap import settle_heap
+from lbt.model.fused_norm import fused_rms_norms
 from lbt.model.load import load_model, load_tokenizer, resolve_dtype
 from lbt.model.modes import evaluation_mode
 from tests.eval_reference import reference_rows
@@ -191,6 +192,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="Python's garbage collector as is, or with the objects alive before the timed runs "
                              "frozen (gc.freeze: no full collection walks them); frozen stays frozen, so list "
                              "normal first")
+    parser.add_argument("--fused-norm", nargs="+", default=[None], choices=["off", "on"],
+                        help="RMSNorm as transformers runs it, or one kernel (hardware.fast.fused_norm), "
+                             "in turn within each decode and prefix setting (default: off)")
     parser.add_argument("--profile", action="store_true",
                         help="after timing, profile each variant per measure: wall time and the top host functions")
     parser.add_argument("--json", type=Path, default=None)
@@ -226,34 +230,39 @@ def main(argv: list[str] | None = None) -> dict:
     }
     with evaluation_mode(model):
         by_mode: dict[str, dict] = {}
-        variants = [(mode, share, heap) for heap in args.gc for mode in args.decode for share in args.share_prefix]
-        for mode, share, heap in variants:
+        variants = [(mode, share, heap, norm) for heap in args.gc for mode in args.decode
+                    for share in args.share_prefix for norm in args.fused_norm]
+        for mode, share, heap, norm in variants:
             set_decode(mode)
             set_share_prefix(share == "on")
             if heap == "frozen" and not gc.get_freeze_count():
                 settle_heap()  # as FrozenHeap does in a job: every object alive now skips full collections
-            label = " ".join(f"{k}={v}" for k, v in (("decode", mode), ("share_prefix", share), ("gc", heap)) if v)
-            score_item_set(
-                model, chat, load_item_set(args.items, max_items=4), args.measures, settings
-            )  # warm-up
-            times, timings, rows = [], {}, {}
-            for _ in range(max(1, args.repeats)):
-                synchronize(args.device)
-                started = time.perf_counter()
-                timings = {}
-                rows = score_item_set(model, chat, items, args.measures, settings, timings=timings)
-                synchronize(args.device)
-                times.append(time.perf_counter() - started)
-            battery_s = statistics.median(times)
-            print(
-                f"battery{f' ({label})' if label else ''}:   {battery_s:8.3f} s (median of {len(times)}; "
-                f"min {min(times):.3f} s) per measure: { {k: round(v, 3) for k, v in timings.items()} }"
-            )
-            by_mode[label or "default"] = {"battery_s": battery_s, "battery_min_s": min(times),
-                                  "battery_per_measure_s": timings, "rows": rows}
-            if args.profile:
-                by_mode[label or "default"]["profile"] = profile(model, chat, items, args.measures, settings,
-                                                                 args.device, label or "default")
+            label = " ".join(f"{k}={v}" for k, v in (("decode", mode), ("share_prefix", share), ("gc", heap),
+                                                      ("fused_norm", norm)) if v)
+            with fused_rms_norms(model, on=norm == "on") as fused:  # this variant only
+                if fused:
+                    print(f"fused_norm: {fused} norms run torch's rms_norm")
+                score_item_set(
+                    model, chat, load_item_set(args.items, max_items=4), args.measures, settings
+                )  # warm-up
+                times, timings, rows = [], {}, {}
+                for _ in range(max(1, args.repeats)):
+                    synchronize(args.device)
+                    started = time.perf_counter()
+                    timings = {}
+                    rows = score_item_set(model, chat, items, args.measures, settings, timings=timings)
+                    synchronize(args.device)
+                    times.append(time.perf_counter() - started)
+                battery_s = statistics.median(times)
+                print(
+                    f"battery{f' ({label})' if label else ''}:   {battery_s:8.3f} s (median of {len(times)}; "
+                    f"min {min(times):.3f} s) per measure: { {k: round(v, 3) for k, v in timings.items()} }"
+                )
+                by_mode[label or "default"] = {"battery_s": battery_s, "battery_min_s": min(times),
+                                          "battery_per_measure_s": timings, "rows": rows}
+                if args.profile:
+                    by_mode[label or "default"]["profile"] = profile(
+                        model, chat, items, args.measures, settings, args.device, label or "default")
         set_decode(None)
         set_share_prefix(None)
         first_label = next(iter(by_mode))

@@ -14,6 +14,8 @@
 #                                                   # change the compiled layers: warmx is `warm` with EXTRA, so
 #                                                   # that Bx loads its layers from the cache as B does  ~320 s
 #   ITEMS=<reference>/target_items.jsonl bash benchmarks/speed_device.sh battery   # the 54 published items   ~40 s
+#   BATTERY_VARIANTS="--gc normal --fused-norm off on" ITEMS=... bash benchmarks/speed_device.sh battery   # the
+#                                                   # battery's variants (default: --gc normal frozen)
 # Stages run in the order given. `warm` leaves base, directions and compiled layers in /tmp/lbt-cache, as a
 # sweep's first job does; the later jobs need it on the same (warm) machine. Every job runs with
 # benchmarks/step_profile.py, which logs each step's time (and the part inside training_step), the full garbage
@@ -37,10 +39,11 @@ for stage in "$@"; do
       rm -rf "$dest/tt/adapter"
       grep -E "priming|lbt path|step [0-9]|profiled step|GPU idle" "$dest/train_throughput.log" ;;
     battery)
+      read -ra variants <<< "${BATTERY_VARIANTS:---gc normal frozen}"
       python3 benchmarks/eval_battery.py --model qwen --random-init --device cuda --batch-size 512 --decode graph \
-        --share-prefix on --gc normal frozen --skip-reference --items "${ITEMS:?ITEMS names target_items.jsonl}" \
+        --share-prefix on "${variants[@]}" --skip-reference --items "${ITEMS:?ITEMS names target_items.jsonl}" \
         --profile --repeats 5 --json "$dest/battery54.json" 2>&1 | grep -v Warn > "$dest/battery.log"
-      grep -E "^battery|^profile|vs |GPU kernel" "$dest/battery.log" ;;
+      grep -E "^battery|^profile|^fused_norm|vs |GPU kernel" "$dest/battery.log" ;;
     warm|warmx)
       # The same callbacks as the later jobs: they are part of the shared base's key (lbt.eval.base_cache).
       # 12 steps, short of the first epoch's short last step (44): before its micro-batches were filled to full

@@ -1,0 +1,153 @@
+"""`hardware.fast.fused_norm` (lbt.model.fused_norm): inside evaluation_mode each Qwen2/Llama RMSNorm runs
+torch's rms_norm. fp32 outputs and battery rows equal transformers' norm's up to float rounding, bf16 ones
+are rounded once instead of twice, other norms and mixed dtypes keep their own forward, and every module is
+as before afterwards."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+from lbt.data.chat import ChatFormat
+from lbt.eval.battery import apply_fast_settings, score_item_set
+from lbt.eval.items import load_item_set
+from lbt.eval.settings import BatterySettings
+from lbt.model.fused_norm import fused_norm_default, fused_rms_norms, set_fused_norm
+from lbt.model.modes import evaluation_mode
+from lbt.study import MEASURES
+from tests.conftest import compose_train
+from tests.eval_reference import make_items, write_items
+
+SHORT = {"forced_choice_max_new_tokens": 5, "likert_max_new_tokens": 5, "open_ended_max_new_tokens": 6}
+
+
+@pytest.fixture(autouse=True)
+def default_off():
+    yield
+    set_fused_norm(None)
+
+
+@pytest.fixture
+def varied_eval(tiny_eval):
+    """The tiny eval model with norm weights that are not all 1 (the weight's product is part of the norm)."""
+    model, tokenizer = tiny_eval
+    model = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, Qwen2RMSNorm):
+                module.weight.copy_(1 + 0.3 * torch.randn(module.weight.shape, generator=gen))
+    return model, tokenizer
+
+
+def _norms(model):
+    return [m for m in model.modules() if isinstance(m, Qwen2RMSNorm)]
+
+
+def test_each_norm_gives_transformers_output_and_is_restored(varied_eval):
+    model, _ = varied_eval
+    norms = _norms(model)
+    x = torch.randn(3, 7, model.config.hidden_size, generator=torch.Generator().manual_seed(1)) * 4
+    own = [norm(x) for norm in norms]
+    with fused_rms_norms(model, on=True) as fused:
+        assert fused == len(norms) == 2 * model.config.num_hidden_layers + 1
+        for norm, want in zip(norms, own):
+            assert "forward" in norm.__dict__
+            torch.testing.assert_close(norm(x), want, rtol=2e-6, atol=2e-6)
+    assert not any("forward" in norm.__dict__ for norm in norms)
+    with fused_rms_norms(model, on=False) as fused:  # off: nothing changes
+        assert fused == 0 and not any("forward" in norm.__dict__ for norm in norms)
+
+
+@pytest.mark.parametrize("norm_class", [Qwen2RMSNorm, LlamaRMSNorm])
+def test_bf16_is_rounded_once_and_keeps_its_dtype(norm_class):
+    gen = torch.Generator().manual_seed(2)
+    norm = norm_class(64, eps=1e-6).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(64, generator=gen))
+    x = (torch.randn(32, 64, generator=gen) * 3).bfloat16()
+    exact = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6) * norm.weight.double()
+    own = norm(x)
+    holder = torch.nn.Sequential(norm)
+    with fused_rms_norms(holder, on=True) as fused:
+        assert fused == 1
+        out = norm(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # a job's evaluation under bf16-mixed autocast
+            assert norm(x).dtype == torch.bfloat16
+    assert out.dtype == own.dtype == torch.bfloat16
+    error = ((out.double() - exact).abs() / exact.abs().clamp_min(1e-3)).max()
+    assert error <= 2 ** -8  # one rounding: half a bf16 step
+    # within a bf16 step of transformers' own
+    assert (out.double() - own.double()).abs().max() <= 2 ** -6 * exact.abs().max()
+
+
+def test_other_norms_and_mixed_dtypes_keep_their_own_forward():
+    class GemmaRMSNorm(torch.nn.Module):  # weight applied as (1 + weight): not the fused formula
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(8))
+            self.variance_epsilon = 1e-6
+
+        def forward(self, x):
+            return x * (1 + self.weight)
+
+    gemma = GemmaRMSNorm()
+    mixed = Qwen2RMSNorm(8)  # fp32 weight on bf16 states: transformers' product promotes to fp32
+    holder = torch.nn.Sequential(gemma, mixed)
+    x = torch.randn(2, 8).bfloat16()
+    with fused_rms_norms(holder, on=True) as fused:
+        assert fused == 1 and "forward" not in gemma.__dict__
+        out = mixed(x)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, mixed(x))
+
+
+def test_battery_rows_are_the_same_in_fp32(varied_eval, tmp_path):
+    model, tokenizer = varied_eval
+    items = load_item_set(write_items(tmp_path / "toy_items.jsonl", make_items(per_domain=2)))
+    settings = BatterySettings(batch_size=5, **SHORT)
+    with evaluation_mode(model):  # as the evaluators read the model
+        plain = score_item_set(model, ChatFormat(tokenizer), items, list(MEASURES), settings)
+    set_fused_norm(True)
+    with evaluation_mode(model):
+        assert all("forward" in norm.__dict__ for norm in _norms(model))
+        fused = score_item_set(model, ChatFormat(tokenizer), items, list(MEASURES), settings)
+    for measure in MEASURES:
+        assert len(fused[measure]) == len(plain[measure]) > 0
+        for a, b in zip(plain[measure], fused[measure]):
+            assert (a["item_id"], a["order"]) == (b["item_id"], b["order"])
+            if measure in ("letter_logprob", "logprob"):
+                assert b["stance"] == pytest.approx(a["stance"], abs=1e-5)
+            else:  # greedy text, choices and ratings: identical
+                assert {k: v for k, v in b.items() if k != "stance"} == {
+                    k: v for k, v in a.items() if k != "stance"}
+
+
+def test_the_setting_reaches_evaluation_mode(varied_eval):
+    model, _ = varied_eval
+    gpu = compose_train(["hardware=gpu"]).hardware.fast
+    assert gpu.fused_norm is False and compose_train([]).hardware.fast.fused_norm is False  # off until timed
+    apply_fast_settings({**gpu, "fused_norm": True})
+    assert fused_norm_default()
+    with evaluation_mode(model):
+        assert all("forward" in norm.__dict__ for norm in _norms(model))
+    assert not any("forward" in norm.__dict__ for norm in _norms(model))
+    apply_fast_settings(gpu)
+    with evaluation_mode(model):
+        assert not any("forward" in norm.__dict__ for norm in _norms(model))
+
+
+def test_the_directions_key_names_the_setting():
+    from lbt.probe.directions import DirectionSettings, direction_key
+
+    class Chat:
+        template_kwargs: dict = {}  # noqa: RUF012
+
+    identity = {"name": "tiny"}
+    off = direction_key(identity, {"a.jsonl": "0"}, DirectionSettings(), Chat())
+    set_fused_norm(True)
+    assert direction_key(identity, {"a.jsonl": "0"}, DirectionSettings(), Chat()) != off
