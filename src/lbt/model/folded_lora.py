@@ -28,11 +28,12 @@ import torch.nn.functional as F
 from lbt.model.lora import plain_adapter
 
 
-# A custom op with its own backward, not a torch.autograd.Function: inside a compiled layer an autograd.Function
-# makes AOTAutograd bypass its cache (torch 2.13 logs "Unsupported call_function target
-# autograd_function_apply"), so every later job of a sweep traced and partitioned the layer again: most likely
-# why, on an H100, a later job's first step took 19.7 s against 9.4 s without folding and the job gained
-# nothing (benchmarks/RESULTS.md, 2026-12-07 morning). A custom op keeps the cache: tests/test_folded_lora.py.
+# A custom op with its own backward, not a torch.autograd.Function: inside a compiled layer, an
+# autograd.Function makes AOTAutograd bypass its cache (torch 2.13 logs "Unsupported call_function target
+# autograd_function_apply"), so every later job of a sweep traced and partitioned the layer again: most
+# likely why, on an H100, a later job's first step took 19.7 s against 9.4 s without folding and the job
+# gained nothing (benchmarks/RESULTS.md, 2026-12-07 morning). A custom op keeps the cache
+# (tests/test_folded_lora.py).
 @torch.library.custom_op("lbt::folded_linear", mutates_args=())
 def folded_linear(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   lora_b: torch.Tensor) -> torch.Tensor:
