@@ -30,16 +30,17 @@ import torch.nn.functional as F
 # the study's two model families, which the tiny model's architecture shares.
 FUSED_CLASSES = frozenset({"Qwen2RMSNorm", "LlamaRMSNorm"})
 
-_DEFAULT = {"on": False}
+_FUSED: bool = False
 
 
 def set_fused_norm(on: bool | None) -> None:
     """Whether `evaluation_mode` fuses the model's RMSNorms (`hardware.fast.fused_norm`; None: off)."""
-    _DEFAULT["on"] = bool(on)
+    global _FUSED
+    _FUSED = bool(on)
 
 
 def fused_norm_default() -> bool:
-    return _DEFAULT["on"]
+    return _FUSED
 
 
 def fusable(module: torch.nn.Module) -> bool:
