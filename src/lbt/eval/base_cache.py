@@ -97,9 +97,10 @@ def code_identity(package: Path | None = None) -> str:
 
 
 # `hardware.fast` settings that act on training alone (evaluation runs the decoder layers eagerly, see
-# lora.eager_layers), so jobs that differ only in them share one base.
-TRAINING_ONLY_FAST = frozenset({"share_base", "pack_tokens", "ce_chunk", "fused_ce", "freeze_heap", "compile_layers",
-                                "compile_cache", "fold_lora"})
+# lora.eager_layers), or on the adapters alone (addmm_lora: the base phase runs with them disabled), so jobs
+# that differ only in them share one base.
+NOT_ON_BASE_FAST = frozenset({"share_base", "pack_tokens", "ce_chunk", "fused_ce", "freeze_heap", "compile_layers",
+                                "compile_cache", "fold_lora", "addmm_lora"})
 
 
 def base_material(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
@@ -108,7 +109,7 @@ def base_material(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
 
     data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     model, hardware = dict(data["model"]), dict(data["hardware"])
-    fast = {k: v for k, v in (hardware.get("fast") or {}).items() if k not in TRAINING_ONLY_FAST}
+    fast = {k: v for k, v in (hardware.get("fast") or {}).items() if k not in NOT_ON_BASE_FAST}
     sections = {name: data.get(name) for name in SECTIONS}
     tokenizer = model.get("tokenizer") or model.get("path")
     return {

@@ -47,11 +47,14 @@ def set_pool_measures(on: bool | None) -> None:
 def apply_fast_settings(fast: Mapping[str, Any]) -> None:
     """The process-wide evaluation settings of `hardware.fast`: how greedy decoding runs (`decode`),
     whether shared prompt openings run once (`share_prefix`) and whether a phase's measures share engine
-    calls (`pool_measures`), and whether the model's RMSNorms run in one kernel (`fused_norm`,
-    `lbt.model.fused_norm`). `lbt.train` and `lbt.evaluate` apply them before any scoring."""
+    calls (`pool_measures`), whether the model's RMSNorms run in one kernel (`fused_norm`,
+    `lbt.model.fused_norm`) and whether each LoRA delta is added inside its B GEMM (`addmm_lora`,
+    `lbt.model.lora.delta_in_gemm`). `lbt.train` and `lbt.evaluate` apply them before any scoring."""
     from lbt.model.fused_norm import set_fused_norm
+    from lbt.model.lora import set_addmm_lora
 
     set_fused_norm(fast.get("fused_norm"))
+    set_addmm_lora(fast.get("addmm_lora"))
     set_decode(fast.get("decode"))
     set_share_prefix(fast.get("share_prefix"))
     set_pool_measures(fast.get("pool_measures"))

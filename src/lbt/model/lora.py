@@ -199,16 +199,54 @@ def eager_layers(model: torch.nn.Module):
             layer._compiled_call_impl = compiled
 
 
+# Whether the lean forward adds each adapter's delta inside its B GEMM (`hardware.fast.addmm_lora`,
+# `set_addmm_lora`); off, it runs peft's operations in peft's order.
+_ADDMM = False
+
+
+def set_addmm_lora(on: bool | None) -> None:
+    """Whether evaluation's LoRA forwards add the delta in the B GEMM (`hardware.fast.addmm_lora`; None: off)."""
+    global _ADDMM
+    _ADDMM = bool(on)
+
+
+def addmm_lora_default() -> bool:
+    return _ADDMM
+
+
+def delta_in_gemm(result: torch.Tensor, h: torch.Tensor, weight_b: torch.Tensor,
+                  scaling: float) -> torch.Tensor | None:
+    """result + scaling · h Bᵀ as one `torch.addmm`, or None where its dtypes do not allow one.
+
+    peft's eval forward writes B's output (as wide as the layer's), multiplies it by the scaling and adds it
+    to the base output: three passes over a tensor as wide as the layer's output, two of them full
+    elementwise kernels. addmm reads the base output in the GEMM's epilogue instead and writes the sum once.
+    In fp32 the result equals peft's up to summation order; in bf16 the sum is rounded once instead of three
+    times (B's output, its product with the scaling, the sum). Under autocast addmm runs in the autocast
+    dtype, as peft's B GEMM does; without autocast every operand must already share one dtype (an fp32
+    adapter on a bf16 base, peft's "fp32" adapters, keeps peft's upcast sum)."""
+    if weight_b.dim() != 2 or result.shape[-1] != weight_b.shape[0] or h.shape[-1] != weight_b.shape[1]:
+        return None
+    if not torch.is_autocast_enabled(result.device.type) and not (result.dtype == h.dtype == weight_b.dtype):
+        return None
+    width = result.shape[-1]
+    out = torch.addmm(result.reshape(-1, width), h.reshape(-1, h.shape[-1]), weight_b.t(), alpha=scaling)
+    return out.view(result.shape)
+
+
 def _lean_forward(layer: torch.nn.Module, adapter: str):
     """The forward peft's LoRA Linear runs in eval mode for one plain adapter, without its per-call
     bookkeeping (argument checks, adapter loops, variant dispatch): the same operations in the same
-    order and dtypes, so the same numbers. Should the layer's state change inside the block (adapters
-    disabled, merged, another adapter set, train mode), the call goes to peft's own forward."""
+    order and dtypes, so the same numbers. With `hardware.fast.addmm_lora` on, the delta is added inside
+    B's GEMM instead (`delta_in_gemm`: bf16 noise, not the same bits). Should the layer's state change
+    inside the block (adapters disabled, merged, another adapter set, train mode), the call goes to peft's
+    own forward."""
     base, lora_a, lora_b = layer.base_layer, layer.lora_A[adapter], layer.lora_B[adapter]
     scaling = layer.scaling[adapter]
     cast = getattr(layer, "cast_input_dtype_enabled", True)
     weight_dtype = lora_a.weight.dtype
     peft_forward = type(layer).forward
+    addmm = _ADDMM and isinstance(lora_b, torch.nn.Linear) and lora_b.bias is None
 
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if _lean_candidate(layer) != adapter or args or kwargs:
@@ -217,7 +255,12 @@ def _lean_forward(layer: torch.nn.Module, adapter: str):
         dtype = result.dtype
         if cast and x.dtype != weight_dtype:
             x = x.to(weight_dtype)
-        return (result + lora_b(lora_a(x)) * scaling).to(dtype)
+        h = lora_a(x)
+        if addmm:
+            summed = delta_in_gemm(result, h, lora_b.weight, scaling)
+            if summed is not None:
+                return summed.to(dtype)
+        return (result + lora_b(h) * scaling).to(dtype)
 
     return forward
 
