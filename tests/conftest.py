@@ -33,6 +33,17 @@ def write_toy_corpus(path: Path, n: int = 24, seed: int = 0, words: int = 60) ->
     return path
 
 
+@pytest.fixture(autouse=True)
+def default_fast_settings():
+    """Each test ends with the process-wide evaluation settings (decode mode, shared prefixes, pooled measures,
+    fused norms, addmm LoRA) at their defaults: a test that applies `hardware=gpu`'s settings would otherwise
+    change how every later test in the process scores."""
+    yield
+    from lbt.eval.battery import apply_fast_settings
+
+    apply_fast_settings({})
+
+
 @pytest.fixture(scope="module")
 def tiny_eval():
     """(model, tokenizer) of `tests.eval_reference.tiny_eval_model`, one per test module, scored with one

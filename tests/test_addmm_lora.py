@@ -23,12 +23,6 @@ from tests.test_lean_lora import tiny_lora
 SHORT = {"forced_choice_max_new_tokens": 5, "likert_max_new_tokens": 5, "open_ended_max_new_tokens": 6}
 
 
-@pytest.fixture(autouse=True)
-def default_off():
-    yield
-    set_addmm_lora(None)
-
-
 def peft_sum(result, h, weight_b, scaling):
     return result + torch.nn.functional.linear(h, weight_b) * scaling
 
