@@ -12,10 +12,10 @@ records, chat-templated, replicated to ~3,000), from the same random-init weight
          length-sorted padded micro-batches, chunked supervised-only cross-entropy (-fce: fused, as
          hardware=gpu runs it), decoder layers compiled (variants without -eager; compiled layers learn the
          same adapter but log a slightly lower bf16 loss: benchmarks/RESULTS.md, compile_check).
-The first compiled variant of each kind of graph (-dyn, -irng, -cdt, -fold) first runs its steps once untimed (--no-prime
-skips that), so each variant is timed with inductor's cache as warm as a sweep's later jobs have it: unprimed,
-the first variant compiled new shapes inside its timed steps (1.2-1.8 s against 1.03-1.16 s a step on an H100:
-benchmarks/RESULTS.md). --profile also gives, per region of the step (forward+loss, backward, optimizer), the
+The first compiled variant of each kind of graph (-dyn, -irng, -cdt, -fold, -liger) first runs its steps once
+untimed (--no-prime skips that), so each variant is timed with inductor's cache as warm as a sweep's later jobs
+have it: unprimed, the first variant compiled new shapes inside its timed steps (1.2-1.8 s against 1.03-1.16 s a
+step on an H100: benchmarks/RESULTS.md). --profile also gives, per region of the step (forward+loss, backward, optimizer), the
 time in which the GPU ran no kernel: where it waited for the host.
 Reported: real (non-pad) tokens/s, MFU (4·N FLOPs per token, N = parameters; 989 TFLOP/s bf16 dense on
 an H100 SXM), peak memory, the loss of both after the same steps. A smoke check then saves the lbt
@@ -54,10 +54,27 @@ def corpus_examples(tokenizer, max_length: int, target: int) -> list:
     return [examples[i % len(examples)] for i in range(target)]
 
 
+def apply_liger(model) -> None:
+    """Liger's Triton kernels for RoPE, RMSNorm and SwiGLU on this model (its cross-entropies off: lbt's
+    chunked loss stays). Liger also swaps transformers' module-level rotary function, so every later model
+    of the process has it: run -liger variants last."""
+    import liger_kernel.transformers as liger
+
+    apply = {"qwen2": liger.apply_liger_kernel_to_qwen2, "llama": liger.apply_liger_kernel_to_llama}
+    kind = model.config.model_type
+    if kind not in apply:
+        raise SystemExit(f"-liger: no Liger patch for model type {kind!r} (known: {sorted(apply)})")
+    apply[kind](rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False,
+                model=model)
+
+
 def build(model_cfg, tokenizer, device, lora_cfg, adapters: str, compile_layers: bool,
-          compiled_rng: bool = False, dynamic: bool | None = None, tuned: bool = False, fold: bool = False):
+          compiled_rng: bool = False, dynamic: bool | None = None, tuned: bool = False, fold: bool = False,
+          liger: bool = False):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = load_model(model_cfg, tokenizer, dtype, device=device)
+    if liger:
+        apply_liger(model)
     model = wrap_lora(model, lora_cfg, adapters=adapters)
     if fold:
         fold_lora(model)
@@ -181,7 +198,9 @@ def main() -> None:
                          "-fce (hardware.fast.fused_ce: each chunk's loss and gradient in one pass), "
                          "-dyn (layers compiled with every size a symbol from the first step, not as jobs do), "
                          "-cdt (inductor's coordinate-descent tuning of its generated kernels' block sizes), "
-                         "-fold (hardware.fast.fold_lora: gate/up LoRA B products inside the base GEMMs)")
+                         "-fold (hardware.fast.fold_lora: gate/up LoRA B products inside the base GEMMs), "
+                         "-liger (Liger's RoPE, RMSNorm and SwiGLU kernels; the liger-kernel package; put it last: "
+                         "its rotary function stays swapped for the rest of the process)")
     ap.add_argument("--ce-chunk", type=int, default=4096)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--profile", action="store_true",
@@ -234,7 +253,7 @@ def main() -> None:
                   micro_batches([examples[j] for j in m], size, pad_id, pack_tokens=size if packed else 0))
                  for m in plan]
         # What the compiled layers' graphs depend on.
-        graphs = ("dyn" in flags, "irng" in flags, "cdt" in flags, "fold" in flags)
+        graphs = ("dyn" in flags, "irng" in flags, "cdt" in flags, "fold" in flags, "liger" in flags)
         passes = ["prime", "timed"] if compile_layers and not args.no_prime and graphs not in primed_graphs else ["timed"]
         for run in passes:
             del model
@@ -242,7 +261,8 @@ def main() -> None:
             torch._dynamo.reset()
             model = build(model_cfg, tokenizer, args.device, variant_lora, adapters=adapters,
                           compile_layers=compile_layers, compiled_rng="irng" in flags,
-                          dynamic=True if "dyn" in flags else None, tuned="cdt" in flags, fold="fold" in flags)
+                          dynamic=True if "dyn" in flags else None, tuned="cdt" in flags, fold="fold" in flags,
+                          liger="liger" in flags)
             if run == "prime":  # untimed: compiles this run's shapes into inductor's cache, as a sweep's first job does
                 print(f"priming {variant}", flush=True)
                 run_path("prime", model, steps, args.device, float(train_cfg.lr), ce_chunk, len(steps),
