@@ -64,6 +64,7 @@ from lbt.eval.scoring import set_decode, set_share_prefix
 from lbt.eval.settings import BatterySettings
 from lbt.heap import settle_heap
 from lbt.model.fused_norm import fused_rms_norms
+from lbt.model.gqa import grouped_query_attention
 from lbt.model.load import load_model, load_tokenizer, resolve_dtype
 from lbt.model.modes import evaluation_mode
 from tests.eval_reference import reference_rows
@@ -195,6 +196,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--fused-norm", nargs="+", default=[None], choices=["off", "on"],
                         help="RMSNorm as transformers runs it, or one kernel (hardware.fast.fused_norm), "
                              "in turn within each decode and prefix setting (default: off)")
+    parser.add_argument("--sdpa-gqa", nargs="+", default=[None], choices=["off", "on"],
+                        help="masked prompt forwards copy the key/value heads (transformers) or read them "
+                             "grouped (hardware.fast.sdpa_gqa), in turn within each norm setting (default: off)")
     parser.add_argument("--profile", action="store_true",
                         help="after timing, profile each variant per measure: wall time and the top host functions")
     parser.add_argument("--json", type=Path, default=None)
@@ -230,16 +234,17 @@ def main(argv: list[str] | None = None) -> dict:
     }
     with evaluation_mode(model):
         by_mode: dict[str, dict] = {}
-        variants = [(mode, share, heap, norm) for heap in args.gc for mode in args.decode
-                    for share in args.share_prefix for norm in args.fused_norm]
-        for mode, share, heap, norm in variants:
+        variants = [(mode, share, heap, norm, grouped) for heap in args.gc for mode in args.decode
+                    for share in args.share_prefix for norm in args.fused_norm for grouped in args.sdpa_gqa]
+        for mode, share, heap, norm, grouped in variants:
             set_decode(mode)
             set_share_prefix(share == "on")
             if heap == "frozen" and not gc.get_freeze_count():
                 settle_heap()  # as FrozenHeap does in a job: every object alive now skips full collections
             label = " ".join(f"{k}={v}" for k, v in (("decode", mode), ("share_prefix", share), ("gc", heap),
-                                                      ("fused_norm", norm)) if v)
-            with fused_rms_norms(model, on=norm == "on") as fused:  # this variant only
+                                                      ("fused_norm", norm), ("sdpa_gqa", grouped)) if v)
+            # this variant only
+            with fused_rms_norms(model, on=norm == "on") as fused, grouped_query_attention(on=grouped == "on"):
                 if fused:
                     print(f"fused_norm: {fused} norms run torch's rms_norm")
                 score_item_set(

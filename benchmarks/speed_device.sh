@@ -15,7 +15,8 @@
 #                                                   # that Bx loads its layers from the cache as B does  ~320 s
 #   ITEMS=<reference>/target_items.jsonl bash benchmarks/speed_device.sh battery   # the 54 published items   ~40 s
 #   BATTERY_VARIANTS="--gc normal --fused-norm off on" ITEMS=... bash benchmarks/speed_device.sh battery   # the
-#                                                   # battery's variants (default: --gc normal frozen)
+#                                                   # battery's variants (default: --gc normal frozen; also
+#                                                   # --sdpa-gqa off on, hardware.fast.sdpa_gqa)
 # Stages run in the order given. `warm` leaves base, directions and compiled layers in /tmp/lbt-cache, as a
 # sweep's first job does; the later jobs need it on the same (warm) machine. Every job runs with
 # benchmarks/step_profile.py, which logs each step's time (and the part inside training_step), the full garbage

@@ -1,6 +1,6 @@
-"""`hardware.fast.addmm_lora` (lbt.model.lora.delta_in_gemm): while evaluating, each LoRA delta is added to the
-base output inside its B GEMM. fp32 outputs and battery rows equal peft's up to float rounding, bf16 ones are
-rounded once instead of three times, mixed dtypes without autocast keep peft's sum, and the setting reaches
+"""`hardware.fast.addmm_lora` (lbt.model.lora.delta_in_gemm): while evaluating, each LoRA delta is added to
+the base output inside its B GEMM. fp32 outputs and battery rows equal peft's up to float rounding, bf16 ones
+are rounded once instead of three times, mixed dtypes without autocast keep peft's sum, and the setting reaches
 evaluation through `hardware.fast` without entering the shared base's key."""
 
 from __future__ import annotations
@@ -45,8 +45,9 @@ def test_delta_in_gemm_in_bf16_rounds_once():
     h = torch.randn(64, 8, generator=gen)
     weight_b = torch.randn(48, 8, generator=gen) * 0.05
     result, h = result.bfloat16(), h.bfloat16()
-    exact = peft_sum(result.float(), h.float(), weight_b.bfloat16().float(), 2.0)  # the bf16 operands, summed in fp32
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # as a GPU job evaluates: fp32 adapter weights, bf16 compute
+    # the bf16 operands, summed in fp32
+    exact = peft_sum(result.float(), h.float(), weight_b.bfloat16().float(), 2.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as a GPU job evaluates: fp32 adapters, bf16 compute
         fused = delta_in_gemm(result, h, weight_b, 2.0)
         peft = peft_sum(result, h, weight_b, 2.0)
     assert fused.dtype == peft.dtype == torch.bfloat16

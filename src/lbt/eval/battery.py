@@ -49,11 +49,14 @@ def apply_fast_settings(fast: Mapping[str, Any]) -> None:
     whether shared prompt openings run once (`share_prefix`) and whether a phase's measures share engine
     calls (`pool_measures`), whether the model's RMSNorms run in one kernel (`fused_norm`,
     `lbt.model.fused_norm`) and whether each LoRA delta is added inside its B GEMM (`addmm_lora`,
-    `lbt.model.lora.delta_in_gemm`). `lbt.train` and `lbt.evaluate` apply them before any scoring."""
+    `lbt.model.lora.delta_in_gemm`) and whether masked prompt forwards keep grouped key/value heads
+    (`sdpa_gqa`, `lbt.model.gqa`). `lbt.train` and `lbt.evaluate` apply them before any scoring."""
     from lbt.model.fused_norm import set_fused_norm
+    from lbt.model.gqa import set_sdpa_gqa
     from lbt.model.lora import set_addmm_lora
 
     set_fused_norm(fast.get("fused_norm"))
+    set_sdpa_gqa(fast.get("sdpa_gqa"))
     set_addmm_lora(fast.get("addmm_lora"))
     set_decode(fast.get("decode"))
     set_share_prefix(fast.get("share_prefix"))

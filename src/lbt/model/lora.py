@@ -205,7 +205,8 @@ _ADDMM = False
 
 
 def set_addmm_lora(on: bool | None) -> None:
-    """Whether evaluation's LoRA forwards add the delta in the B GEMM (`hardware.fast.addmm_lora`; None: off)."""
+    """Whether evaluation's LoRA forwards add the delta in the B GEMM (`hardware.fast.addmm_lora`; None:
+    off)."""
     global _ADDMM
     _ADDMM = bool(on)
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from lbt.model.fused_norm import fused_rms_norms
+from lbt.model.gqa import grouped_query_attention
 from lbt.model.layers import decoder_layers
 from lbt.model.lora import eager_layers, lean_lora
 
@@ -24,9 +25,10 @@ def evaluation_mode(model: nn.Module, adapters: bool = True) -> Iterator[nn.Modu
     """Inside the block: eval mode, no gradients, eager decoder layers (`eager_layers`: hooks and generation
     see the plain modules, training graphs are not recompiled), lean LoRA forwards (`lean_lora`: the same
     numbers as peft's with less Python per decoding step), RMSNorms in one kernel where
-    `hardware.fast.fused_norm` is on (`lbt.model.fused_norm`) and, with adapters=False, peft's adapters
-    disabled. Every submodule's train/eval flag is restored on exit, one by one: Lightning trains with the
-    whole module in train mode, and a frozen part may differ."""
+    `hardware.fast.fused_norm` is on (`lbt.model.fused_norm`), masked prompt forwards reading grouped
+    key/value heads in place where `hardware.fast.sdpa_gqa` is on (`lbt.model.gqa`) and, with
+    adapters=False, peft's adapters disabled. Every submodule's train/eval flag is restored on exit, one by
+    one: Lightning trains with the whole module in train mode, and a frozen part may differ."""
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
@@ -38,6 +40,7 @@ def evaluation_mode(model: nn.Module, adapters: bool = True) -> Iterator[nn.Modu
                 stack.enter_context(eager_layers(model))
             stack.enter_context(lean_lora(model))
             stack.enter_context(fused_rms_norms(model))  # hardware.fast.fused_norm (off: nothing changes)
+            stack.enter_context(grouped_query_attention())  # hardware.fast.sdpa_gqa (off: nothing changes)
             yield model
     finally:
         for module, training in modes:

@@ -23,7 +23,7 @@ several layers separate the classes perfectly) go to the larger separation, then
 
 Cache: `<cache_dir>/directions/<key>.pt` (+ `.json` summary), key = hash of the model identity (name,
 path, random_init, init_seed, architecture, dtype), the two corpora's sha256, the extraction settings,
-the chat format's template arguments and, when on, `hardware.fast.fused_norm`.
+the chat format's template arguments and, when on, `hardware.fast.fused_norm` and `hardware.fast.sdpa_gqa`.
 Parallel jobs of one model take an fcntl lock on `<key>.lock`: the first computes, the others wait and load.
 """
 
@@ -50,6 +50,7 @@ from lbt.data.chat import IGNORE_INDEX, ChatFormat
 from lbt.data.records import CorpusRecord, file_sha256, load_corpus
 from lbt.eval.batching import length_batches, pad_id_of, right_pad
 from lbt.model.fused_norm import fused_norm_default
+from lbt.model.gqa import sdpa_gqa_default
 from lbt.model.modes import evaluation_mode
 from lbt.probe import hooks
 from lbt.probe.accuracy import probe_accuracies
@@ -283,6 +284,8 @@ def direction_key(identity: Mapping[str, Any], corpora_sha: Mapping[str, str], s
                 "folds": settings.probe_folds}
     if fused_norm_default():  # records read with one-kernel norms (hardware.fast.fused_norm) differ in rounding
         material["fused_norm"] = True
+    if sdpa_gqa_default():  # and with grouped heads read in place (hardware.fast.sdpa_gqa)
+        material["sdpa_gqa"] = True
     digest = hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:20]
     return f"{identity.get('name') or 'model'}-{digest}"
 
