@@ -244,9 +244,12 @@ def main(argv: list[str] | None = None) -> dict:
             label = " ".join(f"{k}={v}" for k, v in (("decode", mode), ("share_prefix", share), ("gc", heap),
                                                       ("fused_norm", norm), ("sdpa_gqa", grouped)) if v)
             # this variant only
-            with fused_rms_norms(model, on=norm == "on") as fused, grouped_query_attention(on=grouped == "on"):
+            with fused_rms_norms(model, on=norm == "on") as fused, \
+                    grouped_query_attention(on=grouped == "on") as widened:
                 if fused:
                     print(f"fused_norm: {fused} norms run torch's rms_norm")
+                if grouped == "on":
+                    print(f"sdpa_gqa: {'on' if widened else 'this transformers has no use_gqa_in_sdpa: nothing changes'}")
                 score_item_set(
                     model, chat, load_item_set(args.items, max_items=4), args.measures, settings
                 )  # warm-up
