@@ -11,8 +11,9 @@ with grouped heads.
 
 Inside `grouped_query_attention` (which `lbt.model.modes.evaluation_mode` enters when the setting is on)
 transformers' choice (`transformers.integrations.sdpa_attention.use_gqa_in_sdpa`) also says yes for a masked
-forward of several query positions (a prompt, not a decoding step) in half precision on a GPU; everything else
-keeps transformers' choice, and on exit the function is transformers' own again. Training is untouched.
+forward of several query positions (a prompt; the static decoding step groups its one query position itself,
+`lbt.eval.static_decode`) in half precision on a GPU; everything else keeps transformers' choice, and on exit
+the function is transformers' own again. Training is untouched.
 
 Numbers: the same attention of the same keys and values, read in place instead of from copies. In fp32 the
 output equals the copying path's up to float rounding (tests/test_gqa.py, on a CPU, where torch's kernels take
@@ -49,7 +50,7 @@ def sdpa_gqa_default() -> bool:
 def grouped_with_mask(attention_mask: torch.Tensor | None, key: torch.Tensor,
                       value: torch.Tensor | None = None) -> bool:
     """A masked forward of several query positions whose keys can stay grouped: a prompt, not a decoding step
-    (transformers has its own path for one query), on a device and dtype of GQA_DEVICES and GQA_DTYPES."""
+    (`lbt.eval.static_decode` groups those itself), on a device and dtype of GQA_DEVICES and GQA_DTYPES."""
     if attention_mask is None or attention_mask.dim() != 4 or attention_mask.shape[-2] <= 1:
         return False
     if value is not None and value.shape[-1] != key.shape[-1]:
