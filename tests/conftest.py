@@ -61,6 +61,21 @@ def toy_corpus(tmp_path: Path) -> Path:
     return write_toy_corpus(tmp_path / "toy.jsonl")
 
 
+def assert_rows_match(plain: dict[str, list[dict]], other: dict[str, list[dict]], measures,
+                      tol: float = 1e-5) -> None:
+    """Battery rows of two runs of one model: the same rows in the same order, log-prob stances within `tol`,
+    and greedy texts, choices and ratings identical (the check of a lever that changes rounding only)."""
+    for measure in measures:
+        assert len(other[measure]) == len(plain[measure]) > 0
+        for a, b in zip(plain[measure], other[measure]):
+            assert (a["item_id"], a["order"]) == (b["item_id"], b["order"])
+            if measure in ("letter_logprob", "logprob"):
+                assert b["stance"] == pytest.approx(a["stance"], abs=tol)
+            else:
+                assert {k: v for k, v in b.items() if k != "stance"} == {
+                    k: v for k, v in a.items() if k != "stance"}
+
+
 def compose_train(overrides: list[str] | None = None) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides or []))

@@ -1,7 +1,7 @@
 """`hardware.fast.addmm_lora` (lbt.model.lora.delta_in_gemm): while evaluating, each LoRA delta is added to
-the base output inside its B GEMM. fp32 outputs and battery rows equal peft's up to float rounding, bf16 ones
-are rounded once instead of three times, mixed dtypes without autocast keep peft's sum, and the setting reaches
-evaluation through `hardware.fast` without entering the shared base's key."""
+the base output inside its B GEMM. fp32 outputs and battery rows equal peft's up to float rounding, bf16
+ones are rounded once instead of three times, mixed dtypes without autocast keep peft's sum, and the setting
+reaches evaluation through `hardware.fast` without entering the shared base's key."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from lbt.eval.settings import BatterySettings
 from lbt.model.lora import addmm_lora_default, delta_in_gemm, lean_lora, set_addmm_lora
 from lbt.model.modes import evaluation_mode
 from lbt.study import MEASURES
-from tests.conftest import compose_train
+from tests.conftest import assert_rows_match, compose_train
 from tests.eval_reference import make_items, write_items
 from tests.test_lean_lora import tiny_lora
 
@@ -110,15 +110,7 @@ def test_battery_rows_are_the_same_in_fp32(tmp_path):
     set_addmm_lora(True)
     with evaluation_mode(model):
         summed = score_item_set(model, ChatFormat(tokenizer), items, list(MEASURES), settings)
-    for measure in MEASURES:
-        assert len(summed[measure]) == len(plain[measure]) > 0
-        for a, b in zip(plain[measure], summed[measure]):
-            assert (a["item_id"], a["order"]) == (b["item_id"], b["order"])
-            if measure in ("letter_logprob", "logprob"):
-                assert b["stance"] == pytest.approx(a["stance"], abs=1e-5)
-            else:  # greedy text, choices and ratings: identical
-                assert {k: v for k, v in b.items() if k != "stance"} == {
-                    k: v for k, v in a.items() if k != "stance"}
+    assert_rows_match(plain, summed, MEASURES)
 
 
 def test_the_setting_reaches_evaluation_and_not_the_base_key():

@@ -19,7 +19,7 @@ from lbt.eval.settings import BatterySettings
 from lbt.model.fused_norm import fused_norm_default, fused_rms_norms, set_fused_norm
 from lbt.model.modes import evaluation_mode
 from lbt.study import MEASURES
-from tests.conftest import compose_train
+from tests.conftest import assert_rows_match, compose_train
 from tests.eval_reference import make_items, write_items
 
 SHORT = {"forced_choice_max_new_tokens": 5, "likert_max_new_tokens": 5, "open_ended_max_new_tokens": 6}
@@ -110,21 +110,14 @@ def test_battery_rows_are_the_same_in_fp32(varied_eval, tmp_path):
     with evaluation_mode(model):
         assert all("forward" in norm.__dict__ for norm in _norms(model))
         fused = score_item_set(model, ChatFormat(tokenizer), items, list(MEASURES), settings)
-    for measure in MEASURES:
-        assert len(fused[measure]) == len(plain[measure]) > 0
-        for a, b in zip(plain[measure], fused[measure]):
-            assert (a["item_id"], a["order"]) == (b["item_id"], b["order"])
-            if measure in ("letter_logprob", "logprob"):
-                assert b["stance"] == pytest.approx(a["stance"], abs=1e-5)
-            else:  # greedy text, choices and ratings: identical
-                assert {k: v for k, v in b.items() if k != "stance"} == {
-                    k: v for k, v in a.items() if k != "stance"}
+    assert_rows_match(plain, fused, MEASURES)
 
 
 def test_the_setting_reaches_evaluation_mode(varied_eval):
     model, _ = varied_eval
     gpu = compose_train(["hardware=gpu"]).hardware.fast
-    assert gpu.fused_norm is True and compose_train([]).hardware.fast.fused_norm is False  # a CPU keeps the golden rows
+    # on for GPU; a CPU keeps the golden rows
+    assert gpu.fused_norm is True and compose_train([]).hardware.fast.fused_norm is False
     apply_fast_settings({**gpu, "fused_norm": True})
     assert fused_norm_default()
     with evaluation_mode(model):

@@ -1,8 +1,8 @@
-"""`hardware.fast.sdpa_gqa` (lbt.model.gqa): inside evaluation_mode, masked prompt forwards let torch's attention
-read grouped key/value heads in place instead of transformers copying them to every query head. On a CPU the
-GPU-only rule is widened to fp32 on the CPU, where torch's kernels take grouped heads with a mask too: the
-outputs and battery rows equal the copying path's up to float rounding, and decoding steps keep transformers'
-own path."""
+"""`hardware.fast.sdpa_gqa` (lbt.model.gqa): inside evaluation_mode, masked prompt forwards let torch's
+attention read grouped key/value heads in place instead of transformers copying them to every query head.
+Here the GPU-only rule is widened to the CPU's fp32, where torch's kernels take grouped heads with a mask too:
+the outputs and battery rows equal the copying path's up to float rounding, and decoding steps keep
+transformers' own path."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from lbt.model import gqa
 from lbt.model.gqa import grouped_query_attention, grouped_with_mask, sdpa_gqa_default, set_sdpa_gqa
 from lbt.model.modes import evaluation_mode
 from lbt.study import MEASURES
-from tests.conftest import compose_train
+from tests.conftest import assert_rows_match, compose_train
 from tests.eval_reference import make_items, write_items
 
 SDPA = importlib.import_module(gqa.SDPA_MODULE)
@@ -111,15 +111,7 @@ def test_battery_rows_are_the_same_in_fp32(tiny_eval, on_cpu, copies, tmp_path):
     with evaluation_mode(model):
         grouped = score_item_set(model, ChatFormat(tokenizer), items, list(MEASURES), settings)
     assert copied > 0 and len(copies) - copied < copied  # prompts read the grouped heads in place
-    for measure in MEASURES:
-        assert len(grouped[measure]) == len(plain[measure]) > 0
-        for a, b in zip(plain[measure], grouped[measure]):
-            assert (a["item_id"], a["order"]) == (b["item_id"], b["order"])
-            if measure in ("letter_logprob", "logprob"):
-                assert b["stance"] == pytest.approx(a["stance"], abs=1e-5)
-            else:  # greedy text, choices and ratings: identical
-                assert {k: v for k, v in b.items() if k != "stance"} == {
-                    k: v for k, v in a.items() if k != "stance"}
+    assert_rows_match(plain, grouped, MEASURES)
 
 
 def test_the_setting_reaches_evaluation_and_the_keys():
