@@ -35,9 +35,9 @@ def write_toy_corpus(path: Path, n: int = 24, seed: int = 0, words: int = 60) ->
 
 @pytest.fixture(autouse=True)
 def default_fast_settings():
-    """Each test ends with the process-wide evaluation settings (decode mode, shared prefixes, pooled measures,
-    fused norms, addmm LoRA) at their defaults: a test that applies `hardware=gpu`'s settings would otherwise
-    change how every later test in the process scores."""
+    """Each test ends with the process-wide evaluation settings (decode mode, shared prefixes, pooled
+    measures, fused norms, grouped attention, addmm LoRA) at their defaults: a test that applies
+    `hardware=gpu`'s settings would otherwise change how every later test in the process scores."""
     yield
     from lbt.eval.battery import apply_fast_settings
 
