@@ -100,7 +100,7 @@ def code_identity(package: Path | None = None) -> str:
 # lora.eager_layers), or on the adapters alone (addmm_lora: the base phase runs with them disabled), so jobs
 # that differ only in them share one base.
 NOT_ON_BASE_FAST = frozenset({"share_base", "pack_tokens", "ce_chunk", "fused_ce", "freeze_heap", "compile_layers",
-                                "compile_cache", "fold_lora", "addmm_lora"})
+                              "compile_cache", "fold_lora", "addmm_lora"})
 
 
 def base_material(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:

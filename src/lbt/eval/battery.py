@@ -48,7 +48,7 @@ def apply_fast_settings(fast: Mapping[str, Any]) -> None:
     """The process-wide evaluation settings of `hardware.fast`: how greedy decoding runs (`decode`),
     whether shared prompt openings run once (`share_prefix`) and whether a phase's measures share engine
     calls (`pool_measures`), whether the model's RMSNorms run in one kernel (`fused_norm`,
-    `lbt.model.fused_norm`) and whether each LoRA delta is added inside its B GEMM (`addmm_lora`,
+    `lbt.model.fused_norm`), whether each LoRA delta is added inside its B GEMM (`addmm_lora`,
     `lbt.model.lora.delta_in_gemm`) and whether masked prompt forwards keep grouped key/value heads
     (`sdpa_gqa`, `lbt.model.gqa`). `lbt.train` and `lbt.evaluate` apply them before any scoring."""
     from lbt.model.fused_norm import set_fused_norm

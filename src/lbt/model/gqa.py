@@ -5,7 +5,7 @@ Qwen2.5-3B has 16 query heads and 2 key/value heads (Llama-3.2-3B: 24 and 8). tr
 attention lets torch's kernel read the shared key/value heads itself (`enable_gqa=True`) only when a forward
 has no attention mask; with one, and every batched evaluation prompt has one for its padding, it first copies
 the keys and the values out to every query head (`repeat_kv`). On an H200 the largest eager elementwise
-kernel of the battery's logprob measure was a plain copy run twice per layer and forward, as `repeat_kv` is
+kernel of the battery's logprob measure ran twice per layer and forward, most likely `repeat_kv`'s copies
 (0.037 s of its 0.30 s of kernels, benchmarks/RESULTS.md); torch's cuDNN attention takes a mask together
 with grouped heads.
 
