@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
                 if fused:
                     print(f"fused_norm: {fused} norms run torch's rms_norm")
                 if grouped == "on":
-                    print(f"sdpa_gqa: {'on' if widened else 'this transformers has no use_gqa_in_sdpa: nothing changes'}")
+                    print("sdpa_gqa: " + ("on" if widened else "transformers has no use_gqa_in_sdpa: nothing changes"))
                 score_item_set(
                     model, chat, load_item_set(args.items, max_items=4), args.measures, settings
                 )  # warm-up
