@@ -61,6 +61,35 @@ def toy_corpus(tmp_path: Path) -> Path:
     return write_toy_corpus(tmp_path / "toy.jsonl")
 
 
+def score_toy_battery(model, tokenizer, folder: Path) -> dict[str, list[dict]]:
+    """Every measure's rows for a small item set (two items per domain, short generations), read as the
+    evaluators read the model (`evaluation_mode`, under the process-wide settings of the moment)."""
+    from lbt.data.chat import ChatFormat
+    from lbt.eval.battery import score_item_set
+    from lbt.eval.items import load_item_set
+    from lbt.eval.settings import BatterySettings
+    from lbt.model.modes import evaluation_mode
+    from lbt.study import MEASURES
+    from tests.eval_reference import make_items, write_items
+
+    items = load_item_set(write_items(folder / "toy_items.jsonl", make_items(per_domain=2)))
+    settings = BatterySettings(batch_size=5, forced_choice_max_new_tokens=5, likert_max_new_tokens=5,
+                               open_ended_max_new_tokens=6)
+    with evaluation_mode(model):
+        return score_item_set(model, ChatFormat(tokenizer), items, list(MEASURES), settings)
+
+
+def directions_key_now() -> str:
+    """The directions' cache key of one fixed model, corpus and chat format under the process-wide
+    evaluation settings of the moment (what a setting that changes rounding must change)."""
+    from lbt.probe.directions import DirectionSettings, direction_key
+
+    class Chat:
+        template_kwargs: dict = {}  # noqa: RUF012
+
+    return direction_key({"name": "tiny"}, {"a.jsonl": "0"}, DirectionSettings(), Chat())
+
+
 def assert_rows_match(plain: dict[str, list[dict]], other: dict[str, list[dict]], measures,
                       tol: float = 1e-5) -> None:
     """Battery rows of two runs of one model: the same rows in the same order, log-prob stances within `tol`,

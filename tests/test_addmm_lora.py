@@ -8,19 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lbt.data.chat import ChatFormat
 from lbt.eval.base_cache import base_key
-from lbt.eval.battery import apply_fast_settings, score_item_set
-from lbt.eval.items import load_item_set
-from lbt.eval.settings import BatterySettings
+from lbt.eval.battery import apply_fast_settings
 from lbt.model.lora import addmm_lora_default, delta_in_gemm, lean_lora, set_addmm_lora
-from lbt.model.modes import evaluation_mode
 from lbt.study import MEASURES
-from tests.conftest import assert_rows_match, compose_train
-from tests.eval_reference import make_items, write_items
+from tests.conftest import assert_rows_match, compose_train, score_toy_battery
 from tests.test_lean_lora import tiny_lora
-
-SHORT = {"forced_choice_max_new_tokens": 5, "likert_max_new_tokens": 5, "open_ended_max_new_tokens": 6}
 
 
 def peft_sum(result, h, weight_b, scaling):
@@ -103,13 +96,9 @@ def test_lean_forward_with_addmm_matches_peft(adapters, dtype, autocast):
 
 def test_battery_rows_are_the_same_in_fp32(tmp_path):
     model, tokenizer = tiny_lora("fp32", torch.float32)
-    items = load_item_set(write_items(tmp_path / "toy_items.jsonl", make_items(per_domain=2)))
-    settings = BatterySettings(batch_size=5, **SHORT)
-    with evaluation_mode(model):  # as the evaluators read the model
-        plain = score_item_set(model, ChatFormat(tokenizer), items, list(MEASURES), settings)
+    plain = score_toy_battery(model, tokenizer, tmp_path)
     set_addmm_lora(True)
-    with evaluation_mode(model):
-        summed = score_item_set(model, ChatFormat(tokenizer), items, list(MEASURES), settings)
+    summed = score_toy_battery(model, tokenizer, tmp_path)
     assert_rows_match(plain, summed, MEASURES)
 
 

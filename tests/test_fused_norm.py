@@ -12,17 +12,11 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
-from lbt.data.chat import ChatFormat
-from lbt.eval.battery import apply_fast_settings, score_item_set
-from lbt.eval.items import load_item_set
-from lbt.eval.settings import BatterySettings
+from lbt.eval.battery import apply_fast_settings
 from lbt.model.fused_norm import fused_norm_default, fused_rms_norms, set_fused_norm
 from lbt.model.modes import evaluation_mode
 from lbt.study import MEASURES
-from tests.conftest import assert_rows_match, compose_train
-from tests.eval_reference import make_items, write_items
-
-SHORT = {"forced_choice_max_new_tokens": 5, "likert_max_new_tokens": 5, "open_ended_max_new_tokens": 6}
+from tests.conftest import assert_rows_match, compose_train, directions_key_now, score_toy_battery
 
 
 @pytest.fixture
@@ -102,14 +96,11 @@ def test_other_norms_and_mixed_dtypes_keep_their_own_forward():
 
 def test_battery_rows_are_the_same_in_fp32(varied_eval, tmp_path):
     model, tokenizer = varied_eval
-    items = load_item_set(write_items(tmp_path / "toy_items.jsonl", make_items(per_domain=2)))
-    settings = BatterySettings(batch_size=5, **SHORT)
-    with evaluation_mode(model):  # as the evaluators read the model
-        plain = score_item_set(model, ChatFormat(tokenizer), items, list(MEASURES), settings)
+    plain = score_toy_battery(model, tokenizer, tmp_path)
     set_fused_norm(True)
     with evaluation_mode(model):
         assert all("forward" in norm.__dict__ for norm in _norms(model))
-        fused = score_item_set(model, ChatFormat(tokenizer), items, list(MEASURES), settings)
+    fused = score_toy_battery(model, tokenizer, tmp_path)
     assert_rows_match(plain, fused, MEASURES)
 
 
@@ -129,12 +120,6 @@ def test_the_setting_reaches_evaluation_mode(varied_eval):
 
 
 def test_the_directions_key_names_the_setting():
-    from lbt.probe.directions import DirectionSettings, direction_key
-
-    class Chat:
-        template_kwargs: dict = {}  # noqa: RUF012
-
-    identity = {"name": "tiny"}
-    off = direction_key(identity, {"a.jsonl": "0"}, DirectionSettings(), Chat())
+    off = directions_key_now()
     set_fused_norm(True)
-    assert direction_key(identity, {"a.jsonl": "0"}, DirectionSettings(), Chat()) != off
+    assert directions_key_now() != off

@@ -11,20 +11,15 @@ import importlib
 import pytest
 import torch
 
-from lbt.data.chat import ChatFormat
 from lbt.eval.base_cache import base_key
-from lbt.eval.battery import apply_fast_settings, score_item_set
-from lbt.eval.items import load_item_set
-from lbt.eval.settings import BatterySettings
+from lbt.eval.battery import apply_fast_settings
 from lbt.model import gqa
 from lbt.model.gqa import grouped_query_attention, grouped_with_mask, sdpa_gqa_default, set_sdpa_gqa
 from lbt.model.modes import evaluation_mode
 from lbt.study import MEASURES
-from tests.conftest import assert_rows_match, compose_train
-from tests.eval_reference import make_items, write_items
+from tests.conftest import assert_rows_match, compose_train, directions_key_now, score_toy_battery
 
 SDPA = importlib.import_module(gqa.SDPA_MODULE)
-SHORT = {"forced_choice_max_new_tokens": 5, "likert_max_new_tokens": 5, "open_ended_max_new_tokens": 6}
 
 
 @pytest.fixture
@@ -102,21 +97,15 @@ def test_off_nested_and_restored(on_cpu):
 
 def test_battery_rows_are_the_same_in_fp32(tiny_eval, on_cpu, copies, tmp_path):
     model, tokenizer = tiny_eval
-    items = load_item_set(write_items(tmp_path / "toy_items.jsonl", make_items(per_domain=2)))
-    settings = BatterySettings(batch_size=5, **SHORT)
-    with evaluation_mode(model):
-        plain = score_item_set(model, ChatFormat(tokenizer), items, list(MEASURES), settings)
+    plain = score_toy_battery(model, tokenizer, tmp_path)
     copied = len(copies)
     set_sdpa_gqa(True)
-    with evaluation_mode(model):
-        grouped = score_item_set(model, ChatFormat(tokenizer), items, list(MEASURES), settings)
+    grouped = score_toy_battery(model, tokenizer, tmp_path)
     assert copied > 0 and len(copies) - copied < copied  # prompts read the grouped heads in place
     assert_rows_match(plain, grouped, MEASURES)
 
 
 def test_the_setting_reaches_evaluation_and_the_keys():
-    from lbt.probe.directions import DirectionSettings, direction_key
-
     gpu = compose_train(["hardware=gpu"])
     assert gpu.hardware.fast.sdpa_gqa is False and compose_train([]).hardware.fast.sdpa_gqa is False
     own = SDPA.use_gqa_in_sdpa
@@ -125,13 +114,8 @@ def test_the_setting_reaches_evaluation_and_the_keys():
     with evaluation_mode(torch.nn.Linear(2, 2)):
         assert SDPA.use_gqa_in_sdpa is not own
     assert SDPA.use_gqa_in_sdpa is own
-
-    class Chat:
-        template_kwargs: dict = {}  # noqa: RUF012
-
-    identity = {"name": "tiny"}
-    on = direction_key(identity, {"a.jsonl": "0"}, DirectionSettings(), Chat())
+    on = directions_key_now()
     set_sdpa_gqa(False)
-    assert direction_key(identity, {"a.jsonl": "0"}, DirectionSettings(), Chat()) != on
+    assert directions_key_now() != on
     # Base rows are read through it (rounding may differ in bf16): the shared base is keyed by it.
     assert base_key(gpu) != base_key(compose_train(["hardware=gpu", "hardware.fast.sdpa_gqa=true"]))
