@@ -15,8 +15,8 @@ records, chat-templated, replicated to ~3,000), from the same random-init weight
 The first compiled variant of each kind of graph (-dyn, -irng, -cdt, -fold, -liger) first runs its steps once
 untimed (--no-prime skips that), so each variant is timed with inductor's cache as warm as a sweep's later jobs
 have it: unprimed, the first variant compiled new shapes inside its timed steps (1.2-1.8 s against 1.03-1.16 s a
-step on an H100: benchmarks/RESULTS.md). --profile also gives, per region of the step (forward+loss, backward, optimizer), the
-time in which the GPU ran no kernel: where it waited for the host.
+step on an H100: benchmarks/RESULTS.md). --profile also gives, per region of the step (forward+loss, backward,
+optimizer), the time in which the GPU ran no kernel: where it waited for the host.
 Reported: real (non-pad) tokens/s, MFU (4·N FLOPs per token, N = parameters; 989 TFLOP/s bf16 dense on
 an H100 SXM), peak memory, the loss of both after the same steps. A smoke check then saves the lbt
 adapter, reloads it into a fresh model and compares logits, and checks a capture hook under compile.
