@@ -107,9 +107,9 @@ def test_battery_rows_are_the_same_in_fp32(tiny_eval, on_cpu, copies, tmp_path):
 
 def test_the_setting_reaches_evaluation_and_the_keys():
     gpu = compose_train(["hardware=gpu"])
-    assert gpu.hardware.fast.sdpa_gqa is False and compose_train([]).hardware.fast.sdpa_gqa is False
+    assert gpu.hardware.fast.sdpa_gqa is True and compose_train([]).hardware.fast.sdpa_gqa is False
     own = SDPA.use_gqa_in_sdpa
-    apply_fast_settings({**gpu.hardware.fast, "sdpa_gqa": True})
+    apply_fast_settings(gpu.hardware.fast)
     assert sdpa_gqa_default()
     with evaluation_mode(torch.nn.Linear(2, 2)):
         assert SDPA.use_gqa_in_sdpa is not own
@@ -118,4 +118,4 @@ def test_the_setting_reaches_evaluation_and_the_keys():
     set_sdpa_gqa(False)
     assert directions_key_now() != on
     # Base rows are read through it (rounding may differ in bf16): the shared base is keyed by it.
-    assert base_key(gpu) != base_key(compose_train(["hardware=gpu", "hardware.fast.sdpa_gqa=true"]))
+    assert base_key(gpu) != base_key(compose_train(["hardware=gpu", "hardware.fast.sdpa_gqa=false"]))

@@ -139,7 +139,7 @@ class Fast:
     pool_measures: bool = True  # a phase's measures and item sets in one engine call per kind (lbt.eval.battery)
     share_prefix: bool = False  # prompts that open alike run their common prefix once (lbt.eval.prefix); on in hardware=gpu
     fused_norm: bool = False  # evaluation runs each RMSNorm as one kernel (lbt.model.fused_norm); on in hardware=gpu
-    sdpa_gqa: bool = False  # masked prompt forwards read grouped key/value heads in place (lbt.model.gqa); off everywhere until timed on a GPU
+    sdpa_gqa: bool = False  # masked prompt forwards read grouped key/value heads in place (lbt.model.gqa); on in hardware=gpu
     addmm_lora: bool = False  # evaluation adds each LoRA delta inside its B GEMM (lbt.model.lora.delta_in_gemm); off everywhere: not shown to pay
     freeze_heap: bool = False  # long-lived objects skip Python's full garbage collections during training (lbt.heap); on in hardware=gpu
 
