@@ -16,10 +16,13 @@ from typing import Any
 import torch
 
 from lbt.data.chat import ChatFormat
+from lbt.eval.decode import DECODE
 from lbt.eval.items import ItemSet
 from lbt.eval.measures import MEASURE_FUNCTIONS, Ask, Plan, finish, forced_choice_with_letters
-from lbt.eval.scoring import Engine, length_buckets, set_decode, set_share_prefix
+from lbt.eval.prefix import SHARE_PREFIX
+from lbt.eval.scoring import Engine, length_buckets
 from lbt.eval.settings import BatterySettings, MeasureError
+from lbt.fast_settings import FastSetting
 from lbt.study import MEASURES
 
 
@@ -33,15 +36,10 @@ def check_measures(measures: Iterable[str]) -> list[str]:
     return measures
 
 
-# Whether a phase's asks are pooled into few engine calls (`hardware.fast.pool_measures`, set_pool_measures);
-# off, every measure of every item set makes its own call, as before the pooling.
-_POOL = True
-
-
-def set_pool_measures(on: bool | None) -> None:
-    """Pool a phase's measures and item sets into few engine calls (True; None: the default, True) or not."""
-    global _POOL
-    _POOL = True if on is None else bool(on)
+# Whether a phase's asks are pooled into few engine calls (`hardware.fast.pool_measures`; None: the default,
+# on); off, every measure of every item set makes its own call, as before the pooling.
+POOL_MEASURES = FastSetting("pool_measures", True)
+set_pool_measures = POOL_MEASURES.set
 
 
 def apply_fast_settings(fast: Mapping[str, Any]) -> None:
@@ -50,17 +48,15 @@ def apply_fast_settings(fast: Mapping[str, Any]) -> None:
     calls (`pool_measures`), whether the model's RMSNorms run in one kernel (`fused_norm`,
     `lbt.model.fused_norm`), whether each LoRA delta is added inside its B GEMM (`addmm_lora`,
     `lbt.model.lora.delta_in_gemm`) and whether masked prompt forwards keep grouped key/value heads
-    (`sdpa_gqa`, `lbt.model.gqa`). `lbt.train` and `lbt.evaluate` apply them before any scoring."""
-    from lbt.model.fused_norm import set_fused_norm
-    from lbt.model.gqa import set_sdpa_gqa
-    from lbt.model.lora import set_addmm_lora
+    (`sdpa_gqa`, `lbt.model.gqa`). `lbt.train` and `lbt.evaluate` apply them before any scoring. Each is a
+    `lbt.fast_settings.FastSetting` of the module that reads it; a key missing in `fast`, or None, takes its
+    default."""
+    from lbt.model.fused_norm import FUSED_NORM
+    from lbt.model.gqa import SDPA_GQA
+    from lbt.model.lora import ADDMM_LORA
 
-    set_fused_norm(fast.get("fused_norm"))
-    set_sdpa_gqa(fast.get("sdpa_gqa"))
-    set_addmm_lora(fast.get("addmm_lora"))
-    set_decode(fast.get("decode"))
-    set_share_prefix(fast.get("share_prefix"))
-    set_pool_measures(fast.get("pool_measures"))
+    for setting in (DECODE, SHARE_PREFIX, POOL_MEASURES, FUSED_NORM, SDPA_GQA, ADDMM_LORA):
+        setting.set(fast.get(setting.key))
 
 
 def score_item_set(
@@ -132,7 +128,7 @@ def _engine_calls(asks: Sequence[Ask]) -> list[list[int]]:
     """Indices of the asks answered by one engine call: one call per kind, and generation split where
     `Engine.generate` would decode in separate loops anyway (so each call's time is its own loop's); one
     call per ask when pooling is off."""
-    if not _POOL:
+    if not POOL_MEASURES.get():
         return [[k] for k in range(len(asks))]
     calls: dict[tuple[str, int], list[int]] = {}
     generation = [k for k, ask in enumerate(asks) if ask.call == "generate"]

@@ -31,6 +31,7 @@ from lbt.eval.batching import (
     output_cache,
 )
 from lbt.eval.static_decode import greedy_batch_static, static_unsupported
+from lbt.fast_settings import FastSetting
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class Generation:
 
 
 # The mode generation uses when the engine names none (`hardware.fast.decode`, through `set_decode`).
-_DECODE: str | None = None
+DECODE = FastSetting("decode", "eager", DECODE_MODES)
 
 
 def set_decode(mode: str | None) -> None:
@@ -69,17 +70,14 @@ def set_decode(mode: str | None) -> None:
     rows never see each other. In fp32 they are identical (tests/test_decode.py on a CPU; on a GPU
     benchmarks/decode_graph.py); in bf16 the static step's attention kernel rounds differently from the
     eager one's, so a near-tie argmax can flip, as between any two batchings (benchmarks/RESULTS.md)."""
-    if mode is not None and mode not in DECODE_MODES:
-        raise ValueError(f"decode={mode!r}: use one of {list(DECODE_MODES)}")
-    global _DECODE
-    _DECODE = mode
+    DECODE.set(mode)
 
 
 def decode_mode(model: torch.nn.Module, mode: str | None = None) -> str:
-    """The mode a generation runs in: `mode`, else the `set_decode` mode, else eager; a model the static cache cannot serve runs eager; graph off CUDA, or on a model with
-    forward hooks, runs static."""
+    """The mode a generation runs in: `mode`, else the `set_decode` mode (eager by default); a model the
+    static cache cannot serve runs eager; graph off CUDA, or on a model with forward hooks, runs static."""
     device = model_device(model)
-    chosen = mode or _DECODE or "eager"
+    chosen = mode or DECODE.get()
     if chosen not in DECODE_MODES:
         raise ValueError(f"decode={chosen!r}: use one of {list(DECODE_MODES)}")
     if chosen == "eager":

@@ -37,6 +37,7 @@ from lbt.eval.batching import (
     left_pad,
     output_cache,
 )
+from lbt.fast_settings import FastSetting
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +45,10 @@ log = logging.getLogger(__name__)
 # of the plain batch's: below that the extra prefix forward (one more pass of host work) may not repay itself.
 SHARE_BELOW = 0.8
 
-_SHARE: bool = False
-
-
-def set_share_prefix(on: bool | None) -> None:
-    """Whether engines that name no setting share prompt prefixes (`hardware.fast.share_prefix`; None: off)."""
-    global _SHARE
-    _SHARE = bool(on)
-
-
-def share_prefix_default() -> bool:
-    return _SHARE
+# Whether engines that name no setting share prompt prefixes (`hardware.fast.share_prefix`; None: off).
+SHARE_PREFIX = FastSetting("share_prefix", False)
+set_share_prefix = SHARE_PREFIX.set
+share_prefix_default = SHARE_PREFIX.get
 
 
 def sharing_unsupported(model: torch.nn.Module) -> str | None:

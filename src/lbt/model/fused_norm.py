@@ -26,21 +26,16 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from lbt.fast_settings import FastSetting
+
 # Norm classes whose forward is weight * (x / rms(x)) with the weight itself (not 1 + weight, as Gemma's):
 # the study's two model families, which the tiny model's architecture shares.
 FUSED_CLASSES = frozenset({"Qwen2RMSNorm", "LlamaRMSNorm"})
 
-_FUSED: bool = False
-
-
-def set_fused_norm(on: bool | None) -> None:
-    """Whether `evaluation_mode` fuses the model's RMSNorms (`hardware.fast.fused_norm`; None: off)."""
-    global _FUSED
-    _FUSED = bool(on)
-
-
-def fused_norm_default() -> bool:
-    return _FUSED
+# Whether `evaluation_mode` fuses the model's RMSNorms (`hardware.fast.fused_norm`; None: off).
+FUSED_NORM = FastSetting("fused_norm", False)
+set_fused_norm = FUSED_NORM.set
+fused_norm_default = FUSED_NORM.get
 
 
 def fusable(module: torch.nn.Module) -> bool:

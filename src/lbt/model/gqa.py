@@ -28,23 +28,19 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from lbt.fast_settings import FastSetting
+
 # Where the setting asks torch for grouped heads with a mask: half precision on NVIDIA GPUs, where cuDNN's
 # attention takes both (in fp32 or elsewhere torch may fall back to its unfused math kernel).
 GQA_DEVICES = frozenset({"cuda"})
 GQA_DTYPES = frozenset({torch.bfloat16, torch.float16})
 SDPA_MODULE = "transformers.integrations.sdpa_attention"
 
-_ON: bool = False
-
-
-def set_sdpa_gqa(on: bool | None) -> None:
-    """Whether `evaluation_mode` lets masked prompt forwards read grouped heads in place (None: off)."""
-    global _ON
-    _ON = bool(on)
-
-
-def sdpa_gqa_default() -> bool:
-    return _ON
+# Whether `evaluation_mode` lets masked prompt forwards read grouped heads in place (`hardware.fast.sdpa_gqa`;
+# None: off).
+SDPA_GQA = FastSetting("sdpa_gqa", False)
+set_sdpa_gqa = SDPA_GQA.set
+sdpa_gqa_default = SDPA_GQA.get
 
 
 def grouped_with_mask(attention_mask: torch.Tensor | None, key: torch.Tensor,

@@ -12,6 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lbt.choices import ADAPTER_MODES
+from lbt.fast_settings import FastSetting
 from lbt.model.layers import decoder_layers
 
 if TYPE_CHECKING:
@@ -199,20 +200,11 @@ def eager_layers(model: torch.nn.Module):
             layer._compiled_call_impl = compiled
 
 
-# Whether the lean forward adds each adapter's delta inside its B GEMM (`hardware.fast.addmm_lora`,
-# `set_addmm_lora`); off, it runs peft's operations in peft's order.
-_ADDMM = False
-
-
-def set_addmm_lora(on: bool | None) -> None:
-    """Whether evaluation's LoRA forwards add the delta in the B GEMM (`hardware.fast.addmm_lora`; None:
-    off)."""
-    global _ADDMM
-    _ADDMM = bool(on)
-
-
-def addmm_lora_default() -> bool:
-    return _ADDMM
+# Whether evaluation's lean LoRA forward adds each adapter's delta inside its B GEMM
+# (`hardware.fast.addmm_lora`; None: off); off, it runs peft's operations in peft's order.
+ADDMM_LORA = FastSetting("addmm_lora", False)
+set_addmm_lora = ADDMM_LORA.set
+addmm_lora_default = ADDMM_LORA.get
 
 
 def delta_in_gemm(result: torch.Tensor, h: torch.Tensor, weight_b: torch.Tensor,
@@ -247,7 +239,7 @@ def _lean_forward(layer: torch.nn.Module, adapter: str):
     cast = getattr(layer, "cast_input_dtype_enabled", True)
     weight_dtype = lora_a.weight.dtype
     peft_forward = type(layer).forward
-    addmm = _ADDMM and isinstance(lora_b, torch.nn.Linear) and lora_b.bias is None
+    addmm = ADDMM_LORA.get() and isinstance(lora_b, torch.nn.Linear) and lora_b.bias is None
 
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if _lean_candidate(layer) != adapter or args or kwargs:
