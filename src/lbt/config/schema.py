@@ -131,17 +131,31 @@ class Fast:
     pack_tokens: Natural
     ce_chunk: Natural
     compile_layers: bool
-    fused_ce: bool = False  # with ce_chunk: each chunk's loss and gradient in one pass (lbt.model.fused_ce); on in hardware=gpu
-    fold_lora: bool = False  # a wide LoRA layer's B product inside its base GEMM (lbt.model.folded_lora); off everywhere until measured
-    compile_cache: bool = True  # compiled layers cached in <paths.cache_dir>/inductor, shared by a sweep's jobs
-    decode: Annotated[str, one_of(*DECODE_MODES)] | None = None   # null: graph on a GPU, eager on a CPU
-    share_base: bool = False  # the base phase evaluated once per sweep (lbt.eval.base_cache); on in hardware=gpu
-    pool_measures: bool = True  # a phase's measures and item sets in one engine call per kind (lbt.eval.battery)
-    share_prefix: bool = False  # prompts that open alike run their common prefix once (lbt.eval.prefix); on in hardware=gpu
-    fused_norm: bool = False  # evaluation runs each RMSNorm as one kernel (lbt.model.fused_norm); on in hardware=gpu
-    sdpa_gqa: bool = False  # masked prompt forwards read grouped key/value heads in place (lbt.model.gqa); on in hardware=gpu
-    addmm_lora: bool = False  # evaluation adds each LoRA delta inside its B GEMM (lbt.model.lora.delta_in_gemm); off everywhere: not shown to pay
-    freeze_heap: bool = False  # long-lived objects skip Python's full garbage collections during training (lbt.heap); on in hardware=gpu
+    # With ce_chunk: each chunk's loss and gradient in one pass (lbt.model.fused_ce); on in hardware=gpu.
+    fused_ce: bool = False
+    # A wide LoRA layer's B product inside its base GEMM (lbt.model.folded_lora); off everywhere: measured,
+    # not adopted (benchmarks/RESULTS.md).
+    fold_lora: bool = False
+    # Compiled layers cached in <paths.cache_dir>/inductor, shared by a sweep's jobs.
+    compile_cache: bool = True
+    # Greedy decoding (lbt.eval.decode); null: eager. hardware=gpu sets graph.
+    decode: Annotated[str, one_of(*DECODE_MODES)] | None = None
+    # The base phase evaluated once per sweep (lbt.eval.base_cache); on in hardware=gpu.
+    share_base: bool = False
+    # A phase's measures and item sets in one engine call per kind (lbt.eval.battery).
+    pool_measures: bool = True
+    # Prompts that open alike run their common prefix once (lbt.eval.prefix); on in hardware=gpu.
+    share_prefix: bool = False
+    # Evaluation runs each RMSNorm as one kernel (lbt.model.fused_norm); on in hardware=gpu.
+    fused_norm: bool = False
+    # Masked prompt forwards read grouped key/value heads in place (lbt.model.gqa); on in hardware=gpu.
+    sdpa_gqa: bool = False
+    # Evaluation adds each LoRA delta inside its B GEMM (lbt.model.lora.delta_in_gemm); off everywhere: not
+    # shown to pay.
+    addmm_lora: bool = False
+    # Long-lived objects skip Python's full garbage collections during training (lbt.heap); on in
+    # hardware=gpu.
+    freeze_heap: bool = False
 
 
 @dataclass
