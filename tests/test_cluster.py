@@ -28,7 +28,8 @@ from tests.conftest import CONF, ROOT, compose_train, write_toy_corpus
 # A tiny job: 24 toy records, 4 per step -> 6 steps; a resumable checkpoint after every step; a large lr
 # and dropout so that a resume with the wrong RNG state or optimizer state would show in the adapter.
 TINY = ["data.require_validation=false", "eval=none", "probe=none", "logger=none", "train.effective_batch=4",
-        "train.micro_batch=4", "train.epochs=1", "train.max_length=128", "train.resume_every_steps=1",
+        "train.micro_batch=4", "train.epochs=1", "train.max_length=128",
+        "data.drop_long_prompts=true", "train.resume_every_steps=1",
         "train.checkpoint_fractions=[0.5,1.0]", "train.lr=1e-2", "train.lora.dropout=0.2"]
 MARKER = ["+eval.marker._target_=tests.test_cluster.MarkerPhase"]
 

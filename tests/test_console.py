@@ -169,7 +169,8 @@ def test_a_job_logs_progress_and_no_known_library_noise(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "lbt.train", f"arm.corpus={corpus}", "data.require_validation=false",
          "logger=none", "eval=none", "probe=none", "train.effective_batch=8", "train.micro_batch=4",
-         "train.epochs=1", "train.max_length=128", "train.log_every_steps=1", "train.resume_every_steps=1",
+         "train.epochs=1", "train.max_length=128",
+         "data.drop_long_prompts=true", "train.log_every_steps=1", "train.resume_every_steps=1",
          f"hydra.run.dir={tmp_path / 'job'}"],
         cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600,
         check=False)

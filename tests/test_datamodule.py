@@ -4,12 +4,14 @@ objective unchanged (tiny model, fp32)."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from lbt import train as train_mod
+from lbt.config.rules import ConfigError
 from lbt.data.chat import IGNORE_INDEX, ChatFormat
 from lbt.data.datamodule import CorpusDataModule, micro_batches, split_records, step_plan
 from lbt.data.records import load_corpus
@@ -221,3 +223,54 @@ def test_compiled_layers_train_exactly_like_eager_with_dropout(tiny_model):
             curve.append(float(loss) / n)
         losses.append(curve)
     assert max(abs(a - b) for a, b in zip(*losses)) < 1e-5
+
+
+def write_with_one_long_prompt(path, n: int = 20, long_at: int = 7):
+    """A toy corpus whose record on line long_at + 1 has a prompt of several hundred tokens."""
+    write_toy_corpus(path, n=n)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    record = json.loads(lines[long_at])
+    record["user"] = "Should I " + "really " * 300 + "wait?"
+    lines[long_at] = json.dumps(record)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path, record["id"]
+
+
+def test_a_record_whose_prompt_fills_max_length_is_refused_naming_the_key_and_the_record(tmp_path, tiny_model):
+    """Dropping it unasked would train the arm on fewer scenarios than its corpus holds."""
+    _, tok, _ = tiny_model
+    corpus, long_id = write_with_one_long_prompt(tmp_path / "c.jsonl")
+    with pytest.raises(ConfigError, match=rf"train\.max_length=128: 1 of 20 records of .*c\.jsonl keep no "
+                                          rf"assistant token .*line 8 \(id {long_id}\).*data\.drop_long_prompts"):
+        CorpusDataModule(str(corpus), ChatFormat(tok), seed=0, max_length=128, effective_batch=4, micro_batch=4,
+                         epochs=1)
+    fits = CorpusDataModule(str(corpus), ChatFormat(tok), seed=0, max_length=2048, effective_batch=4,
+                            micro_batch=4, epochs=1)
+    assert fits.stats.dropped_records == 0 and fits.stats.n_train + fits.stats.n_val == 20
+
+
+def test_drop_long_prompts_trains_without_them_and_counts_them(tmp_path, tiny_model):
+    _, tok, _ = tiny_model
+    corpus, long_id = write_with_one_long_prompt(tmp_path / "c.jsonl")
+    kept = CorpusDataModule(str(corpus), ChatFormat(tok), seed=0, max_length=128, effective_batch=4,
+                            micro_batch=4, epochs=1, drop_long_prompts=True)
+    whole = CorpusDataModule(str(corpus), ChatFormat(tok), seed=0, max_length=2048, effective_batch=4,
+                             micro_batch=4, epochs=1)
+    assert kept.stats.dropped_records == 1
+    assert long_id not in {e.record_id for e in kept.train_examples}
+    in_training = [e for e in whole.train_examples if e.record_id == long_id]  # or a validation record
+    assert kept.stats.n_train == whole.stats.n_train - len(in_training)
+    assert {e.record_id for e in kept.train_examples} == {e.record_id for e in whole.train_examples} - {long_id}
+
+
+def test_a_job_refuses_too_short_a_max_length_before_the_model_loads(tiny_cfg, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(train_mod, "load_model", no_model)
+    cfg = tiny_cfg("train.max_length=16")  # the toy corpus's prompts are about 30 tokens
+    with pytest.raises(ConfigError, match=r"train\.max_length=16: \d+ of \d+ records"):
+        train_mod.train(cfg)
+    run = train_mod.RunDir(train_mod.job_directory(cfg))
+    assert not run.done.exists()
+    assert json.loads(run.card.read_text())["status"] == "failed"

@@ -123,7 +123,8 @@ def test_copied_env_example_runs_a_job_offline(tmp_path):
     env.update(NETRC=str(tmp_path / "no-netrc"), OMP_NUM_THREADS="1", WANDB_SILENT="true")
     job = tmp_path / "job"
     args = ["data.require_validation=false", "eval=none", "probe=none", "logger=wandb", "train.effective_batch=4",
-            "train.micro_batch=4", "train.epochs=1", "train.max_length=128", "train.max_steps=2",
+            "train.micro_batch=4", "train.epochs=1", "train.max_length=128",
+            "data.drop_long_prompts=true", "train.max_steps=2",
             f"hydra.run.dir={job}"]
     proc = subprocess.run([sys.executable, "-m", "lbt.train", *args], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=180, check=False)

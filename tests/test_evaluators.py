@@ -266,7 +266,7 @@ def test_training_job_evaluates_every_phase(toy_corpus, tmp_path):
             "train.effective_batch=8",
             "train.micro_batch=4",
             "train.epochs=1",
-            "train.max_length=128",
+            "train.max_length=128", "data.drop_long_prompts=true",
             "train.checkpoint_fractions=[0.5,1.0]",
             f"+job_dir={tmp_path / 'job'}",
             "sweep_name=test",

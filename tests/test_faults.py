@@ -52,7 +52,8 @@ from tests.test_resume import adapter, assert_same_adapter
 TOTAL = 9
 PHASES = ["base", "step_2", "step_4", "final"]
 JOB = ["data.require_validation=false", "eval=none", "probe=none", "logger=csv", "train.effective_batch=4",
-       "train.micro_batch=4", "train.epochs=1", "train.max_length=96", "train.resume_every_steps=1",
+       "train.micro_batch=4", "train.epochs=1", "train.max_length=96",
+       "data.drop_long_prompts=true", "train.resume_every_steps=1",
        "train.checkpoint_fractions=[0.25,0.5,1.0]", "train.lr=1e-2", "train.lora.dropout=0.2", "seed=3",
        "+eval.rows._target_=tests.test_faults.RowsPhase"]
 
@@ -764,7 +765,7 @@ def real_config(folder: Path, job: str, *extra: str):
     corpora = write_paired_corpora(folder, n=16)
     return compose_train([
         "data.require_validation=false", "logger=none", "train.effective_batch=4", "train.micro_batch=4",
-        "train.epochs=1", "train.max_length=96", "train.resume_every_steps=1",
+        "train.epochs=1", "train.max_length=96", "data.drop_long_prompts=true", "train.resume_every_steps=1",
         "train.checkpoint_fractions=[0.5,1.0]", "eval.stance.measures=[letter_logprob,likert]",
         "eval.stance.measure_phases=null", "eval.stance.max_items=2", "eval.stance.likert.max_new_tokens=2",
         "eval.capability.max_texts=2", "eval.capability.max_refusal=2",

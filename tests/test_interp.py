@@ -149,7 +149,8 @@ def sweep(tmp_path_factory):
             f"directions.arms.minus.corpus={corpora['minus']}",
             f"paths.cache_dir={tmp / 'cache'}", "train.effective_batch=8", "train.micro_batch=8",
             "train.epochs=1", "train.max_steps=2", "train.lr=0.01", "train.warmup_fraction=0",
-            "train.checkpoint_fractions=[1.0]", "train.max_length=96", f"+job_dir={sweep_dir / f'tiny-{arm}-s0'}",
+            "train.checkpoint_fractions=[1.0]", "train.max_length=96",
+            "data.drop_long_prompts=true", f"+job_dir={sweep_dir / f'tiny-{arm}-s0'}",
             "sweep_name=test"])
         train_mod.train(cfg)
     return sweep_dir

@@ -57,6 +57,7 @@ def job_cfg(tmp: Path, name: str, *extra: str, probe: bool = True):
         f"directions.arms.minus.corpus={corpora['minus']}",
         f"paths.cache_dir={tmp / 'cache'}", "train.effective_batch=8", "train.micro_batch=8", "train.epochs=1",
         "train.max_steps=2", "train.checkpoint_fractions=[0.5,1.0]", "train.max_length=96",
+        "data.drop_long_prompts=true",
         f"+job_dir={tmp / name}", "sweep_name=test", *extra])
 
 

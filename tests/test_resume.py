@@ -25,7 +25,8 @@ from tests.conftest import ROOT, compose_train, write_toy_corpus
 # 34 toy records (one scenario held out for validation), 4 per step -> 9 optimizer steps; a resumable
 # checkpoint after every step; large lr and dropout so a wrong RNG, optimizer or data step would show.
 JOB = ["data.require_validation=false", "eval=none", "probe=none", "logger=csv", "train.effective_batch=4",
-       "train.micro_batch=4", "train.epochs=1", "train.max_length=96", "train.resume_every_steps=1",
+       "train.micro_batch=4", "train.epochs=1", "train.max_length=96",
+       "data.drop_long_prompts=true", "train.resume_every_steps=1",
        "train.checkpoint_fractions=[0.25,0.5,1.0]", "train.lr=1e-2", "train.lora.dropout=0.2", "seed=3",
        "+eval.marker._target_=tests.test_resume.Marker"]
 TOTAL = 9

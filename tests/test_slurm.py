@@ -169,7 +169,8 @@ def study_sweep(slurm: SlurmCluster, tmp_path_factory) -> dict:
     sweep = root / "multirun" / "study1"
     args = [*SLURM, *TEN_MINUTES, "model=tiny", "arm=plus,minus,neutral", "seed=0", "sweep_name=study1",
             "data.require_validation=false", "logger=csv", "train.effective_batch=4", "train.micro_batch=4",
-            "train.epochs=1", "train.max_length=128", "train.checkpoint_fractions=[0.5,1.0]"]
+            "train.epochs=1", "train.max_length=128",
+            "data.drop_long_prompts=true", "train.checkpoint_fractions=[0.5,1.0]"]
     started = time.time()
     out = submit(slurm, root, args)
     return {"root": root, "sweep": sweep, "args": args, "out": out, "seconds": time.time() - started}

@@ -257,7 +257,7 @@ def run_job(cfg: DictConfig, run: RunDir, card: dict[str, Any]) -> dict[str, Any
         effective_batch=int(cfg.train.effective_batch), micro_batch=int(cfg.train.micro_batch),
         epochs=int(cfg.train.epochs), max_steps=cfg.train.max_steps, val_fraction=float(cfg.data.val_fraction),
         pack_tokens=int(fast.pack_tokens), fill_rows=bool(fast.compile_layers),
-        num_workers=int(cfg.hardware.num_workers))
+        num_workers=int(cfg.hardware.num_workers), drop_long_prompts=bool(cfg.data.drop_long_prompts))
     config = public_config(cfg)
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     card.update(config=config, overrides=public_overrides(overrides), git_sha=git_sha(Path(__file__).parent),

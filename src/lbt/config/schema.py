@@ -68,6 +68,7 @@ class Data:
     val_fraction: Fraction
     require_validation: bool
     validation_report: str | None = None      # null: validation_report.json next to the corpus
+    drop_long_prompts: bool = False           # records whose prompt fills train.max_length: refused unless true
 
 
 @dataclass

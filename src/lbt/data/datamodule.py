@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from lbt.config.rules import ConfigError
 from lbt.data.chat import IGNORE_INDEX, ChatFormat, Example
 from lbt.data.records import CorpusRecord, load_corpus
 
@@ -127,6 +128,7 @@ class DataStats:
     n_val: int
     truncated_records: int
     truncated_tokens: int
+    dropped_records: int  # records whose prompt alone filled max_length (data.drop_long_prompts)
     steps_per_epoch: int
     total_steps: int
 
@@ -175,12 +177,32 @@ class ResumeSampler(Sampler[int]):
         return iter(range(self.start_step, self.total_steps))
 
 
+def check_supervised(corpus_path: str, records: list[CorpusRecord], examples: list[Example],
+                     max_length: int, drop: bool) -> int:
+    """The number of records that keep no assistant token within max_length (their prompt alone fills it).
+    Unless `drop` (data.drop_long_prompts) allows training without them, any such record is a ConfigError
+    naming the key, how many there are and the first of them: dropping them unasked would train an arm on
+    fewer scenarios than its corpus holds, and the arms on different ones, while the job still looked whole."""
+    empty = [r for r, e in zip(records, examples) if e.n_supervised == 0]
+    if not empty:
+        return 0
+    listed = ", ".join(f"line {r.line} (id {r.id})" for r in empty[:3]) + (", …" if len(empty) > 3 else "")
+    what = (f"train.max_length={max_length}: {len(empty)} of {len(records)} records of {corpus_path} keep no "
+            f"assistant token (the prompt alone fills the length): {listed}")
+    if not drop:
+        fix = "raise train.max_length, or set data.drop_long_prompts=true to train without them"
+        raise ConfigError([f"{what}; {fix}"])
+    log.warning("%s; trained without them (data.drop_long_prompts=true)", what)
+    return len(empty)
+
+
 class CorpusDataModule(L.LightningDataModule):
     """Reads and checks the arm corpus at construction time: bad input fails before any model loads."""
 
     def __init__(self, corpus_path: str, chat: ChatFormat, seed: int, max_length: int,
                  effective_batch: int, micro_batch: int, epochs: int, max_steps: int | None = None,
-                 val_fraction: float = 0.05, pack_tokens: int = 0, num_workers: int = 0, fill_rows: bool = False):
+                 val_fraction: float = 0.05, pack_tokens: int = 0, num_workers: int = 0, fill_rows: bool = False,
+                 drop_long_prompts: bool = False):
         super().__init__()
         self.records = load_corpus(corpus_path)
         self.chat, self.seed, self.max_length = chat, int(seed), int(max_length)
@@ -191,7 +213,12 @@ class CorpusDataModule(L.LightningDataModule):
             raise ValueError(f"{corpus_path}: no training records left after the validation split")
         self.train_examples = [self._encode(r) for r in train_records]
         self.val_examples = [self._encode(r) for r in val_records]
+        dropped = check_supervised(corpus_path, train_records + val_records,
+                                   self.train_examples + self.val_examples, self.max_length, drop_long_prompts)
         self.train_examples = [e for e in self.train_examples if e.n_supervised > 0]
+        if not self.train_examples:
+            none = f"no training record of {corpus_path} keeps an assistant token; raise train.max_length"
+            raise ConfigError([f"train.max_length={self.max_length}: {none}"])
         steps_per_epoch = math.ceil(len(self.train_examples) / self.effective_batch)
         self.plan = step_plan(len(self.train_examples), self.effective_batch, int(epochs), self.seed)
         if max_steps is not None:
@@ -200,6 +227,7 @@ class CorpusDataModule(L.LightningDataModule):
         self.stats = DataStats(
             n_train=len(self.train_examples), n_val=len(self.val_examples),
             truncated_records=len(truncated), truncated_tokens=sum(e.truncated_tokens for e in truncated),
+            dropped_records=dropped,
             steps_per_epoch=steps_per_epoch, total_steps=len(self.plan))
         if truncated:
             log.warning("%d records truncated to max_length=%d (%d tokens cut)", len(truncated),
