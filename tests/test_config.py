@@ -241,6 +241,11 @@ def test_evaluate_config_is_checked_before_any_file_or_model(no_cuda, tmp_path, 
         check_evaluate_config(compose_evaluate("items=[]"))
     with pytest.raises(ConfigError, match="eval.stance: missing; lbt.evaluate runs the stance evaluator"):
         check_evaluate_config(compose_evaluate("eval=none"))
+    for phase in ("base", "final", "step_12"):
+        check_evaluate_config(compose_evaluate(f"phase={phase}"))
+    for typo in ("fnal", "step_", "step_x", "Base"):  # a typo once evaluated nothing and wrote DONE
+        with pytest.raises(ConfigError, match=rf"phase={typo}: must be null or base, final or step_<n>"):
+            check_evaluate_config(compose_evaluate(f"phase={typo}"))
 
     def unreachable(*args, **kwargs):
         raise AssertionError("read before the config was checked")

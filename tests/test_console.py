@@ -80,6 +80,16 @@ def test_a_bad_corpus_is_one_line_and_the_traceback_comes_on_request(tmp_path):
     assert traced.returncode != 0 and "Traceback" in traced.stdout + traced.stderr
 
 
+def test_a_user_error_of_the_module_run_as_the_command_is_one_line(tmp_path):
+    """`python -m lbt.evaluate` defines its AdapterError in `__main__`: still one line and exit 2."""
+    proc = subprocess.run([sys.executable, "-m", "lbt.evaluate", f"adapter={tmp_path / 'nope'}",
+                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, check=False, env={**os.environ, "HYDRA_FULL_ERROR": ""})
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output[-3000:]
+    assert f"adapter={tmp_path / 'nope'}: no adapter_config.json there" in output and "Traceback" not in output
+
+
 def test_user_errors_are_named_by_real_exception_classes():
     for dotted in console.USER_ERRORS:
         module, _, name = dotted.rpartition(".")

@@ -44,7 +44,17 @@ USER_ERRORS = frozenset({
 
 
 def is_user_error(err: BaseException) -> bool:
-    return any(f"{cls.__module__}.{cls.__qualname__}" in USER_ERRORS for cls in type(err).__mro__)
+    return any(f"{module_name(cls)}.{cls.__qualname__}" in USER_ERRORS for cls in type(err).__mro__)
+
+
+def module_name(cls: type) -> str:
+    """The module a class was defined in, by its import name also when that module runs as the command
+    (`python -m lbt.evaluate` defines its classes in `__main__`)."""
+    if cls.__module__ == "__main__":
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        if spec is not None and spec.name:
+            return spec.name
+    return cls.__module__
 
 
 def traceback_requested() -> bool:

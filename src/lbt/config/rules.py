@@ -53,13 +53,16 @@ class LazyChoices:
 
 @dataclass(frozen=True)
 class Rule:
-    """What one value of the right type must keep: bounds, allowed values, non-empty."""
+    """What one value of the right type must keep: bounds, allowed values, non-empty, a test (`accepts`, a
+    string's, described in words by `named`)."""
     ge: float | None = None
     gt: float | None = None
     le: float | None = None
     lt: float | None = None
     choices: tuple | LazyChoices | None = None
     nonempty: bool = False
+    accepts: Callable[[str], bool] | None = None
+    named: str = ""
 
     def bounds(self) -> list[tuple[str, float]]:
         return [(op, limit) for op, limit in ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
@@ -69,6 +72,8 @@ class Rule:
         if self.choices is not None and value not in self.choices:
             return False
         if self.nonempty and len(value) == 0:
+            return False
+        if self.accepts is not None and isinstance(value, str) and not self.accepts(value):
             return False
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if math.isnan(value):
@@ -231,6 +236,8 @@ def _allowed(hint: Any, rule: Rule, optional: bool) -> str:
     """What a key takes, in words: 'null or an integer >= 1', 'one of cosine, linear, constant'."""
     if rule.choices is not None:
         text = "one of " + ", ".join(show(c) for c in rule.choices)
+    elif rule.accepts is not None:
+        text = rule.named
     elif typing.get_origin(hint) is list:
         text = "a non-empty list" if rule.nonempty else "a list"
     elif dataclasses.is_dataclass(hint):

@@ -29,7 +29,7 @@ from lbt.config.rules import (
     Rule,
     one_of,
 )
-from lbt.study import MEASURES, PHASE_KINDS
+from lbt.study import MEASURES, PHASE_KINDS, is_phase
 
 SCHEDULES = ("cosine", "linear", "constant")          # lbt.model.module.lr_lambda
 ACCELERATORS = ("cpu", "gpu")                         # lbt.train: gpu = CUDA
@@ -287,5 +287,5 @@ class EvaluateConfig:
     # item files (item_set: eval.stance.item_sets' name for the file, else its stem), or {item_set: file}
     items: Annotated[list[Name], Rule(nonempty=True)] | Annotated[dict[str, Name], Rule(nonempty=True)]
     adapter: str | None = None
-    phase: str | None = None
+    phase: Annotated[str, Rule(accepts=is_phase, named="base, final or step_<n>")] | None = None
     out_dir: str | None = None
