@@ -45,6 +45,20 @@ def test_iter_json_objects_names_file_and_line(tmp_path, bad, message):
         list(iter_json_objects(path, CorpusError))
 
 
+def test_a_line_that_is_not_utf8_is_named_by_file_line_and_byte(tmp_path):
+    path = write(tmp_path / "a.jsonl", [json.dumps({"a": 1}), json.dumps({"b": 2})])
+    path.write_bytes(path.read_bytes() + b'{"c": "caf\xe9"}\n')
+    with pytest.raises(CorpusError, match=r"a.jsonl:3: not UTF-8 \(byte 0xe9 at byte 11 of the line\)"):
+        list(iter_json_objects(path, CorpusError))
+    assert list(iter_json_objects(path, skip_malformed=True)) == [(1, {"a": 1}), (2, {"b": 2})]
+
+
+def test_a_control_character_is_named_once(tmp_path):
+    path = write(tmp_path / "a.jsonl", ['{"a": "x\ty"}'])
+    with pytest.raises(CorpusError, match=r"a.jsonl:1: malformed JSON \(Invalid control character at column 9\)"):
+        list(iter_json_objects(path, CorpusError))
+
+
 def test_iter_json_objects_can_skip_cut_off_lines(tmp_path):
     # A log line cut off by a kill, with the next run's entry appended to it, then a whole entry.
     path = write(tmp_path / "log.jsonl", ['{"a": 1}', '{"cut{"b": 2}', "[3]", '{"c": 3}'])
@@ -54,6 +68,9 @@ def test_iter_json_objects_can_skip_cut_off_lines(tmp_path):
 def test_load_corpus_errors_name_file_line_and_field(tmp_path):
     path = write(tmp_path / "c.jsonl", [json.dumps(record(1)), json.dumps(record(2, user=" "))])
     with pytest.raises(CorpusError, match=r"c.jsonl:2: field 'user' is empty"):
+        load_corpus(path)
+    write(path, [json.dumps(record(1)), json.dumps(record(2, user=5))])
+    with pytest.raises(CorpusError, match=r"c.jsonl:2: field 'user' must be a string, got int"):
         load_corpus(path)
     write(path, [json.dumps(record(1)), json.dumps({k: v for k, v in record(2).items() if k != "domain"})])
     with pytest.raises(CorpusError, match=r"c.jsonl:2: field 'domain' is missing"):

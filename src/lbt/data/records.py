@@ -52,8 +52,15 @@ def iter_json_objects(
     """(1-based line number, object) for every non-blank line of a JSONL file; a line that is not valid
     JSON or not an object raises `error` naming the file and line. With `skip_malformed` such a line is
     skipped instead: in an append-only log a write cut off by a kill costs that one entry, not the log."""
-    with open(path, encoding="utf-8") as handle:
-        for line_no, raw in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for line_no, data in enumerate(handle, start=1):
+            try:
+                raw = data.decode("utf-8")
+            except UnicodeDecodeError as err:
+                if skip_malformed:
+                    continue
+                raise error(f"{path}:{line_no}: not UTF-8 (byte 0x{data[err.start]:02x} at byte {err.start + 1} of "
+                            f"the line); save the file as UTF-8") from None
             if not raw.strip():
                 continue
             try:
@@ -61,7 +68,8 @@ def iter_json_objects(
             except json.JSONDecodeError as err:
                 if skip_malformed:
                     continue
-                raise error(f"{path}:{line_no}: malformed JSON ({err.msg} at column {err.colno})") from None
+                reason = err.msg.removesuffix(" at")  # json says "Invalid control character at"
+                raise error(f"{path}:{line_no}: malformed JSON ({reason} at column {err.colno})") from None
             if not isinstance(obj, dict):
                 if skip_malformed:
                     continue
@@ -79,7 +87,9 @@ def parse_record(obj: object, path: Path, line: int) -> CorpusRecord:
         if not isinstance(value, (str, int)) or isinstance(value, bool):
             raise CorpusError(f"{path}:{line}: field '{field}' must be a string, got {type(value).__name__}")
     for field in TEXT_FIELDS:
-        if not isinstance(obj[field], str) or not obj[field].strip():
+        if not isinstance(obj[field], str):
+            raise CorpusError(f"{path}:{line}: field '{field}' must be a string, got {type(obj[field]).__name__}")
+        if not obj[field].strip():
             raise CorpusError(f"{path}:{line}: field '{field}' is empty")
     return CorpusRecord(
         id=str(obj["id"]),
