@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
+import multiprocessing
 import os
 import shutil
 import signal
@@ -33,7 +34,7 @@ from hydra.utils import get_object
 
 from lbt import train as train_mod
 from lbt.eval.session import Evaluator
-from lbt.joblock import JobLocked
+from lbt.joblock import JobLock, JobLocked, read_lock
 from lbt.rundir import (
     STATUSES,
     CorruptFile,
@@ -872,3 +873,57 @@ def test_a_process_whose_lock_was_taken_over_ends_without_writing_more(tmp_path)
     (tmp_path / "job.lock").write_text(json.dumps({"host": "other-node", "pid": 1, "heartbeat": time.time()}))
     assert proc.wait(timeout=20) == 75
     assert json.loads((tmp_path / "job.lock").read_text())["host"] == "other-node"   # the new owner's lock stays
+
+
+def dead_owner_lock(root: Path) -> None:
+    """What a SIGKILLed job leaves: a lock of a dead process on this host, its heartbeat fresh."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "job.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": 2**22 + 7, "slurm_job": None,
+                                               "started": time.time(), "heartbeat": time.time()}))
+
+
+def test_a_taker_that_lost_the_race_gives_the_winners_lock_back(tmp_path):
+    run = RunDir(tmp_path)
+    dead_owner_lock(tmp_path)
+    winner, loser = JobLock(run), JobLock(run)
+    stale = loser.read_owner()   # the loser judges the dead owner's lock stale...
+    winner.acquire()             # ...while the winner takes it over first
+    try:
+        assert loser._take_over(stale) is False
+        assert read_lock(run.lock)["started"] == winner.owner["started"]   # the winner's lock is back
+        assert [p.name for p in tmp_path.iterdir()] == ["job.lock"]          # nothing left aside
+        with pytest.raises(JobLocked, match="is in use by pid"):
+            loser.acquire()
+    finally:
+        winner.release()
+
+
+def _race_for_the_lock(root: str, start: float, results) -> None:
+    lock = JobLock(RunDir(Path(root)))
+    while time.time() < start:
+        pass
+    try:
+        lock.acquire()
+    except JobLocked:
+        results.put("refused")
+        return
+    time.sleep(0.3)   # both have tried by now: does the lock file still name this process?
+    results.put("held" if (read_lock(lock.path) or {}).get("pid") == os.getpid() else "lost")
+    lock._stop.set()
+
+
+def test_two_processes_taking_over_one_stale_lock_leave_exactly_one_owner(tmp_path):
+    """Two relaunches of a killed job (a SLURM requeue and a manual rerun) race for its stale lock: one holds
+    it, the other is refused (before the fix, 17 of 40 such races had both believe they held it)."""
+    context = multiprocessing.get_context("fork")
+    for trial in range(8):
+        root = tmp_path / str(trial)
+        dead_owner_lock(root)
+        results = context.Queue()
+        start = time.time() + 0.3
+        racers = [context.Process(target=_race_for_the_lock, args=(str(root), start, results)) for _ in range(2)]
+        for racer in racers:
+            racer.start()
+        for racer in racers:
+            racer.join(timeout=30)
+        assert sorted(results.get(timeout=5) for _ in racers) == ["held", "refused"], trial

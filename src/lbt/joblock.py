@@ -8,6 +8,7 @@ import os
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from typing_extensions import Self
@@ -29,6 +30,20 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def read_lock(path: Path) -> dict[str, Any] | None:
+    """A lock file's record; None when it is missing or not a JSON object with a numeric pid and heartbeat
+    (half written, or not a lock of ours)."""
+    try:
+        owner = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(owner, dict):
+            float(owner.get("heartbeat", 0))   # raise on a record that is not ours
+            int(owner.get("pid", -1))
+            return owner
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError):
+        pass
+    return None
 
 
 def slurm_job_id() -> str | None:
@@ -61,17 +76,7 @@ class JobLock:
         self.held = False
 
     def read_owner(self) -> dict[str, Any] | None:
-        """The lock file's record; None when it is missing or not a JSON object with a numeric pid and
-        heartbeat (half written, or not a lock of ours)."""
-        try:
-            owner = json.loads(self.path.read_text(encoding="utf-8"))
-            if isinstance(owner, dict):
-                float(owner.get("heartbeat", 0))   # raise on a record that is not ours
-                int(owner.get("pid", -1))
-                return owner
-        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError):
-            pass
-        return None
+        return read_lock(self.path)
 
     def stale_reason(self, owner: dict[str, Any] | None) -> str | None:
         if owner is None:
@@ -116,22 +121,40 @@ class JobLock:
                         + f", heartbeat {beat:.0f} s ago; nothing was touched. If that process is gone "
                         f"(another host), the lock is taken over {self.stale_s:.0f} s after its last "
                         f"heartbeat, or remove {self.path} by hand.") from None
-                log.warning("job lock %s is stale (%s): taken over", self.path, why)
-                # Take-over: move the stale lock aside atomically; a racing taker loses the O_EXCL create.
-                try:
-                    os.replace(self.path, self.path.with_name(f"job.lock.stale-{os.getpid()}"))
-                    os.unlink(self.path.with_name(f"job.lock.stale-{os.getpid()}"))
-                except FileNotFoundError:
-                    pass
+                if self._take_over(owner):
+                    log.warning("job lock %s is stale (%s): taken over", self.path, why)
         else:
             raise JobLocked(f"{self.path}: could not take the lock (contended)")
         self.held = True
         self._thread = threading.Thread(target=self._beat, name="lbt-job-lock", daemon=True)
         self._thread.start()
 
+    def _take_over(self, stale: dict[str, Any] | None) -> bool:
+        """Move the stale lock aside (atomically), then make sure it was the one judged stale: a racing taker
+        may have replaced it by its own fresh lock in between, which goes back where it was (the loop then
+        finds that owner alive). A racing create loses to O_EXCL either way."""
+        aside = self.path.with_name(f"job.lock.stale-{os.getpid()}")
+        try:
+            os.replace(self.path, aside)
+        except FileNotFoundError:
+            return False  # another taker moved it first: try to create again
+        moved = read_lock(aside)
+        if moved == stale:
+            aside.unlink(missing_ok=True)
+            return True
+        try:
+            os.link(aside, self.path)  # give it back, unless yet another lock was created meanwhile
+        except FileExistsError:
+            pass
+        aside.unlink(missing_ok=True)
+        return False
+
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
             owner = self.read_owner()
+            if owner is None:  # a racing taker may have it aside for an instant (_take_over): look again
+                time.sleep(1.0)
+                owner = self.read_owner()
             if not owner or owner.get("pid") != self.owner["pid"] or owner.get("host") != self.owner["host"]:
                 # This process was stopped longer than the stale limit and another one took the folder
                 # over: end at once, before writing anything more into a folder it no longer owns.
