@@ -18,6 +18,7 @@ import csv
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import socket
@@ -32,6 +33,7 @@ import pytest
 import torch
 from hydra.utils import get_object
 
+from lbt import console
 from lbt import train as train_mod
 from lbt.eval.session import Evaluator
 from lbt.joblock import JobLock, JobLocked, read_lock
@@ -39,11 +41,13 @@ from lbt.rundir import (
     STATUSES,
     CorruptFile,
     Expected,
+    ResumeMismatch,
     RunDir,
     file_problem,
     read_json,
     read_rows,
     set_aside,
+    settings_changes,
     write_json_once,
     write_rows,
 )
@@ -927,3 +931,45 @@ def test_two_processes_taking_over_one_stale_lock_leave_exactly_one_owner(tmp_pa
         for racer in racers:
             racer.join(timeout=30)
         assert sorted(results.get(timeout=5) for _ in racers) == ["held", "refused"], trial
+
+
+@pytest.mark.parametrize("changed", [("train.lr=5e-3", "train.lr: 0.01 -> 0.005"), ("seed=4", "seed: 3 -> 4"),
+                                     ("train.epochs=2", "train.epochs: 1 -> 2"),
+                                     ("train.lora.dropout=0.1", "train.lora.dropout: 0.2 -> 0.1")])
+def test_a_resume_under_other_settings_is_refused_and_touches_nothing(root, reference, changed):
+    """Resumed with another learning rate, seed or plan, a job once ended DONE with its first steps under
+    the old settings (the optimizer's lr restored from the checkpoint), and a run card naming the new ones."""
+    override, named = changed
+    job = f"changed_{override.split('=')[0].replace('.', '_')}"
+    run = interrupted_job(root, job, 3)
+    before = snapshot(run.root)
+    with pytest.raises(ResumeMismatch, match=re.escape(named)) as refusal:
+        train_mod.train(config(root, job, override))
+    assert "Nothing was touched" in str(refusal.value) and console.is_user_error(refusal.value)
+    assert snapshot(run.root) == before and not run.lock.exists()
+    train_mod.train(config(root, job))  # with the settings it started with, it resumes to the same results
+    check_finished(run.root, reference)
+
+
+def test_a_resume_may_change_where_and_how_it_runs(root, reference):
+    """Batch sizes (after running out of memory), logging, checkpoint frequency, workers and caches do not
+    decide the numbers: the job resumes to the uninterrupted run's results."""
+    run = interrupted_job(root, "changed_how", 3)
+    train_mod.train(config(root, "changed_how", "train.log_every_steps=2", "train.resume_every_steps=2",
+                           "hardware.num_workers=0", "hardware.eval_batch_size=7", "logger=none"))
+    check_finished(run.root, reference)
+
+
+def test_settings_changes_name_what_decides_results_only():
+    before = {"seed": 0, "train": {"lr": 1e-4, "log_every_steps": 5, "lora": {"r": 16}},
+              "eval": {"stance": {"batch_size": 512, "measures": ["logprob"]}},
+              "directions": {"cache_dir": "/a"}, "hardware": {"dtype": "bfloat16", "num_workers": 2},
+              "paths": {"root": "/a"}, "logger": {"mode": "offline"}, "data": {"old_key": 1}}
+    now = {"seed": 0, "train": {"lr": 1e-4, "log_every_steps": 50, "lora": {"r": 8}},
+           "eval": {"stance": {"batch_size": 64, "measures": ["logprob", "likert"]}},
+           "directions": {"cache_dir": "/b"}, "hardware": {"dtype": "float32", "num_workers": 0},
+           "paths": {"root": "/b"}, "logger": {"mode": "online"}, "data": {"new_key": 2}}
+    assert settings_changes(before, now) == [
+        'eval.stance.measures: ["logprob"] -> ["logprob", "likert"]', 'hardware.dtype: "bfloat16" -> "float32"',
+        "train.lora.r: 16 -> 8"]
+    assert settings_changes(before, before) == []

@@ -39,6 +39,7 @@ USER_ERRORS = frozenset({
     "lbt.evaluate.AdapterError",                            # adapter= is not a peft adapter directory
     "lbt.stats.prereg.LockError",                           # analysis without its preregistration lock
     "lbt.check.NoJobs",                                     # lbt.check given a folder that holds no job
+    "lbt.rundir.ResumeMismatch",                            # a job folder resumed with other settings
     "builtins.FileNotFoundError",                           # a path given on the command line or in config
 })
 

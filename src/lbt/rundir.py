@@ -367,3 +367,70 @@ def incomplete_phases(phase_files: Mapping[str, Sequence[Expected]], set_aside_c
                     any(e.path.suffix == ".jsonl" and e.path.parent.parent == expected.path.parent for e, _ in bad):
                 set_aside(expected.path, "its rows were set aside")
     return phases
+
+
+# -- a resumed job's settings ----------------------------------------------------------------------------
+
+# What decides a job's numbers. A folder that holds results of a job (checkpoints, adapters, rows, probes)
+# resumes only under the values these had when it started; where and how the job runs (paths, logger,
+# hardware's workers, devices and speed levers, which change rounding only), its batch sizes, caches and how
+# often it logs or checkpoints may change between attempts (a requeue on another node, a smaller batch after
+# running out of memory).
+RESULT_KEYS = ("seed", "data", "train", "model", "arm", "eval", "directions", "probe", "intervention",
+               "hardware.dtype", "hardware.precision")
+FREE_KEYS = frozenset({"train.log_every_steps", "train.resume_every_steps", "eval.stance.log_tables",
+                       "data.require_validation", "data.validation_report"})
+FREE_SUFFIXES = (".batch_size", "_batch_size", ".cache_dir")
+
+
+class ResumeMismatch(ValueError):
+    """A job folder holds results of the job under other settings than the command's."""
+
+
+def holds_results(run: RunDir) -> bool:
+    return any(path.exists() for path in (run.checkpoints, run.adapter, run.root / "eval", run.root / "probe"))
+
+
+def _leaves(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Every value of a nested mapping by its dotted key; a list, or an empty mapping, is one value."""
+    leaves: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping) and value:
+            leaves.update(_leaves(value, name))
+        else:
+            leaves[name] = value
+    return leaves
+
+
+def decides_results(key: str) -> bool:
+    return (any(key == k or key.startswith(k + ".") for k in RESULT_KEYS) and key not in FREE_KEYS
+            and not key.endswith(FREE_SUFFIXES))
+
+
+def settings_changes(before: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """'key: before -> now' for each setting that decides results and differs. A key that only one side has
+    (a setting that a newer lbt added or dropped) is not compared."""
+    old, new = _leaves(before), _leaves(now)
+    return [f"{key}: {json.dumps(old[key])} -> {json.dumps(new[key])}" for key in sorted(old.keys() & new.keys())
+            if decides_results(key) and old[key] != new[key]]
+
+
+def refuse_changed_resume(run: RunDir, config: Mapping[str, Any]) -> None:
+    """ResumeMismatch when the folder holds results made under other settings than `config` (the run card's
+    resolved config): resuming would mix the two, and the run card would describe neither."""
+    if not (run.card.exists() and holds_results(run)):
+        return
+    try:
+        previous = read_json(run.card)
+    except CorruptFile:
+        return  # no settings to compare: the job sets the card aside and records what it does now
+    earlier = previous.get("config") if isinstance(previous, dict) else None
+    if not isinstance(earlier, Mapping):
+        return
+    changes = settings_changes(earlier, config)
+    if changes:
+        raise ResumeMismatch(
+            f"{run.root} holds results of this job under other settings ({'; '.join(changes)}); resuming "
+            f"would mix the two. To resume, run it with the settings it started with; to train it anew, give "
+            f"it a fresh folder (run_name=<name>, or sweep_name=<name> for a sweep). Nothing was touched.")

@@ -29,6 +29,7 @@ from lbt.rundir import (
     RunDir,
     finished_folder,
     read_json,
+    refuse_changed_resume,
     set_aside,
 )
 
@@ -155,6 +156,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     lock = JobLock(run) if env_rank() == 0 else None   # the other ranks of a DDP job share rank 0's lock
     if lock is not None:
         lock.acquire()  # JobLocked: another live process owns the folder; nothing was touched
+    try:
+        refuse_changed_resume(run, public_config(cfg))  # ResumeMismatch (every rank): nothing touched either
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     card: dict[str, Any] = {"job": job_identity(cfg), "status": "running"}
     try:
         return run_job(cfg, run, card)
