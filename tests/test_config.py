@@ -182,6 +182,11 @@ def test_keys_tests_and_users_add_are_accepted():
     ("hardware.num_workers=-1", "hardware.num_workers=-1: must be an integer >= 0"),
     ("model.quantization=8bit", "model.quantization=8bit: must be null or one of 4bit"),
     ("model=qwen model.path=null", "model.path=null: model=qwen needs a hub id or a local directory"),
+    ("model=qwen model.path=/models/nope", "model.path=/models/nope: no such file or directory"),
+    ("model.path=./nope", "model.path=./nope: no such file or directory"),   # random_init once ignored it
+    ("model.tokenizer=../nope", "model.tokenizer=../nope: no such file or directory"),
+    ("hardware.strategy=fsdp", "hardware.strategy=fsdp: needs GPUs"),
+    ("hardware.fast.decode=grpah", "hardware.fast.decode=grpah: must be null or one of eager, static, graph"),
     ("paths.root=''", "paths.root='': must be a non-empty string"),
     ("arm.corpus=${paths.nowhere}/x.jsonl", "arm.corpus=${paths.nowhere}/x.jsonl: cannot be resolved"),
 ])

@@ -274,3 +274,16 @@ def test_a_job_refuses_too_short_a_max_length_before_the_model_loads(tiny_cfg, m
     run = train_mod.RunDir(train_mod.job_directory(cfg))
     assert not run.done.exists()
     assert json.loads(run.card.read_text())["status"] == "failed"
+
+
+def test_a_max_steps_above_the_epochs_plan_says_how_many_steps_train(tmp_path, tiny_model, caplog):
+    _, tok, _ = tiny_model
+    corpus = write_toy_corpus(tmp_path / "c.jsonl", n=20)
+    dm = CorpusDataModule(str(corpus), ChatFormat(tok), seed=0, max_length=128, effective_batch=8, micro_batch=4,
+                          epochs=1, max_steps=100)
+    assert dm.stats.total_steps == 3
+    assert "train.max_steps=100 caps the steps, and train.epochs=1 gives 3: training 3 steps" in caplog.text
+    caplog.clear()
+    CorpusDataModule(str(corpus), ChatFormat(tok), seed=0, max_length=128, effective_batch=8, micro_batch=4,
+                     epochs=1, max_steps=2)
+    assert "caps the steps" not in caplog.text

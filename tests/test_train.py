@@ -16,8 +16,10 @@ from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
 from lbt import train as train_mod
+from lbt.console import is_user_error
 from lbt.data.records import CorpusError
 from lbt.model import module as module_mod
+from lbt.rundir import CorruptFile
 from tests.conftest import CONF, ROOT, compose_train, write_toy_corpus
 
 
@@ -148,6 +150,14 @@ def test_done_job_is_not_overwritten(tiny_cfg, tmp_path):
     train_mod.train(tiny_cfg())
     after = {p: p.stat().st_mtime_ns for p in job.rglob("*") if p.is_file()}
     assert before == after
+    # Its run card damaged: one line naming the folder and the file, still nothing touched (was a traceback).
+    card = job / "run.json"
+    card.write_bytes(card.read_bytes()[:100])
+    before = {p: p.stat().st_mtime_ns for p in job.rglob("*") if p.is_file()}
+    with pytest.raises(CorruptFile, match=rf"{job} holds DONE but its run card is damaged \({card}: not JSON") as err:
+        train_mod.train(tiny_cfg())
+    assert is_user_error(err.value)
+    assert {p: p.stat().st_mtime_ns for p in job.rglob("*") if p.is_file()} == before
 
 
 def test_nan_loss_stops_with_clear_error_and_keeps_last_good(tiny_cfg, tmp_path, monkeypatch):
@@ -185,6 +195,9 @@ def test_overrides_in_the_run_card_carry_no_secrets(monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", "sk-x")
     assert public_overrides(["+model.hf_token=hf_abc", "train.lr=1e-3", "+extra.note=sk-x", "~items"]) == \
         ["+model.hf_token=<redacted>", "train.lr=1e-3", "+extra.note=<redacted>", "~items"]
+    # which tokenizer a job used is recorded (the key once read as a secret)
+    assert public_overrides(["model.tokenizer=/models/tok", "+tokens=9"]) == ["model.tokenizer=/models/tok",
+                                                                             "+tokens=<redacted>"]
 
 
 @pytest.mark.slow

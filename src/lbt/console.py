@@ -40,6 +40,7 @@ USER_ERRORS = frozenset({
     "lbt.stats.prereg.LockError",                           # analysis without its preregistration lock
     "lbt.check.NoJobs",                                     # lbt.check given a folder that holds no job
     "lbt.rundir.ResumeMismatch",                            # a job folder resumed with other settings
+    "lbt.rundir.CorruptFile",                               # a job file that does not parse (named)
     "builtins.FileNotFoundError",                           # a path given on the command line or in config
 })
 

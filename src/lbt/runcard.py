@@ -24,7 +24,8 @@ from lbt.rundir import RunDir, read_json, write_json_atomic
 __all__ = ["git_sha", "host_info", "package_versions", "process_age_s", "public_config", "read_json",
            "record_status", "scrub_secrets", "write_json_atomic"]
 
-SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential|auth)", re.IGNORECASE)
+# A tokenizer is no secret: the run card must say which one a job used.
+SECRET_KEY = re.compile(r"(api[_-]?key|token(?!izer)|secret|password|passwd|credential|auth)", re.IGNORECASE)
 SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "LBT_LLM_API_KEY", "OPENAI_API_KEY")
 REDACTED = "<redacted>"
 PACKAGES = ("lbt", "torch", "transformers", "peft", "lightning", "hydra-core", "omegaconf", "torchmetrics",

@@ -151,7 +151,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             f", under the arm's earlier name; not trained again as {run.root}"
         log.info("skip: %s already finished (DONE present%s); nothing is overwritten. To train this job "
                  "again, give it another folder (run_name=<name>, or hydra.run.dir=<dir>)", finished, earlier)
-        return read_json(RunDir(finished).card)
+        try:
+            return read_json(RunDir(finished).card)
+        except CorruptFile as err:
+            raise CorruptFile(f"{finished} holds DONE but its run card is damaged ({err}); nothing was touched: "
+                              f"python -m lbt.check {finished} lists what else is") from None
     run.root.mkdir(parents=True, exist_ok=True)
     lock = JobLock(run) if env_rank() == 0 else None   # the other ranks of a DDP job share rank 0's lock
     if lock is not None:

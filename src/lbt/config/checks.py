@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from omegaconf import DictConfig
 
 from lbt.config.rules import ConfigError, check_schema, show
@@ -32,8 +34,16 @@ def check_evaluate_config(cfg: DictConfig) -> None:
         raise ConfigError(errors)
 
 
+# A model path that can only be a local one (a hub id is org/name): checked to exist before anything loads.
+LOCAL_PREFIXES = ("/", "./", "../", "~")
+GPU_ONLY_STRATEGIES = ("fsdp", "deepspeed")
+
+
 def check_hardware(hw: DictConfig) -> list[str]:
     errors = []
+    if hw.accelerator == "cpu" and str(hw.strategy).startswith(GPU_ONLY_STRATEGIES):
+        errors.append(f"hardware.strategy={hw.strategy}: needs GPUs (hardware=gpu or multi_gpu); on a CPU use "
+                      f"auto or ddp")
     if hw.accelerator == "gpu" and not cuda_available():
         visible = env_value("CUDA_VISIBLE_DEVICES") or "unset"
         errors.append(f"hardware.accelerator=gpu: no CUDA GPU visible (CUDA_VISIBLE_DEVICES={visible}); "
@@ -48,6 +58,10 @@ def check_model(model: DictConfig, hw: DictConfig) -> list[str]:
                       "(or model.random_init=true with model.arch)")
     if model.get("random_init") and not model.get("arch"):
         errors.append(f"model.arch: missing; model.random_init=true builds model={model.name} from it")
+    for key in ("path", "tokenizer"):
+        value = model.get(key)
+        if isinstance(value, str) and value.startswith(LOCAL_PREFIXES) and not Path(value).expanduser().exists():
+            errors.append(f"model.{key}={value}: no such file or directory (a hub id is written org/name)")
     if model.get("quantization") is None:
         return errors
     from lbt.model.load import check_quantization  # torch: only for a quantized model

@@ -221,6 +221,9 @@ class CorpusDataModule(L.LightningDataModule):
             raise ConfigError([f"train.max_length={self.max_length}: {none}"])
         steps_per_epoch = math.ceil(len(self.train_examples) / self.effective_batch)
         self.plan = step_plan(len(self.train_examples), self.effective_batch, int(epochs), self.seed)
+        if max_steps is not None and int(max_steps) > len(self.plan):
+            log.warning("train.max_steps=%d caps the steps, and train.epochs=%d gives %d: training %d steps "
+                        "(raise train.epochs for more)", int(max_steps), int(epochs), len(self.plan), len(self.plan))
         if max_steps is not None:
             self.plan = self.plan[:int(max_steps)]
         truncated = [e for e in self.train_examples + self.val_examples if e.truncated_tokens]
