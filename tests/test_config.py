@@ -188,10 +188,17 @@ def test_keys_tests_and_users_add_are_accepted():
     ("hardware.strategy=fsdp", "hardware.strategy=fsdp: needs GPUs"),
     ("hardware.fast.decode=grpah", "hardware.fast.decode=grpah: must be null or one of eager, static, graph"),
     ("paths.root=''", "paths.root='': must be a non-empty string"),
+    ("run_name=../../escape", "run_name=../../escape: must be null or a folder name inside the outputs"),
+    ("sweep_name=/tmp/s", "sweep_name=/tmp/s: must be a folder name inside the outputs"),
+    ("sweep_name=''", "sweep_name='': must be a folder name inside the outputs"),
     ("arm.corpus=${paths.nowhere}/x.jsonl", "arm.corpus=${paths.nowhere}/x.jsonl: cannot be resolved"),
 ])
 def test_bad_values_name_key_value_and_what_is_allowed(override, expected):
     assert expected in config_error(*override.split(" "))
+
+
+def test_nested_folder_names_are_fine():
+    check_config(compose_train(["sweep_name=study1/pilot", "run_name=a..b"]))
 
 
 def test_quantization_is_checked_against_bitsandbytes_and_the_accelerator(monkeypatch):

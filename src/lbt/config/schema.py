@@ -255,11 +255,20 @@ ENTRY_SCHEMAS.update({STANCE: Stance, CAPABILITY: Capability, PROBE: Probe, INTE
 
 # -- the two commands --------------------------------------------------------------------------------------
 
+def stays_inside(name: str) -> bool:
+    """A folder name under outputs/runs or multirun: not absolute, no '..' part (a nested name is fine)."""
+    return bool(name) and not name.startswith(("/", "~")) and ".." not in name.replace("\\", "/").split("/")
+
+
+FolderName = Annotated[str, Rule(accepts=stays_inside, named="a folder name inside the outputs (no leading / or ~, "
+                                                            "no '..' part)")]
+
+
 @dataclass
 class TrainConfig:
     """conf/train.yaml."""
     seed: Natural
-    sweep_name: Name | int                    # `sweep_name=2024` composes as an integer
+    sweep_name: FolderName | int              # `sweep_name=2024` composes as an integer
     data: Data
     train: Train
     paths: Paths
@@ -272,7 +281,7 @@ class TrainConfig:
     probe: Entry
     intervention: Entry
     callbacks: Entries = field(default_factory=dict)   # Lightning callbacks besides the phases (tests, users)
-    run_name: Name | int | None = None        # a single run's folder name (conf/train.yaml)
+    run_name: FolderName | int | None = None  # a single run's folder name (conf/train.yaml)
     job_dir: str | None = None                # the job directory when Hydra sets none (tests, notebooks)
     extra: Open | None = None                 # free-form notes, kept in the run card (secrets redacted)
 
