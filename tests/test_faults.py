@@ -655,6 +655,7 @@ def test_ctrl_c_records_an_interruption_and_the_rerun_resumes(root, reference):
         signal.signal(signal.SIGINT, sigint)         # Lightning ignores further Ctrl-C while it shuts down
     card = card_of(run.root)
     assert card["status"] == "interrupted" and not run.done.exists() and not run.lock.exists()
+    assert card["interrupted_at_step"] == 5 and "stopped_at_step" not in card  # steps 1-5 ran
     assert torch.load(run.last_ckpt, weights_only=False)["global_step"] == 5
     train_mod.train(config(root, job))
     check_finished(run.root, reference)
@@ -684,6 +685,7 @@ def test_a_failing_evaluation_phase_fails_the_job_and_a_rerun_writes_each_phase_
     assert card["status"] == "failed" and card["error"]["type"] == "RuntimeError"
     assert card["error"]["message"] == f"evaluation broke in phase {phase}"
     assert "in evaluate" in card["error"]["traceback"] and not run.done.exists() and not run.lock.exists()
+    assert card["failed_at_step"] == (4 if phase == "step_4" else TOTAL)   # the step whose phase failed
     # step_4's phase runs before step 4's checkpoint; the final phase after the last one.
     assert torch.load(run.last_ckpt, weights_only=False)["global_step"] == (3 if phase == "step_4" else TOTAL)
     before = PHASES[:PHASES.index(phase) + (order == "after_rows")]
@@ -693,6 +695,8 @@ def test_a_failing_evaluation_phase_fails_the_job_and_a_rerun_writes_each_phase_
     check_finished(run.root, reference)
     assert writes(job) == PHASES                               # once each, over both attempts
     assert card_of(run.root)["attempts"][0]["error"]["message"] == f"evaluation broke in phase {phase}"
+    assert card_of(run.root)["attempts"][0]["failed_at_step"] == card["failed_at_step"]
+    assert "failed_at_step" not in card_of(run.root)   # the finished attempt's card is its own
 
 
 # -- 11. a stop signal during an evaluation phase --------------------------------------------------------

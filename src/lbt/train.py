@@ -175,7 +175,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if isinstance(stop, SystemExit) and card.get("status") == "interrupted":
             raise  # a requeue/exit after a recorded interruption
         code = stop.code if isinstance(stop, SystemExit) else None
-        record_status(run, card, "interrupted", error=stop, reason=(
+        record_status(run, card, "interrupted", error=stop, **stopped_at(card, "interrupted_at_step"), reason=(
             f"stopped by Ctrl-C or an exit (code {code}) in the middle of a step; the last checkpoint is "
             f"kept: run the same command again to resume"))
         raise
@@ -184,11 +184,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             log.debug("job failed: %s", run.root, exc_info=True)
         else:
             log.exception("job failed: %s", run.root)
-        record_status(run, card, "failed", error=err)
+        record_status(run, card, "failed", error=err, **stopped_at(card, "failed_at_step"))
         raise
     finally:
         if lock is not None:
             lock.release()
+
+
+def stopped_at(card: dict[str, Any], field: str) -> dict[str, int]:
+    """{field: step} where training stopped inside trainer.fit (run_job notes it), else nothing."""
+    step = card.pop("stopped_at_step", None)
+    return {} if step is None else {field: int(step)}
 
 
 def record_status(run: RunDir, card: dict[str, Any], status: str, error: BaseException | None = None,
@@ -245,7 +251,8 @@ def run_job(cfg: DictConfig, run: RunDir, card: dict[str, Any]) -> dict[str, Any
         card["previous_attempts"] = int(previous.get("previous_attempts", 0)) + 1
         card["attempts"] = [*previous.get("attempts", []),
                             {k: previous.get(k) for k in ("status", "started", "host", "startup_s",
-                                                          "interrupted_at_step", "error") if previous.get(k)}]
+                                                          "interrupted_at_step", "failed_at_step", "error")
+                             if previous.get(k) is not None}]
     # Rank 0 alone writes the card, so it alone asks for the GPUs' names (which starts CUDA in the process:
     # another rank of a multi-GPU job would start it on a GPU that is not its own).
     record_status(run, card, "running", started=time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -312,6 +319,9 @@ def run_job(cfg: DictConfig, run: RunDir, card: dict[str, Any]) -> dict[str, Any
         # A SIGTERM that reached Lightning's handler too (before training started): ours saw it as well.
         if not stop.requested:
             raise
+    except BaseException:
+        card["stopped_at_step"] = trainer.global_step  # Ctrl-C or an error: the card says where (lbt.train.train)
+        raise
     finally:
         stop.uninstall()
     if stop.requested and trainer.global_step < total:
