@@ -311,3 +311,14 @@ def test_single_run_folder_is_derived_from_the_job_so_the_same_command_finds_it(
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc123")
     assert run_dir_of("arm=minus", "seed=2", "train.lr=3e-4") == same
     assert run_dir_of("run_name=pilot-2") == "outputs/runs/pilot-2"
+
+
+def test_a_job_without_validation_records_has_no_validation_loss(tiny_cfg, tmp_path):
+    """No record held out: no validation loss at all, not NaN at every step (which JSON cannot hold)."""
+    card = train_mod.train(tiny_cfg("data.val_fraction=0"))
+    assert card["status"] == "done" and card["data"]["n_val"] == 0 and card["val_loss"] == []
+
+    def strict(constant):
+        raise ValueError(f"run.json holds {constant}")
+
+    json.loads((tmp_path / "job" / "run.json").read_text(), parse_constant=strict)

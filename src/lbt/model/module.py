@@ -205,7 +205,9 @@ class LoRAModule(L.LightningModule):
         # The progress bar reads Lightning's logged values; the loggers get them below, at the step they
         # describe (Lightning's own logging would file them one step lower than the evaluation phases).
         self.log_dict(metrics, on_step=True, prog_bar=True, logger=False, rank_zero_only=True)
-        if self.global_step in self.validation_steps:  # the optimizer step is counted: this is step n's model
+        # The optimizer step is counted: this is step n's model. A corpus too small to hold validation records
+        # out has no validation loss (not NaN, which JSON cannot hold).
+        if self.val_batches and self.global_step in self.validation_steps:
             val = self.validation_loss(self.val_batches)
             metrics[keys.VAL_LOSS] = val
             self.val_history.append((self.global_step, val))
