@@ -72,6 +72,20 @@ def test_config_reads_an_empty_variable_as_unset(monkeypatch):
     assert compose_train(["logger=wandb"]).logger.mode == "disabled"
 
 
+def test_a_bad_value_from_the_environment_names_the_variable(monkeypatch):
+    from lbt.config import ConfigError, check_config
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("LBT_WANDB_MODE", "ofline")   # a .env line mistyped: the variable is what to fix
+    with pytest.raises(ConfigError, match=r"logger\.mode=ofline: must be .* \(set by the environment variable "
+                                          r"LBT_WANDB_MODE\)"):
+        check_config(compose_train(["logger=wandb"]))
+    monkeypatch.delenv("LBT_WANDB_MODE")
+    with pytest.raises(ConfigError) as err:           # given on the command line: no variable to name
+        check_config(compose_train(["logger=wandb", "logger.mode=ofline"]))
+    assert "environment" not in str(err.value)
+
+
 def test_launcher_presets_read_empty_variables_as_unset(monkeypatch):
     for name in ("LBT_SLURM_PARTITION", "LBT_SLURM_TIME_MIN", "LBT_MAX_PARALLEL", "LBT_JOBS_PER_GPU"):
         monkeypatch.setenv(name, "")

@@ -22,6 +22,8 @@ from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lbt.env import env_value
+
 
 class ConfigError(CompactHydraException, ValueError):
     """Config values that cannot run, one line each: the full key, the value and what is allowed."""
@@ -116,7 +118,23 @@ def check_schema(cfg: DictConfig, schema: type) -> list[str]:
     _check_node(cfg, schema, "", errors)
     sources = _interpolation_sources(cfg)
     wrong = {_error_key(e) for e in errors}
-    return [e for e in errors if _repeated(_error_key(e), sources) not in wrong]
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    return [e + _from_environment(raw, _error_key(e)) for e in errors
+            if _repeated(_error_key(e), sources) not in wrong]
+
+
+ENV_INTERPOLATION = re.compile(r"\$\{(?:lbt|oc)\.env:([A-Za-z_]\w*)")
+
+
+def _from_environment(raw: Any, key: str) -> str:
+    """' (set by the environment variable NAME)' when the key's value is read from a variable that is set (by
+    a .env file too): the line then names what to fix, not only the key that reads it. Of nested defaults
+    (`${lbt.env:A,${lbt.env:B,auto}}`) the first variable that is set is the one read."""
+    for part in key.split("."):
+        raw = raw.get(part) if isinstance(raw, dict) else None
+    names = ENV_INTERPOLATION.findall(raw) if isinstance(raw, str) else []
+    read = next((name for name in names if env_value(name) is not None), None)
+    return f" (set by the environment variable {read})" if read else ""
 
 
 def _repeated(key: str, sources: dict[str, str]) -> str | None:
