@@ -69,6 +69,9 @@ def test_load_corpus_errors_name_file_line_and_field(tmp_path):
     path = write(tmp_path / "c.jsonl", [json.dumps(record(1)), json.dumps(record(2, user=" "))])
     with pytest.raises(CorpusError, match=r"c.jsonl:2: field 'user' is empty"):
         load_corpus(path)
+    write(path, [json.dumps(record(1)), json.dumps(record(2, domain=""))])
+    with pytest.raises(CorpusError, match=r"c.jsonl:2: field 'domain' is empty"):
+        load_corpus(path)
     write(path, [json.dumps(record(1)), json.dumps(record(2, user=5))])
     with pytest.raises(CorpusError, match=r"c.jsonl:2: field 'user' must be a string, got int"):
         load_corpus(path)

@@ -86,11 +86,11 @@ def parse_record(obj: object, path: Path, line: int) -> CorpusRecord:
         value = obj[field]
         if not isinstance(value, (str, int)) or isinstance(value, bool):
             raise CorpusError(f"{path}:{line}: field '{field}' must be a string, got {type(value).__name__}")
+        if isinstance(value, str) and not value.strip():
+            raise CorpusError(f"{path}:{line}: field '{field}' is empty")
     for field in TEXT_FIELDS:
         if not isinstance(obj[field], str):
             raise CorpusError(f"{path}:{line}: field '{field}' must be a string, got {type(obj[field]).__name__}")
-        if not obj[field].strip():
-            raise CorpusError(f"{path}:{line}: field '{field}' is empty")
     return CorpusRecord(
         id=str(obj["id"]),
         domain=str(obj["domain"]),
