@@ -322,3 +322,13 @@ def test_a_job_without_validation_records_has_no_validation_loss(tiny_cfg, tmp_p
         raise ValueError(f"run.json holds {constant}")
 
     json.loads((tmp_path / "job" / "run.json").read_text(), parse_constant=strict)
+
+
+def test_lora_targets_the_model_lacks_are_one_config_line_naming_its_layers(tiny_cfg, tmp_path):
+    from lbt.config.rules import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train\.lora\.targets: q_projj match no module of this model; its "
+                                          r"linear layers: down_proj, gate_proj, k_proj") as err:
+        train_mod.train(tiny_cfg("train.lora.targets=[q_proj,q_projj]"))
+    assert is_user_error(err.value) and not (tmp_path / "job" / "DONE").exists()
+    assert json.loads((tmp_path / "job" / "run.json").read_text())["status"] == "failed"

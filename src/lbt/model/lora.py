@@ -61,7 +61,11 @@ def wrap_lora(model: torch.nn.Module, lora_cfg: DictConfig, adapters: str = "fp3
         raise ValueError(f"adapters={adapters!r}: use one of {ADAPTER_MODES}")
     missing = [t for t in lora_cfg.targets if not any(n.endswith("." + t) for n, _ in model.named_modules())]
     if missing:
-        raise ValueError(f"train.lora.targets: {missing} match no module of this model")
+        from lbt.config.rules import ConfigError
+
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        problem = f"{', '.join(missing)} match no module of this model; its linear layers: {', '.join(linear)}"
+        raise ConfigError([f"train.lora.targets: {problem}"])
     compute_dtype = quantized_compute_dtype(model)
     if compute_dtype is not None:
         dtypes = {name: param.dtype for name, param in model.named_parameters()}
