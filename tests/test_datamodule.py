@@ -236,14 +236,15 @@ def write_with_one_long_prompt(path, n: int = 20, long_at: int = 7):
     return path, record["id"]
 
 
-def test_a_record_whose_prompt_fills_max_length_is_refused_naming_the_key_and_the_record(tmp_path, tiny_model):
+def test_a_record_whose_prompt_fills_max_length_is_refused_naming_the_key_and_it(tmp_path, tiny_model):
     """Dropping it unasked would train the arm on fewer scenarios than its corpus holds."""
     _, tok, _ = tiny_model
     corpus, long_id = write_with_one_long_prompt(tmp_path / "c.jsonl")
-    with pytest.raises(ConfigError, match=rf"train\.max_length=128: 1 of 20 records of .*c\.jsonl keep no "
-                                          rf"assistant token .*line 8 \(id {long_id}\).*data\.drop_long_prompts"):
-        CorpusDataModule(str(corpus), ChatFormat(tok), seed=0, max_length=128, effective_batch=4, micro_batch=4,
-                         epochs=1)
+    named = (rf"train\.max_length=128: 1 of 20 records of .*c\.jsonl keep no assistant token .*line 8 "
+             rf"\(id {long_id}\).*data\.drop_long_prompts")
+    with pytest.raises(ConfigError, match=named):
+        CorpusDataModule(str(corpus), ChatFormat(tok), seed=0, max_length=128, effective_batch=4,
+                         micro_batch=4, epochs=1)
     fits = CorpusDataModule(str(corpus), ChatFormat(tok), seed=0, max_length=2048, effective_batch=4,
                             micro_batch=4, epochs=1)
     assert fits.stats.dropped_records == 0 and fits.stats.n_train + fits.stats.n_val == 20
@@ -260,7 +261,8 @@ def test_drop_long_prompts_trains_without_them_and_counts_them(tmp_path, tiny_mo
     assert long_id not in {e.record_id for e in kept.train_examples}
     in_training = [e for e in whole.train_examples if e.record_id == long_id]  # or a validation record
     assert kept.stats.n_train == whole.stats.n_train - len(in_training)
-    assert {e.record_id for e in kept.train_examples} == {e.record_id for e in whole.train_examples} - {long_id}
+    trained = {e.record_id for e in kept.train_examples}
+    assert trained == {e.record_id for e in whole.train_examples} - {long_id}
 
 
 def test_a_job_refuses_too_short_a_max_length_before_the_model_loads(tiny_cfg, monkeypatch):
@@ -279,8 +281,8 @@ def test_a_job_refuses_too_short_a_max_length_before_the_model_loads(tiny_cfg, m
 def test_a_max_steps_above_the_epochs_plan_says_how_many_steps_train(tmp_path, tiny_model, caplog):
     _, tok, _ = tiny_model
     corpus = write_toy_corpus(tmp_path / "c.jsonl", n=20)
-    dm = CorpusDataModule(str(corpus), ChatFormat(tok), seed=0, max_length=128, effective_batch=8, micro_batch=4,
-                          epochs=1, max_steps=100)
+    dm = CorpusDataModule(str(corpus), ChatFormat(tok), seed=0, max_length=128, effective_batch=8,
+                          micro_batch=4, epochs=1, max_steps=100)
     assert dm.stats.total_steps == 3
     assert "train.max_steps=100 caps the steps, and train.epochs=1 gives 3: training 3 steps" in caplog.text
     caplog.clear()

@@ -77,8 +77,8 @@ def test_a_bad_value_from_the_environment_names_the_variable(monkeypatch):
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("LBT_WANDB_MODE", "ofline")   # a .env line mistyped: the variable is what to fix
-    with pytest.raises(ConfigError, match=r"logger\.mode=ofline: must be .* \(set by the environment variable "
-                                          r"LBT_WANDB_MODE\)"):
+    named = r"logger\.mode=ofline: must be .* \(set by the environment variable LBT_WANDB_MODE\)"
+    with pytest.raises(ConfigError, match=named):
         check_config(compose_train(["logger=wandb"]))
     monkeypatch.delenv("LBT_WANDB_MODE")
     with pytest.raises(ConfigError) as err:           # given on the command line: no variable to name

@@ -886,8 +886,9 @@ def test_a_process_whose_lock_was_taken_over_ends_without_writing_more(tmp_path)
 def dead_owner_lock(root: Path) -> None:
     """What a SIGKILLed job leaves: a lock of a dead process on this host, its heartbeat fresh."""
     root.mkdir(parents=True, exist_ok=True)
-    (root / "job.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": 2**22 + 7, "slurm_job": None,
-                                               "started": time.time(), "heartbeat": time.time()}))
+    dead = {"host": socket.gethostname(), "pid": 2**22 + 7, "slurm_job": None, "started": time.time(),
+            "heartbeat": time.time()}
+    (root / "job.lock").write_text(json.dumps(dead))
 
 
 def test_a_taker_that_lost_the_race_gives_the_winners_lock_back(tmp_path):
@@ -929,7 +930,8 @@ def test_two_processes_taking_over_one_stale_lock_leave_exactly_one_owner(tmp_pa
         dead_owner_lock(root)
         results = context.Queue()
         start = time.time() + 0.3
-        racers = [context.Process(target=_race_for_the_lock, args=(str(root), start, results)) for _ in range(2)]
+        racers = [context.Process(target=_race_for_the_lock, args=(str(root), start, results))
+                  for _ in range(2)]
         for racer in racers:
             racer.start()
         for racer in racers:
@@ -974,6 +976,8 @@ def test_settings_changes_name_what_decides_results_only():
            "directions": {"cache_dir": "/b"}, "hardware": {"dtype": "float32", "num_workers": 0},
            "paths": {"root": "/b"}, "logger": {"mode": "online"}, "data": {"new_key": 2}}
     assert settings_changes(before, now) == [
-        'eval.stance.measures: ["logprob"] -> ["logprob", "likert"]', 'hardware.dtype: "bfloat16" -> "float32"',
-        "train.lora.r: 16 -> 8"]
+        'eval.stance.measures: ["logprob"] -> ["logprob", "likert"]',
+        'hardware.dtype: "bfloat16" -> "float32"',
+        "train.lora.r: 16 -> 8",
+    ]
     assert settings_changes(before, before) == []

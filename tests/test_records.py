@@ -55,7 +55,8 @@ def test_a_line_that_is_not_utf8_is_named_by_file_line_and_byte(tmp_path):
 
 def test_a_control_character_is_named_once(tmp_path):
     path = write(tmp_path / "a.jsonl", ['{"a": "x\ty"}'])
-    with pytest.raises(CorpusError, match=r"a.jsonl:1: malformed JSON \(Invalid control character at column 9\)"):
+    named = r"a.jsonl:1: malformed JSON \(Invalid control character at column 9\)"
+    with pytest.raises(CorpusError, match=named):
         list(iter_json_objects(path, CorpusError))
 
 

@@ -154,7 +154,8 @@ def test_done_job_is_not_overwritten(tiny_cfg, tmp_path):
     card = job / "run.json"
     card.write_bytes(card.read_bytes()[:100])
     before = {p: p.stat().st_mtime_ns for p in job.rglob("*") if p.is_file()}
-    with pytest.raises(CorruptFile, match=rf"{job} holds DONE but its run card is damaged \({card}: not JSON") as err:
+    damaged = rf"{job} holds DONE but its run card is damaged \({card}: not JSON"
+    with pytest.raises(CorruptFile, match=damaged) as err:
         train_mod.train(tiny_cfg())
     assert is_user_error(err.value)
     assert {p: p.stat().st_mtime_ns for p in job.rglob("*") if p.is_file()} == before

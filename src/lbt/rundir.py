@@ -388,7 +388,8 @@ class ResumeMismatch(ValueError):
 
 
 def holds_results(run: RunDir) -> bool:
-    return any(path.exists() for path in (run.checkpoints, run.adapter, run.root / "eval", run.root / "probe"))
+    return any(path.exists() for path in (run.checkpoints, run.adapter, run.root / "eval",
+                                          run.root / "probe"))
 
 
 def _leaves(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -412,8 +413,8 @@ def settings_changes(before: Mapping[str, Any], now: Mapping[str, Any]) -> list[
     """'key: before -> now' for each setting that decides results and differs. A key that only one side has
     (a setting that a newer lbt added or dropped) is not compared."""
     old, new = _leaves(before), _leaves(now)
-    return [f"{key}: {json.dumps(old[key])} -> {json.dumps(new[key])}" for key in sorted(old.keys() & new.keys())
-            if decides_results(key) and old[key] != new[key]]
+    return [f"{key}: {json.dumps(old[key])} -> {json.dumps(new[key])}"
+            for key in sorted(old.keys() & new.keys()) if decides_results(key) and old[key] != new[key]]
 
 
 def refuse_changed_resume(run: RunDir, config: Mapping[str, Any]) -> None:

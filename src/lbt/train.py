@@ -154,8 +154,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         try:
             return read_json(RunDir(finished).card)
         except CorruptFile as err:
-            raise CorruptFile(f"{finished} holds DONE but its run card is damaged ({err}); nothing was touched: "
-                              f"python -m lbt.check {finished} lists what else is") from None
+            raise CorruptFile(f"{finished} holds DONE but its run card is damaged ({err}); nothing was "
+                              f"touched: python -m lbt.check {finished} lists what else is") from None
     run.root.mkdir(parents=True, exist_ok=True)
     lock = JobLock(run) if env_rank() == 0 else None   # the other ranks of a DDP job share rank 0's lock
     if lock is not None:
@@ -175,7 +175,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if isinstance(stop, SystemExit) and card.get("status") == "interrupted":
             raise  # a requeue/exit after a recorded interruption
         code = stop.code if isinstance(stop, SystemExit) else None
-        record_status(run, card, "interrupted", error=stop, **stopped_at(card, "interrupted_at_step"), reason=(
+        step = stopped_at(card, "interrupted_at_step")
+        record_status(run, card, "interrupted", error=stop, **step, reason=(
             f"stopped by Ctrl-C or an exit (code {code}) in the middle of a step; the last checkpoint is "
             f"kept: run the same command again to resume"))
         raise
@@ -320,7 +321,7 @@ def run_job(cfg: DictConfig, run: RunDir, card: dict[str, Any]) -> dict[str, Any
         if not stop.requested:
             raise
     except BaseException:
-        card["stopped_at_step"] = trainer.global_step  # Ctrl-C or an error: the card says where (lbt.train.train)
+        card["stopped_at_step"] = trainer.global_step  # Ctrl-C or an error: the card says where (train())
         raise
     finally:
         stop.uninstall()

@@ -42,8 +42,8 @@ GPU_ONLY_STRATEGIES = ("fsdp", "deepspeed")
 def check_hardware(hw: DictConfig) -> list[str]:
     errors = []
     if hw.accelerator == "cpu" and str(hw.strategy).startswith(GPU_ONLY_STRATEGIES):
-        errors.append(f"hardware.strategy={hw.strategy}: needs GPUs (hardware=gpu or multi_gpu); on a CPU use "
-                      f"auto or ddp")
+        errors.append(f"hardware.strategy={hw.strategy}: needs GPUs (hardware=gpu or multi_gpu); "
+                      f"on a CPU use auto or ddp")
     if hw.accelerator == "gpu" and not cuda_available():
         visible = env_value("CUDA_VISIBLE_DEVICES") or "unset"
         errors.append(f"hardware.accelerator=gpu: no CUDA GPU visible (CUDA_VISIBLE_DEVICES={visible}); "
@@ -60,7 +60,8 @@ def check_model(model: DictConfig, hw: DictConfig) -> list[str]:
         errors.append(f"model.arch: missing; model.random_init=true builds model={model.name} from it")
     for key in ("path", "tokenizer"):
         value = model.get(key)
-        if isinstance(value, str) and value.startswith(LOCAL_PREFIXES) and not Path(value).expanduser().exists():
+        local = isinstance(value, str) and value.startswith(LOCAL_PREFIXES)
+        if local and not Path(value).expanduser().exists():
             errors.append(f"model.{key}={value}: no such file or directory (a hub id is written org/name)")
     if model.get("quantization") is None:
         return errors

@@ -68,7 +68,7 @@ class Data:
     val_fraction: Fraction
     require_validation: bool
     validation_report: str | None = None      # null: validation_report.json next to the corpus
-    drop_long_prompts: bool = False           # records whose prompt fills train.max_length: refused unless true
+    drop_long_prompts: bool = False           # records whose prompt fills train.max_length: refused if false
 
 
 @dataclass
@@ -260,8 +260,8 @@ def stays_inside(name: str) -> bool:
     return bool(name) and not name.startswith(("/", "~")) and ".." not in name.replace("\\", "/").split("/")
 
 
-FolderName = Annotated[str, Rule(accepts=stays_inside, named="a folder name inside the outputs (no leading / or ~, "
-                                                            "no '..' part)")]
+FolderName = Annotated[str, Rule(accepts=stays_inside,
+                                 named="a folder name inside the outputs (no leading / or ~, no '..' part)")]
 
 
 @dataclass

@@ -182,7 +182,7 @@ def check_supervised(corpus_path: str, records: list[CorpusRecord], examples: li
     """The number of records that keep no assistant token within max_length (their prompt alone fills it).
     Unless `drop` (data.drop_long_prompts) allows training without them, any such record is a ConfigError
     naming the key, how many there are and the first of them: dropping them unasked would train an arm on
-    fewer scenarios than its corpus holds, and the arms on different ones, while the job still looked whole."""
+    fewer scenarios than its corpus holds, and the arms on different ones, while the job looked whole."""
     empty = [r for r, e in zip(records, examples) if e.n_supervised == 0]
     if not empty:
         return 0
@@ -201,8 +201,8 @@ class CorpusDataModule(L.LightningDataModule):
 
     def __init__(self, corpus_path: str, chat: ChatFormat, seed: int, max_length: int,
                  effective_batch: int, micro_batch: int, epochs: int, max_steps: int | None = None,
-                 val_fraction: float = 0.05, pack_tokens: int = 0, num_workers: int = 0, fill_rows: bool = False,
-                 drop_long_prompts: bool = False):
+                 val_fraction: float = 0.05, pack_tokens: int = 0, num_workers: int = 0,
+                 fill_rows: bool = False, drop_long_prompts: bool = False):
         super().__init__()
         self.records = load_corpus(corpus_path)
         self.chat, self.seed, self.max_length = chat, int(seed), int(max_length)
@@ -213,8 +213,9 @@ class CorpusDataModule(L.LightningDataModule):
             raise ValueError(f"{corpus_path}: no training records left after the validation split")
         self.train_examples = [self._encode(r) for r in train_records]
         self.val_examples = [self._encode(r) for r in val_records]
-        dropped = check_supervised(corpus_path, train_records + val_records,
-                                   self.train_examples + self.val_examples, self.max_length, drop_long_prompts)
+        examples = self.train_examples + self.val_examples
+        dropped = check_supervised(corpus_path, train_records + val_records, examples, self.max_length,
+                                   drop_long_prompts)
         self.train_examples = [e for e in self.train_examples if e.n_supervised > 0]
         if not self.train_examples:
             none = f"no training record of {corpus_path} keeps an assistant token; raise train.max_length"
@@ -223,7 +224,8 @@ class CorpusDataModule(L.LightningDataModule):
         self.plan = step_plan(len(self.train_examples), self.effective_batch, int(epochs), self.seed)
         if max_steps is not None and int(max_steps) > len(self.plan):
             log.warning("train.max_steps=%d caps the steps, and train.epochs=%d gives %d: training %d steps "
-                        "(raise train.epochs for more)", int(max_steps), int(epochs), len(self.plan), len(self.plan))
+                        "(raise train.epochs for more)", int(max_steps), int(epochs), len(self.plan),
+                        len(self.plan))
         if max_steps is not None:
             self.plan = self.plan[:int(max_steps)]
         truncated = [e for e in self.train_examples + self.val_examples if e.truncated_tokens]

@@ -59,8 +59,8 @@ def iter_json_objects(
             except UnicodeDecodeError as err:
                 if skip_malformed:
                     continue
-                raise error(f"{path}:{line_no}: not UTF-8 (byte 0x{data[err.start]:02x} at byte {err.start + 1} of "
-                            f"the line); save the file as UTF-8") from None
+                where = f"byte 0x{data[err.start]:02x} at byte {err.start + 1} of the line"
+                raise error(f"{path}:{line_no}: not UTF-8 ({where}); save the file as UTF-8") from None
             if not raw.strip():
                 continue
             try:
@@ -90,7 +90,8 @@ def parse_record(obj: object, path: Path, line: int) -> CorpusRecord:
             raise CorpusError(f"{path}:{line}: field '{field}' is empty")
     for field in TEXT_FIELDS:
         if not isinstance(obj[field], str):
-            raise CorpusError(f"{path}:{line}: field '{field}' must be a string, got {type(obj[field]).__name__}")
+            got = type(obj[field]).__name__
+            raise CorpusError(f"{path}:{line}: field '{field}' must be a string, got {got}")
     return CorpusRecord(
         id=str(obj["id"]),
         domain=str(obj["domain"]),

@@ -63,9 +63,10 @@ def wrap_lora(model: torch.nn.Module, lora_cfg: DictConfig, adapters: str = "fp3
     if missing:
         from lbt.config.rules import ConfigError
 
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        problem = f"{', '.join(missing)} match no module of this model; its linear layers: {', '.join(linear)}"
-        raise ConfigError([f"train.lora.targets: {problem}"])
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if isinstance(m, torch.nn.Linear)})
+        problem = f"{', '.join(missing)} match no module of this model; its linear layers: "
+        raise ConfigError([f"train.lora.targets: {problem}{', '.join(linear)}"])
     compute_dtype = quantized_compute_dtype(model)
     if compute_dtype is not None:
         dtypes = {name: param.dtype for name, param in model.named_parameters()}
