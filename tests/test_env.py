@@ -86,6 +86,17 @@ def test_a_bad_value_from_the_environment_names_the_variable(monkeypatch):
     assert "environment" not in str(err.value)
 
 
+def test_a_corpus_missing_under_lbt_root_names_the_variable(monkeypatch, tmp_path):
+    from lbt import train as train_mod
+    from lbt.data.records import CorpusError
+
+    monkeypatch.setenv("LBT_ROOT", str(tmp_path / "nope"))
+    cfg = compose_train(["logger=none", f"+job_dir={tmp_path / 'job'}"])
+    with pytest.raises(CorpusError, match=rf"{tmp_path / 'nope'}/data/corpora/frame_plus.jsonl: corpus file not "
+                                          rf"found, under paths.root=.* from the environment variable LBT_ROOT"):
+        train_mod.train(cfg)
+
+
 def test_launcher_presets_read_empty_variables_as_unset(monkeypatch):
     for name in ("LBT_SLURM_PARTITION", "LBT_SLURM_TIME_MIN", "LBT_MAX_PARALLEL", "LBT_JOBS_PER_GPU"):
         monkeypatch.setenv(name, "")

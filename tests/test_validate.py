@@ -401,6 +401,11 @@ def test_gate_missing_report(tmp_path):
     folder = write_arms(make_arms(), tmp_path / "corpora")
     with pytest.raises(ValidationGateError, match="no validation report.*python -m lbt.data.validate"):
         check_corpus_validated(folder / "frame_plus.jsonl")
+    # A report kept elsewhere (data.validation_report): validate the corpora where they lie, into that report.
+    elsewhere = tmp_path / "reports" / "r.json"
+    with pytest.raises(ValidationGateError) as err:
+        check_corpus_validated(folder / "frame_plus.jsonl", elsewhere)
+    assert f"--corpora {folder} --report {elsewhere}`" in str(err.value)
 
 
 def test_gate_ok_then_stale(tmp_path):

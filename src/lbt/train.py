@@ -21,7 +21,8 @@ from lbt import runcard
 from lbt.config import check_config
 from lbt.config.entries import build
 from lbt.console import deferred, is_user_error, quiet_libraries, user_errors
-from lbt.data.records import file_sha256, load_corpus
+from lbt.data.records import CorpusError, file_sha256, load_corpus
+from lbt.env import env_value
 from lbt.joblock import JobLock, JobLocked
 from lbt.runcard import git_sha, host_info, package_versions, process_age_s, public_config, public_overrides
 from lbt.rundir import (
@@ -74,6 +75,10 @@ def job_directory(cfg: DictConfig) -> Path:
 def check_corpus(cfg: DictConfig) -> dict[str, Any]:
     """Read the corpus (errors name file, line, field) and its validation gate, before any model loads."""
     path = Path(str(cfg.arm.corpus))
+    root = env_value("LBT_ROOT")
+    if root and not path.is_file() and str(path).startswith(root):
+        raise CorpusError(f"{path}: corpus file not found, under paths.root={root} from the environment variable "
+                          f"LBT_ROOT (set LBT_ROOT to the project folder, or arm.corpus to the file)")
     records = load_corpus(path)
     info: dict[str, Any] = {"path": str(path), "sha256": file_sha256(path), "records": len(records),
                             "validation": "skipped (data.require_validation=false)"}

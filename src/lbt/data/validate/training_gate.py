@@ -24,7 +24,9 @@ def check_corpus_validated(corpus_path: str | Path, report_path: str | Path | No
     """
     corpus_path = Path(corpus_path)
     report_path = Path(report_path) if report_path is not None else corpus_path.parent / REPORT_NAME
-    redo = f"re-validate with `{REVALIDATE} --corpora {report_path.parent}`"
+    # The corpora are validated where they lie; a report kept elsewhere (data.validation_report) is named.
+    report_arg = "" if report_path == corpus_path.parent / REPORT_NAME else f" --report {report_path}"
+    redo = f"re-validate with `{REVALIDATE} --corpora {corpus_path.parent}{report_arg}`"
     if not report_path.is_file():
         raise ValidationGateError(f"no validation report at {report_path} for {corpus_path}; {redo}")
     try:
