@@ -92,8 +92,9 @@ def test_a_corpus_missing_under_lbt_root_names_the_variable(monkeypatch, tmp_pat
 
     monkeypatch.setenv("LBT_ROOT", str(tmp_path / "nope"))
     cfg = compose_train(["logger=none", f"+job_dir={tmp_path / 'job'}"])
-    with pytest.raises(CorpusError, match=rf"{tmp_path / 'nope'}/data/corpora/frame_plus.jsonl: corpus file not "
-                                          rf"found, under paths.root=.* from the environment variable LBT_ROOT"):
+    named = (rf"{tmp_path / 'nope'}/data/corpora/frame_plus.jsonl: corpus file not found, under paths.root=.* "
+             rf"from the environment variable LBT_ROOT")
+    with pytest.raises(CorpusError, match=named):
         train_mod.train(cfg)
 
 

@@ -77,8 +77,8 @@ def check_corpus(cfg: DictConfig) -> dict[str, Any]:
     path = Path(str(cfg.arm.corpus))
     root = env_value("LBT_ROOT")
     if root and not path.is_file() and str(path).startswith(root):
-        raise CorpusError(f"{path}: corpus file not found, under paths.root={root} from the environment variable "
-                          f"LBT_ROOT (set LBT_ROOT to the project folder, or arm.corpus to the file)")
+        raise CorpusError(f"{path}: corpus file not found, under paths.root={root} from the environment "
+                          f"variable LBT_ROOT (set LBT_ROOT to the project folder, or arm.corpus to the file)")
     records = load_corpus(path)
     info: dict[str, Any] = {"path": str(path), "sha256": file_sha256(path), "records": len(records),
                             "validation": "skipped (data.require_validation=false)"}
