@@ -13,7 +13,7 @@ from lbt.eval.battery import apply_fast_settings
 from lbt.model.lora import addmm_lora_default, delta_in_gemm, lean_lora, set_addmm_lora
 from lbt.study import MEASURES
 from tests.conftest import assert_rows_match, compose_train, score_toy_battery
-from tests.test_lean_lora import tiny_lora
+from tests.test_lean_lora import ADAPTER_PATHS, prompt_ids, tiny_lora
 
 
 def peft_sum(result, h, weight_b, scaling):
@@ -57,13 +57,11 @@ def test_mixed_dtypes_without_autocast_keep_peft_sum():
     assert delta_in_gemm(torch.randn(3, 7), torch.randn(3, 4), torch.randn(6, 4), 1.0) is None  # shapes
 
 
-@pytest.mark.parametrize("adapters,dtype,autocast", [("fp32", torch.float32, False),
-                                                     ("fp32", torch.bfloat16, False),
-                                                     ("autocast", torch.bfloat16, True)])
+@ADAPTER_PATHS
 def test_lean_forward_with_addmm_matches_peft(adapters, dtype, autocast):
     model, tokenizer = tiny_lora(adapters, dtype)
     model.eval()
-    ids = torch.tensor([tokenizer("Should I repot the basil before summer?")["input_ids"]])
+    ids = prompt_ids(tokenizer)
     calls = []
     real_addmm = torch.addmm
 

@@ -30,13 +30,21 @@ def swapped(model) -> int:
     return sum("forward" in vars(m) for m in model.modules())
 
 
-@pytest.mark.parametrize("adapters,dtype,autocast", [("fp32", torch.float32, False),
-                                                     ("fp32", torch.bfloat16, False),
-                                                     ("autocast", torch.bfloat16, True)])
+def prompt_ids(tokenizer) -> torch.Tensor:
+    return torch.tensor([tokenizer("Should I repot the basil before summer?")["input_ids"]])
+
+
+# The adapter paths a job runs: fp32 adapters on an fp32 or a bf16 base, and under bf16 autocast.
+ADAPTER_PATHS = pytest.mark.parametrize("adapters,dtype,autocast", [("fp32", torch.float32, False),
+                                                                     ("fp32", torch.bfloat16, False),
+                                                                     ("autocast", torch.bfloat16, True)])
+
+
+@ADAPTER_PATHS
 def test_lean_forward_equals_peft_bit_for_bit(adapters, dtype, autocast):
     model, tokenizer = tiny_lora(adapters, dtype)
     model.eval()
-    ids = torch.tensor([tokenizer("Should I repot the basil before summer?")["input_ids"]])
+    ids = prompt_ids(tokenizer)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         plain = model(ids, use_cache=False).logits
         with lean_lora(model):

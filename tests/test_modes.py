@@ -8,7 +8,7 @@ from torch import nn
 
 from lbt.model.layers import decoder_layers
 from lbt.model.modes import evaluation_mode
-from tests.test_lean_lora import swapped, tiny_lora
+from tests.test_lean_lora import prompt_ids, swapped, tiny_lora
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,7 +36,7 @@ def test_eval_no_grad_lean_and_every_flag_restored(lora):
 
 def test_adapters_off_is_the_base_model(lora):
     model, tokenizer = lora
-    ids = torch.tensor([tokenizer("Should I repot the basil before summer?")["input_ids"]])
+    ids = prompt_ids(tokenizer)
     with evaluation_mode(model) as tuned:
         adapted = tuned(ids, use_cache=False).logits
     with evaluation_mode(model, adapters=False) as base:
