@@ -1,4 +1,4 @@
-"""RMSNorm in one kernel while the model is read (`hardware.fast.fused_norm`, off until timed on a GPU).
+"""RMSNorm in one kernel while the model is read (`hardware.fast.fused_norm`, on in hardware=gpu).
 
 Qwen2's and Llama's RMSNorm (transformers) run about seven eager kernels per call: a cast to fp32, the square,
 the mean, the epsilon and the reciprocal square root, two products and the cast back, each reading or writing

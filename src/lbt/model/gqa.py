@@ -1,13 +1,13 @@
 """Grouped-query attention without copied keys and values while the model is read
-(`hardware.fast.sdpa_gqa`, off until timed on a GPU).
+(`hardware.fast.sdpa_gqa`, on in hardware=gpu: the battery 1.06x faster on an H100, benchmarks/RESULTS.md).
 
 Qwen2.5-3B has 16 query heads and 2 key/value heads (Llama-3.2-3B: 24 and 8). transformers' sdpa
 attention lets torch's kernel read the shared key/value heads itself (`enable_gqa=True`) only when a forward
 has no attention mask; with one, and every batched evaluation prompt has one for its padding, it first copies
 the keys and the values out to every query head (`repeat_kv`). On an H200 the largest eager elementwise
-kernel of the battery's logprob measure ran twice per layer and forward, most likely `repeat_kv`'s copies
-(0.037 s of its 0.30 s of kernels, benchmarks/RESULTS.md); torch's cuDNN attention takes a mask together
-with grouped heads.
+kernel of the battery's logprob measure ran twice per layer and forward (0.037 s of its 0.30 s of kernels);
+with this setting on it left the profile (on an H100), so it was `repeat_kv`'s copies. torch's cuDNN
+attention takes a mask together with grouped heads.
 
 Inside `grouped_query_attention` (which `lbt.model.modes.evaluation_mode` enters when the setting is on)
 transformers' choice (`transformers.integrations.sdpa_attention.use_gqa_in_sdpa`) also says yes for a masked
